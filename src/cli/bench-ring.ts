@@ -1,0 +1,1 @@
+export function benchRingMain(_a: string[]): number { return 0; }

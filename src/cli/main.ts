@@ -1,0 +1,43 @@
+#!/usr/bin/env node
+import { runDemo } from "./demo.js";
+import { benchRingMain } from "./bench-ring.js";
+
+const HELP = `iovirt — I/O virtualization toolkit
+
+Usage:
+  iovirt demo                 In-process demo: iovirt's virtio-blk driver and device
+                              over virtio-mmio, split and packed rings.
+  iovirt bench ring [opts]    Virtqueue round-trip benchmark (see 'iovirt bench ring --help').
+  iovirt help | --help        This text.
+`;
+
+async function main(argv: string[]): Promise<number> {
+  const [cmd, ...rest] = argv;
+  switch (cmd) {
+    case "demo":
+      return (await runDemo()) ? 0 : 1;
+    case "bench":
+      if (rest[0] === "ring") return benchRingMain(rest.slice(1));
+      process.stderr.write(`iovirt bench: unknown benchmark '${rest[0] ?? ""}' (known: ring)\n`);
+      return 2;
+    case undefined:
+    case "help":
+    case "--help":
+    case "-h":
+      process.stdout.write(HELP);
+      return cmd === undefined ? 2 : 0;
+    default:
+      process.stderr.write(`iovirt: unknown command '${cmd}'\n\n${HELP}`);
+      return 2;
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (e: unknown) => {
+    process.stderr.write(`iovirt: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
+    process.exitCode = 1;
+  },
+);

@@ -1,0 +1,310 @@
+import { GuestError, IovirtUsageError, hex } from "../errors.js";
+
+/**
+ * Guest-physical memory: the only way queue and device code touches guest RAM
+ * (DESIGN.md, principle 1).
+ *
+ * Addresses are JS numbers. Guest addresses are 64-bit, but every region lives
+ * below 2^53, so a descriptor address at or above 2^53 simply lies outside every
+ * region and is reported as such: no precision is ever silently lost.
+ */
+
+export type BackingBuffer = ArrayBuffer | SharedArrayBuffer;
+
+export interface RegionOptions {
+  /** Guest-physical address of the first byte. Must be 8-byte aligned. */
+  gpa: number;
+  /** Bytes; the region covers [gpa, gpa + size). */
+  size: number;
+  buffer: BackingBuffer;
+  /** Byte offset of the region inside `buffer`; 8-byte aligned. Default 0. */
+  offset?: number;
+}
+
+if (new Uint8Array(new Uint16Array([1]).buffer)[0] !== 1) {
+  // Typed-array views are host-endian and virtio is little-endian (virtio 1.2 §1.4).
+  throw new Error("iovirt requires a little-endian host");
+}
+
+export class MemoryAccessError extends GuestError {
+  override name = "MemoryAccessError";
+  readonly gpa: number;
+  readonly length: number;
+  constructor(gpa: number, length: number) {
+    super("MEMORY_OUT_OF_RANGE", `guest memory access [${hex(gpa)}, +${length}) is outside every region`);
+    this.gpa = gpa;
+    this.length = length;
+  }
+}
+
+/**
+ * One contiguous range of guest-physical memory with views over its backing
+ * bytes. The views cover exactly the region, so even an index computed from
+ * bad data cannot reach bytes that belong to anything else.
+ */
+export class MemoryRegion {
+  readonly gpa: number;
+  readonly size: number;
+  readonly end: number;
+  readonly buffer: BackingBuffer;
+  readonly offset: number;
+  readonly u8: Uint8Array;
+  readonly u16: Uint16Array;
+  readonly u32: Uint32Array;
+  readonly view: DataView;
+
+  constructor(opts: RegionOptions) {
+    const offset = opts.offset ?? 0;
+    if (!Number.isSafeInteger(opts.gpa) || opts.gpa < 0 || opts.gpa % 8 !== 0) {
+      throw new RangeError(`region gpa ${opts.gpa} must be a non-negative multiple of 8`);
+    }
+    if (!Number.isSafeInteger(opts.size) || opts.size <= 0) {
+      throw new RangeError(`region size ${opts.size} must be a positive integer`);
+    }
+    if (!Number.isSafeInteger(opts.gpa + opts.size)) throw new RangeError("region end beyond 2^53");
+    if (!Number.isInteger(offset) || offset < 0 || offset % 8 !== 0) {
+      throw new RangeError(`region offset ${offset} must be a non-negative multiple of 8`);
+    }
+    if (offset + opts.size > opts.buffer.byteLength) {
+      throw new RangeError(`region [${offset}, +${opts.size}) exceeds its buffer of ${opts.buffer.byteLength} bytes`);
+    }
+    this.gpa = opts.gpa;
+    this.size = opts.size;
+    this.end = opts.gpa + opts.size;
+    this.buffer = opts.buffer;
+    this.offset = offset;
+    this.u8 = new Uint8Array(opts.buffer, offset, opts.size);
+    this.u16 = new Uint16Array(opts.buffer, offset, opts.size >>> 1);
+    this.u32 = new Uint32Array(opts.buffer, offset, Math.floor(opts.size / 4));
+    this.view = new DataView(opts.buffer, offset, opts.size);
+  }
+
+  contains(gpa: number, length: number): boolean {
+    return gpa >= this.gpa && length >= 0 && gpa + length <= this.end;
+  }
+}
+
+/**
+ * A set of non-overlapping regions. Lookups remember the last region hit, so
+ * the common single-region (or same-region) case costs two comparisons.
+ */
+export class GuestMemory {
+  private regions: MemoryRegion[] = [];
+  private last: MemoryRegion | undefined;
+
+  constructor(regions: Iterable<RegionOptions | MemoryRegion> = []) {
+    for (const r of regions) this.addRegion(r);
+  }
+
+  /** Convenience: one zero-filled region at `gpa` backed by a fresh (Shared)ArrayBuffer. */
+  static create(size: number, opts: { gpa?: number; shared?: boolean } = {}): GuestMemory {
+    const buffer = opts.shared ? new SharedArrayBuffer(size) : new ArrayBuffer(size);
+    return new GuestMemory([{ gpa: opts.gpa ?? 0, size, buffer }]);
+  }
+
+  addRegion(r: RegionOptions | MemoryRegion): MemoryRegion {
+    const region = r instanceof MemoryRegion ? r : new MemoryRegion(r);
+    for (const other of this.regions) {
+      if (region.gpa < other.end && other.gpa < region.end) {
+        throw new IovirtUsageError(
+          "REGION_OVERLAP",
+          `region [${hex(region.gpa)}, ${hex(region.end)}) overlaps [${hex(other.gpa)}, ${hex(other.end)})`,
+        );
+      }
+    }
+    this.regions.push(region);
+    this.regions.sort((a, b) => a.gpa - b.gpa);
+    return region;
+  }
+
+  removeRegion(gpa: number): MemoryRegion {
+    const i = this.regions.findIndex((r) => r.gpa === gpa);
+    const region = this.regions[i];
+    if (region === undefined) throw new IovirtUsageError("NO_SUCH_REGION", `no region starts at ${hex(gpa)}`);
+    this.regions.splice(i, 1);
+    if (this.last === region) this.last = undefined;
+    return region;
+  }
+
+  listRegions(): readonly MemoryRegion[] {
+    return this.regions;
+  }
+
+  /** The region holding all of [gpa, gpa + length), or undefined. */
+  regionFor(gpa: number, length: number): MemoryRegion | undefined {
+    const last = this.last;
+    if (last !== undefined && gpa >= last.gpa && gpa + length <= last.end && length >= 0) return last;
+    for (const r of this.regions) {
+      if (r.contains(gpa, length)) {
+        this.last = r;
+        return r;
+      }
+    }
+    return undefined;
+  }
+
+  /** Like regionFor, but a miss is a MemoryAccessError. */
+  region(gpa: number, length: number): MemoryRegion {
+    const r = this.regionFor(gpa, length);
+    if (r === undefined) throw new MemoryAccessError(gpa, length);
+    return r;
+  }
+
+  /**
+   * True when every byte of [gpa, gpa + length) is backed, possibly by several
+   * adjacent regions (a guest buffer may legally straddle two of them).
+   */
+  covers(gpa: number, length: number): boolean {
+    if (this.regionFor(gpa, length) !== undefined) return true;
+    let at = gpa;
+    const end = gpa + length;
+    if (!(length > 0) || !Number.isSafeInteger(end)) return false;
+    for (const r of this.regions) {
+      if (at >= r.gpa && at < r.end) at = r.end;
+      if (at >= end) return true;
+    }
+    return false;
+  }
+
+  /** True when [gpa, gpa + length) lies inside one region. */
+  check(gpa: number, length: number): boolean {
+    return this.regionFor(gpa, length) !== undefined;
+  }
+
+  /**
+   * A Uint8Array view of guest memory (no copy). Ports read and write guest
+   * buffers through it directly. A range that straddles two regions is an
+   * error: callers that need that split their access per region.
+   */
+  slice(gpa: number, length: number): Uint8Array {
+    const r = this.region(gpa, length);
+    const off = gpa - r.gpa;
+    return r.u8.subarray(off, off + length);
+  }
+
+  readU8(gpa: number): number {
+    const r = this.region(gpa, 1);
+    return r.u8[gpa - r.gpa]!;
+  }
+  writeU8(gpa: number, value: number): void {
+    const r = this.region(gpa, 1);
+    r.u8[gpa - r.gpa] = value;
+  }
+  readU16(gpa: number): number {
+    const r = this.region(gpa, 2);
+    const off = gpa - r.gpa;
+    return (off & 1) === 0 ? r.u16[off >>> 1]! : r.view.getUint16(off, true);
+  }
+  writeU16(gpa: number, value: number): void {
+    const r = this.region(gpa, 2);
+    const off = gpa - r.gpa;
+    if ((off & 1) === 0) r.u16[off >>> 1] = value;
+    else r.view.setUint16(off, value, true);
+  }
+  readU32(gpa: number): number {
+    const r = this.region(gpa, 4);
+    const off = gpa - r.gpa;
+    return (off & 3) === 0 ? r.u32[off >>> 2]! : r.view.getUint32(off, true);
+  }
+  writeU32(gpa: number, value: number): void {
+    const r = this.region(gpa, 4);
+    const off = gpa - r.gpa;
+    if ((off & 3) === 0) r.u32[off >>> 2] = value;
+    else r.view.setUint32(off, value, true);
+  }
+  /** A u64 as a number; a value of 2^53 or more cannot be a number exactly, so it is an error. */
+  readU64(gpa: number): number {
+    const v = combineU64(this.readU32(gpa), this.readU32(gpa + 4));
+    if (v < 0) throw new GuestError("U64_UNSAFE", `u64 at ${hex(gpa)} is 2^53 or more`);
+    return v;
+  }
+  writeU64(gpa: number, value: number): void {
+    if (!Number.isSafeInteger(value) || value < 0) throw new RangeError(`u64 value ${value} is not a safe integer`);
+    this.writeU32(gpa, value >>> 0);
+    this.writeU32(gpa + 4, Math.floor(value / 0x1_0000_0000));
+  }
+  readBigU64(gpa: number): bigint {
+    return (BigInt(this.readU32(gpa + 4)) << 32n) | BigInt(this.readU32(gpa));
+  }
+
+  /**
+   * 16-bit ring index load with acquire ordering. Atomics are sequentially
+   * consistent in JS, which is at least the acquire/release pairing that
+   * virtio 1.2 §2.7.13 and §2.8.21 ask for around idx and flags publication.
+   */
+  loadU16Acquire(gpa: number): number {
+    const r = this.region(gpa, 2);
+    const off = gpa - r.gpa;
+    if ((off & 1) !== 0) throw new MemoryAccessError(gpa, 2);
+    return Atomics.load(r.u16, off >>> 1);
+  }
+  storeU16Release(gpa: number, value: number): void {
+    const r = this.region(gpa, 2);
+    const off = gpa - r.gpa;
+    if ((off & 1) !== 0) throw new MemoryAccessError(gpa, 2);
+    Atomics.store(r.u16, off >>> 1, value);
+  }
+
+  /** Copies guest memory into `dst`; the range may span adjacent regions. */
+  read(gpa: number, dst: Uint8Array): void {
+    let done = 0;
+    while (done < dst.length) {
+      const r = this.regionAt(gpa + done, dst.length - done);
+      const off = gpa + done - r.gpa;
+      const n = Math.min(dst.length - done, r.size - off);
+      dst.set(r.u8.subarray(off, off + n), done);
+      done += n;
+    }
+  }
+
+  /** Copies `src` into guest memory; the range may span adjacent regions. */
+  write(gpa: number, src: Uint8Array): void {
+    let done = 0;
+    while (done < src.length) {
+      const r = this.regionAt(gpa + done, src.length - done);
+      const off = gpa + done - r.gpa;
+      const n = Math.min(src.length - done, r.size - off);
+      r.u8.set(src.subarray(done, done + n), off);
+      done += n;
+    }
+  }
+
+  /**
+   * Calls fn with no-copy views covering [gpa, gpa + length), one per region
+   * crossed (usually one). `done` is the byte offset of the view in the range.
+   */
+  forEachView(gpa: number, length: number, fn: (view: Uint8Array, done: number) => void): void {
+    let done = 0;
+    while (done < length) {
+      const r = this.regionAt(gpa + done, length - done);
+      const off = gpa + done - r.gpa;
+      const n = Math.min(length - done, r.size - off);
+      fn(r.u8.subarray(off, off + n), done);
+      done += n;
+    }
+  }
+
+  fill(gpa: number, length: number, value: number): void {
+    let done = 0;
+    while (done < length) {
+      const r = this.regionAt(gpa + done, length - done);
+      const off = gpa + done - r.gpa;
+      const n = Math.min(length - done, r.size - off);
+      r.u8.fill(value, off, off + n);
+      done += n;
+    }
+  }
+
+  /** The region containing the byte at gpa; the access of `length` must begin there. */
+  private regionAt(gpa: number, length: number): MemoryRegion {
+    for (const r of this.regions) if (gpa >= r.gpa && gpa < r.end) return r;
+    throw new MemoryAccessError(gpa, length);
+  }
+}
+
+/** Joins two u32 halves; a value of 2^53 or more becomes -1, which no region contains. */
+export function combineU64(lo: number, hi: number): number {
+  // hi >= 2^21 means the address is >= 2^53: no region can contain it, and
+  // -1 fails every range check without losing the fact that it was out of range.
+  return hi < 0x20_0000 ? hi * 0x1_0000_0000 + lo : -1;
+}

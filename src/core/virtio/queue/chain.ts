@@ -1,0 +1,172 @@
+import type { GuestMemory } from "../../memory/guest-memory.js";
+import { QueueError } from "./errors.js";
+
+/** virtio 1.2 §2.7.5.2: a chain longer than 2^32 bytes in total is illegal. */
+export const MAX_CHAIN_BYTES = 0x1_0000_0000;
+
+/**
+ * A validated descriptor chain, popped from a split or packed ring.
+ *
+ * All checks ran when the chain was popped, so holding one means: every
+ * segment lies in guest memory, readable segments come before writable ones,
+ * and the total fits the spec. Segments are kept in typed arrays that grow
+ * only when a longer chain than ever before arrives, so a queue can reuse one
+ * chain object with no allocation per descriptor (DESIGN.md, principle 8).
+ *
+ * TinyEMU-style, the readable and writable byte counts are precomputed so a
+ * device usually needs nothing else to size its work.
+ */
+export class DescriptorChain {
+  /** Split ring: the head descriptor index. Packed ring: the buffer id. This is what goes into the used ring. */
+  head = 0;
+  /** Ring slots the chain occupied (1 for an indirect chain); packed rings skip this many on use. */
+  descCount = 0;
+  /** Number of segments. */
+  count = 0;
+  /** Segments [0, readableCount) are device-readable, the rest device-writable. */
+  readableCount = 0;
+  readableBytes = 0;
+  writableBytes = 0;
+  private addrs: Float64Array;
+  private lens: Uint32Array;
+
+  constructor(capacity = 8) {
+    this.addrs = new Float64Array(capacity);
+    this.lens = new Uint32Array(capacity);
+  }
+
+  get writableCount(): number {
+    return this.count - this.readableCount;
+  }
+  addr(i: number): number {
+    this.checkIndex(i);
+    return this.addrs[i]!;
+  }
+  len(i: number): number {
+    this.checkIndex(i);
+    return this.lens[i]!;
+  }
+  isWritable(i: number): boolean {
+    this.checkIndex(i);
+    return i >= this.readableCount;
+  }
+
+  /** @internal queue implementations start a walk with this. */
+  reset(): void {
+    this.count = 0;
+    this.readableCount = 0;
+    this.readableBytes = 0;
+    this.writableBytes = 0;
+    this.descCount = 0;
+  }
+
+  /**
+   * @internal Appends one segment after the checks every layout shares:
+   * readable before writable (§2.7.4.2 / §2.8.4), the 2^32 total (§2.7.5.2),
+   * and the buffer lying in guest memory.
+   */
+  push(mem: GuestMemory, addr: number, len: number, writable: boolean): void {
+    if (writable) {
+      this.writableBytes += len;
+    } else {
+      if (this.count !== this.readableCount) {
+        throw new QueueError("READABLE_AFTER_WRITABLE", `segment ${this.count} is device-readable after a writable one`);
+      }
+      this.readableBytes += len;
+      this.readableCount++;
+    }
+    if (this.readableBytes + this.writableBytes > MAX_CHAIN_BYTES) {
+      throw new QueueError("CHAIN_TOO_LONG", "chain is longer than 2^32 bytes in total");
+    }
+    if (len !== 0 && !mem.covers(addr, len)) {
+      throw new QueueError("BUFFER_ADDRESS", `buffer [0x${addr.toString(16)}, +${len}) is outside guest memory`);
+    }
+    if (this.count === this.addrs.length) this.grow();
+    this.addrs[this.count] = addr;
+    this.lens[this.count] = len;
+    this.count++;
+  }
+
+  /** Copies the device-readable bytes, starting `skip` bytes in, into dst. Returns bytes copied. */
+  read(mem: GuestMemory, dst: Uint8Array, skip = 0): number {
+    let done = 0;
+    let pos = 0;
+    for (let i = 0; i < this.readableCount && done < dst.length; i++) {
+      const len = this.lens[i]!;
+      if (skip < pos + len) {
+        const from = Math.max(skip - pos, 0);
+        const n = Math.min(len - from, dst.length - done);
+        mem.read(this.addrs[i]! + from, dst.subarray(done, done + n));
+        done += n;
+      }
+      pos += len;
+    }
+    return done;
+  }
+
+  /** Copies src into the device-writable bytes, starting `skip` bytes in. Returns bytes copied. */
+  write(mem: GuestMemory, src: Uint8Array, skip = 0): number {
+    let done = 0;
+    let pos = 0;
+    for (let i = this.readableCount; i < this.count && done < src.length; i++) {
+      const len = this.lens[i]!;
+      if (skip < pos + len) {
+        const from = Math.max(skip - pos, 0);
+        const n = Math.min(len - from, src.length - done);
+        mem.write(this.addrs[i]! + from, src.subarray(done, done + n));
+        done += n;
+      }
+      pos += len;
+    }
+    return done;
+  }
+
+  /**
+   * Calls fn with (gpa, length) pieces covering `length` bytes of the readable
+   * (or writable) part starting at `skip`: the scatter-gather list a port works on.
+   */
+  forEachPiece(writable: boolean, skip: number, length: number, fn: (gpa: number, len: number) => void): number {
+    let done = 0;
+    let pos = 0;
+    const from0 = writable ? this.readableCount : 0;
+    const to = writable ? this.count : this.readableCount;
+    for (let i = from0; i < to && done < length; i++) {
+      const len = this.lens[i]!;
+      if (skip < pos + len) {
+        const from = Math.max(skip - pos, 0);
+        const n = Math.min(len - from, length - done);
+        fn(this.addrs[i]! + from, n);
+        done += n;
+      }
+      pos += len;
+    }
+    return done;
+  }
+
+  /** A detached copy (for callers that keep chains beyond the next pop). */
+  clone(): DescriptorChain {
+    const c = new DescriptorChain(Math.max(this.count, 1));
+    c.head = this.head;
+    c.descCount = this.descCount;
+    c.count = this.count;
+    c.readableCount = this.readableCount;
+    c.readableBytes = this.readableBytes;
+    c.writableBytes = this.writableBytes;
+    c.addrs.set(this.addrs.subarray(0, this.count));
+    c.lens.set(this.lens.subarray(0, this.count));
+    return c;
+  }
+
+  private grow(): void {
+    const addrs = new Float64Array(this.addrs.length * 2);
+    addrs.set(this.addrs);
+    const lens = new Uint32Array(this.lens.length * 2);
+    lens.set(this.lens);
+    this.addrs = addrs;
+    this.lens = lens;
+  }
+
+  private checkIndex(i: number): void {
+    if (!(i >= 0 && i < this.count)) throw new RangeError(`segment ${i} out of range [0, ${this.count})`);
+  }
+}

@@ -1,0 +1,228 @@
+import { combineU64, type GuestMemory } from "../../memory/guest-memory.js";
+import { IovirtUsageError } from "../../errors.js";
+import { DescriptorChain } from "./chain.js";
+import {
+  VIRTQ_AVAIL_F_NO_INTERRUPT,
+  VIRTQ_DESC_F_INDIRECT,
+  VIRTQ_DESC_F_NEXT,
+  VIRTQ_DESC_F_WRITE,
+  VIRTQ_USED_F_NO_NOTIFY,
+  needEvent,
+  type NotificationMode,
+} from "./constants.js";
+import { QueueError } from "./errors.js";
+import { indirectTable } from "./indirect.js";
+import { ringArea, ringAreaSizes, validateQueueState, type QueueState, type RingFeatures } from "./state.js";
+import type { DeviceQueue } from "./queue.js";
+
+/**
+ * Device side of a split virtqueue (virtio 1.2 §2.7).
+ *
+ * The three ring areas are checked once, at construction, to lie in a single
+ * region each and to be aligned; after that the hot path indexes the region's
+ * typed arrays directly (DESIGN.md, principle 1: a validated view). Every
+ * value read from the rings is still treated as hostile.
+ */
+export class SplitQueue implements DeviceQueue {
+  readonly layout = "split" as const;
+  readonly size: number;
+  private readonly mask: number;
+  private readonly mem: GuestMemory;
+  private readonly features: RingFeatures;
+  private readonly state0: QueueState;
+  // desc table as u32 words: [addr_lo, addr_hi, len, flags | next << 16]
+  private readonly desc32: Uint32Array;
+  private readonly descBase: number;
+  private readonly avail16: Uint16Array;
+  private readonly availBase: number; // u16 index of avail.flags
+  private readonly used16: Uint16Array;
+  private readonly usedBase16: number; // u16 index of used.flags
+  private readonly used32: Uint32Array;
+  private readonly usedRing32: number; // u32 index of used.ring[0]
+  private nextAvail: number;
+  private nextUsed: number;
+  private shadowAvail: number;
+  private signalledUsed: number;
+  private signalValid = false;
+  private mode: NotificationMode["mode"] = "enable";
+  private isBroken = false;
+
+  constructor(mem: GuestMemory, state: QueueState, features: RingFeatures) {
+    validateQueueState(state);
+    if (state.layout !== "split") throw new IovirtUsageError("WRONG_LAYOUT", "SplitQueue needs a split layout state");
+    const sizes = ringAreaSizes("split", state.size, features.eventIdx);
+    const d = ringArea(mem, state.descTable, ...sizes.desc, "descriptor table");
+    const a = ringArea(mem, state.driverArea, ...sizes.driver, "available ring");
+    const u = ringArea(mem, state.deviceArea, ...sizes.device, "used ring");
+    this.mem = mem;
+    this.features = features;
+    this.state0 = { ...state };
+    this.size = state.size;
+    this.mask = state.size - 1;
+    this.desc32 = d.region.u32;
+    this.descBase = d.off >>> 2;
+    this.avail16 = a.region.u16;
+    this.availBase = a.off >>> 1;
+    this.used16 = u.region.u16;
+    this.usedBase16 = u.off >>> 1;
+    this.used32 = u.region.u32;
+    this.usedRing32 = (u.off + 4) >>> 2;
+    this.nextAvail = state.nextAvail;
+    this.nextUsed = state.nextUsed;
+    this.shadowAvail = state.nextAvail;
+    this.signalledUsed = state.nextUsed;
+  }
+
+  get broken(): boolean {
+    return this.isBroken;
+  }
+
+  getState(): QueueState {
+    return { ...this.state0, nextAvail: this.nextAvail, nextUsed: this.nextUsed };
+  }
+
+  /** Buffers the driver has made available that were not popped yet (§2.7.6). */
+  hasAvailable(): boolean {
+    if (this.nextAvail !== this.shadowAvail) return true;
+    this.shadowAvail = this.loadAvailIdx();
+    return this.nextAvail !== this.shadowAvail;
+  }
+
+  pop(): DescriptorChain | null {
+    const c = new DescriptorChain();
+    return this.popInto(c) ? c : null;
+  }
+
+  popInto(chain: DescriptorChain): boolean {
+    if (this.isBroken) throw new QueueError("QUEUE_BROKEN", "queue needs a reset after an earlier error");
+    if (this.nextAvail === this.shadowAvail) {
+      this.shadowAvail = this.loadAvailIdx();
+      if (this.nextAvail === this.shadowAvail) return false;
+    }
+    try {
+      const head = this.avail16[this.availBase + 2 + (this.nextAvail & this.mask)]!;
+      this.walk(chain, head);
+    } catch (e) {
+      this.isBroken = true;
+      throw e;
+    }
+    this.nextAvail = (this.nextAvail + 1) & 0xffff;
+    // §2.7.10: with EVENT_IDX the device asks to be kicked for the next entry it has not seen.
+    if (this.features.eventIdx && this.mode === "enable") {
+      Atomics.store(this.used16, this.usedBase16 + 2 + this.size * 4, this.nextAvail);
+    }
+    return true;
+  }
+
+  /** Puts the chain whose head is `id` into the used ring; visible to the driver after publishUsed(). */
+  pushUsed(id: number, len: number): void {
+    if (!(id >= 0 && id < this.size)) throw new RangeError(`used id ${id} out of range [0, ${this.size})`);
+    const i = this.usedRing32 + ((this.nextUsed & this.mask) << 1);
+    this.used32[i] = id;
+    this.used32[i + 1] = len;
+    this.nextUsed = (this.nextUsed + 1) & 0xffff;
+  }
+
+  /**
+   * IN_ORDER batch (§2.7.8 "In-order use of descriptors"): one used entry for
+   * the last buffer of a batch of `buffers`, used idx advanced by the batch.
+   */
+  pushUsedBatch(lastId: number, len: number, buffers: number): void {
+    if (!this.features.inOrder) throw new IovirtUsageError("NOT_IN_ORDER", "batched used entries need VIRTIO_F_IN_ORDER");
+    if (!(buffers >= 1 && buffers <= this.size)) throw new RangeError(`batch of ${buffers} buffers`);
+    this.pushUsed(lastId, len);
+    this.nextUsed = (this.nextUsed + buffers - 1) & 0xffff;
+  }
+
+  /** Publishes used entries: the release store of used.idx (§2.7.8, §2.7.13.3 "memory barrier before idx"). */
+  publishUsed(): void {
+    Atomics.store(this.used16, this.usedBase16 + 1, this.nextUsed);
+  }
+
+  /** Whether the driver wants a used-buffer notification for what was published since the last call (§2.7.10). */
+  needsNotification(): boolean {
+    const old = this.signalledUsed;
+    const now = this.nextUsed;
+    const valid = this.signalValid;
+    this.signalledUsed = now;
+    this.signalValid = true;
+    if (this.features.eventIdx) {
+      const usedEvent = Atomics.load(this.avail16, this.availBase + 2 + this.size);
+      return !valid || needEvent(usedEvent, now, old);
+    }
+    if (old === now && valid) return false;
+    return (Atomics.load(this.avail16, this.availBase) & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
+  }
+
+  /**
+   * Available-buffer notification suppression (§2.7.7): flags without
+   * EVENT_IDX, avail_event with it. Returns true if buffers are already
+   * waiting, so a caller that re-enables never sleeps on a missed kick.
+   */
+  setNotification(m: NotificationMode): boolean {
+    const flagsAt = this.usedBase16;
+    const eventAt = this.usedBase16 + 2 + this.size * 4;
+    this.mode = m.mode;
+    if (this.features.eventIdx) {
+      Atomics.store(this.used16, flagsAt, 0);
+      if (m.mode === "enable") Atomics.store(this.used16, eventAt, this.nextAvail);
+      else if (m.mode === "disable") Atomics.store(this.used16, eventAt, (this.nextAvail - 1) & 0xffff);
+      else Atomics.store(this.used16, eventAt, m.index & 0xffff);
+    } else {
+      if (m.mode === "desc") throw new IovirtUsageError("NEEDS_EVENT_IDX", "notify-at-index needs VIRTIO_F_EVENT_IDX");
+      Atomics.store(this.used16, flagsAt, m.mode === "disable" ? VIRTQ_USED_F_NO_NOTIFY : 0);
+    }
+    return m.mode !== "disable" && this.hasAvailable();
+  }
+
+  private loadAvailIdx(): number {
+    const idx = Atomics.load(this.avail16, this.availBase + 1);
+    // §2.7.6: the driver never has more than `size` entries outstanding.
+    if (((idx - this.nextAvail) & 0xffff) > this.size) {
+      this.isBroken = true;
+      throw new QueueError("AVAIL_IDX_JUMP", `avail.idx ${idx} is more than ${this.size} ahead of ${this.nextAvail}`);
+    }
+    return idx;
+  }
+
+  /** Walks and validates the chain at `head` (§2.7.5, §2.7.5.3). */
+  private walk(chain: DescriptorChain, head: number): void {
+    const size = this.size;
+    if (head >= size) throw new QueueError("DESC_INDEX_OUT_OF_RANGE", `avail ring head ${head} >= queue size ${size}`);
+    chain.reset();
+    chain.head = head;
+    chain.descCount = 1;
+    let table = this.desc32;
+    let base = this.descBase;
+    let limit = size;
+    let indirect = false;
+    let i = head;
+    let hops = 0;
+    for (;;) {
+      // §2.7.5.3.1: no chain is longer than the table it lives in; more hops means a loop.
+      if (++hops > limit) throw new QueueError("CHAIN_LOOP", `descriptor chain from ${head} loops`);
+      const w = base + (i << 2);
+      const addr = combineU64(table[w]!, table[w + 1]!);
+      const len = table[w + 2]!;
+      const fn = table[w + 3]!;
+      const flags = fn & 0xffff;
+      if ((flags & VIRTQ_DESC_F_INDIRECT) !== 0) {
+        if (!this.features.indirect) throw new QueueError("INDIRECT_NOT_NEGOTIATED", "INDIRECT flag without VIRTIO_F_INDIRECT_DESC");
+        if (indirect) throw new QueueError("INDIRECT_NESTED", "INDIRECT flag inside an indirect table");
+        if ((flags & VIRTQ_DESC_F_NEXT) !== 0) throw new QueueError("INDIRECT_WITH_NEXT", "INDIRECT together with NEXT");
+        const t = indirectTable(this.mem, addr, len);
+        table = t.u32;
+        base = t.base;
+        limit = len >>> 4;
+        indirect = true;
+        i = 0;
+        hops = 0;
+        continue;
+      }
+      chain.push(this.mem, addr, len, (flags & VIRTQ_DESC_F_WRITE) !== 0);
+      if ((flags & VIRTQ_DESC_F_NEXT) === 0) return;
+      i = fn >>> 16;
+      if (i >= limit) throw new QueueError("DESC_INDEX_OUT_OF_RANGE", `next ${i} >= ${indirect ? "indirect table size" : "queue size"} ${limit}`);
+    }
+  }
+}
