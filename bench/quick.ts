@@ -8,7 +8,9 @@ for (const layout of ["split", "packed"] as const) {
   const t0 = performance.now();
   const end = t0 + 1000;
   let sink = 0;
-  const cb = (t: number, l: number) => { sink += t + l; };
+  const cb = (t: number, l: number) => {
+    sink += t + l;
+  };
   while (performance.now() < end) {
     for (let r = 0; r < 1000; r++) {
       for (let i = 0; i < batch; i++) p.driver.addOne(p.dataBase + i * 64, 64, true, i);

@@ -32,7 +32,7 @@ export function createBlkPair(opts: BlkPairOptions = {}): BlkPair {
   const port = opts.port ?? new RamDisk(opts.diskBytes ?? 8 << 20);
   const device = new BlkDevice({ port, ...opts.device });
   device.attachMemory(mem);
-  let driver: BlkDriver | undefined;
+  const wired: { driver?: BlkDriver } = {};
   let scheduled = false;
   const mmio = new MmioTransport(device, {
     interrupt: () => {
@@ -40,11 +40,12 @@ export function createBlkPair(opts: BlkPairOptions = {}): BlkPair {
       scheduled = true;
       queueMicrotask(() => {
         scheduled = false;
-        driver?.virtio.handleInterrupt();
+        wired.driver?.virtio.handleInterrupt();
       });
     },
   });
-  driver = new BlkDriver(new MmioDriverTransport(mmio), mem, new DmaAllocator(0x10000, mem.listRegions()[0]!.size - 0x10000));
+  const driver = new BlkDriver(new MmioDriverTransport(mmio), mem, new DmaAllocator(0x10000, mem.listRegions()[0]!.size - 0x10000));
+  wired.driver = driver;
   driver.init(opts.driver ?? {});
   return { mem, port, device, mmio, driver };
 }

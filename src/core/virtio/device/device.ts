@@ -226,7 +226,11 @@ export abstract class VirtioDevice {
   readConfig(offset: number, size: 1 | 2 | 4): number {
     if (!(offset >= 0 && offset + size <= this.config.length)) return 0;
     this.beforeConfigRead(offset, size);
-    return size === 1 ? this.configView.getUint8(offset) : size === 2 ? this.configView.getUint16(offset, true) : this.configView.getUint32(offset, true);
+    return size === 1
+      ? this.configView.getUint8(offset)
+      : size === 2
+        ? this.configView.getUint16(offset, true)
+        : this.configView.getUint32(offset, true);
   }
   writeConfig(offset: number, size: 1 | 2 | 4, value: number): void {
     if (!(offset >= 0 && offset + size <= this.config.length)) {

@@ -33,7 +33,8 @@ export function statusTransitionError(from: number, to: number): string | null {
     return "the driver may not set DEVICE_NEEDS_RESET";
   }
   const want = to & ~STATUS_DEVICE_NEEDS_RESET;
-  if ((want & driverBits) !== driverBits) return `status bits may only be cleared by a reset (${describeStatus(from)} -> ${describeStatus(to)})`;
+  if ((want & driverBits) !== driverBits)
+    return `status bits may only be cleared by a reset (${describeStatus(from)} -> ${describeStatus(to)})`;
   if ((want & STATUS_DRIVER) !== 0 && (want & STATUS_ACKNOWLEDGE) === 0) return "DRIVER before ACKNOWLEDGE";
   if ((want & STATUS_FEATURES_OK) !== 0 && (want & STATUS_DRIVER) === 0) return "FEATURES_OK before DRIVER";
   if ((want & STATUS_DRIVER_OK) !== 0 && (want & STATUS_FEATURES_OK) === 0) return "DRIVER_OK before FEATURES_OK";

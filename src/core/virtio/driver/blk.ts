@@ -1,6 +1,15 @@
 import { IovirtUsageError } from "../../errors.js";
 import type { GuestMemory } from "../../memory/guest-memory.js";
-import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_IN_ORDER, VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, features, hasFeature } from "../device/features.js";
+import {
+  VIRTIO_F_EVENT_IDX,
+  VIRTIO_F_INDIRECT_DESC,
+  VIRTIO_F_IN_ORDER,
+  VIRTIO_F_NOTIFICATION_DATA,
+  VIRTIO_F_RING_PACKED,
+  VIRTIO_F_RING_RESET,
+  features,
+  hasFeature,
+} from "../device/features.js";
 import {
   BLK_CFG,
   BLK_DWZ_SEGMENT,

@@ -11,11 +11,14 @@ import { QueueError } from "./errors.js";
  * copied once, which also freezes it against concurrent rewrites.
  */
 export function indirectTable(mem: GuestMemory, addr: number, len: number): { u32: Uint32Array; base: number } {
-  if (len === 0 || len % 16 !== 0) throw new QueueError("INDIRECT_BAD_LENGTH", `indirect table length ${len} is not a non-zero multiple of 16`);
-  if (len / 16 > MAX_QUEUE_SIZE) throw new QueueError("INDIRECT_BAD_LENGTH", `indirect table of ${len / 16} entries exceeds ${MAX_QUEUE_SIZE}`);
+  if (len === 0 || len % 16 !== 0)
+    throw new QueueError("INDIRECT_BAD_LENGTH", `indirect table length ${len} is not a non-zero multiple of 16`);
+  if (len / 16 > MAX_QUEUE_SIZE)
+    throw new QueueError("INDIRECT_BAD_LENGTH", `indirect table of ${len / 16} entries exceeds ${MAX_QUEUE_SIZE}`);
   const region = mem.regionFor(addr, len);
   if (region === undefined) {
-    if (!mem.covers(addr, len)) throw new QueueError("BUFFER_ADDRESS", `indirect table [0x${addr.toString(16)}, +${len}) is outside guest memory`);
+    if (!mem.covers(addr, len))
+      throw new QueueError("BUFFER_ADDRESS", `indirect table [0x${addr.toString(16)}, +${len}) is outside guest memory`);
     return copied(mem, addr, len);
   }
   const off = addr - region.gpa;

@@ -16,7 +16,11 @@ export interface DeviceQueue {
   readonly layout: "split" | "packed";
   readonly size: number;
   readonly broken: boolean;
-  /** Fills `chain` with the next available buffer; false when there is none. */
+  /**
+   * Fills `chain` with the next available buffer; false when there is none.
+   * Before waiting for a kick, pop until this returns false: with EVENT_IDX
+   * that is when the device re-arms avail_event (§2.7.10).
+   */
   popInto(chain: DescriptorChain): boolean;
   /** Allocating convenience form of popInto. */
   pop(): DescriptorChain | null;

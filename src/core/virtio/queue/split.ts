@@ -97,7 +97,14 @@ export class SplitQueue implements DeviceQueue {
     if (this.isBroken) throw new QueueError("QUEUE_BROKEN", "queue needs a reset after an earlier error");
     if (this.nextAvail === this.shadowAvail) {
       this.shadowAvail = this.loadAvailIdx();
-      if (this.nextAvail === this.shadowAvail) return false;
+      if (this.nextAvail === this.shadowAvail) {
+        if (!this.features.eventIdx || this.mode !== "enable") return false;
+        // §2.7.10: ask to be kicked for the next entry, once per burst rather than per pop;
+        // then look again, since the driver may have added one before it saw the store.
+        Atomics.store(this.used16, this.usedBase16 + 2 + this.size * 4, this.nextAvail);
+        this.shadowAvail = this.loadAvailIdx();
+        if (this.nextAvail === this.shadowAvail) return false;
+      }
     }
     try {
       const head = this.avail16[this.availBase + 2 + (this.nextAvail & this.mask)]!;
@@ -107,10 +114,6 @@ export class SplitQueue implements DeviceQueue {
       throw e;
     }
     this.nextAvail = (this.nextAvail + 1) & 0xffff;
-    // §2.7.10: with EVENT_IDX the device asks to be kicked for the next entry it has not seen.
-    if (this.features.eventIdx && this.mode === "enable") {
-      Atomics.store(this.used16, this.usedBase16 + 2 + this.size * 4, this.nextAvail);
-    }
     return true;
   }
 
@@ -222,7 +225,8 @@ export class SplitQueue implements DeviceQueue {
       chain.push(this.mem, addr, len, (flags & VIRTQ_DESC_F_WRITE) !== 0);
       if ((flags & VIRTQ_DESC_F_NEXT) === 0) return;
       i = fn >>> 16;
-      if (i >= limit) throw new QueueError("DESC_INDEX_OUT_OF_RANGE", `next ${i} >= ${indirect ? "indirect table size" : "queue size"} ${limit}`);
+      if (i >= limit)
+        throw new QueueError("DESC_INDEX_OUT_OF_RANGE", `next ${i} >= ${indirect ? "indirect table size" : "queue size"} ${limit}`);
     }
   }
 }

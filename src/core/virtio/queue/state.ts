@@ -41,18 +41,16 @@ export interface RingFeatures {
 export const NO_RING_FEATURES: RingFeatures = { indirect: false, eventIdx: false, inOrder: false };
 
 /** A fresh state with indices at their reset values. */
-export function initialQueueState(
-  layout: RingLayout,
-  size: number,
-  descTable: number,
-  driverArea: number,
-  deviceArea: number,
-): QueueState {
+export function initialQueueState(layout: RingLayout, size: number, descTable: number, driverArea: number, deviceArea: number): QueueState {
   return { layout, size, descTable, driverArea, deviceArea, nextAvail: 0, nextUsed: 0, availWrap: true, usedWrap: true };
 }
 
 /** Sizes and alignments of the three areas (§2.7 table for split, §2.8.11 for packed). */
-export function ringAreaSizes(layout: RingLayout, size: number, eventIdx: boolean): {
+export function ringAreaSizes(
+  layout: RingLayout,
+  size: number,
+  eventIdx: boolean,
+): {
   desc: [bytes: number, align: number];
   driver: [bytes: number, align: number];
   device: [bytes: number, align: number];

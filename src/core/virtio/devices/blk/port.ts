@@ -76,7 +76,11 @@ export class RamDisk implements BlockPort {
     return c;
   }
 
-  private span(offset: number, length: number, fn: (c: Uint8Array | undefined, at: number, n: number, done: number, idx: number) => void): void {
+  private span(
+    offset: number,
+    length: number,
+    fn: (c: Uint8Array | undefined, at: number, n: number, done: number, idx: number) => void,
+  ): void {
     if (!(offset >= 0 && offset + length <= this.sizeBytes)) throw new RangeError(`[${offset}, +${length}) outside the disk`);
     let done = 0;
     while (done < length) {

@@ -159,6 +159,9 @@ export class MmioTransport {
   }
 
   private reportBadWrite(offset: number): void {
-    this.device.events.guestError?.(new GuestError("MMIO_BAD_WRITE", `write to read-only or unknown register 0x${offset.toString(16)}`), null);
+    this.device.events.guestError?.(
+      new GuestError("MMIO_BAD_WRITE", `write to read-only or unknown register 0x${offset.toString(16)}`),
+      null,
+    );
   }
 }
