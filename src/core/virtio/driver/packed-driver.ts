@@ -200,10 +200,13 @@ export class PackedDriverQueue<T = unknown> implements DriverQueue<T> {
   drainUsed(fn: (token: T, len: number) => void, max = Infinity): number {
     if (this.isBroken) throw new QueueError("QUEUE_BROKEN", "queue needs a reset after an earlier error");
     let done = 0;
-    while (done < max && this.pending > 0 && this.hasUsed()) {
+    while (done < max && this.pending > 0) {
       const w = this.descBase + (this.lastUsed << 2);
+      // One acquire load gives both the flags that say "used" and the buffer id.
+      const word = Atomics.load(this.desc32, w + 3);
+      if (!isUsed(word >>> 16, this.usedWrap)) break;
       const len = this.desc32[w + 2]!;
-      const id = this.desc16[(w << 1) + 6]!;
+      const id = word & 0xffff;
       if (!(id < this.size) || this.outstanding[id] === 0) {
         this.isBroken = true;
         throw new QueueError("BAD_BUFFER_ID", `used buffer id ${id} is not in flight`);
