@@ -1,0 +1,1162 @@
+/*
+ * iovirt native syscall layer.
+ *
+ * This file is deliberately thin: every exported function validates its
+ * arguments, performs one (or a tightly coupled handful of) Linux system
+ * calls, and converts the result to a JS value.  Descriptor ownership and
+ * error typing live in the TypeScript wrapper (src/node/native.ts); retry and
+ * buffering policy belong to its callers.
+ *
+ * Error conventions:
+ *   - A failed system call throws an Error whose `code` is the errno name
+ *     (e.g. "EAGAIN"), `errno` is the positive errno number and `syscall` is
+ *     the name of the failing call.  The wrapper turns these into SysError.
+ *   - A bad argument (wrong type, out of range) throws TypeError/RangeError
+ *     with code "ERR_INVALID_ARG_TYPE"/"ERR_OUT_OF_RANGE"; those are caller
+ *     bugs and carry no errno.
+ *   - No function leaks a file descriptor on any error path: if anything
+ *     fails after a descriptor was created, the descriptor is closed before
+ *     the exception propagates.
+ */
+
+#include <node_api.h>
+#include <uv.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+/* 2^53 - 1: every integer up to here is exactly representable as a JS
+ * number.  Anything we accept or return as a number must stay within it. */
+#define MAX_SAFE_INTEGER ((uint64_t)9007199254740991ULL)
+
+/* Upper bound for SCM_RIGHTS on send: vhost-user needs at most 8 memory
+ * regions per message, 16 leaves headroom while keeping the control buffer
+ * on the stack. */
+#define SEND_MAX_FDS 16
+/* The kernel's own per-message limit (SCM_MAX_FD); receiving more than this
+ * in one message is impossible, so it bounds the receive control buffer. */
+#define RECV_MAX_FDS 253
+
+/* Custom code for "ancillary data was truncated" (MSG_CTRUNC).  It is not a
+ * real errno, so it is reported with errno 0. */
+#define CODE_CTRUNC "ECTRUNC"
+
+/* ------------------------------------------------------------------------ */
+/* Error helpers                                                             */
+/* ------------------------------------------------------------------------ */
+
+static const char *errno_name(int err) {
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
+  const char *name = strerrorname_np(err);
+  if (name != NULL) return name;
+#endif
+  /* libuv's error codes are negated errno values on Unix, so its name table
+   * doubles as a portable fallback (e.g. for musl). */
+  return uv_err_name(-err);
+}
+
+static void set_named_property_str(napi_env env, napi_value obj, const char *key, const char *val) {
+  napi_value v;
+  if (napi_create_string_utf8(env, val, NAPI_AUTO_LENGTH, &v) == napi_ok)
+    napi_set_named_property(env, obj, key, v);
+}
+
+static void set_named_property_int(napi_env env, napi_value obj, const char *key, int64_t val) {
+  napi_value v;
+  if (napi_create_int64(env, val, &v) == napi_ok) napi_set_named_property(env, obj, key, v);
+}
+
+/* Builds (but does not throw) the Error describing a failed system call.
+ * Returns NULL only if the engine itself is failing. */
+static napi_value make_sys_error(napi_env env, const char *syscall, const char *code, int err,
+                                 const char *detail) {
+  char msg[256];
+  snprintf(msg, sizeof msg, "%s: %s (%s)", syscall, detail, code);
+  napi_value code_v, msg_v, error;
+  if (napi_create_string_utf8(env, code, NAPI_AUTO_LENGTH, &code_v) != napi_ok ||
+      napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &msg_v) != napi_ok ||
+      napi_create_error(env, code_v, msg_v, &error) != napi_ok)
+    return NULL;
+  set_named_property_int(env, error, "errno", err);
+  set_named_property_str(env, error, "syscall", syscall);
+  return error;
+}
+
+/* Throws for errno `err` (positive).  Always returns NULL so call sites can
+ * write `return throw_errno(...)`. */
+static napi_value throw_errno(napi_env env, const char *syscall, int err) {
+  napi_value error = make_sys_error(env, syscall, errno_name(err), err, strerror(err));
+  if (error != NULL) napi_throw(env, error);
+  return NULL;
+}
+
+static napi_value throw_arg(napi_env env, bool range, const char *name, const char *what) {
+  char msg[200];
+  snprintf(msg, sizeof msg, "argument '%s' %s", name, what);
+  if (range)
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", msg);
+  else
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", msg);
+  return NULL;
+}
+
+/* An N-API call failing means a programming error in this file or an engine
+ * in a bad state (e.g. terminating).  Surface it instead of crashing, but do
+ * not mask an exception that is already pending. */
+static void throw_napi_failure(napi_env env, const char *expr) {
+  bool pending = false;
+  if (napi_is_exception_pending(env, &pending) == napi_ok && pending) return;
+  const napi_extended_error_info *info = NULL;
+  napi_get_last_error_info(env, &info);
+  char msg[300];
+  snprintf(msg, sizeof msg, "internal N-API failure in %s: %s", expr,
+           info != NULL && info->error_message != NULL ? info->error_message : "unknown");
+  napi_throw_error(env, "ERR_IOVIRT_NAPI", msg);
+}
+
+#define NAPI_CALL(env, call)                                                                       \
+  do {                                                                                             \
+    if ((call) != napi_ok) {                                                                       \
+      throw_napi_failure((env), #call);                                                            \
+      return NULL;                                                                                 \
+    }                                                                                              \
+  } while (0)
+
+/* Variant for functions that own resources: jumps to a cleanup label. */
+#define NAPI_CALL_GOTO(env, call, label)                                                           \
+  do {                                                                                             \
+    if ((call) != napi_ok) {                                                                       \
+      throw_napi_failure((env), #call);                                                            \
+      goto label;                                                                                  \
+    }                                                                                              \
+  } while (0)
+
+/* Variant for the bool-returning argument helpers below. */
+#define NAPI_CALL_BOOL(env, call)                                                                  \
+  do {                                                                                             \
+    if ((call) != napi_ok) {                                                                       \
+      throw_napi_failure((env), #call);                                                            \
+      return false;                                                                                \
+    }                                                                                              \
+  } while (0)
+
+/* Fetches exactly the declared number of arguments; missing ones read as
+ * `undefined`, which the argument helpers reject or treat as defaults. */
+#define GET_ARGS(n)                                                                                \
+  size_t argc = (n);                                                                               \
+  napi_value argv[(n) > 0 ? (n) : 1];                                                              \
+  napi_value this_arg;                                                                             \
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, &this_arg, NULL));                      \
+  (void)this_arg;                                                                                  \
+  for (size_t i_ = argc; i_ < (n); i_++) NAPI_CALL(env, napi_get_undefined(env, &argv[i_]))
+
+/* Closes a descriptor we created on an error path; errors are irrelevant
+ * because the original failure is what gets reported. */
+static void close_quietly(int fd) {
+  int saved = errno;
+  if (fd >= 0) close(fd);
+  errno = saved;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Argument helpers: each returns false after throwing.                      */
+/* ------------------------------------------------------------------------ */
+
+static bool is_type(napi_env env, napi_value v, napi_valuetype want) {
+  napi_valuetype t;
+  return napi_typeof(env, v, &t) == napi_ok && t == want;
+}
+
+static bool arg_fd(napi_env env, napi_value v, const char *name, int *out) {
+  double d;
+  if (!is_type(env, v, napi_number) || napi_get_value_double(env, v, &d) != napi_ok) {
+    throw_arg(env, false, name, "must be a file descriptor number");
+    return false;
+  }
+  if (!(d >= 0 && d <= INT_MAX && d == (double)(int)d)) {
+    throw_arg(env, true, name, "must be a non-negative integer file descriptor");
+    return false;
+  }
+  *out = (int)d;
+  return true;
+}
+
+/* Unsigned 64-bit quantity (length, offset, value): a safe-integer number or
+ * a BigInt that converts losslessly.  BigInt exists so that offsets and
+ * ioctl arguments above 2^53 remain expressible. */
+static bool arg_u64(napi_env env, napi_value v, const char *name, uint64_t *out) {
+  napi_valuetype t;
+  if (napi_typeof(env, v, &t) != napi_ok) t = napi_undefined;
+  if (t == napi_bigint) {
+    bool lossless = false;
+    uint64_t u;
+    if (napi_get_value_bigint_uint64(env, v, &u, &lossless) != napi_ok || !lossless) {
+      throw_arg(env, true, name, "must be a BigInt in [0, 2^64)");
+      return false;
+    }
+    *out = u;
+    return true;
+  }
+  if (t == napi_number) {
+    double d;
+    if (napi_get_value_double(env, v, &d) == napi_ok && d >= 0 && d <= (double)MAX_SAFE_INTEGER &&
+        d == (double)(uint64_t)d) {
+      *out = (uint64_t)d;
+      return true;
+    }
+    throw_arg(env, true, name, "must be a non-negative safe integer");
+    return false;
+  }
+  throw_arg(env, false, name, "must be a number or BigInt");
+  return false;
+}
+
+/* File offsets are off_t (signed 64-bit); reject values that would wrap. */
+static bool arg_off(napi_env env, napi_value v, const char *name, off_t *out) {
+  uint64_t u;
+  if (!arg_u64(env, v, name, &u)) return false;
+  if (u > (uint64_t)INT64_MAX) {
+    throw_arg(env, true, name, "must be below 2^63");
+    return false;
+  }
+  *out = (off_t)u;
+  return true;
+}
+
+static bool arg_int(napi_env env, napi_value v, const char *name, int64_t lo, int64_t hi,
+                    int64_t *out) {
+  double d;
+  if (!is_type(env, v, napi_number) || napi_get_value_double(env, v, &d) != napi_ok) {
+    throw_arg(env, false, name, "must be a number");
+    return false;
+  }
+  if (!(d >= (double)lo && d <= (double)hi && d == (double)(int64_t)d)) {
+    throw_arg(env, true, name, "is out of range");
+    return false;
+  }
+  *out = (int64_t)d;
+  return true;
+}
+
+/* Reads an optional boolean property of an options object.  `undefined` (for
+ * either the object or the property) means false. */
+static bool opt_flag(napi_env env, napi_value obj, const char *key, bool *out) {
+  *out = false;
+  napi_valuetype t;
+  NAPI_CALL_BOOL(env, napi_typeof(env, obj, &t));
+  if (t == napi_undefined || t == napi_null) return true;
+  if (t != napi_object) {
+    throw_arg(env, false, "options", "must be an object");
+    return false;
+  }
+  napi_value v;
+  NAPI_CALL_BOOL(env, napi_get_named_property(env, obj, key, &v));
+  NAPI_CALL_BOOL(env, napi_typeof(env, v, &t));
+  if (t == napi_undefined) return true;
+  if (t != napi_boolean) {
+    throw_arg(env, false, key, "must be a boolean");
+    return false;
+  }
+  NAPI_CALL_BOOL(env, napi_get_value_bool(env, v, out));
+  return true;
+}
+
+/* Copies a JS string into `buf`, rejecting truncation and embedded NULs:
+ * both would silently make the kernel act on a different path. */
+static bool arg_cstring(napi_env env, napi_value v, const char *name, char *buf, size_t size) {
+  size_t len = 0;
+  if (!is_type(env, v, napi_string) ||
+      napi_get_value_string_utf8(env, v, NULL, 0, &len) != napi_ok) {
+    throw_arg(env, false, name, "must be a string");
+    return false;
+  }
+  if (len + 1 > size) {
+    throw_arg(env, true, name, "is too long");
+    return false;
+  }
+  size_t copied = 0;
+  NAPI_CALL_BOOL(env, napi_get_value_string_utf8(env, v, buf, size, &copied));
+  if (strlen(buf) != copied) {
+    throw_arg(env, true, name, "must not contain NUL characters");
+    return false;
+  }
+  return true;
+}
+
+static size_t typedarray_element_size(napi_typedarray_type t) {
+  switch (t) {
+    case napi_int8_array:
+    case napi_uint8_array:
+    case napi_uint8_clamped_array: return 1;
+    case napi_int16_array:
+    case napi_uint16_array: return 2;
+    case napi_int32_array:
+    case napi_uint32_array:
+    case napi_float32_array: return 4;
+    default: return 8; /* float64, bigint64, biguint64 */
+  }
+}
+
+/* Resolves any ArrayBuffer view (typed array or DataView) to a raw pointer
+ * and byte length.  Works equally for views over heap ArrayBuffers,
+ * SharedArrayBuffers and the external buffers returned by mmap(); N-API
+ * already adds the view's byteOffset to the pointer. */
+static bool arg_bytes(napi_env env, napi_value v, const char *name, void **data, size_t *len) {
+  bool is_ta = false, is_dv = false;
+  NAPI_CALL_BOOL(env, napi_is_typedarray(env, v, &is_ta));
+  if (is_ta) {
+    napi_typedarray_type type;
+    size_t count;
+    NAPI_CALL_BOOL(env, napi_get_typedarray_info(env, v, &type, &count, data, NULL, NULL));
+    *len = count * typedarray_element_size(type);
+    return true;
+  }
+  NAPI_CALL_BOOL(env, napi_is_dataview(env, v, &is_dv));
+  if (is_dv) {
+    NAPI_CALL_BOOL(env, napi_get_dataview_info(env, v, len, data, NULL, NULL));
+    return true;
+  }
+  throw_arg(env, false, name, "must be a TypedArray or DataView");
+  return false;
+}
+
+static napi_value make_fd(napi_env env, int fd) {
+  napi_value v;
+  if (napi_create_int32(env, fd, &v) != napi_ok) {
+    close_quietly(fd);
+    throw_napi_failure(env, "napi_create_int32");
+    return NULL;
+  }
+  return v;
+}
+
+static napi_value make_number(napi_env env, double d) {
+  napi_value v;
+  NAPI_CALL(env, napi_create_double(env, d, &v));
+  return v;
+}
+
+static napi_value make_undefined(napi_env env) {
+  napi_value v;
+  NAPI_CALL(env, napi_get_undefined(env, &v));
+  return v;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Basic descriptors                                                         */
+/* ------------------------------------------------------------------------ */
+
+static napi_value js_getpagesize(napi_env env, napi_callback_info info) {
+  (void)info;
+  return make_number(env, (double)sysconf(_SC_PAGESIZE));
+}
+
+static napi_value js_close(napi_env env, napi_callback_info info) {
+  GET_ARGS(1);
+  int fd;
+  if (!arg_fd(env, argv[0], "fd", &fd)) return NULL;
+  /* On Linux the descriptor is released even when close() reports EINTR, so
+   * retrying could close an unrelated, newly allocated fd.  Treat EINTR as
+   * success. */
+  if (close(fd) < 0 && errno != EINTR) return throw_errno(env, "close", errno);
+  return make_undefined(env);
+}
+
+static napi_value js_memfd_create(napi_env env, napi_callback_info info) {
+  GET_ARGS(2);
+  char name[250]; /* the kernel limit is 249 bytes plus NUL */
+  bool sealing;
+  if (!arg_cstring(env, argv[0], "name", name, sizeof name)) return NULL;
+  if (!opt_flag(env, argv[1], "allowSealing", &sealing)) return NULL;
+  int fd = memfd_create(name, MFD_CLOEXEC | (sealing ? MFD_ALLOW_SEALING : 0));
+  if (fd < 0) return throw_errno(env, "memfd_create", errno);
+  return make_fd(env, fd);
+}
+
+static napi_value js_ftruncate(napi_env env, napi_callback_info info) {
+  GET_ARGS(2);
+  int fd;
+  off_t size;
+  if (!arg_fd(env, argv[0], "fd", &fd) || !arg_off(env, argv[1], "size", &size)) return NULL;
+  if (ftruncate(fd, size) < 0) return throw_errno(env, "ftruncate", errno);
+  return make_undefined(env);
+}
+
+static napi_value js_open(napi_env env, napi_callback_info info) {
+  GET_ARGS(3);
+  char path[PATH_MAX];
+  char flags_s[16];
+  int64_t mode = 0666;
+  if (!arg_cstring(env, argv[0], "path", path, sizeof path)) return NULL;
+  if (!arg_cstring(env, argv[1], "flags", flags_s, sizeof flags_s)) return NULL;
+  if (!is_type(env, argv[2], napi_undefined) && !arg_int(env, argv[2], "mode", 0, 07777, &mode))
+    return NULL;
+  int flags;
+  if (strcmp(flags_s, "r") == 0)
+    flags = O_RDONLY;
+  else if (strcmp(flags_s, "rw") == 0)
+    flags = O_RDWR;
+  else if (strcmp(flags_s, "rw+create") == 0)
+    flags = O_RDWR | O_CREAT;
+  else
+    return throw_arg(env, true, "flags", "must be 'r', 'rw' or 'rw+create'");
+  int fd = open(path, flags | O_CLOEXEC, (mode_t)mode);
+  if (fd < 0) return throw_errno(env, "open", errno);
+  return make_fd(env, fd);
+}
+
+static napi_value js_fstat(napi_env env, napi_callback_info info) {
+  GET_ARGS(1);
+  int fd;
+  if (!arg_fd(env, argv[0], "fd", &fd)) return NULL;
+  struct stat st;
+  if (fstat(fd, &st) < 0) return throw_errno(env, "fstat", errno);
+  napi_value obj, size, mode;
+  NAPI_CALL(env, napi_create_object(env, &obj));
+  NAPI_CALL(env, napi_create_double(env, (double)st.st_size, &size));
+  NAPI_CALL(env, napi_create_uint32(env, (uint32_t)st.st_mode, &mode));
+  NAPI_CALL(env, napi_set_named_property(env, obj, "size", size));
+  NAPI_CALL(env, napi_set_named_property(env, obj, "mode", mode));
+  return obj;
+}
+
+static napi_value js_fdatasync(napi_env env, napi_callback_info info) {
+  GET_ARGS(1);
+  int fd;
+  if (!arg_fd(env, argv[0], "fd", &fd)) return NULL;
+  if (fdatasync(fd) < 0) return throw_errno(env, "fdatasync", errno);
+  return make_undefined(env);
+}
+
+static napi_value js_fallocate(napi_env env, napi_callback_info info) {
+  GET_ARGS(4);
+  int fd;
+  bool punch, keep, zero;
+  off_t offset, len;
+  if (!arg_fd(env, argv[0], "fd", &fd) || !opt_flag(env, argv[1], "punchHole", &punch) ||
+      !opt_flag(env, argv[1], "keepSize", &keep) || !opt_flag(env, argv[1], "zeroRange", &zero) ||
+      !arg_off(env, argv[2], "offset", &offset) || !arg_off(env, argv[3], "len", &len))
+    return NULL;
+  /* Flags are passed through unmodified; the kernel enforces combinations
+   * (e.g. PUNCH_HOLE requires KEEP_SIZE) and reports EINVAL/EOPNOTSUPP. */
+  int mode = (punch ? FALLOC_FL_PUNCH_HOLE : 0) | (keep ? FALLOC_FL_KEEP_SIZE : 0) |
+             (zero ? FALLOC_FL_ZERO_RANGE : 0);
+  if (fallocate(fd, mode, offset, len) < 0) return throw_errno(env, "fallocate", errno);
+  return make_undefined(env);
+}
+
+/* pread/pwrite block the JS thread for the duration of the I/O; callers that
+ * need concurrency run them in a worker.  The target may be any view,
+ * including one over a SharedArrayBuffer or an mmap()ed buffer. */
+static napi_value js_pread(napi_env env, napi_callback_info info) {
+  GET_ARGS(3);
+  int fd;
+  void *data;
+  size_t len;
+  off_t offset;
+  if (!arg_fd(env, argv[0], "fd", &fd) || !arg_bytes(env, argv[1], "buffer", &data, &len) ||
+      !arg_off(env, argv[2], "offset", &offset))
+    return NULL;
+  ssize_t n = pread(fd, data, len, offset);
+  if (n < 0) return throw_errno(env, "pread", errno);
+  return make_number(env, (double)n);
+}
+
+static napi_value js_pwrite(napi_env env, napi_callback_info info) {
+  GET_ARGS(3);
+  int fd;
+  void *data;
+  size_t len;
+  off_t offset;
+  if (!arg_fd(env, argv[0], "fd", &fd) || !arg_bytes(env, argv[1], "buffer", &data, &len) ||
+      !arg_off(env, argv[2], "offset", &offset))
+    return NULL;
+  ssize_t n = pwrite(fd, data, len, offset);
+  if (n < 0) return throw_errno(env, "pwrite", errno);
+  return make_number(env, (double)n);
+}
+
+static napi_value js_ioctl(napi_env env, napi_callback_info info) {
+  GET_ARGS(3);
+  int fd;
+  uint64_t request;
+  if (!arg_fd(env, argv[0], "fd", &fd) || !arg_u64(env, argv[1], "request", &request)) return NULL;
+  bool is_number = is_type(env, argv[2], napi_number) || is_type(env, argv[2], napi_bigint);
+  unsigned long arg;
+  if (is_number) {
+    uint64_t u;
+    if (!arg_u64(env, argv[2], "arg", &u)) return NULL;
+    arg = (unsigned long)u;
+  } else if (is_type(env, argv[2], napi_undefined)) {
+    arg = 0;
+  } else {
+    void *data;
+    size_t len;
+    if (!arg_bytes(env, argv[2], "arg", &data, &len)) return NULL;
+    arg = (unsigned long)(uintptr_t)data;
+  }
+  int r = ioctl(fd, (unsigned long)request, arg);
+  if (r < 0) return throw_errno(env, "ioctl", errno);
+  return make_number(env, (double)r);
+}
+
+static napi_value js_address_of(napi_env env, napi_callback_info info) {
+  GET_ARGS(1);
+  void *data = NULL;
+  size_t len;
+  bool is_ab = false;
+  NAPI_CALL(env, napi_is_arraybuffer(env, argv[0], &is_ab));
+  if (is_ab) {
+    NAPI_CALL(env, napi_get_arraybuffer_info(env, argv[0], &data, &len));
+  } else if (!arg_bytes(env, argv[0], "view", &data, &len)) {
+    return NULL;
+  }
+  napi_value v;
+  NAPI_CALL(env, napi_create_bigint_uint64(env, (uint64_t)(uintptr_t)data, &v));
+  return v;
+}
+
+/* ------------------------------------------------------------------------ */
+/* mmap                                                                      */
+/* ------------------------------------------------------------------------ */
+
+/* Shared between the ArrayBuffer's finalizer and explicit munmap().  The
+ * finalizer always owns freeing it; munmap() only flips `unmapped`. */
+typedef struct {
+  void *addr;
+  size_t len;
+  bool unmapped;
+} mapping_t;
+
+/* Node runs external-buffer finalizers on the JS thread, so `unmapped` needs
+ * no synchronisation with js_munmap. */
+static void mapping_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)data;
+  mapping_t *m = hint;
+  if (!m->unmapped) munmap(m->addr, m->len);
+  free(m);
+}
+
+static napi_value js_mmap(napi_env env, napi_callback_info info) {
+  GET_ARGS(5);
+  int fd;
+  uint64_t length;
+  off_t offset;
+  char prot_s[4];
+  bool shared;
+  if (!arg_fd(env, argv[0], "fd", &fd) || !arg_u64(env, argv[1], "length", &length) ||
+      !arg_off(env, argv[2], "offset", &offset) ||
+      !arg_cstring(env, argv[3], "prot", prot_s, sizeof prot_s))
+    return NULL;
+  if (!is_type(env, argv[4], napi_boolean)) return throw_arg(env, false, "shared", "must be a boolean");
+  NAPI_CALL(env, napi_get_value_bool(env, argv[4], &shared));
+  int prot;
+  if (strcmp(prot_s, "r") == 0)
+    prot = PROT_READ;
+  else if (strcmp(prot_s, "rw") == 0)
+    prot = PROT_READ | PROT_WRITE;
+  else
+    return throw_arg(env, true, "prot", "must be 'r' or 'rw'");
+  /* The kernel would reject 0 with EINVAL too, but an empty external
+   * ArrayBuffer cannot be told apart from a detached one. */
+  if (length == 0) return throw_arg(env, true, "length", "must be greater than 0");
+
+  mapping_t *m = malloc(sizeof *m);
+  if (m == NULL) return throw_errno(env, "mmap", ENOMEM);
+  void *addr = mmap(NULL, (size_t)length, prot, shared ? MAP_SHARED : MAP_PRIVATE, fd, offset);
+  if (addr == MAP_FAILED) {
+    int err = errno;
+    free(m);
+    return throw_errno(env, "mmap", err);
+  }
+  m->addr = addr;
+  m->len = (size_t)length;
+  m->unmapped = false;
+
+  napi_value ab;
+  if (napi_create_external_arraybuffer(env, addr, m->len, mapping_finalize, m, &ab) != napi_ok) {
+    /* Engines built with the V8 sandbox refuse external buffers; the
+     * mapping never became reachable, so undo it here. */
+    munmap(addr, m->len);
+    free(m);
+    throw_napi_failure(env, "napi_create_external_arraybuffer");
+    return NULL;
+  }
+  /* Attaching the record to the buffer lets munmap() find it without a
+   * global table; the wrap has no finalizer because the buffer finalizer
+   * owns the record. */
+  if (napi_wrap(env, ab, m, NULL, NULL, NULL) != napi_ok) {
+    /* The finalizer will munmap and free when the buffer is collected. */
+    throw_napi_failure(env, "napi_wrap");
+    return NULL;
+  }
+  return ab;
+}
+
+static napi_value js_munmap(napi_env env, napi_callback_info info) {
+  GET_ARGS(1);
+  bool is_ab = false;
+  NAPI_CALL(env, napi_is_arraybuffer(env, argv[0], &is_ab));
+  if (!is_ab) return throw_arg(env, false, "buffer", "must be an ArrayBuffer returned by mmap()");
+  void *m_ptr = NULL;
+  if (napi_unwrap(env, argv[0], &m_ptr) != napi_ok || m_ptr == NULL) {
+    /* Unmapping twice is harmless: the first call removed the wrap and
+     * detached the buffer. */
+    bool detached = false;
+    NAPI_CALL(env, napi_is_detached_arraybuffer(env, argv[0], &detached));
+    if (detached) return make_undefined(env);
+    return throw_arg(env, false, "buffer", "must be an ArrayBuffer returned by mmap()");
+  }
+  mapping_t *m = m_ptr;
+  if (munmap(m->addr, m->len) < 0) return throw_errno(env, "munmap", errno);
+  m->unmapped = true;
+  /* Order matters: drop the wrap first so no later call can reach a record
+   * the finalizer may free once the detach releases the backing store. */
+  void *ignored;
+  NAPI_CALL(env, napi_remove_wrap(env, argv[0], &ignored));
+  NAPI_CALL(env, napi_detach_arraybuffer(env, argv[0]));
+  return make_undefined(env);
+}
+
+/* ------------------------------------------------------------------------ */
+/* eventfd                                                                   */
+/* ------------------------------------------------------------------------ */
+
+static napi_value js_eventfd(napi_env env, napi_callback_info info) {
+  GET_ARGS(2);
+  int64_t initval;
+  bool nonblock, semaphore;
+  if (!arg_int(env, argv[0], "initval", 0, UINT32_MAX, &initval) ||
+      !opt_flag(env, argv[1], "nonblock", &nonblock) ||
+      !opt_flag(env, argv[1], "semaphore", &semaphore))
+    return NULL;
+  int flags = EFD_CLOEXEC | (nonblock ? EFD_NONBLOCK : 0) | (semaphore ? EFD_SEMAPHORE : 0);
+  int fd = eventfd((unsigned int)initval, flags);
+  if (fd < 0) return throw_errno(env, "eventfd", errno);
+  return make_fd(env, fd);
+}
+
+static napi_value js_eventfd_read(napi_env env, napi_callback_info info) {
+  GET_ARGS(1);
+  int fd;
+  if (!arg_fd(env, argv[0], "fd", &fd)) return NULL;
+  uint64_t value;
+  ssize_t n = read(fd, &value, sizeof value);
+  if (n < 0) return throw_errno(env, "read", errno);
+  if (n != (ssize_t)sizeof value) return throw_errno(env, "read", EIO);
+  /* The counter is 64-bit; a number above 2^53 would be silently rounded,
+   * so fail loudly instead (the counter has been consumed regardless).  Only
+   * a writer adding values of that magnitude can cause this. */
+  if (value > MAX_SAFE_INTEGER) return throw_errno(env, "read", ERANGE);
+  return make_number(env, (double)value);
+}
+
+static napi_value js_eventfd_write(napi_env env, napi_callback_info info) {
+  GET_ARGS(2);
+  int fd;
+  uint64_t value;
+  if (!arg_fd(env, argv[0], "fd", &fd) || !arg_u64(env, argv[1], "value", &value)) return NULL;
+  ssize_t n = write(fd, &value, sizeof value);
+  if (n < 0) return throw_errno(env, "write", errno);
+  if (n != (ssize_t)sizeof value) return throw_errno(env, "write", EIO);
+  return make_undefined(env);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Readiness watching (uv_poll_t)                                            */
+/* ------------------------------------------------------------------------ */
+
+/* Lifetime: a watcher starts active, holding a strong reference to its JS
+ * handle object so an active watcher is never collected out from under
+ * libuv.  Stopping (explicitly or at environment teardown) releases every JS
+ * reference and starts uv_close(); the memory is freed only in the close
+ * callback, which libuv runs after the last poll callback.
+ *
+ * The async cleanup hook stays registered until that close callback: Node
+ * unloads the addon's code when a worker thread exits, and it must not do so
+ * while libuv still holds a pointer to watcher_on_close. */
+typedef struct {
+  uv_poll_t poll;
+  napi_env env;
+  napi_ref callback;      /* strong */
+  napi_ref self;          /* strong until closed */
+  napi_async_context ctx; /* makes callbacks visible to async_hooks and
+                             drains microtasks after each callback */
+  napi_async_cleanup_hook_handle cleanup;
+  bool stopped;     /* no further JS callbacks */
+  bool in_callback; /* JS callback (or its uncaught-exception handling) on stack */
+  bool closing;     /* uv_close issued; JS references released */
+} watcher_t;
+
+static void watcher_on_close(uv_handle_t *handle) {
+  watcher_t *w = handle->data;
+  if (w->cleanup != NULL) napi_remove_async_cleanup_hook(w->cleanup);
+  free(w);
+}
+
+/* Releases the JS side and closes the handle; idempotent.  Must not run
+ * while the JS callback is on the stack because its async context is in
+ * use, hence the deferral in watcher_stop. */
+static void watcher_close(watcher_t *w) {
+  if (w->closing) return;
+  w->closing = true;
+  if (w->callback != NULL) napi_delete_reference(w->env, w->callback);
+  if (w->self != NULL) napi_delete_reference(w->env, w->self);
+  if (w->ctx != NULL) napi_async_destroy(w->env, w->ctx);
+  w->callback = w->self = NULL;
+  w->ctx = NULL;
+  uv_close((uv_handle_t *)&w->poll, watcher_on_close);
+}
+
+static void watcher_stop(watcher_t *w) {
+  if (w->stopped) return;
+  w->stopped = true;
+  uv_poll_stop(&w->poll);
+  if (!w->in_callback) watcher_close(w);
+}
+
+/* The environment is going away (process exit or worker termination) with
+ * the watcher possibly still active; an open handle would break the loop
+ * teardown, so close it now.  No JS can be running at this point. */
+static void watcher_env_cleanup(napi_async_cleanup_hook_handle handle, void *arg) {
+  (void)handle;
+  watcher_t *w = arg;
+  w->in_callback = false;
+  watcher_stop(w);
+  watcher_close(w);
+}
+
+static const char *events_string(int events) {
+  bool r = (events & UV_READABLE) != 0, wr = (events & UV_WRITABLE) != 0;
+  return r && wr ? "rw" : r ? "r" : wr ? "w" : "";
+}
+
+static void watcher_on_poll(uv_poll_t *handle, int status, int events) {
+  watcher_t *w = handle->data;
+  if (w->stopped) return;
+  napi_env env = w->env;
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+
+  napi_value cb, recv, argv[2];
+  if (napi_get_reference_value(env, w->callback, &cb) != napi_ok || cb == NULL ||
+      napi_get_reference_value(env, w->self, &recv) != napi_ok || recv == NULL)
+    goto out;
+  if (status < 0) {
+    argv[0] = make_sys_error(env, "poll", uv_err_name(status), -status, uv_strerror(status));
+    if (argv[0] == NULL) goto out;
+  } else if (napi_get_null(env, &argv[0]) != napi_ok) {
+    goto out;
+  }
+  if (napi_create_string_utf8(env, events_string(events), NAPI_AUTO_LENGTH, &argv[1]) != napi_ok)
+    goto out;
+
+  /* in_callback spans the exception handling too: an 'uncaughtException'
+   * listener may call stop() synchronously from napi_fatal_exception. */
+  w->in_callback = true;
+  if (napi_make_callback(env, w->ctx, recv, cb, 2, argv, NULL) == napi_pending_exception) {
+    /* No JS frame below us can catch it: route the exception to process
+     * 'uncaughtException' like any other event-loop callback. */
+    napi_value exc;
+    if (napi_get_and_clear_last_exception(env, &exc) == napi_ok) napi_fatal_exception(env, exc);
+  }
+  w->in_callback = false;
+  /* stop() was called during the callback; finish what it deferred. */
+  if (w->stopped) watcher_close(w);
+out:
+  napi_close_handle_scope(env, scope);
+}
+
+/* Resolves `this` of stop/ref/unref.  NULL (without an exception) means the
+ * watcher was already stopped: stop() removes the wrap, and calling these
+ * methods afterwards is harmless. */
+static bool watcher_from_this(napi_env env, napi_callback_info info, napi_value *this_out,
+                              watcher_t **out) {
+  void *ptr = NULL;
+  *out = NULL;
+  if (napi_get_cb_info(env, info, NULL, NULL, this_out, NULL) != napi_ok) {
+    throw_napi_failure(env, "napi_get_cb_info");
+    return false;
+  }
+  if (napi_unwrap(env, *this_out, &ptr) == napi_ok) *out = ptr;
+  return true;
+}
+
+static napi_value js_watcher_stop(napi_env env, napi_callback_info info) {
+  napi_value this_arg;
+  watcher_t *w;
+  if (!watcher_from_this(env, info, &this_arg, &w)) return NULL;
+  if (w != NULL) {
+    void *ignored;
+    NAPI_CALL(env, napi_remove_wrap(env, this_arg, &ignored));
+    watcher_stop(w);
+  }
+  return make_undefined(env);
+}
+
+static napi_value js_watcher_ref(napi_env env, napi_callback_info info) {
+  napi_value this_arg;
+  watcher_t *w;
+  if (!watcher_from_this(env, info, &this_arg, &w)) return NULL;
+  if (w != NULL && !w->stopped) uv_ref((uv_handle_t *)&w->poll);
+  return make_undefined(env);
+}
+
+static napi_value js_watcher_unref(napi_env env, napi_callback_info info) {
+  napi_value this_arg;
+  watcher_t *w;
+  if (!watcher_from_this(env, info, &this_arg, &w)) return NULL;
+  if (w != NULL && !w->stopped) uv_unref((uv_handle_t *)&w->poll);
+  return make_undefined(env);
+}
+
+static napi_value js_watch(napi_env env, napi_callback_info info) {
+  GET_ARGS(3);
+  int fd;
+  char events_s[4];
+  if (!arg_fd(env, argv[0], "fd", &fd) ||
+      !arg_cstring(env, argv[1], "events", events_s, sizeof events_s))
+    return NULL;
+  int events;
+  if (strcmp(events_s, "r") == 0)
+    events = UV_READABLE;
+  else if (strcmp(events_s, "w") == 0)
+    events = UV_WRITABLE;
+  else if (strcmp(events_s, "rw") == 0)
+    events = UV_READABLE | UV_WRITABLE;
+  else
+    return throw_arg(env, true, "events", "must be 'r', 'w' or 'rw'");
+  if (!is_type(env, argv[2], napi_function))
+    return throw_arg(env, false, "callback", "must be a function");
+
+  uv_loop_t *loop;
+  NAPI_CALL(env, napi_get_uv_event_loop(env, &loop));
+
+  watcher_t *w = calloc(1, sizeof *w);
+  if (w == NULL) return throw_errno(env, "uv_poll_init", ENOMEM);
+  w->env = env;
+  int rc = uv_poll_init(loop, &w->poll, fd);
+  if (rc < 0) {
+    free(w); /* a failed uv_poll_init leaves nothing to close */
+    napi_value err = make_sys_error(env, "uv_poll_init", uv_err_name(rc), -rc, uv_strerror(rc));
+    if (err != NULL) napi_throw(env, err);
+    return NULL;
+  }
+  w->poll.data = w;
+  /* From here on the handle is initialised: every failure path must go
+   * through watcher_close (uv_close), never free(). */
+
+  napi_value handle, name;
+  napi_property_descriptor methods[] = {
+      {"stop", NULL, js_watcher_stop, NULL, NULL, NULL, napi_default, NULL},
+      {"ref", NULL, js_watcher_ref, NULL, NULL, NULL, napi_default, NULL},
+      {"unref", NULL, js_watcher_unref, NULL, NULL, NULL, napi_default, NULL},
+  };
+  NAPI_CALL_GOTO(env, napi_add_async_cleanup_hook(env, watcher_env_cleanup, w, &w->cleanup), fail);
+  NAPI_CALL_GOTO(env, napi_create_object(env, &handle), fail);
+  NAPI_CALL_GOTO(env, napi_define_properties(env, handle, 3, methods), fail);
+  NAPI_CALL_GOTO(env, napi_create_reference(env, argv[2], 1, &w->callback), fail);
+  NAPI_CALL_GOTO(env, napi_create_reference(env, handle, 1, &w->self), fail);
+  NAPI_CALL_GOTO(env, napi_create_string_utf8(env, "iovirt:watch", NAPI_AUTO_LENGTH, &name), fail);
+  NAPI_CALL_GOTO(env, napi_async_init(env, handle, name, &w->ctx), fail);
+  rc = uv_poll_start(&w->poll, events, watcher_on_poll);
+  if (rc < 0) {
+    napi_value err = make_sys_error(env, "uv_poll_start", uv_err_name(rc), -rc, uv_strerror(rc));
+    if (err != NULL) napi_throw(env, err);
+    goto fail;
+  }
+  /* Wrap last: once wrapped, stop() can reach the watcher. */
+  if (napi_wrap(env, handle, w, NULL, NULL, NULL) != napi_ok) {
+    uv_poll_stop(&w->poll);
+    throw_napi_failure(env, "napi_wrap");
+    goto fail;
+  }
+  return handle;
+
+fail:
+  w->stopped = true;
+  watcher_close(w);
+  return NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Unix domain sockets                                                       */
+/* ------------------------------------------------------------------------ */
+
+static bool fill_sockaddr(napi_env env, napi_value v, struct sockaddr_un *addr) {
+  memset(addr, 0, sizeof *addr);
+  addr->sun_family = AF_UNIX;
+  return arg_cstring(env, v, "path", addr->sun_path, sizeof addr->sun_path);
+}
+
+static napi_value js_unix_socket(napi_env env, napi_callback_info info) {
+  (void)info;
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return throw_errno(env, "socket", errno);
+  return make_fd(env, fd);
+}
+
+static napi_value js_unix_bind(napi_env env, napi_callback_info info) {
+  GET_ARGS(3);
+  int fd;
+  struct sockaddr_un addr;
+  int64_t mode;
+  if (!arg_fd(env, argv[0], "fd", &fd) || !fill_sockaddr(env, argv[1], &addr) ||
+      !arg_int(env, argv[2], "mode", 0, 07777, &mode))
+    return NULL;
+  /* A socket file left by a previous run would make bind() fail with
+   * EADDRINUSE.  Only remove it if it really is a socket, so a typo can
+   * never delete a regular file. */
+  struct stat st;
+  if (lstat(addr.sun_path, &st) == 0 && S_ISSOCK(st.st_mode)) {
+    if (unlink(addr.sun_path) < 0 && errno != ENOENT) return throw_errno(env, "unlink", errno);
+  }
+  if (bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0) return throw_errno(env, "bind", errno);
+  /* Between bind() and chmod() the file briefly has umask-derived
+   * permissions; callers that care should bind inside a 0700 directory.
+   * Changing the process umask instead would race with other threads. */
+  if (chmod(addr.sun_path, (mode_t)mode) < 0) {
+    int err = errno;
+    unlink(addr.sun_path); /* never leave a socket with the wrong mode */
+    return throw_errno(env, "chmod", err);
+  }
+  return make_undefined(env);
+}
+
+static napi_value js_unix_listen(napi_env env, napi_callback_info info) {
+  GET_ARGS(2);
+  int fd;
+  int64_t backlog;
+  if (!arg_fd(env, argv[0], "fd", &fd) || !arg_int(env, argv[1], "backlog", 0, INT_MAX, &backlog))
+    return NULL;
+  if (listen(fd, (int)backlog) < 0) return throw_errno(env, "listen", errno);
+  return make_undefined(env);
+}
+
+static napi_value js_unix_accept(napi_env env, napi_callback_info info) {
+  GET_ARGS(1);
+  int fd;
+  if (!arg_fd(env, argv[0], "fd", &fd)) return NULL;
+  int conn = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  if (conn < 0) return throw_errno(env, "accept4", errno);
+  return make_fd(env, conn);
+}
+
+static napi_value js_unix_connect(napi_env env, napi_callback_info info) {
+  GET_ARGS(2);
+  int fd;
+  struct sockaddr_un addr;
+  if (!arg_fd(env, argv[0], "fd", &fd) || !fill_sockaddr(env, argv[1], &addr)) return NULL;
+  /* AF_UNIX stream connect never returns EINPROGRESS: it either completes
+   * at once or, on a non-blocking socket whose peer's backlog is full,
+   * fails with EAGAIN and leaves the socket unconnected so the caller can
+   * simply retry.  Blocking here instead could deadlock a process that is
+   * also the listener. */
+  if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0)
+    return throw_errno(env, "connect", errno);
+  return make_undefined(env);
+}
+
+static napi_value js_socketpair(napi_env env, napi_callback_info info) {
+  (void)info;
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
+    return throw_errno(env, "socketpair", errno);
+  napi_value arr, a, b;
+  NAPI_CALL_GOTO(env, napi_create_array_with_length(env, 2, &arr), fail);
+  NAPI_CALL_GOTO(env, napi_create_int32(env, sv[0], &a), fail);
+  NAPI_CALL_GOTO(env, napi_create_int32(env, sv[1], &b), fail);
+  NAPI_CALL_GOTO(env, napi_set_element(env, arr, 0, a), fail);
+  NAPI_CALL_GOTO(env, napi_set_element(env, arr, 1, b), fail);
+  return arr;
+fail:
+  close_quietly(sv[0]);
+  close_quietly(sv[1]);
+  return NULL;
+}
+
+static napi_value js_sendmsg(napi_env env, napi_callback_info info) {
+  GET_ARGS(3);
+  int fd;
+  void *data;
+  size_t len;
+  if (!arg_fd(env, argv[0], "fd", &fd) || !arg_bytes(env, argv[1], "data", &data, &len))
+    return NULL;
+
+  int fds[SEND_MAX_FDS];
+  uint32_t nfds = 0;
+  if (!is_type(env, argv[2], napi_undefined)) {
+    bool is_array = false;
+    NAPI_CALL(env, napi_is_array(env, argv[2], &is_array));
+    if (!is_array) return throw_arg(env, false, "fds", "must be an array of file descriptors");
+    NAPI_CALL(env, napi_get_array_length(env, argv[2], &nfds));
+    if (nfds > SEND_MAX_FDS) return throw_arg(env, true, "fds", "must hold at most 16 descriptors");
+    for (uint32_t i = 0; i < nfds; i++) {
+      napi_value el;
+      NAPI_CALL(env, napi_get_element(env, argv[2], i, &el));
+      if (!arg_fd(env, el, "fds[i]", &fds[i])) return NULL;
+    }
+  }
+  /* A zero-length stream write transmits nothing, so the descriptors would
+   * silently be dropped. */
+  if (nfds > 0 && len == 0)
+    return throw_arg(env, true, "data", "must not be empty when passing descriptors");
+
+  struct iovec iov = {.iov_base = data, .iov_len = len};
+  union {
+    struct cmsghdr align;
+    char buf[CMSG_SPACE(sizeof(int) * SEND_MAX_FDS)];
+  } control;
+  struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+  if (nfds > 0) {
+    memset(&control, 0, sizeof control);
+    msg.msg_control = control.buf;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+    memcpy(CMSG_DATA(cm), fds, sizeof(int) * nfds);
+  }
+  /* MSG_NOSIGNAL: a vanished peer must surface as EPIPE, not kill the
+   * process with SIGPIPE. */
+  ssize_t n = sendmsg(fd, &msg, MSG_NOSIGNAL);
+  if (n < 0) return throw_errno(env, "sendmsg", errno);
+  return make_number(env, (double)n);
+}
+
+static napi_value js_recvmsg(napi_env env, napi_callback_info info) {
+  GET_ARGS(3);
+  int fd;
+  void *data;
+  size_t len;
+  int64_t max_fds;
+  if (!arg_fd(env, argv[0], "fd", &fd) || !arg_bytes(env, argv[1], "buffer", &data, &len) ||
+      !arg_int(env, argv[2], "maxFds", 0, RECV_MAX_FDS, &max_fds))
+    return NULL;
+
+  struct iovec iov = {.iov_base = data, .iov_len = len};
+  union {
+    struct cmsghdr align;
+    char buf[CMSG_SPACE(sizeof(int) * RECV_MAX_FDS)];
+  } control;
+  struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+  if (max_fds > 0) {
+    msg.msg_control = control.buf;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)max_fds);
+  }
+  /* MSG_CMSG_CLOEXEC: received descriptors must not leak into children
+   * spawned before the wrapper takes ownership of them. */
+  ssize_t n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
+  if (n < 0) return throw_errno(env, "recvmsg", errno);
+
+  /* CMSG_SPACE rounds up to pointer alignment, so the kernel may deliver
+   * more descriptors than asked for (e.g. 2 into the space for 1).  Anything
+   * beyond max_fds counts as truncation, exactly like MSG_CTRUNC. */
+  int fds[RECV_MAX_FDS];
+  size_t nfds = 0;
+  bool truncated = (msg.msg_flags & MSG_CTRUNC) != 0;
+  for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm != NULL; cm = CMSG_NXTHDR(&msg, cm)) {
+    if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
+    size_t count = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < count; i++) {
+      int rfd;
+      memcpy(&rfd, CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
+      if (nfds < (size_t)max_fds) {
+        fds[nfds++] = rfd;
+      } else {
+        close_quietly(rfd);
+        truncated = true;
+      }
+    }
+  }
+
+  napi_value result, arr, bytes_v, v;
+  if (truncated) {
+    /* The kernel already closed the descriptors that did not fit; the ones
+     * that did are useless without the rest, so close them too.  The data
+     * bytes were consumed, so the count rides along on the error. */
+    for (size_t i = 0; i < nfds; i++) close_quietly(fds[i]);
+    napi_value err = make_sys_error(env, "recvmsg", CODE_CTRUNC, 0,
+                                    "ancillary data truncated; descriptors were discarded");
+    if (err != NULL) {
+      set_named_property_int(env, err, "bytes", (int64_t)n);
+      napi_throw(env, err);
+    }
+    return NULL;
+  }
+  NAPI_CALL_GOTO(env, napi_create_object(env, &result), fail);
+  NAPI_CALL_GOTO(env, napi_create_double(env, (double)n, &bytes_v), fail);
+  NAPI_CALL_GOTO(env, napi_set_named_property(env, result, "bytes", bytes_v), fail);
+  NAPI_CALL_GOTO(env, napi_create_array_with_length(env, nfds, &arr), fail);
+  for (size_t i = 0; i < nfds; i++) {
+    NAPI_CALL_GOTO(env, napi_create_int32(env, fds[i], &v), fail);
+    NAPI_CALL_GOTO(env, napi_set_element(env, arr, (uint32_t)i, v), fail);
+  }
+  NAPI_CALL_GOTO(env, napi_set_named_property(env, result, "fds", arr), fail);
+  return result;
+fail:
+  for (size_t i = 0; i < nfds; i++) close_quietly(fds[i]);
+  return NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Module registration                                                       */
+/* ------------------------------------------------------------------------ */
+
+static napi_value init(napi_env env, napi_value exports) {
+  static const struct {
+    const char *name;
+    napi_callback fn;
+  } fns[] = {
+      {"getpagesize", js_getpagesize},
+      {"close", js_close},
+      {"memfdCreate", js_memfd_create},
+      {"ftruncate", js_ftruncate},
+      {"open", js_open},
+      {"fstat", js_fstat},
+      {"fdatasync", js_fdatasync},
+      {"fallocate", js_fallocate},
+      {"pread", js_pread},
+      {"pwrite", js_pwrite},
+      {"ioctl", js_ioctl},
+      {"addressOf", js_address_of},
+      {"mmap", js_mmap},
+      {"munmap", js_munmap},
+      {"eventfd", js_eventfd},
+      {"eventfdRead", js_eventfd_read},
+      {"eventfdWrite", js_eventfd_write},
+      {"watch", js_watch},
+      {"unixSocket", js_unix_socket},
+      {"unixBind", js_unix_bind},
+      {"unixListen", js_unix_listen},
+      {"unixAccept", js_unix_accept},
+      {"unixConnect", js_unix_connect},
+      {"socketpair", js_socketpair},
+      {"sendmsg", js_sendmsg},
+      {"recvmsg", js_recvmsg},
+  };
+  for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
+    napi_value f;
+    NAPI_CALL(env, napi_create_function(env, fns[i].name, NAPI_AUTO_LENGTH, fns[i].fn, NULL, &f));
+    NAPI_CALL(env, napi_set_named_property(env, exports, fns[i].name, f));
+  }
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)
