@@ -1,12 +1,14 @@
 #!/usr/bin/env node
 import { runDemo } from "./demo.js";
 import { benchRingMain } from "./bench-ring.js";
+import { blkMain } from "./blk.js";
 
 const HELP = `iovirt — I/O virtualization toolkit
 
 Usage:
   iovirt demo                 In-process demo: iovirt's virtio-blk driver and device
                               over virtio-mmio, split and packed rings.
+  iovirt blk [opts]           Serve a virtio-blk device over vhost-user to QEMU (see 'iovirt blk --help').
   iovirt bench ring [opts]    Virtqueue round-trip benchmark (see 'iovirt bench ring --help').
   iovirt help | --help        This text.
 `;
@@ -16,6 +18,8 @@ async function main(argv: string[]): Promise<number> {
   switch (cmd) {
     case "demo":
       return (await runDemo()) ? 0 : 1;
+    case "blk":
+      return blkMain(rest);
     case "bench":
       if (rest[0] === "ring") return benchRingMain(rest.slice(1));
       process.stderr.write(`iovirt bench: unknown benchmark '${rest[0] ?? ""}' (known: ring)\n`);

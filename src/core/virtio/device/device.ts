@@ -21,6 +21,8 @@ import {
   withFeatureWord,
 } from "./features.js";
 import {
+  STATUS_ACKNOWLEDGE,
+  STATUS_DRIVER,
   STATUS_DEVICE_NEEDS_RESET,
   STATUS_DRIVER_OK,
   STATUS_FAILED,
@@ -168,6 +170,9 @@ export abstract class VirtioDevice {
   /** The negotiated set (valid once FEATURES_OK is set). */
   get features(): bigint {
     return this.negotiated;
+  }
+  get configSize(): number {
+    return this.config.length;
   }
   get configGeneration(): number {
     return this.generation;
@@ -362,6 +367,34 @@ export abstract class VirtioDevice {
     if (this.mem === null) throw new IovirtUsageError("NO_MEMORY", "attachMemory() first");
     if (i < 0 || i >= this.numQueues) throw new RangeError(`queue ${i}`);
     this.live[i] = createDeviceQueue(this.mem, state, ringFeatures(this.negotiated));
+  }
+
+  /**
+   * Host side, for back ends whose front end runs the status state machine
+   * itself (vhost-user): fix the negotiated features and mark the device live.
+   * Returns a reason when the set is not acceptable.
+   */
+  hostSetFeatures(f: bigint): string | null {
+    const bad = this.featuresError(f);
+    if (bad !== null) return bad;
+    this.driverFeatureBits = f;
+    this.negotiated = f;
+    this.status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+    return null;
+  }
+
+  /** Host side: full reset (vhost-user RESET_DEVICE, reconnect). */
+  hostReset(): void {
+    this.reset();
+  }
+
+  /** Host side: take a queue offline and return where it stopped (vhost-user GET_VRING_BASE). */
+  stopQueue(i: number): QueueState | null {
+    const q = this.live[i];
+    if (q === undefined || q === null) return null;
+    this.live[i] = null;
+    this.onQueueReset(i);
+    return q.getState();
   }
 
   /** Host side: process a queue now (a busy-poll loop or an eventfd callback calls this). */

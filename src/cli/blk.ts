@@ -1,0 +1,157 @@
+import { existsSync } from "node:fs";
+import { BlkDevice } from "../core/virtio/devices/blk/device.js";
+import { RamDisk, type BlockPort } from "../core/virtio/devices/blk/port.js";
+import { FileBlockPort } from "../node/file-port.js";
+import { VhostUserServer, connectBackend } from "../node/vhost-user/server.js";
+
+const HELP = `iovirt blk — serve a virtio-blk device over vhost-user
+
+Usage:
+  iovirt blk --socket PATH (--image FILE | --size SIZE) [options]
+  iovirt blk --connect PATH (--image FILE | --size SIZE) [options]
+
+  --socket PATH      listen on a Unix socket (created with mode 0600); QEMU connects to it
+  --connect PATH     connect to a front end that listens (QEMU -chardev socket,server=on)
+  --image FILE       raw image file (reads/writes go straight between the file and guest memory)
+  --size SIZE        sparse in-memory disk instead of a file: bytes, or with K/M/G/T suffix
+  --readonly         refuse writes (VIRTIO_BLK_F_RO)
+  --queues N         number of request queues (default 1; QEMU: num-queues=N)
+  --queue-size N     maximum ring size (default 256)
+  --serial S         GET_ID serial (default "iovirt")
+  --verbose          log every vhost-user message
+  --help             this text
+
+It serves until SIGINT or SIGTERM, then unmaps guest memory, closes the image
+and removes nothing but its own socket. On start it prints the QEMU options
+that attach a guest to it; the guest's memory must be shared (memfd, share=on).
+`;
+
+export function parseSize(s: string): number {
+  const m = /^(\d+)([KMGT]?)i?B?$/i.exec(s.trim());
+  if (m === null) throw new Error(`bad size '${s}' (examples: 1G, 512M, 1048576)`);
+  const mult = { "": 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }[m[2]!.toUpperCase()]!;
+  const n = Number(m[1]) * mult;
+  if (!Number.isSafeInteger(n) || n < 512 || n % 512 !== 0) throw new Error(`size ${s} must be a multiple of 512 bytes`);
+  return n;
+}
+
+interface BlkArgs {
+  socket?: string;
+  connect?: string;
+  image?: string;
+  size?: number;
+  readonly: boolean;
+  queues: number;
+  queueSize: number;
+  serial: string;
+  verbose: boolean;
+}
+
+function parse(args: string[]): BlkArgs | string {
+  const o: BlkArgs = { readonly: false, queues: 1, queueSize: 256, serial: "iovirt", verbose: false };
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    const val = (): string => {
+      const v = args[++i];
+      if (v === undefined) throw new Error(`${a} needs a value`);
+      return v;
+    };
+    const int = (lo: number, hi: number): number => {
+      const n = Number(val());
+      if (!Number.isInteger(n) || n < lo || n > hi) throw new Error(`${a} takes an integer in [${lo}, ${hi}]`);
+      return n;
+    };
+    switch (a) {
+      case "--socket":
+        o.socket = val();
+        break;
+      case "--connect":
+        o.connect = val();
+        break;
+      case "--image":
+        o.image = val();
+        break;
+      case "--size":
+        o.size = parseSize(val());
+        break;
+      case "--readonly":
+        o.readonly = true;
+        break;
+      case "--queues":
+        o.queues = int(1, 64);
+        break;
+      case "--queue-size":
+        o.queueSize = int(1, 32768);
+        break;
+      case "--serial":
+        o.serial = val();
+        break;
+      case "--verbose":
+        o.verbose = true;
+        break;
+      case "--help":
+      case "-h":
+        return "help";
+      default:
+        return `unknown option ${a}`;
+    }
+  }
+  if ((o.socket === undefined) === (o.connect === undefined)) return "give exactly one of --socket and --connect";
+  if ((o.image === undefined) === (o.size === undefined)) return "give exactly one of --image and --size";
+  if (o.image !== undefined && !existsSync(o.image)) return `image ${o.image} does not exist (create one with: truncate -s 1G ${o.image})`;
+  return o;
+}
+
+export async function blkMain(args: string[]): Promise<number> {
+  let o: BlkArgs | string;
+  try {
+    o = parse(args);
+  } catch (e) {
+    o = (e as Error).message;
+  }
+  if (o === "help") {
+    process.stdout.write(HELP);
+    return 0;
+  }
+  if (typeof o === "string") {
+    process.stderr.write(`iovirt blk: ${o}\n\n${HELP}`);
+    return 2;
+  }
+  const port: BlockPort & { close?(): void } =
+    o.image !== undefined ? new FileBlockPort(o.image, { readOnly: o.readonly }) : new RamDisk(o.size!, { readOnly: o.readonly });
+  const device = new BlkDevice({ port, numQueues: o.queues, queueSize: o.queueSize, serial: o.serial, readOnly: o.readonly });
+  const log = (s: string): void => {
+    process.stderr.write(`${new Date().toISOString()} ${s}\n`);
+  };
+  device.events.guestError = (err, q) => log(`guest error${q === null ? "" : ` on queue ${q}`}: ${err.code}: ${err.message}`);
+  const opts = {
+    ...(o.verbose ? { log } : { log: (s: string) => (s.includes("failed") || s.includes("closing") ? log(s) : undefined) }),
+    onConnect: () => log("front end connected"),
+    onDisconnect: (err: Error | null) => log(`front end disconnected${err ? `: ${err.message}` : ""}`),
+  };
+  const what = o.image ?? `${o.size! / 2 ** 20} MiB in memory`;
+  let server: VhostUserServer | null = null;
+  if (o.socket !== undefined) {
+    server = new VhostUserServer(o.socket, device, opts);
+    log(`serving virtio-blk (${what}${o.readonly ? ", read-only" : ""}, ${o.queues} queue(s)) on ${o.socket}`);
+    process.stdout.write(
+      `QEMU options:\n  -object memory-backend-memfd,id=mem,size=<guest RAM>,share=on -numa node,memdev=mem \\\n` +
+        `  -chardev socket,id=vub0,path=${o.socket} -device vhost-user-blk-pci,chardev=vub0,num-queues=${o.queues}\n`,
+    );
+  } else {
+    connectBackend(o.connect!, device, opts);
+    log(`connected to ${o.connect}, serving virtio-blk (${what})`);
+  }
+  await new Promise<void>((resolve) => {
+    const stop = (sig: string): void => {
+      log(`${sig}: shutting down`);
+      resolve();
+    };
+    process.once("SIGINT", () => stop("SIGINT"));
+    process.once("SIGTERM", () => stop("SIGTERM"));
+  });
+  server?.close();
+  port.close?.();
+  log(`done: ${JSON.stringify(device.stats)}`);
+  return 0;
+}

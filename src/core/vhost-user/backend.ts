@@ -1,0 +1,531 @@
+import { GuestMemory } from "../memory/guest-memory.js";
+import { GuestError } from "../errors.js";
+import type { VirtioDevice } from "../virtio/device/device.js";
+import { VIRTIO_F_RING_PACKED, hasFeature, bit } from "../virtio/device/features.js";
+import { QueueError, type QueueState } from "../virtio/queue/index.js";
+import {
+  VhostUserError,
+  decodeConfig,
+  decodeMemTable,
+  decodeSingleRegion,
+  decodeU64Bits,
+  decodeVringAddr,
+  decodeVringState,
+  encodeConfig,
+  encodeMessage,
+  encodeU64,
+  encodeVringState,
+  fdsAllowed,
+  reqName,
+  type Header,
+  type MemRegionDesc,
+  type VringAddr,
+} from "./codec.js";
+import {
+  BackendReq,
+  FLAG_NEED_REPLY,
+  FLAG_REPLY,
+  MAX_MEM_SLOTS,
+  PF,
+  Req,
+  VHOST_USER_F_PROTOCOL_FEATURES,
+  VRING_IDX_MASK,
+  VRING_NOFD_MASK,
+} from "./protocol.js";
+
+/** What the back end needs from the OS; src/node implements it with the native addon. */
+export interface VhostUserPlatform<F> {
+  /** Maps [0, length) of fd shared read-write. */
+  mmap(fd: F, length: number): ArrayBuffer;
+  munmap(buffer: ArrayBuffer): void;
+  close(fd: F): void;
+  /** Calls onKick each time the kick fd is signalled (the platform drains it). */
+  watchKick(fd: F, onKick: () => void): { stop(): void };
+  /** Signals an eventfd (used-buffer or error notification). */
+  signal(fd: F): void;
+  /** Sends a message on the back-end request channel. */
+  sendBackendMessage(fd: F, bytes: Uint8Array): void;
+}
+
+export interface OutMessage<F> {
+  bytes: Uint8Array;
+  fds: F[];
+}
+
+interface MappedRegion<F> extends MemRegionDesc {
+  fd: F;
+  buffer: ArrayBuffer;
+}
+
+interface Vring<F> {
+  size: number;
+  addr: VringAddr | null;
+  base: number;
+  kick: F | null;
+  call: F | null;
+  err: F | null;
+  watch: { stop(): void } | null;
+  started: boolean;
+  enabled: boolean;
+}
+
+export interface BackendOptions {
+  /** Log function for protocol events (default: none). */
+  log?: (line: string) => void;
+}
+
+const SUPPORTED_PF =
+  bit(PF.MQ) |
+  bit(PF.REPLY_ACK) |
+  bit(PF.CONFIG) |
+  bit(PF.BACKEND_REQ) |
+  bit(PF.RESET_DEVICE) |
+  bit(PF.CONFIGURE_MEM_SLOTS) |
+  bit(PF.STATUS);
+
+/**
+ * The vhost-user back-end handler (protocol layer 2 of DESIGN.md principle 6):
+ * it checks size, version, reply flags, which requests may carry fds,
+ * protocol-feature gating and REPLY_ACK, and drives a VirtioDevice through
+ * its host-side API. One handler serves one connection; `close()` releases
+ * everything it holds so the listener can take the next one.
+ *
+ * Errors: a request that fails while the front end asked for REPLY_ACK gets a
+ * non-zero ack and the connection stays; any other failure throws
+ * VhostUserError and the caller drops the connection.
+ */
+export class VhostUserBackend<F> {
+  readonly device: VirtioDevice;
+  private readonly platform: VhostUserPlatform<F>;
+  private readonly log: (line: string) => void;
+  private features = 0n;
+  private featuresSet = false;
+  private protocolFeatures = 0n;
+  private regions: MappedRegion<F>[] = [];
+  private mem = new GuestMemory();
+  private readonly rings: Vring<F>[];
+  private backendFd: F | null = null;
+  private status = 0;
+
+  constructor(device: VirtioDevice, platform: VhostUserPlatform<F>, opts: BackendOptions = {}) {
+    this.device = device;
+    this.platform = platform;
+    this.log = opts.log ?? (() => {});
+    this.rings = Array.from({ length: device.numQueues }, () => freshRing<F>());
+    device.attachMemory(this.mem);
+    device.events = {
+      ...device.events,
+      usedBuffer: (q) => {
+        const call = this.rings[q]?.call;
+        if (call !== null && call !== undefined) this.platform.signal(call);
+      },
+      configChange: () => this.sendConfigChange(),
+    };
+  }
+
+  /** Virtio features offered to the front end: the device's plus PROTOCOL_FEATURES. */
+  get offeredFeatures(): bigint {
+    return this.device.offeredFeatures | bit(VHOST_USER_F_PROTOCOL_FEATURES);
+  }
+
+  /** Memory currently mapped (for tests and stats). */
+  get memory(): GuestMemory {
+    return this.mem;
+  }
+
+  /**
+   * Handles one message. Returns the messages to send back (a reply, an ack,
+   * or nothing). Received fds are owned by the handler from here on.
+   */
+  handle(h: Header, payload: Uint8Array, fds: F[]): OutMessage<F>[] {
+    const needAck = (h.flags & FLAG_NEED_REPLY) !== 0 && this.hasPF(PF.REPLY_ACK);
+    let kept = false;
+    try {
+      if ((h.flags & FLAG_REPLY) !== 0) throw new VhostUserError("UNEXPECTED_REPLY", `${reqName(h.request)} arrived with the reply flag`);
+      const [min, max] = fdsAllowed(h.request);
+      if (fds.length < min || fds.length > max) {
+        throw new VhostUserError("BAD_FDS", `${reqName(h.request)} carries ${fds.length} fds, allowed ${min}..${max}`);
+      }
+      const r = this.dispatch(h, payload, fds);
+      kept = r.keptFds;
+      if (r.reply !== undefined) return [{ bytes: encodeMessage(h.request, FLAG_REPLY, r.reply), fds: r.replyFds ?? [] }];
+      return needAck ? [{ bytes: encodeMessage(h.request, FLAG_REPLY, encodeU64(0)), fds: [] }] : [];
+    } catch (e) {
+      const err = toVhostError(e);
+      this.log(`vhost-user: ${reqName(h.request)} failed: ${err.code}: ${err.message}`);
+      if (needAck) return [{ bytes: encodeMessage(h.request, FLAG_REPLY, encodeU64(1)), fds: [] }];
+      throw err;
+    } finally {
+      if (!kept) for (const fd of fds) this.platform.close(fd);
+    }
+  }
+
+  /** Releases every mapping, fd and watch; the device is reset. */
+  close(): void {
+    for (let i = 0; i < this.rings.length; i++) this.stopRing(i);
+    for (const ring of this.rings) this.closeRingFds(ring);
+    this.unmapAll();
+    if (this.backendFd !== null) this.platform.close(this.backendFd);
+    this.backendFd = null;
+    this.device.hostReset();
+  }
+
+  private dispatch(h: Header, p: Uint8Array, fds: F[]): { reply?: Uint8Array; replyFds?: F[]; keptFds: boolean } {
+    const done = { keptFds: false };
+    switch (h.request) {
+      case Req.GET_FEATURES:
+        this.noPayload(h, p);
+        return { reply: encodeU64(this.offeredFeatures), keptFds: false };
+      case Req.SET_FEATURES: {
+        const f = decodeU64Bits(h.request, p);
+        if ((f & ~this.offeredFeatures) !== 0n)
+          throw new VhostUserError("BAD_FEATURES", `features 0x${(f & ~this.offeredFeatures).toString(16)} were not offered`);
+        const bad = this.device.hostSetFeatures(f & ~bit(VHOST_USER_F_PROTOCOL_FEATURES));
+        if (bad !== null) throw new VhostUserError("BAD_FEATURES", bad);
+        this.features = f;
+        this.featuresSet = true;
+        // Without protocol features rings start enabled ("Ring states").
+        if (!hasFeature(f, VHOST_USER_F_PROTOCOL_FEATURES)) for (const r of this.rings) r.enabled = true;
+        return done;
+      }
+      case Req.GET_PROTOCOL_FEATURES:
+        this.noPayload(h, p);
+        return { reply: encodeU64(SUPPORTED_PF), keptFds: false };
+      case Req.SET_PROTOCOL_FEATURES: {
+        const f = decodeU64Bits(h.request, p);
+        if ((f & ~SUPPORTED_PF) !== 0n)
+          throw new VhostUserError("BAD_FEATURES", `protocol features 0x${(f & ~SUPPORTED_PF).toString(16)} were not offered`);
+        this.protocolFeatures = f;
+        return done;
+      }
+      case Req.SET_OWNER:
+        this.noPayload(h, p);
+        return done;
+      case Req.RESET_OWNER:
+        // Deprecated: treated as "disable all rings", as the protocol recommends.
+        for (let i = 0; i < this.rings.length; i++) this.stopRing(i);
+        return done;
+      case Req.RESET_DEVICE:
+        this.requirePF(h, PF.RESET_DEVICE);
+        for (let i = 0; i < this.rings.length; i++) this.stopRing(i);
+        for (const r of this.rings) this.closeRingFds(r);
+        this.rings.forEach((_, i) => (this.rings[i] = freshRing<F>()));
+        this.device.hostReset();
+        this.features = 0n;
+        this.featuresSet = false;
+        this.status = 0;
+        return done;
+      case Req.GET_QUEUE_NUM:
+        this.requirePF(h, PF.MQ);
+        return { reply: encodeU64(this.device.numQueues), keptFds: false };
+      case Req.GET_MAX_MEM_SLOTS:
+        this.requirePF(h, PF.CONFIGURE_MEM_SLOTS);
+        return { reply: encodeU64(MAX_MEM_SLOTS), keptFds: false };
+      case Req.SET_MEM_TABLE: {
+        const table = decodeMemTable(h.request, p);
+        if (table.length !== fds.length) throw new VhostUserError("BAD_FDS", `${table.length} regions but ${fds.length} fds`);
+        this.replaceMemory(table.map((desc, i) => ({ desc, fd: fds[i]! })));
+        return { keptFds: true };
+      }
+      case Req.ADD_MEM_REG: {
+        this.requirePF(h, PF.CONFIGURE_MEM_SLOTS);
+        const r = decodeSingleRegion(h.request, p);
+        if (this.regions.length >= MAX_MEM_SLOTS) throw new VhostUserError("TOO_MANY_REGIONS", `more than ${MAX_MEM_SLOTS} regions`);
+        this.replaceMemory([...this.regions.map((m) => ({ desc: m, fd: m.fd, mapped: m })), { desc: r, fd: fds[0]! }]);
+        return { keptFds: true };
+      }
+      case Req.REM_MEM_REG: {
+        this.requirePF(h, PF.CONFIGURE_MEM_SLOTS);
+        const r = decodeSingleRegion(h.request, p);
+        const i = this.regions.findIndex((m) => m.guestAddr === r.guestAddr && m.userAddr === r.userAddr && m.size === r.size);
+        if (i < 0) throw new VhostUserError("NO_SUCH_REGION", `no region at guest 0x${r.guestAddr.toString(16)} of ${r.size} bytes`);
+        this.replaceMemory(this.regions.filter((_, k) => k !== i).map((m) => ({ desc: m, fd: m.fd, mapped: m })));
+        return done;
+      }
+      case Req.SET_VRING_NUM: {
+        const s = decodeVringState(h.request, p);
+        const ring = this.stoppedRing(h, s.index);
+        if (!(s.num >= 1 && s.num <= (this.device.queueRegisters(s.index)?.maxSize ?? 0))) {
+          throw new VhostUserError("BAD_VALUE", `ring ${s.index} size ${s.num} out of range`);
+        }
+        ring.size = s.num;
+        return done;
+      }
+      case Req.SET_VRING_ADDR: {
+        const a = decodeVringAddr(h.request, p);
+        this.stoppedRing(h, a.index).addr = a;
+        return done;
+      }
+      case Req.SET_VRING_BASE: {
+        const s = decodeVringState(h.request, p);
+        this.stoppedRing(h, s.index).base = s.num;
+        return done;
+      }
+      case Req.GET_VRING_BASE: {
+        const s = decodeVringState(h.request, p);
+        const ring = this.ring(h, s.index);
+        const state = this.stopRing(s.index);
+        // The front end owns the ring again; the kick fd is no longer ours to watch.
+        if (ring.kick !== null) this.platform.close(ring.kick);
+        ring.kick = null;
+        const num = state === null ? ring.base : this.encodeBase(state);
+        return { reply: encodeVringState({ index: s.index, num }), keptFds: false };
+      }
+      case Req.SET_VRING_KICK:
+      case Req.SET_VRING_CALL:
+      case Req.SET_VRING_ERR: {
+        const v = Number(decodeU64Bits(h.request, p) & 0xffffn);
+        const index = v & VRING_IDX_MASK;
+        const ring = this.ring(h, index);
+        const nofd = (v & VRING_NOFD_MASK) !== 0;
+        if (nofd !== (fds.length === 0))
+          throw new VhostUserError("BAD_FDS", `${reqName(h.request)}: invalid-fd flag ${nofd} with ${fds.length} fds`);
+        const fd = fds[0] ?? null;
+        if (h.request === Req.SET_VRING_KICK) {
+          if (ring.started) this.stopRing(index);
+          if (ring.kick !== null) this.platform.close(ring.kick);
+          ring.kick = null;
+          if (fd === null) throw new VhostUserError("UNSUPPORTED", "polling without a kick fd is not supported");
+          ring.kick = fd;
+          try {
+            this.startRing(index);
+          } catch (e) {
+            ring.kick = null; // handle() closes the fd we did not keep
+            throw e;
+          }
+        } else if (h.request === Req.SET_VRING_CALL) {
+          if (ring.call !== null) this.platform.close(ring.call);
+          ring.call = fd;
+        } else {
+          if (ring.err !== null) this.platform.close(ring.err);
+          ring.err = fd;
+        }
+        return { keptFds: fd !== null };
+      }
+      case Req.SET_VRING_ENABLE: {
+        const s = decodeVringState(h.request, p);
+        if (!hasFeature(this.features, VHOST_USER_F_PROTOCOL_FEATURES)) {
+          throw new VhostUserError("WRONG_STATE", "SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES");
+        }
+        const ring = this.ring(h, s.index);
+        if (s.num > 1) throw new VhostUserError("BAD_VALUE", `SET_VRING_ENABLE ${s.num}`);
+        ring.enabled = s.num === 1;
+        if (ring.enabled && ring.started) this.device.poll(s.index);
+        return done;
+      }
+      case Req.GET_CONFIG: {
+        this.requirePF(h, PF.CONFIG);
+        const c = decodeConfig(h.request, p);
+        const cfgSize = this.device.configSize;
+        // "back-end uses zero length of payload to indicate an error"
+        if (c.offset + c.size > cfgSize) return { reply: new Uint8Array(0), keptFds: false };
+        const data = new Uint8Array(c.size);
+        for (let i = 0; i < c.size; i++) data[i] = this.device.readConfig(c.offset + i, 1);
+        return { reply: encodeConfig({ ...c, data }), keptFds: false };
+      }
+      case Req.SET_CONFIG: {
+        this.requirePF(h, PF.CONFIG);
+        const c = decodeConfig(h.request, p);
+        const before = this.device.errors.length;
+        for (let i = 0; i < c.data.length; i++) this.device.writeConfig(c.offset + i, 1, c.data[i]!);
+        if (this.device.errors.length !== before)
+          throw new VhostUserError("CONFIG_READ_ONLY", `SET_CONFIG at ${c.offset}+${c.size} refused`);
+        return done;
+      }
+      case Req.SET_BACKEND_REQ_FD:
+        this.requirePF(h, PF.BACKEND_REQ);
+        if (this.backendFd !== null) this.platform.close(this.backendFd);
+        this.backendFd = fds[0]!;
+        return { keptFds: true };
+      case Req.SET_STATUS:
+        this.requirePF(h, PF.STATUS);
+        this.status = Number(decodeU64Bits(h.request, p) & 0xffn);
+        return done;
+      case Req.GET_STATUS:
+        this.requirePF(h, PF.STATUS);
+        return { reply: encodeU64(this.status), keptFds: false };
+      default:
+        throw new VhostUserError("UNSUPPORTED", `${reqName(h.request)} is not supported`);
+    }
+  }
+
+  /** Sends CONFIG_CHANGE_MSG on the back-end channel, when the front end gave us one. */
+  sendConfigChange(): void {
+    if (this.backendFd === null || !this.hasPF(PF.CONFIG)) return;
+    this.platform.sendBackendMessage(this.backendFd, encodeMessage(BackendReq.CONFIG_CHANGE_MSG, 0));
+  }
+
+  private hasPF(b: number): boolean {
+    return (this.protocolFeatures & bit(b)) !== 0n;
+  }
+  private requirePF(h: Header, b: number): void {
+    if (!this.hasPF(b)) throw new VhostUserError("WRONG_STATE", `${reqName(h.request)} needs protocol feature ${b}, not negotiated`);
+  }
+  private noPayload(h: Header, p: Uint8Array): void {
+    // QEMU sends some requests with an 8-byte zero payload; anything else is malformed.
+    if (p.length !== 0 && p.length !== 8) throw new VhostUserError("BAD_SIZE", `${reqName(h.request)} with a ${p.length}-byte payload`);
+  }
+  private ring(h: Header, i: number): Vring<F> {
+    const r = this.rings[i];
+    if (r === undefined)
+      throw new VhostUserError("BAD_INDEX", `${reqName(h.request)}: ring ${i} does not exist (${this.rings.length} rings)`);
+    return r;
+  }
+  private stoppedRing(h: Header, i: number): Vring<F> {
+    const r = this.ring(h, i);
+    if (r.started) throw new VhostUserError("WRONG_STATE", `${reqName(h.request)}: ring ${i} is running`);
+    return r;
+  }
+
+  /** Packed rings: avail offset | wrap << 15 in the low half, the same for used in the high half. */
+  private encodeBase(s: QueueState): number {
+    if (s.layout === "split") return s.nextAvail;
+    const avail = s.nextAvail | (s.availWrap ? 0x8000 : 0);
+    const used = s.nextUsed | (s.usedWrap ? 0x8000 : 0);
+    return (avail | (used << 16)) >>> 0;
+  }
+
+  private stateFor(i: number, ring: Vring<F>): QueueState {
+    const a = ring.addr;
+    if (a === null) throw new VhostUserError("WRONG_STATE", `ring ${i} started before SET_VRING_ADDR`);
+    const layout = hasFeature(this.features, VIRTIO_F_RING_PACKED) ? "packed" : "split";
+    const state: QueueState = {
+      layout,
+      size: ring.size,
+      descTable: this.toGuest(a.desc, `ring ${i} descriptor table`),
+      driverArea: this.toGuest(a.avail, `ring ${i} available ring`),
+      deviceArea: this.toGuest(a.used, `ring ${i} used ring`),
+      nextAvail: 0,
+      nextUsed: 0,
+      availWrap: true,
+      usedWrap: true,
+    };
+    if (layout === "split") {
+      if (ring.base > 0xffff) throw new VhostUserError("BAD_VALUE", `ring ${i} base ${ring.base} is not a 16-bit index`);
+      // The used index resumes from the ring itself (the front end owns its value).
+      state.nextAvail = ring.base;
+      state.nextUsed = this.mem.readU16(state.deviceArea + 2);
+    } else {
+      const lo = ring.base & 0xffff;
+      const hi = ring.base >>> 16 === 0 ? lo : ring.base >>> 16; // old front ends send only the avail half
+      state.nextAvail = lo & 0x7fff;
+      state.availWrap = (lo & 0x8000) !== 0;
+      state.nextUsed = hi & 0x7fff;
+      state.usedWrap = (hi & 0x8000) !== 0;
+    }
+    return state;
+  }
+
+  private startRing(i: number): void {
+    const ring = this.rings[i]!;
+    if (!this.featuresSet) throw new VhostUserError("WRONG_STATE", `ring ${i} started before SET_FEATURES`);
+    try {
+      this.device.restoreQueue(i, this.stateFor(i, ring));
+    } catch (e) {
+      if (e instanceof QueueError) throw new VhostUserError("BAD_RING", `ring ${i}: ${e.message}`);
+      throw e;
+    }
+    ring.started = true;
+    ring.watch = this.platform.watchKick(ring.kick!, () => {
+      if (ring.enabled) this.device.poll(i);
+    });
+    // Buffers may already be waiting (reconnect): look once.
+    if (ring.enabled) this.device.poll(i);
+  }
+
+  /** Stops a ring and returns where it stopped, or null if it was not running. */
+  private stopRing(i: number): QueueState | null {
+    const ring = this.rings[i]!;
+    ring.watch?.stop();
+    ring.watch = null;
+    if (!ring.started) return null;
+    ring.started = false;
+    const state = this.device.stopQueue(i);
+    if (state !== null) ring.base = this.encodeBase(state);
+    return state;
+  }
+
+  private closeRingFds(ring: Vring<F>): void {
+    for (const k of ["kick", "call", "err"] as const) {
+      const fd = ring[k];
+      if (fd !== null) this.platform.close(fd);
+      ring[k] = null;
+    }
+  }
+
+  private toGuest(uaddr: number, what: string): number {
+    for (const r of this.regions) {
+      if (uaddr >= r.userAddr && uaddr < r.userAddr + r.size) return r.guestAddr + (uaddr - r.userAddr);
+    }
+    throw new VhostUserError("BAD_RING", `${what} at user address 0x${uaddr.toString(16)} is outside the memory table`);
+  }
+
+  /**
+   * Installs a new memory table. Entries that carry `mapped` reuse an
+   * existing mapping; the rest are mapped now. Running rings are restarted on
+   * the new memory from where they stopped. On any error nothing changes.
+   */
+  private replaceMemory(entries: { desc: MemRegionDesc; fd: F; mapped?: MappedRegion<F> }[]): void {
+    if (entries.length > MAX_MEM_SLOTS) throw new VhostUserError("TOO_MANY_REGIONS", `${entries.length} regions`);
+    const fresh: MappedRegion<F>[] = [];
+    const next: MappedRegion<F>[] = [];
+    const mem = new GuestMemory();
+    try {
+      for (const { desc: r, fd, mapped } of entries) {
+        if (r.size === 0) throw new VhostUserError("BAD_REGION", "zero-sized memory region");
+        if (r.mmapOffset % 8 !== 0 || r.guestAddr % 8 !== 0)
+          throw new VhostUserError("BAD_REGION", "region offset or address not 8-byte aligned");
+        for (const { desc: q } of entries) {
+          if (q !== r && r.userAddr < q.userAddr + q.size && q.userAddr < r.userAddr + r.size) {
+            throw new VhostUserError("BAD_REGION", `regions overlap in user address space at 0x${r.userAddr.toString(16)}`);
+          }
+        }
+        let region = mapped;
+        if (region === undefined) {
+          region = { ...r, fd, buffer: this.platform.mmap(fd, r.mmapOffset + r.size) };
+          fresh.push(region);
+        }
+        next.push(region);
+        try {
+          mem.addRegion({ gpa: r.guestAddr, size: r.size, buffer: region.buffer, offset: r.mmapOffset });
+        } catch (e) {
+          throw new VhostUserError("BAD_REGION", (e as Error).message);
+        }
+      }
+    } catch (e) {
+      for (const f of fresh) this.platform.munmap(f.buffer);
+      throw e;
+    }
+    const running = this.rings.map((r, i) => (r.started ? i : -1)).filter((i) => i >= 0);
+    for (const i of running) this.stopRing(i);
+    for (const old of this.regions) {
+      if (!next.includes(old)) {
+        this.platform.munmap(old.buffer);
+        this.platform.close(old.fd);
+      }
+    }
+    this.regions = next;
+    this.mem = mem;
+    this.device.attachMemory(mem);
+    for (const i of running) this.startRing(i);
+  }
+
+  private unmapAll(): void {
+    for (const r of this.regions) {
+      this.platform.munmap(r.buffer);
+      this.platform.close(r.fd);
+    }
+    this.regions = [];
+  }
+}
+
+function freshRing<F>(): Vring<F> {
+  return { size: 0, addr: null, base: 0, kick: null, call: null, err: null, watch: null, started: false, enabled: false };
+}
+
+function toVhostError(e: unknown): VhostUserError {
+  if (e instanceof VhostUserError) return e;
+  if (e instanceof GuestError) return new VhostUserError(e.code, e.message);
+  if (e instanceof RangeError) return new VhostUserError("BAD_VALUE", e.message);
+  throw e;
+}

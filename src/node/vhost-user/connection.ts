@@ -1,0 +1,113 @@
+import { VhostUserBackend } from "../../core/vhost-user/backend.js";
+import { VhostUserError, decodeHeader, reqName, type Header } from "../../core/vhost-user/codec.js";
+import { HEADER_SIZE, MAX_PAYLOAD } from "../../core/vhost-user/protocol.js";
+import type { VirtioDevice } from "../../core/virtio/device/device.js";
+import { Fd, SysError, recvmsg, sendmsg, watch, type Watcher } from "../native.js";
+import { nodePlatform } from "./platform.js";
+
+export interface ConnectionOptions {
+  log?: (line: string) => void;
+  /** Called once when the connection ends, with the reason (null for an orderly close). */
+  onClose?: (err: Error | null) => void;
+}
+
+/**
+ * One vhost-user connection on a Unix socket: reads framed messages (header,
+ * then exactly `size` payload bytes, fds riding on the header), feeds the
+ * back-end handler and writes its replies. Any protocol error closes the
+ * connection and releases everything the handler held; the listener lives on.
+ */
+export class VhostUserConnection {
+  readonly backend: VhostUserBackend<Fd>;
+  private readonly sock: Fd;
+  private readonly watcher: Watcher;
+  private readonly opts: ConnectionOptions;
+  private readonly buf = new Uint8Array(HEADER_SIZE + MAX_PAYLOAD);
+  private have = 0;
+  private header: Header | null = null;
+  private fds: Fd[] = [];
+  private closed = false;
+
+  constructor(sock: Fd, device: VirtioDevice, opts: ConnectionOptions = {}) {
+    this.sock = sock;
+    this.opts = opts;
+    this.backend = new VhostUserBackend(device, nodePlatform, { log: opts.log ?? (() => {}) });
+    this.watcher = watch(sock, "r", () => this.onReadable());
+  }
+
+  close(err: Error | null = null): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.watcher.stop();
+    for (const fd of this.fds) fd.close();
+    this.fds = [];
+    try {
+      this.backend.close();
+    } finally {
+      this.sock.close();
+      this.opts.onClose?.(err);
+    }
+  }
+
+  private onReadable(): void {
+    try {
+      while (!this.closed && this.readSome()) {
+        /* keep reading while data is there */
+      }
+    } catch (e) {
+      const err = e instanceof Error ? e : new Error(String(e));
+      this.opts.log?.(`vhost-user: closing connection: ${err.message}`);
+      this.close(err);
+    }
+  }
+
+  /** Reads what is available of the current header or payload; returns false when the socket has no more data now. */
+  private readSome(): boolean {
+    const want = this.header === null ? HEADER_SIZE : HEADER_SIZE + this.header.size;
+    let r;
+    try {
+      r = recvmsg(this.sock, this.buf.subarray(this.have, want), this.header === null ? 16 : 0);
+    } catch (e) {
+      if (e instanceof SysError && e.kind === "retry") return false;
+      if (e instanceof SysError && e.code === "ECTRUNC") throw new VhostUserError("BAD_FDS", "too many fds on one message");
+      throw e;
+    }
+    if (r.bytes === 0) {
+      if (this.have !== 0) throw new VhostUserError("TRUNCATED", "peer closed in the middle of a message", true);
+      this.close(null);
+      return false;
+    }
+    if (r.fds.length > 0 && this.have !== 0 && this.header !== null) {
+      for (const fd of r.fds) fd.close();
+      throw new VhostUserError("BAD_FDS", "fds arrived with payload bytes, not with a header");
+    }
+    this.fds.push(...r.fds);
+    this.have += r.bytes;
+    if (this.header === null && this.have === HEADER_SIZE) {
+      this.header = decodeHeader(this.buf);
+    }
+    if (this.header !== null && this.have === HEADER_SIZE + this.header.size) {
+      const h = this.header;
+      const payload = this.buf.slice(HEADER_SIZE, HEADER_SIZE + h.size);
+      const fds = this.fds;
+      this.header = null;
+      this.have = 0;
+      this.fds = [];
+      this.opts.log?.(`vhost-user: <- ${reqName(h.request)} (${h.size} bytes, ${fds.length} fds)`);
+      for (const out of this.backend.handle(h, payload, fds)) this.send(out.bytes, out.fds);
+    }
+    return true;
+  }
+
+  private send(bytes: Uint8Array, fds: Fd[]): void {
+    let off = 0;
+    while (off < bytes.length) {
+      try {
+        off += sendmsg(this.sock, bytes.subarray(off), off === 0 ? fds : []);
+      } catch (e) {
+        if (e instanceof SysError && e.kind === "retry") continue; // replies are tiny; the peer is reading
+        throw e;
+      }
+    }
+  }
+}

@@ -1,0 +1,39 @@
+import type { VhostUserPlatform } from "../../core/vhost-user/backend.js";
+import { Fd, SysError, eventfdRead, eventfdWrite, mmap, munmap, sendmsg, watch } from "../native.js";
+
+/** The vhost-user back end's OS services, on Linux through the native addon. */
+export const nodePlatform: VhostUserPlatform<Fd> = {
+  mmap(fd, length) {
+    return mmap(fd, length, 0, "rw", true);
+  },
+  munmap(buffer) {
+    munmap(buffer);
+  },
+  close(fd) {
+    fd.close();
+  },
+  watchKick(fd, onKick) {
+    const w = watch(fd, "r", (err) => {
+      if (err !== null) return;
+      try {
+        eventfdRead(fd);
+      } catch (e) {
+        if (!(e instanceof SysError && e.kind === "retry")) throw e;
+        return;
+      }
+      onKick();
+    });
+    return { stop: () => w.stop() };
+  },
+  signal(fd) {
+    try {
+      eventfdWrite(fd, 1);
+    } catch (e) {
+      // A full counter (EAGAIN) still means "signalled"; anything else is the front end's fd going away.
+      if (!(e instanceof SysError)) throw e;
+    }
+  },
+  sendBackendMessage(fd, bytes) {
+    sendmsg(fd, bytes);
+  },
+};
