@@ -2,6 +2,7 @@
 import { runDemo } from "./demo.js";
 import { benchRingMain } from "./bench-ring.js";
 import { blkMain } from "./blk.js";
+import { benchBlkMain } from "./bench-blk.js";
 
 const HELP = `iovirt — I/O virtualization toolkit
 
@@ -10,6 +11,7 @@ Usage:
                               over virtio-mmio, split and packed rings.
   iovirt blk [opts]           Serve a virtio-blk device over vhost-user to QEMU (see 'iovirt blk --help').
   iovirt bench ring [opts]    Virtqueue round-trip benchmark (see 'iovirt bench ring --help').
+  iovirt bench blk [opts]     Load a vhost-user-blk back end (see 'iovirt bench blk --help').
   iovirt help | --help        This text.
 `;
 
@@ -22,7 +24,8 @@ async function main(argv: string[]): Promise<number> {
       return blkMain(rest);
     case "bench":
       if (rest[0] === "ring") return benchRingMain(rest.slice(1));
-      process.stderr.write(`iovirt bench: unknown benchmark '${rest[0] ?? ""}' (known: ring)\n`);
+      if (rest[0] === "blk") return benchBlkMain(rest.slice(1));
+      process.stderr.write(`iovirt bench: unknown benchmark '${rest[0] ?? ""}' (known: ring, blk)\n`);
       return 2;
     case undefined:
     case "help":

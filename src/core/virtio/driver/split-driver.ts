@@ -181,6 +181,18 @@ export class SplitDriverQueue<T = unknown> implements DriverQueue<T> {
   }
 
   drainUsed(fn: (token: T, len: number) => void, max = Infinity): number {
+    let total = 0;
+    for (;;) {
+      const n = this.drainOnce(fn, max - total);
+      total += n;
+      if (n === 0 || total >= max || !this.features.eventIdx || this.mode !== "enable") return total;
+      // §2.7.10: used_event was just moved past what we consumed. The device may have
+      // published more before it saw that store and decided not to notify: look again.
+      if (!this.hasUsed()) return total;
+    }
+  }
+
+  private drainOnce(fn: (token: T, len: number) => void, max: number): number {
     if (this.isBroken) throw new QueueError("QUEUE_BROKEN", "queue needs a reset after an earlier error");
     const usedIdx = Atomics.load(this.used16, this.usedBase16 + 1);
     if (((usedIdx - this.lastUsed) & 0xffff) > this.pending) {

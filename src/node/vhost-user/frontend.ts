@@ -1,0 +1,260 @@
+import { GuestMemory } from "../../core/memory/guest-memory.js";
+import {
+  VhostUserError,
+  decodeConfig,
+  decodeHeader,
+  decodeU64Bits,
+  decodeVringState,
+  encodeConfig,
+  encodeMemTable,
+  encodeMessage,
+  encodeU64,
+  encodeVringAddr,
+  encodeVringState,
+  reqName,
+} from "../../core/vhost-user/codec.js";
+import { FLAG_NEED_REPLY, FLAG_REPLY, HEADER_SIZE, PF, Req, VHOST_USER_F_PROTOCOL_FEATURES } from "../../core/vhost-user/protocol.js";
+import { bit, hasFeature, ringFeatures, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1 } from "../../core/virtio/device/features.js";
+import { createDriverQueue } from "../../core/virtio/driver/create.js";
+import { DmaAllocator } from "../../core/virtio/driver/dma.js";
+import { layoutQueue } from "../../core/virtio/driver/layout.js";
+import type { DriverQueue } from "../../core/virtio/driver/queue.js";
+import {
+  addressOf,
+  eventfd,
+  eventfdRead,
+  eventfdWrite,
+  Fd,
+  ftruncate,
+  memfdCreate,
+  mmap,
+  munmap,
+  recvmsg,
+  sendmsg,
+  SysError,
+  unixConnect,
+  unixSocket,
+  watch,
+  type Watcher,
+} from "../native.js";
+
+export interface FrontendOptions {
+  /** Bytes of shared "guest" memory (memfd). Default 64 MiB. */
+  memoryBytes?: number;
+  /** Virtio features to accept if offered (VERSION_1 always). */
+  wanted: bigint;
+  /** Prefer packed rings when offered (default false). */
+  packed?: boolean;
+  queues?: number;
+  queueSize?: number;
+  /** Milliseconds to wait for a reply before giving up (default 5000). */
+  replyTimeoutMs?: number;
+}
+
+const WANTED_PF = bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG);
+const sleeper = new Int32Array(new SharedArrayBuffer(4));
+
+/**
+ * A vhost-user front end (the role QEMU plays): it owns memfd-backed guest
+ * memory, lays out rings in it, and drives any vhost-user back end over the
+ * socket. The control plane is synchronous (request, then wait for the
+ * reply), so the back end must live in another process or thread.
+ */
+export class VhostUserFrontend {
+  readonly mem: GuestMemory;
+  readonly dma: DmaAllocator;
+  features = 0n;
+  protocolFeatures = 0n;
+  readonly queues: DriverQueue<number>[] = [];
+  private readonly sock: Fd;
+  private readonly memFd: Fd;
+  private readonly memBuf: ArrayBuffer;
+  private readonly kicks: Fd[] = [];
+  private readonly calls: Fd[] = [];
+  private readonly watchers: Watcher[] = [];
+  private readonly timeoutMs: number;
+  private closed = false;
+
+  private constructor(sock: Fd, memFd: Fd, memBuf: ArrayBuffer, timeoutMs: number) {
+    this.sock = sock;
+    this.memFd = memFd;
+    this.memBuf = memBuf;
+    this.timeoutMs = timeoutMs;
+    this.mem = new GuestMemory([{ gpa: 0, size: memBuf.byteLength, buffer: memBuf }]);
+    // Rings and buffers are allocated above the first page.
+    this.dma = new DmaAllocator(0x1000, memBuf.byteLength - 0x1000);
+  }
+
+  /** Connects and runs the whole set-up: features, memory table, rings, enable. */
+  static connect(path: string, opts: FrontendOptions): VhostUserFrontend {
+    const size = opts.memoryBytes ?? 64 << 20;
+    const memFd = memfdCreate("iovirt-frontend");
+    ftruncate(memFd, size);
+    const memBuf = mmap(memFd, size, 0, "rw", true);
+    const sock = unixSocket();
+    try {
+      unixConnect(sock, path);
+    } catch (e) {
+      sock.close();
+      munmap(memBuf);
+      memFd.close();
+      throw e;
+    }
+    const fe = new VhostUserFrontend(sock, memFd, memBuf, opts.replyTimeoutMs ?? 5000);
+    try {
+      fe.setup(opts);
+    } catch (e) {
+      fe.close();
+      throw e;
+    }
+    return fe;
+  }
+
+  /** Reads `size` bytes of device config (GET_CONFIG). */
+  getConfig(offset: number, size: number): Uint8Array {
+    const reply = this.request(Req.GET_CONFIG, encodeConfig({ offset, size, flags: 0, data: new Uint8Array(size) }), [], true);
+    if (reply.length === 0) throw new VhostUserError("CONFIG_FAILED", "back end refused GET_CONFIG");
+    return decodeConfig(Req.GET_CONFIG, reply).data;
+  }
+
+  /** Notifies the back end that queue `i` has new buffers. */
+  kick(i: number): void {
+    eventfdWrite(this.kicks[i]!, 1);
+  }
+
+  /** Calls fn whenever the back end signals queue i (call eventfd on libuv). */
+  onCall(i: number, fn: () => void): void {
+    const fd = this.calls[i]!;
+    this.watchers.push(
+      watch(fd, "r", () => {
+        try {
+          eventfdRead(fd);
+        } catch (e) {
+          if (!(e instanceof SysError && e.kind === "retry")) throw e;
+        }
+        fn();
+      }),
+    );
+  }
+
+  /** Stops the rings (GET_VRING_BASE) and closes everything. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    for (const w of this.watchers) w.stop();
+    try {
+      for (let i = 0; i < this.queues.length; i++) this.request(Req.GET_VRING_BASE, encodeVringState({ index: i, num: 0 }), [], true);
+    } catch {
+      /* the back end may already be gone; we are closing anyway */
+    }
+    this.sock.close();
+    for (const fd of [...this.kicks, ...this.calls]) fd.close();
+    munmap(this.memBuf);
+    this.memFd.close();
+  }
+
+  private setup(opts: FrontendOptions): void {
+    const offered = decodeU64Bits(Req.GET_FEATURES, this.request(Req.GET_FEATURES, new Uint8Array(0), [], true));
+    if (!hasFeature(offered, VIRTIO_F_VERSION_1)) throw new VhostUserError("NO_VERSION_1", "back end does not offer VIRTIO_F_VERSION_1");
+    let accept = offered & (opts.wanted | bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES));
+    if (opts.packed !== true) accept &= ~bit(VIRTIO_F_RING_PACKED);
+    let queues = opts.queues ?? 1;
+    if (hasFeature(offered, VHOST_USER_F_PROTOCOL_FEATURES)) {
+      const pf = decodeU64Bits(Req.GET_PROTOCOL_FEATURES, this.request(Req.GET_PROTOCOL_FEATURES, new Uint8Array(0), [], true));
+      // REPLY_ACK applies only after this message, so it goes out without need_reply.
+      this.request(Req.SET_PROTOCOL_FEATURES, encodeU64(pf & WANTED_PF));
+      this.protocolFeatures = pf & WANTED_PF;
+      if (hasFeature(this.protocolFeatures, PF.MQ)) {
+        const max = Number(decodeU64Bits(Req.GET_QUEUE_NUM, this.request(Req.GET_QUEUE_NUM, new Uint8Array(0), [], true)));
+        if (queues > max) throw new VhostUserError("TOO_MANY_QUEUES", `back end supports ${max} queues, ${queues} requested`);
+      } else queues = 1;
+    }
+    this.request(Req.SET_OWNER);
+    this.request(Req.SET_FEATURES, encodeU64(accept));
+    this.features = accept & ~bit(VHOST_USER_F_PROTOCOL_FEATURES);
+    const userAddr = Number(addressOf(this.memBuf));
+    this.request(Req.SET_MEM_TABLE, encodeMemTable([{ guestAddr: 0, size: this.memBuf.byteLength, userAddr, mmapOffset: 0 }]), [
+      this.memFd,
+    ]);
+    const layout = hasFeature(accept, VIRTIO_F_RING_PACKED) ? "packed" : "split";
+    const size = opts.queueSize ?? 128;
+    for (let i = 0; i < queues; i++) {
+      const probe = layoutQueue(layout, size, 0);
+      const base = this.dma.alloc(probe.end, 4096);
+      const { state } = layoutQueue(layout, size, base);
+      this.mem.fill(base, probe.end, 0);
+      this.queues.push(createDriverQueue<number>(this.mem, state, ringFeatures(this.features)));
+      const kick = eventfd(0, { nonblock: true });
+      const call = eventfd(0, { nonblock: true });
+      this.kicks.push(kick);
+      this.calls.push(call);
+      this.request(Req.SET_VRING_NUM, encodeVringState({ index: i, num: size }));
+      // Packed: avail offset 0 with wrap 1, used offset 0 with wrap 1.
+      this.request(Req.SET_VRING_BASE, encodeVringState({ index: i, num: layout === "packed" ? 0x80008000 : 0 }));
+      this.request(
+        Req.SET_VRING_ADDR,
+        encodeVringAddr({
+          index: i,
+          flags: 0,
+          desc: userAddr + state.descTable,
+          used: userAddr + state.deviceArea,
+          avail: userAddr + state.driverArea,
+          log: 0,
+        }),
+      );
+      this.request(Req.SET_VRING_CALL, encodeU64(i), [call]);
+      this.request(Req.SET_VRING_KICK, encodeU64(i), [kick]);
+      if (hasFeature(accept, VHOST_USER_F_PROTOCOL_FEATURES)) this.request(Req.SET_VRING_ENABLE, encodeVringState({ index: i, num: 1 }));
+    }
+  }
+
+  /**
+   * Sends a request. With `expectReply` waits for the back end's reply and
+   * returns its payload; otherwise, if REPLY_ACK was negotiated, asks for an
+   * ack and turns a non-zero ack into an error.
+   */
+  request(request: number, payload: Uint8Array = new Uint8Array(0), fds: Fd[] = [], expectReply = false): Uint8Array {
+    const ack = !expectReply && hasFeature(this.protocolFeatures, PF.REPLY_ACK);
+    const msg = encodeMessage(request, ack ? FLAG_NEED_REPLY : 0, payload);
+    let off = 0;
+    while (off < msg.length) off += this.retry(() => sendmsg(this.sock, msg.subarray(off), off === 0 ? fds : []));
+    if (!expectReply && !ack) return new Uint8Array(0);
+    const hdr = this.readExactly(HEADER_SIZE);
+    const h = decodeHeader(hdr);
+    if ((h.flags & FLAG_REPLY) === 0 || h.request !== request) {
+      throw new VhostUserError(
+        "BAD_REPLY",
+        `expected a reply to ${reqName(request)}, got ${reqName(h.request)} flags 0x${h.flags.toString(16)}`,
+      );
+    }
+    const body = this.readExactly(h.size);
+    if (ack && Number(decodeU64Bits(request, body)) !== 0) throw new VhostUserError("NACK", `back end refused ${reqName(request)}`);
+    if (request === Req.GET_VRING_BASE) decodeVringState(request, body);
+    return body;
+  }
+
+  private readExactly(n: number): Uint8Array {
+    const out = new Uint8Array(n);
+    let have = 0;
+    while (have < n) {
+      const r = this.retry(() => recvmsg(this.sock, out.subarray(have), 0));
+      if (r.bytes === 0) throw new VhostUserError("DISCONNECTED", "back end closed the connection", true);
+      have += r.bytes;
+    }
+    return out;
+  }
+
+  /** Retries EAGAIN with short sleeps until the reply timeout. */
+  private retry<T>(fn: () => T): T {
+    const deadline = performance.now() + this.timeoutMs;
+    for (;;) {
+      try {
+        return fn();
+      } catch (e) {
+        if (!(e instanceof SysError && e.kind === "retry")) throw e;
+        if (performance.now() > deadline) throw new VhostUserError("TIMEOUT", "no answer from the back end", true);
+        Atomics.wait(sleeper, 0, 0, 0.05);
+      }
+    }
+  }
+}
