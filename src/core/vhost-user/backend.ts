@@ -72,6 +72,15 @@ interface Vring<F> {
 export interface BackendOptions {
   /** Log function for protocol events (default: none). */
   log?: (line: string) => void;
+  /**
+   * After a kick, keep polling the ring this long (nanoseconds) for more
+   * buffers, with kicks suppressed, before going back to waiting on the
+   * eventfd: QEMU's adaptive polling idea (its default is 32 µs). It trades
+   * a little CPU for latency at low queue depth. 0 disables it.
+   */
+  pollNs?: number;
+  /** Monotonic clock in milliseconds (default performance.now). */
+  now?: () => number;
 }
 
 const SUPPORTED_PF =
@@ -106,11 +115,15 @@ export class VhostUserBackend<F> {
   private readonly rings: Vring<F>[];
   private backendFd: F | null = null;
   private status = 0;
+  private readonly pollMs: number;
+  private readonly now: () => number;
 
   constructor(device: VirtioDevice, platform: VhostUserPlatform<F>, opts: BackendOptions = {}) {
     this.device = device;
     this.platform = platform;
     this.log = opts.log ?? (() => {});
+    this.pollMs = (opts.pollNs ?? 32_000) / 1e6;
+    this.now = opts.now ?? (() => performance.now());
     this.rings = Array.from({ length: device.numQueues }, () => freshRing<F>());
     device.attachMemory(this.mem);
     device.events = {
@@ -427,10 +440,32 @@ export class VhostUserBackend<F> {
     }
     ring.started = true;
     ring.watch = this.platform.watchKick(ring.kick!, () => {
-      if (ring.enabled) this.device.poll(i);
+      if (ring.enabled) this.serve(i);
     });
     // Buffers may already be waiting (reconnect): look once.
-    if (ring.enabled) this.device.poll(i);
+    if (ring.enabled) this.serve(i);
+  }
+
+  /** Processes ring i, then polls it for pollNs with kicks suppressed (see BackendOptions.pollNs). */
+  private serve(i: number): void {
+    const d = this.device;
+    d.poll(i);
+    if (this.pollMs <= 0) return;
+    d.setQueueNotification(i, { mode: "disable" });
+    let deadline = this.now() + this.pollMs;
+    for (;;) {
+      while (this.now() < deadline) {
+        if (d.queueHasAvailable(i)) {
+          d.poll(i);
+          deadline = this.now() + this.pollMs;
+        }
+      }
+      // Re-enable kicks; if buffers slipped in meanwhile, serve them and poll on.
+      if (!d.setQueueNotification(i, { mode: "enable" })) return;
+      d.poll(i);
+      d.setQueueNotification(i, { mode: "disable" });
+      deadline = this.now() + this.pollMs;
+    }
   }
 
   /** Stops a ring and returns where it stopped, or null if it was not running. */

@@ -7,6 +7,7 @@ import {
   decodeNotificationData,
   initialQueueState,
   type DeviceQueue,
+  type NotificationMode,
   type QueueState,
 } from "../queue/index.js";
 import {
@@ -395,6 +396,26 @@ export abstract class VirtioDevice {
     this.live[i] = null;
     this.onQueueReset(i);
     return q.getState();
+  }
+
+  /** Host side: whether a live queue has buffers waiting (busy-polling back ends). */
+  queueHasAvailable(i: number): boolean {
+    const q = this.live[i];
+    if (q === null || q === undefined) return false;
+    try {
+      return q.hasAvailable();
+    } catch (e) {
+      if (!(e instanceof GuestError)) throw e;
+      this.needsReset(e, i);
+      return false;
+    }
+  }
+
+  /** Host side: available-buffer notification suppression for a live queue; true if buffers are waiting. */
+  setQueueNotification(i: number, mode: NotificationMode): boolean {
+    const q = this.live[i];
+    if (q === null || q === undefined) return false;
+    return q.setNotification(mode);
   }
 
   /** Host side: process a queue now (a busy-poll loop or an eventfd callback calls this). */
