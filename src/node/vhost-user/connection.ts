@@ -49,6 +49,12 @@ export class VhostUserConnection {
     }
   }
 
+  /** Processes whatever the peer already sent (e.g. a hang-up); true if still open afterwards. */
+  pump(): boolean {
+    this.onReadable();
+    return !this.closed;
+  }
+
   private onReadable(): void {
     try {
       while (!this.closed && this.readSome()) {

@@ -56,6 +56,8 @@ export class VhostUserServer {
         if (e instanceof SysError && e.kind === "retry") return;
         throw e;
       }
+      // A reconnecting front end may arrive before we noticed the old one hang up.
+      if (this.conn !== null && !this.conn.pump()) this.conn = null;
       if (this.conn !== null) {
         this.opts.log?.("vhost-user: refusing a second front end while one is connected");
         fd.close();

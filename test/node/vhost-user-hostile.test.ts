@@ -1,0 +1,253 @@
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { BlkDevice } from "../../src/core/virtio/devices/blk/device.js";
+import { RamDisk } from "../../src/core/virtio/devices/blk/port.js";
+import {
+  decodeHeader,
+  encodeMemTable,
+  encodeMessage,
+  encodeU64,
+  encodeVringAddr,
+  encodeVringState,
+} from "../../src/core/vhost-user/codec.js";
+import { FLAG_NEED_REPLY, FLAG_REPLY, HEADER_SIZE, PF, Req, VHOST_USER_F_PROTOCOL_FEATURES } from "../../src/core/vhost-user/protocol.js";
+import { VIRTIO_F_VERSION_1 } from "../../src/core/virtio/device/features.js";
+import { Fd, SysError, eventfd, ftruncate, memfdCreate, recvmsg, sendmsg, unixConnect, unixSocket } from "../../src/node/native.js";
+import { VhostUserServer } from "../../src/node/vhost-user/server.js";
+
+// A hostile front end talks raw vhost-user to an iovirt back end in this process.
+// Every case must end in a clear refusal (a non-zero REPLY_ACK or a dropped
+// connection) with the server still accepting the next front end.
+
+const dir = mkdtempSync(join(tmpdir(), "iovirt-vu-"));
+const path = join(dir, "blk.sock");
+const device = new BlkDevice({ port: new RamDisk(1 << 20) });
+const disconnects: (Error | null)[] = [];
+const server = new VhostUserServer(path, device, { onDisconnect: (e) => disconnects.push(e) });
+after(() => {
+  server.close();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+const tick = (): Promise<void> => new Promise((r) => setTimeout(r, 2));
+
+class RawClient {
+  readonly fd: Fd;
+  constructor() {
+    this.fd = unixSocket();
+    unixConnect(this.fd, path);
+  }
+  send(request: number, payload: Uint8Array = new Uint8Array(0), fds: Fd[] = [], flags = 0): void {
+    sendmsg(this.fd, encodeMessage(request, flags, payload), fds);
+  }
+  sendRaw(bytes: Uint8Array): void {
+    sendmsg(this.fd, bytes);
+  }
+  /** The next reply, or "closed" when the back end dropped us. */
+  async reply(): Promise<{ request: number; flags: number; payload: Uint8Array } | "closed"> {
+    const buf = new Uint8Array(HEADER_SIZE + 512);
+    let have = 0;
+    for (let i = 0; i < 2000; i++) {
+      try {
+        const r = recvmsg(this.fd, buf.subarray(have), 0);
+        if (r.bytes === 0) return "closed";
+        have += r.bytes;
+        if (have >= HEADER_SIZE) {
+          const h = decodeHeader(buf);
+          if (have >= HEADER_SIZE + h.size)
+            return { request: h.request, flags: h.flags, payload: buf.slice(HEADER_SIZE, HEADER_SIZE + h.size) };
+        }
+      } catch (e) {
+        if (e instanceof SysError && e.kind === "disconnected") return "closed";
+        if (!(e instanceof SysError && e.kind === "retry")) throw e;
+      }
+      await tick();
+    }
+    throw new Error("no reply within 4 s");
+  }
+  async ack(request: number, payload?: Uint8Array, fds: Fd[] = []): Promise<number | "closed"> {
+    this.send(request, payload, fds, FLAG_NEED_REPLY);
+    const r = await this.reply();
+    if (r === "closed") return r;
+    assert.equal(r.request, request);
+    assert.ok((r.flags & FLAG_REPLY) !== 0);
+    return Number(new DataView(r.payload.buffer).getBigUint64(0, true));
+  }
+  /** Negotiates protocol features with REPLY_ACK so errors come back as NACKs. */
+  async handshake(): Promise<void> {
+    this.send(Req.GET_FEATURES);
+    const f = await this.reply();
+    assert.notEqual(f, "closed");
+    this.send(Req.SET_PROTOCOL_FEATURES, encodeU64((1n << BigInt(PF.REPLY_ACK)) | (1n << BigInt(PF.MQ))));
+    assert.equal(await this.ack(Req.SET_OWNER), 0);
+  }
+  close(): void {
+    this.fd.close();
+  }
+}
+
+async function serverStillServes(): Promise<void> {
+  const c = new RawClient();
+  try {
+    c.send(Req.GET_FEATURES);
+    const r = await c.reply();
+    assert.notEqual(r, "closed", "a fresh front end must be served after a hostile one");
+    if (r !== "closed") {
+      const f = new DataView(r.payload.buffer).getBigUint64(0, true);
+      assert.ok((f & (1n << BigInt(VIRTIO_F_VERSION_1))) !== 0n);
+      assert.ok((f & (1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES))) !== 0n);
+    }
+  } finally {
+    c.close();
+  }
+  for (let i = 0; i < 50 && server.connection !== null; i++) await tick();
+}
+
+function memfd(size: number): Fd {
+  const fd = memfdCreate("hostile");
+  ftruncate(fd, size);
+  return fd;
+}
+
+test("vhost-user socket is created with mode 0600", () => {
+  assert.equal(statSync(path).mode & 0o777, 0o600);
+});
+
+test("a wrong payload size is refused with a NACK and the connection stays", async () => {
+  const c = new RawClient();
+  await c.handshake();
+  assert.equal(await c.ack(Req.SET_VRING_NUM, new Uint8Array(4)), 1);
+  assert.equal(await c.ack(Req.SET_VRING_NUM, encodeVringState({ index: 0, num: 128 })), 0, "a good request still works");
+  c.close();
+  await serverStillServes();
+});
+
+test("an unknown request without need_reply drops the connection; the server serves the next", async () => {
+  const c = new RawClient();
+  c.send(999);
+  assert.equal(await c.reply(), "closed");
+  c.close();
+  await serverStillServes();
+});
+
+test("a bad header version drops the connection", async () => {
+  const c = new RawClient();
+  const bytes = encodeMessage(Req.GET_FEATURES, 0);
+  bytes[4] = 2; // version 2
+  c.sendRaw(bytes);
+  assert.equal(await c.reply(), "closed");
+  c.close();
+  await serverStillServes();
+});
+
+test("a truncated message (peer closes mid-payload) is dropped cleanly", async () => {
+  const c = new RawClient();
+  const bytes = encodeMessage(Req.SET_VRING_ADDR, 0, new Uint8Array(40));
+  c.sendRaw(bytes.subarray(0, HEADER_SIZE + 10));
+  c.close();
+  await serverStillServes();
+});
+
+test("wrong fd counts are refused: SET_MEM_TABLE without fds, SET_OWNER with one", async () => {
+  const c = new RawClient();
+  await c.handshake();
+  const table = encodeMemTable([{ guestAddr: 0, size: 1 << 20, userAddr: 0x7000_0000_0000, mmapOffset: 0 }]);
+  assert.equal(await c.ack(Req.SET_MEM_TABLE, table), 1);
+  const e = eventfd(0);
+  assert.equal(await c.ack(Req.SET_OWNER, new Uint8Array(0), [e]), 1);
+  e.close();
+  c.close();
+  await serverStillServes();
+});
+
+test("overlapping and zero-sized memory regions are refused", async () => {
+  const c = new RawClient();
+  await c.handshake();
+  const a = memfd(1 << 20);
+  const b = memfd(1 << 20);
+  const overlap = encodeMemTable([
+    { guestAddr: 0, size: 1 << 20, userAddr: 0x7000_0000_0000, mmapOffset: 0 },
+    { guestAddr: 1 << 19, size: 1 << 20, userAddr: 0x7100_0000_0000, mmapOffset: 0 },
+  ]);
+  assert.equal(await c.ack(Req.SET_MEM_TABLE, overlap, [a, b]), 1);
+  const zero = encodeMemTable([{ guestAddr: 0, size: 0, userAddr: 0x7000_0000_0000, mmapOffset: 0 }]);
+  assert.equal(await c.ack(Req.SET_MEM_TABLE, zero, [a]), 1);
+  a.close();
+  b.close();
+  c.close();
+  await serverStillServes();
+});
+
+test("ring addresses outside the memory table are refused when the ring starts", async () => {
+  const c = new RawClient();
+  await c.handshake();
+  const ua = 0x7000_0000_0000;
+  const mem = memfd(1 << 20);
+  assert.equal(await c.ack(Req.SET_FEATURES, encodeU64((1n << 32n) | (1n << 30n))), 0);
+  assert.equal(await c.ack(Req.SET_MEM_TABLE, encodeMemTable([{ guestAddr: 0, size: 1 << 20, userAddr: ua, mmapOffset: 0 }]), [mem]), 0);
+  assert.equal(await c.ack(Req.SET_VRING_NUM, encodeVringState({ index: 0, num: 128 })), 0);
+  assert.equal(
+    await c.ack(
+      Req.SET_VRING_ADDR,
+      encodeVringAddr({ index: 0, flags: 0, desc: ua + (2 << 20), used: ua + 0x2000, avail: ua + 0x1800, log: 0 }),
+    ),
+    0,
+  );
+  const kick = eventfd(0);
+  assert.equal(await c.ack(Req.SET_VRING_KICK, encodeU64(0), [kick]), 1);
+  // A ring index beyond the device's queues is refused too.
+  assert.equal(await c.ack(Req.SET_VRING_NUM, encodeVringState({ index: 7, num: 128 })), 1);
+  mem.close();
+  kick.close();
+  c.close();
+  await serverStillServes();
+});
+
+test("messages in the wrong state are refused: ring size change while running, GET_QUEUE_NUM without MQ", async () => {
+  const c = new RawClient();
+  c.send(Req.SET_PROTOCOL_FEATURES, encodeU64(1n << BigInt(PF.REPLY_ACK)));
+  assert.equal(await c.ack(Req.GET_QUEUE_NUM), 1);
+  const ua = 0x7000_0000_0000;
+  const mem = memfd(1 << 20);
+  assert.equal(await c.ack(Req.SET_FEATURES, encodeU64((1n << 32n) | (1n << 30n))), 0);
+  assert.equal(await c.ack(Req.SET_MEM_TABLE, encodeMemTable([{ guestAddr: 0, size: 1 << 20, userAddr: ua, mmapOffset: 0 }]), [mem]), 0);
+  assert.equal(await c.ack(Req.SET_VRING_NUM, encodeVringState({ index: 0, num: 128 })), 0);
+  assert.equal(
+    await c.ack(
+      Req.SET_VRING_ADDR,
+      encodeVringAddr({ index: 0, flags: 0, desc: ua + 0x1000, used: ua + 0x2000, avail: ua + 0x1800, log: 0 }),
+    ),
+    0,
+  );
+  const kick = eventfd(0);
+  assert.equal(await c.ack(Req.SET_VRING_KICK, encodeU64(0), [kick]), 0);
+  assert.equal(await c.ack(Req.SET_VRING_NUM, encodeVringState({ index: 0, num: 64 })), 1);
+  // GET_VRING_BASE stops it; then the size may change again.
+  c.send(Req.GET_VRING_BASE, encodeVringState({ index: 0, num: 0 }));
+  const base = await c.reply();
+  assert.notEqual(base, "closed");
+  assert.equal(await c.ack(Req.SET_VRING_NUM, encodeVringState({ index: 0, num: 64 })), 0);
+  mem.close();
+  kick.close();
+  c.close();
+  await serverStillServes();
+});
+
+test("a second front end is turned away while one is connected", async () => {
+  const a = new RawClient();
+  await a.handshake();
+  const b = new RawClient();
+  b.send(Req.GET_FEATURES);
+  assert.equal(await b.reply(), "closed");
+  b.close();
+  assert.equal(await a.ack(Req.SET_OWNER), 0, "the first keeps working");
+  a.close();
+  await serverStillServes();
+});
+
+test("every hostile connection ended with an error recorded, none crashed the process", () => {
+  assert.ok(disconnects.some((e) => e !== null));
+});
