@@ -11,6 +11,7 @@ import {
 } from "../core/virtio/devices/blk/constants.js";
 import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, features } from "../core/virtio/device/features.js";
 import { VhostUserFrontend } from "./vhost-user/frontend.js";
+import type { DriverQueue } from "../core/virtio/driver/queue.js";
 
 export type RwMode = "randread" | "randwrite" | "read" | "write";
 
@@ -66,7 +67,7 @@ export async function runBlkLoad(o: BlkLoadOptions): Promise<BlkLoadResult> {
     const diskBytes = Math.min(Number(cap) * SECTOR_SIZE, o.spanBytes ?? Infinity);
     const blocks = Math.floor(diskBytes / o.bs);
     if (blocks < 1) throw new RangeError("disk smaller than one block");
-    const q = fe.queues[0]!;
+    const q = fe.queues[0]! as DriverQueue<number>;
     const mem = fe.mem;
     const write = o.rw === "randwrite" || o.rw === "write";
     const random = o.rw === "randread" || o.rw === "randwrite";
@@ -110,8 +111,7 @@ export async function runBlkLoad(o: BlkLoadOptions): Promise<BlkLoadResult> {
       inflight++;
     };
     const flush = (): void => {
-      q.publish();
-      if (q.needsKick()) fe.kick(0);
+      fe.kick(0);
     };
     let finish: () => void = () => {};
     const done = new Promise<void>((r) => (finish = r));

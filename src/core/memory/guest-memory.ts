@@ -214,17 +214,28 @@ export class GuestMemory {
   }
   /** A u64 as a number; a value of 2^53 or more cannot be a number exactly, so it is an error. */
   readU64(gpa: number): number {
-    const v = combineU64(this.readU32(gpa), this.readU32(gpa + 4));
+    const [lo, hi] = this.u64Halves(gpa);
+    const v = combineU64(lo, hi);
     if (v < 0) throw new GuestError("U64_UNSAFE", `u64 at ${hex(gpa)} is 2^53 or more`);
     return v;
   }
   writeU64(gpa: number, value: number): void {
     if (!Number.isSafeInteger(value) || value < 0) throw new RangeError(`u64 value ${value} is not a safe integer`);
-    this.writeU32(gpa, value >>> 0);
-    this.writeU32(gpa + 4, Math.floor(value / 0x1_0000_0000));
+    // One lookup for all 8 bytes: a refused write changes nothing, and a u64 never straddles regions.
+    const r = this.region(gpa, 8);
+    const off = gpa - r.gpa;
+    r.view.setUint32(off, value >>> 0, true);
+    r.view.setUint32(off + 4, Math.floor(value / 0x1_0000_0000), true);
   }
   readBigU64(gpa: number): bigint {
-    return (BigInt(this.readU32(gpa + 4)) << 32n) | BigInt(this.readU32(gpa));
+    const [lo, hi] = this.u64Halves(gpa);
+    return (BigInt(hi) << 32n) | BigInt(lo);
+  }
+
+  private u64Halves(gpa: number): [number, number] {
+    const r = this.region(gpa, 8);
+    const off = gpa - r.gpa;
+    return [r.view.getUint32(off, true), r.view.getUint32(off + 4, true)];
   }
 
   /**

@@ -65,7 +65,7 @@ export class VhostUserFrontend {
   readonly dma: DmaAllocator;
   features = 0n;
   protocolFeatures = 0n;
-  readonly queues: DriverQueue<number>[] = [];
+  readonly queues: DriverQueue<unknown>[] = [];
   private readonly sock: Fd;
   private readonly memFd: Fd;
   private readonly memBuf: ArrayBuffer;
@@ -110,6 +110,16 @@ export class VhostUserFrontend {
     return fe;
   }
 
+  /** The ring layout in use. */
+  layoutUsed(): "split" | "packed" {
+    return hasFeature(this.features, VIRTIO_F_RING_PACKED) ? "packed" : "split";
+  }
+
+  /** The negotiated virtio features (without VHOST_USER_F_PROTOCOL_FEATURES). */
+  get negotiated(): bigint {
+    return this.features;
+  }
+
   /** Reads `size` bytes of device config (GET_CONFIG). */
   getConfig(offset: number, size: number): Uint8Array {
     const reply = this.request(Req.GET_CONFIG, encodeConfig({ offset, size, flags: 0, data: new Uint8Array(size) }), [], true);
@@ -117,9 +127,13 @@ export class VhostUserFrontend {
     return decodeConfig(Req.GET_CONFIG, reply).data;
   }
 
-  /** Notifies the back end that queue `i` has new buffers. */
-  kick(i: number): void {
+  /** Publishes queue i's new buffers and signals its kick eventfd if the back end asked for it. */
+  kick(i: number): boolean {
+    const q = this.queues[i]!;
+    q.publish();
+    if (!q.needsKick()) return false;
     eventfdWrite(this.kicks[i]!, 1);
+    return true;
   }
 
   /** Calls fn whenever the back end signals queue i (call eventfd on libuv). */
@@ -183,7 +197,7 @@ export class VhostUserFrontend {
       const base = this.dma.alloc(probe.end, 4096);
       const { state } = layoutQueue(layout, size, base);
       this.mem.fill(base, probe.end, 0);
-      this.queues.push(createDriverQueue<number>(this.mem, state, ringFeatures(this.features)));
+      this.queues.push(createDriverQueue<unknown>(this.mem, state, ringFeatures(this.features)));
       const kick = eventfd(0, { nonblock: true });
       const call = eventfd(0, { nonblock: true });
       this.kicks.push(kick);

@@ -195,10 +195,23 @@ export abstract class VirtioDevice {
   enableQueue(i: number): void {
     const r = this.regs[i];
     if (r === undefined) return this.report(new GuestError("NO_SUCH_QUEUE", `queue ${i} does not exist`), null);
+    // Enabling a live queue again must not restart its ring indices.
+    if (r.enabled && this.live[i] !== null) return;
     r.enabled = true;
     r.reset = false;
     // Re-enabling after a per-queue reset while the device is live (§2.6.1.2).
     if ((this.status & STATUS_DRIVER_OK) !== 0) this.startQueue(i);
+  }
+
+  /** The driver takes a queue out of service (QueueReady = 0); its buffers are no longer touched. */
+  disableQueue(i: number): void {
+    const r = this.regs[i];
+    if (r === undefined) return this.report(new GuestError("NO_SUCH_QUEUE", `queue ${i} does not exist`), null);
+    r.enabled = false;
+    if (this.live[i] !== null) {
+      this.live[i] = null;
+      this.onQueueReset(i);
+    }
   }
 
   /** §2.6.1: per-queue reset (VIRTIO_F_RING_RESET). Ignored unless negotiated. */

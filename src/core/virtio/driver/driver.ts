@@ -55,6 +55,7 @@ export class VirtioDriver {
   /** Called for each used-buffer interrupt (after the ISR is acknowledged). */
   onUsed: (() => void) | null = null;
   onConfigChange: (() => void) | null = null;
+  /** DMA block of each queue's rings, by queue index. */
   private readonly ringAllocs: number[] = [];
 
   constructor(transport: DriverTransport, mem: GuestMemory, dma: DmaAllocator) {
@@ -152,7 +153,8 @@ export class VirtioDriver {
     if (this.layout === "split") size = 2 ** Math.floor(Math.log2(size));
     const probe = layoutQueue(this.layout, size, 0);
     const base = this.dma.alloc(probe.end, 4096);
-    this.ringAllocs.push(base);
+    if (replace && this.ringAllocs[i] !== undefined) this.dma.release(this.ringAllocs[i]!);
+    this.ringAllocs[i] = base;
     const { state } = layoutQueue(this.layout, size, base);
     this.mem.fill(base, probe.end, 0);
     const q = createDriverQueue<unknown>(this.mem, state, ringFeatures(this.negotiated));

@@ -6,4 +6,4 @@ export { layoutQueue } from "./layout.js";
 export { createDriverQueue } from "./create.js";
 export type { DriverTransport } from "./transport.js";
 export { VirtioDriver, DriverInitError, type DriverInitOptions } from "./driver.js";
-export { BlkDriver, BlkRequestError } from "./blk.js";
+export { BlkDriver, BlkRequests, BlkRequestError, type QueueHost, type BlkDriverOptions } from "./blk.js";

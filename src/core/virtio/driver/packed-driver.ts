@@ -205,7 +205,8 @@ export class PackedDriverQueue<T = unknown> implements DriverQueue<T> {
       // One acquire load gives both the flags that say "used" and the buffer id.
       const word = Atomics.load(this.desc32, w + 3);
       if (!isUsed(word >>> 16, this.usedWrap)) break;
-      const len = this.desc32[w + 2]!;
+      // §2.8.4: without WRITE the used length is reserved and means "nothing written".
+      const len = (word >>> 16) & VIRTQ_DESC_F_WRITE ? this.desc32[w + 2]! : 0;
       const id = word & 0xffff;
       if (!(id < this.size) || this.outstanding[id] === 0) {
         this.isBroken = true;

@@ -209,7 +209,17 @@ export class SplitDriverQueue<T = unknown> implements DriverQueue<T> {
         throw new QueueError("BAD_BUFFER_ID", `used id ${id} is not a buffer in flight`);
       }
       if (this.features.inOrder) {
-        // §2.7.8 "In-order use": one entry stands for every buffer up to and including `id`.
+        // §2.7.8 "In-order use": one entry stands for every buffer up to and including `id`,
+        // and used.idx moved by exactly that many: a device that claims more is lying.
+        let k = 0;
+        while (k < this.orderLen && this.order[wrapIndex(this.orderHead + k, this.size)] !== id) k++;
+        if (k + 1 > ((usedIdx - this.lastUsed) & 0xffff)) {
+          this.isBroken = true;
+          throw new QueueError(
+            "BAD_BUFFER_ID",
+            `in-order used id ${id} covers ${k + 1} buffers but used.idx moved by ${(usedIdx - this.lastUsed) & 0xffff}`,
+          );
+        }
         let head: number;
         let n = 0;
         do {

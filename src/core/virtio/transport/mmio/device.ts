@@ -101,7 +101,9 @@ export class MmioTransport {
         d.setQueueRegister(q, "size", value);
         return;
       case MMIO.QueueReady:
+        // §4.2.2: reads return the last value written; 0 takes the queue out of service.
         if (value === 1) d.enableQueue(q);
+        else if (value === 0) d.disableQueue(q);
         return;
       case MMIO.QueueNotify:
         d.notify(value & 0xffff, value);

@@ -1,0 +1,378 @@
+#!/usr/bin/env bash
+# Build a minimal Linux guest (Debian kernel + busybox initramfs) for the
+# iovirt end-to-end tests. Idempotent and cached.
+#
+# Usage: tools/guest/build.sh [--force]
+#
+# Environment:
+#   IOVIRT_GUEST_DIR   cache directory (default: <repo>/.cache/guest)
+#   IOVIRT_GUEST_KPKG  versioned kernel package to use instead of the one
+#                      linux-image-amd64 depends on (e.g. linux-image-6.1.0-56-amd64)
+#
+# Output (stdout, last two lines, stable names inside the cache dir):
+#   KERNEL=<path to vmlinuz>
+#   INITRD=<path to initramfs.cpio.gz>
+# Everything else goes to stderr.
+#
+# Guest contract (kernel command line; parsed by /init from /proc/cmdline):
+#   iovirt.script=<name>   run /scripts/<name>.sh (e.g. blk-pattern); none: just report and power off
+#   iovirt.mode=guest-writes|guest-reads   (blk-pattern, default guest-writes)
+#   iovirt.mib=<N>         MiB to write/read (blk-pattern, default 4)
+#   iovirt.dev=<path>      block device (blk-pattern, default /dev/vda)
+#   iovirt.verify=pattern  guest-reads only: also compare what was read with the pattern
+#   iovirt.timeout=<sec>   guest-side watchdog: force power off after <sec> seconds
+#   iovirt.shell=1         start an interactive shell on the console instead of powering off
+# Every line meant for the host starts with "IOVIRT-GUEST: ". The guest always ends
+# with "poweroff -f" (and panic=-1 + -no-reboot cover a crashing init).
+#
+# The data pattern (identical to guestPattern() in tools/guest/pattern.ts):
+#   N MiB = N*65536 lines of 16 bytes; line i (i = 0, 1, ...) is
+#   printf 'IOV%012x\n' i     -- "IOV", i as 12 lower-case hex digits, newline.
+#   So the 16 bytes at byte offset 16*i name their own line index i.
+set -euo pipefail
+
+log() { printf 'build.sh: %s\n' "$*" >&2; }
+die() { printf 'build.sh: error: %s\n' "$*" >&2; exit 1; }
+
+SELF="$(readlink -f "${BASH_SOURCE[0]}")"
+HERE="$(dirname "$SELF")"
+REPO="$(cd "$HERE/../.." && pwd)"
+DIR="${IOVIRT_GUEST_DIR:-$REPO/.cache/guest}"
+FORCE=0
+for a in "$@"; do
+  case "$a" in
+    --force) FORCE=1 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$SELF"; exit 0 ;;
+    *) die "unknown argument: $a" ;;
+  esac
+done
+
+mkdir -p "$DIR"
+DIR="$(cd "$DIR" && pwd)"
+KERNEL="$DIR/vmlinuz"
+INITRD="$DIR/initramfs.cpio.gz"
+STAMP="$DIR/build.stamp"
+# The stamp is the sha256 of this script: editing the script (init, test scripts,
+# module list) invalidates the cached initramfs. tools/guest/run.ts checks it too.
+WANT_STAMP="$(sha256sum "$SELF" | cut -d' ' -f1)"
+
+# Serialise concurrent builds (parallel test processes).
+exec 9>"$DIR/.lock"
+flock 9
+
+if [[ $FORCE = 0 && -s "$KERNEL" && -s "$INITRD" && -f "$STAMP" && "$(cat "$STAMP")" = "$WANT_STAMP" ]]; then
+  log "cached ($(cat "$DIR/kernel-version" 2>/dev/null || echo '?'))"
+  echo "KERNEL=$KERNEL"
+  echo "INITRD=$INITRD"
+  exit 0
+fi
+
+# ---------------------------------------------------------------- helpers
+apt_updated=0
+apt_update_once() {
+  if [[ $apt_updated = 0 ]]; then
+    apt_updated=1
+    log "apt-get update"
+    apt-get update -qq >&2 || die "apt-get update failed (needs root and the Debian mirror)"
+  fi
+}
+
+# apt-get download <pkg> into the current directory; apt-get update and retry on failure.
+apt_download() {
+  local pkg="$1"
+  # As root apt would otherwise warn that _apt cannot write here.
+  local opts=()
+  if [[ $(id -u) = 0 ]]; then opts=(-o APT::Sandbox::User=root); fi
+  if ! apt-get download "${opts[@]}" -qq "$pkg" >&2; then
+    apt_update_once
+    apt-get download "${opts[@]}" -qq "$pkg" >&2 || die "apt-get download $pkg failed"
+  fi
+}
+
+resolve_kernel_pkg() {
+  if [[ -n "${IOVIRT_GUEST_KPKG:-}" ]]; then echo "$IOVIRT_GUEST_KPKG"; return; fi
+  local name
+  name="$(apt-cache depends linux-image-amd64 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')"
+  if [[ -z "$name" ]]; then
+    apt_update_once
+    name="$(apt-cache depends linux-image-amd64 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')"
+  fi
+  [[ -n "$name" ]] || die "cannot resolve the kernel package linux-image-amd64 depends on"
+  echo "$name"
+}
+
+# ---------------------------------------------------------------- kernel package
+KPKG="$(resolve_kernel_pkg)"
+log "kernel package: $KPKG"
+DEBS="$DIR/debs"
+mkdir -p "$DEBS"
+shopt -s nullglob
+debs=("$DEBS/${KPKG}_"*.deb)
+if [[ ${#debs[@]} = 0 ]]; then
+  log "downloading $KPKG"
+  (cd "$DEBS" && apt_download "$KPKG")
+  debs=("$DEBS/${KPKG}_"*.deb)
+fi
+[[ ${#debs[@]} -ge 1 ]] || die "no .deb for $KPKG in $DEBS"
+KDEB="${debs[-1]}"
+
+STAGE="$DIR/stage"
+rm -rf "$STAGE"
+mkdir -p "$STAGE/kpkg"
+log "extracting $(basename "$KDEB")"
+dpkg -x "$KDEB" "$STAGE/kpkg"   # extraction only: no maintainer scripts or hooks run
+
+vmlinuz=("$STAGE/kpkg/boot/vmlinuz-"*)
+[[ ${#vmlinuz[@]} = 1 ]] || die "expected exactly one boot/vmlinuz-* in $KDEB"
+KVER="${vmlinuz[0]##*/vmlinuz-}"
+KMOD="$STAGE/kpkg/lib/modules/$KVER"
+[[ -d "$KMOD" ]] || die "no lib/modules/$KVER in $KDEB"
+log "kernel version: $KVER"
+
+# ---------------------------------------------------------------- busybox
+BUSYBOX=""
+if dpkg -s busybox-static >/dev/null 2>&1; then
+  BUSYBOX="$(dpkg -L busybox-static | grep -E '^(/usr)?/bin/busybox$' | head -n1 || true)"
+fi
+if [[ -z "$BUSYBOX" || ! -x "$BUSYBOX" ]]; then
+  # Not installed: take it from the package without installing it.
+  bbdebs=("$DEBS"/busybox-static_*.deb)
+  if [[ ${#bbdebs[@]} = 0 ]]; then
+    log "busybox-static not installed; downloading it"
+    (cd "$DEBS" && apt_download busybox-static)
+    bbdebs=("$DEBS"/busybox-static_*.deb)
+  fi
+  mkdir -p "$STAGE/bbpkg"
+  dpkg -x "${bbdebs[-1]}" "$STAGE/bbpkg"
+  BUSYBOX="$STAGE/bbpkg/bin/busybox"
+  [[ -x "$BUSYBOX" ]] || BUSYBOX="$STAGE/bbpkg/usr/bin/busybox"
+fi
+[[ -x "$BUSYBOX" ]] || die "no busybox-static binary found"
+log "busybox: $BUSYBOX ($("$BUSYBOX" 2>&1 | head -n1 | awk '{print $2}'))"
+
+run_depmod() { # <basedir> <kver>
+  if command -v depmod >/dev/null 2>&1; then depmod -b "$1" "$2"
+  else "$BUSYBOX" depmod -b "$1" "$2"; fi
+}
+
+# ---------------------------------------------------------------- modules
+# busybox insmod/modprobe cannot load compressed modules: decompress first.
+while IFS= read -r -d '' f; do
+  case "$f" in
+    *.ko.xz) xz -d -f "$f" ;;
+    *.ko.gz) gzip -d -f "$f" ;;
+    *.ko.zst) command -v zstd >/dev/null || die "zstd needed to decompress $f"; zstd -q -d --rm -f "$f" ;;
+  esac
+done < <(find "$KMOD" -type f \( -name '*.ko.xz' -o -name '*.ko.gz' -o -name '*.ko.zst' \) -print0)
+run_depmod "$STAGE/kpkg" "$KVER"
+
+WANT_MODULES=(virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)
+# modules.dep: "kernel/x/y.ko: dep1.ko dep2.ko". Collect the transitive closure.
+declare -A need=()
+queue=()
+for m in "${WANT_MODULES[@]}"; do
+  p="$(awk -F: -v m="$m" '{ n = $1; sub(/.*\//, "", n); sub(/\.ko$/, "", n); gsub(/-/, "_", n); if (n == m) { print $1; exit } }' "$KMOD/modules.dep")"
+  if [[ -z "$p" ]]; then
+    if grep -qE "/${m//_/[-_]}\.ko" "$KMOD/modules.builtin" 2>/dev/null; then
+      log "module $m is built in"; continue
+    fi
+    die "module $m not found in $KVER"
+  fi
+  queue+=("$p")
+done
+while [[ ${#queue[@]} -gt 0 ]]; do
+  p="${queue[0]}"; queue=("${queue[@]:1}")
+  [[ -n "${need[$p]:-}" ]] && continue
+  need[$p]=1
+  deps="$(awk -F': *' -v p="$p" '$1 == p { print $2; exit }' "$KMOD/modules.dep")"
+  for d in $deps; do queue+=("$d"); done
+done
+log "modules: $(printf '%s\n' "${!need[@]}" | sed 's#.*/##' | sort | tr '\n' ' ')"
+
+# ---------------------------------------------------------------- initramfs tree
+ROOT="$STAGE/root"
+mkdir -p "$ROOT"/{bin,sbin,dev,proc,sys,tmp,run,etc,scripts,lib/modules/"$KVER"}
+for p in "${!need[@]}"; do
+  mkdir -p "$ROOT/lib/modules/$KVER/$(dirname "$p")"
+  cp "$KMOD/$p" "$ROOT/lib/modules/$KVER/$p"
+done
+for f in modules.builtin modules.builtin.modinfo modules.order; do
+  if [[ -f "$KMOD/$f" ]]; then cp "$KMOD/$f" "$ROOT/lib/modules/$KVER/"; fi
+done
+run_depmod "$ROOT" "$KVER"
+
+cp "$BUSYBOX" "$ROOT/bin/busybox"
+chmod 0755 "$ROOT/bin/busybox"
+APPLETS=(sh ash cat echo printf awk dd md5sum sync sleep mount umount mkdir ls rm
+  modprobe insmod lsmod poweroff reboot uname dmesg head tail grep sed cut tr seq
+  test '[' true false date stat hexdump blockdev wc cmp tee setsid cttyhack kill)
+for a in "${APPLETS[@]}"; do ln -sf busybox "$ROOT/bin/$a"; done
+for a in modprobe insmod lsmod poweroff reboot; do ln -sf ../bin/busybox "$ROOT/sbin/$a"; done
+echo "$KVER" >"$ROOT/etc/iovirt-kernel-version"
+
+cat >"$ROOT/init" <<'INIT_EOF'
+#!/bin/sh
+# iovirt test guest /init (busybox sh). Prints "IOVIRT-GUEST: ..." markers on the
+# console and always powers off at the end.
+export PATH=/bin:/sbin
+say() { echo "IOVIRT-GUEST: $*"; }
+finish() {
+  say "poweroff"
+  sync
+  poweroff -f
+  sleep 5
+  exit 1 # init exiting panics; panic=-1 reboots and QEMU -no-reboot exits
+}
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs -o size=90% tmpfs /tmp
+exec </dev/console >/dev/console 2>&1
+say "init start kernel=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)"
+
+# iovirt.* parameters are not passed to init by the kernel (dotted = module
+# parameters): read them from /proc/cmdline. Exported as IOVIRT_<NAME>.
+for w in $(cat /proc/cmdline); do
+  case "$w" in
+    iovirt.*=*)
+      k="${w%%=*}"; k="${k#iovirt.}"; v="${w#*=}"
+      k="$(echo "$k" | tr 'a-z.-' 'A-Z__')"
+      export "IOVIRT_$k=$v"
+      ;;
+  esac
+done
+
+if [ -n "$IOVIRT_TIMEOUT" ]; then
+  ( sleep "$IOVIRT_TIMEOUT"; echo "IOVIRT-GUEST: guest watchdog expired after ${IOVIRT_TIMEOUT}s"; echo "IOVIRT-GUEST: RESULT FAIL"; sync; poweroff -f ) &
+fi
+
+for m in virtio_pci virtio_blk; do
+  if modprobe "$m"; then say "modprobe $m ok"; else say "modprobe $m FAILED"; fi
+done
+
+rc=0
+if [ -n "$IOVIRT_SCRIPT" ]; then
+  s="/scripts/${IOVIRT_SCRIPT%.sh}.sh"
+  if [ -f "$s" ]; then
+    say "script $IOVIRT_SCRIPT start uptime=$(cut -d' ' -f1 /proc/uptime)"
+    sh "$s"; rc=$?
+    say "script $IOVIRT_SCRIPT exit $rc uptime=$(cut -d' ' -f1 /proc/uptime)"
+  else
+    say "no such script: $IOVIRT_SCRIPT (have: $(ls /scripts | tr '\n' ' '))"
+    say "RESULT FAIL"
+    rc=127
+  fi
+else
+  say "no iovirt.script= given (have: $(ls /scripts | tr '\n' ' '))"
+fi
+
+if [ "$IOVIRT_SHELL" = 1 ]; then
+  say "shell (exit to power off)"
+  setsid cttyhack sh
+fi
+finish
+INIT_EOF
+chmod 0755 "$ROOT/init"
+
+cat >"$ROOT/scripts/blk-pattern.sh" <<'BLK_EOF'
+#!/bin/sh
+# blk-pattern: write/read a deterministic pattern on a virtio-blk device.
+#   iovirt.mode=guest-writes (default): write N MiB of pattern, read back, compare md5.
+#   iovirt.mode=guest-reads: read the first N MiB (pre-filled by the host), print md5.
+# Pattern: line i (16 bytes) = printf 'IOV%012x\n' i, N*65536 lines.
+# Exit status 0 = PASS.
+say() { echo "IOVIRT-GUEST: $*"; }
+fail() { say "error: $*"; say "RESULT FAIL"; exit 1; }
+MODE="${IOVIRT_MODE:-guest-writes}"
+MIB="${IOVIRT_MIB:-4}"
+DEV="${IOVIRT_DEV:-/dev/vda}"
+case "$MIB" in ''|*[!0-9]*) fail "bad iovirt.mib=$MIB" ;; esac
+[ "$MIB" -ge 1 ] || fail "bad iovirt.mib=$MIB"
+say "blk-pattern mode=$MODE mib=$MIB dev=$DEV"
+
+i=0
+while [ ! -b "$DEV" ]; do
+  [ $i -ge 100 ] && fail "$DEV did not appear within 10 s"
+  sleep 0.1; i=$((i + 1))
+done
+sz="$(blockdev --getsize64 "$DEV" 2>/dev/null)"
+say "device $DEV size=$sz"
+if [ -n "$sz" ] && [ "$sz" -lt $((MIB * 1048576)) ]; then
+  fail "$DEV is smaller ($sz bytes) than ${MIB} MiB"
+fi
+
+gen_pattern() { # <mib> -> stdout
+  awk -v n="$(($1 * 65536))" 'BEGIN { for (i = 0; i < n; i++) printf "IOV%012x\n", i }'
+}
+md5() { md5sum "$1" | cut -d' ' -f1; }
+
+read_back() { # -> /tmp/read.bin
+  rm -f /tmp/read.bin
+  dd if="$DEV" of=/tmp/read.bin bs=1M count="$MIB" iflag=direct 2>/tmp/dd.err
+  r=$?
+  if [ $r -ne 0 ]; then sed 's/^/IOVIRT-GUEST: dd: /' /tmp/dd.err; fail "read dd exit $r"; fi
+  got="$(stat -c %s /tmp/read.bin)"
+  [ "$got" = $((MIB * 1048576)) ] || fail "short read: $got bytes"
+}
+
+case "$MODE" in
+  guest-writes)
+    gen_pattern "$MIB" >/tmp/pattern.bin || fail "pattern generation failed"
+    wmd5="$(md5 /tmp/pattern.bin)"
+    say "write-md5 $wmd5"
+    dd if=/tmp/pattern.bin of="$DEV" bs=1M oflag=direct conv=fsync 2>/tmp/dd.err
+    r=$?
+    if [ $r -ne 0 ]; then sed 's/^/IOVIRT-GUEST: dd: /' /tmp/dd.err; fail "write dd exit $r"; fi
+    say "write done uptime=$(cut -d' ' -f1 /proc/uptime)"
+    rm -f /tmp/pattern.bin
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    read_back
+    rmd5="$(md5 /tmp/read.bin)"
+    say "read-md5 $rmd5"
+    rm -f /tmp/read.bin
+    if [ "$wmd5" = "$rmd5" ]; then say "RESULT PASS"; exit 0; fi
+    fail "read-back differs from what was written"
+    ;;
+  guest-reads)
+    echo 3 >/proc/sys/vm/drop_caches
+    read_back
+    rmd5="$(md5 /tmp/read.bin)"
+    say "read-md5 $rmd5"
+    if [ "$IOVIRT_VERIFY" = pattern ]; then
+      rm -f /tmp/read.bin
+      # (to a file: awk piped into md5sum is several times slower under TCG)
+      gen_pattern "$MIB" >/tmp/pattern.bin || fail "pattern generation failed"
+      pmd5="$(md5 /tmp/pattern.bin)"
+      rm -f /tmp/pattern.bin
+      say "pattern-md5 $pmd5"
+      [ "$pmd5" = "$rmd5" ] || fail "device content is not the pattern"
+    fi
+    rm -f /tmp/read.bin
+    say "RESULT PASS"
+    exit 0
+    ;;
+  *) fail "unknown iovirt.mode=$MODE" ;;
+esac
+BLK_EOF
+chmod 0755 "$ROOT/scripts/blk-pattern.sh"
+
+# ---------------------------------------------------------------- pack
+log "packing initramfs"
+pack_cpio() {
+  if command -v cpio >/dev/null 2>&1; then
+    cpio --quiet -o -H newc -R 0:0
+  else
+    "$BUSYBOX" cpio -o -H newc -R 0:0
+  fi
+}
+(cd "$ROOT" && find . -mindepth 1 | LC_ALL=C sort | pack_cpio) | gzip -9 -n >"$INITRD.tmp"
+cp "${vmlinuz[0]}" "$KERNEL.tmp"
+mv -f "$KERNEL.tmp" "$KERNEL"
+mv -f "$INITRD.tmp" "$INITRD"
+echo "$KVER" >"$DIR/kernel-version"
+echo "$WANT_STAMP" >"$STAMP"
+rm -rf "$STAGE"
+log "built kernel $KVER, initramfs $(stat -c %s "$INITRD") bytes"
+echo "KERNEL=$KERNEL"
+echo "INITRD=$INITRD"
