@@ -44,7 +44,9 @@ main(process.argv.slice(2)).then(
     process.exitCode = code;
   },
   (e: unknown) => {
-    process.stderr.write(`iovirt: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
+    // Users get the message; IOVIRT_DEBUG=1 adds the stack.
+    const detail = e instanceof Error ? (process.env["IOVIRT_DEBUG"] ? (e.stack ?? e.message) : e.message) : String(e);
+    process.stderr.write(`iovirt: ${detail}\n`);
     process.exitCode = 1;
   },
 );

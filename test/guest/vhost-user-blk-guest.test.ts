@@ -36,11 +36,15 @@ function readImage(path: string, n: number): Uint8Array {
   }
 }
 
-async function startBackend(sock: string, image: string, queues: number): Promise<{ child: ChildProcess; log: () => string }> {
+async function startBackend(
+  sock: string,
+  image: string,
+  queues: number,
+  poll: boolean,
+): Promise<{ child: ChildProcess; log: () => string }> {
   let err = "";
-  const child = spawn(process.execPath, [cli, "blk", "--socket", sock, "--image", image, "--queues", String(queues)], {
-    stdio: ["ignore", "ignore", "pipe"],
-  });
+  const args = [cli, "blk", "--socket", sock, "--image", image, "--queues", String(queues), ...(poll ? ["--poll"] : [])];
+  const child = spawn(process.execPath, args, { stdio: ["ignore", "ignore", "pipe"] });
   child.stderr!.on("data", (d: Buffer) => (err += d.toString()));
   for (let i = 0; i < 200 && !existsSync(sock); i++) {
     if (child.exitCode !== null) throw new Error(`iovirt blk exited: ${err}`);
@@ -57,14 +61,15 @@ async function stop(child: ChildProcess): Promise<number | null> {
 }
 
 const configs = [
-  { name: "split ring", device: "", queues: 1 },
-  { name: "packed ring", device: ",packed=on", queues: 1 },
-  { name: "split ring, 2 queues", device: ",num-queues=2", queues: 2 },
+  { name: "split ring", device: "", queues: 1, poll: false },
+  { name: "packed ring", device: ",packed=on", queues: 1, poll: false },
+  { name: "split ring, 2 queues", device: ",num-queues=2", queues: 2, poll: false },
+  { name: "packed ring, busy-poll worker", device: ",packed=on", queues: 1, poll: true },
 ];
 
 for (const [k, c] of configs.entries()) {
   for (const mode of ["guest-writes", "guest-reads"] as const) {
-    if (mode === "guest-reads" && c.queues > 1) continue;
+    if (mode === "guest-reads" && (c.queues > 1 || c.poll)) continue;
     test(
       `Linux guest ${mode === "guest-writes" ? "writes a pattern through" : "reads host data through"} iovirt blk over vhost-user (${c.name})`,
       { timeout: 180_000 },
@@ -73,7 +78,7 @@ for (const [k, c] of configs.entries()) {
         writeFileSync(image, new Uint8Array(IMAGE_BYTES));
         if (mode === "guest-reads") writeFileSync(image, expected, { flag: "r+" });
         const sock = join(dir, `blk-${k}-${mode}.sock`);
-        const be = await startBackend(sock, image, c.queues);
+        const be = await startBackend(sock, image, c.queues, c.poll);
         let output = "";
         try {
           const r = await bootGuest({

@@ -81,6 +81,12 @@ export interface BackendOptions {
   pollNs?: number;
   /** Monotonic clock in milliseconds (default performance.now). */
   now?: () => number;
+  /**
+   * Busy-poll mode: rings are not driven by kicks at all. Kicks are
+   * suppressed and the owner calls pollAll() in a loop (a dedicated worker
+   * thread does, in `iovirt blk --poll`).
+   */
+  busyPoll?: boolean;
 }
 
 const SUPPORTED_PF =
@@ -117,6 +123,7 @@ export class VhostUserBackend<F> {
   private status = 0;
   private readonly pollMs: number;
   private readonly now: () => number;
+  private readonly busyPoll: boolean;
 
   constructor(device: VirtioDevice, platform: VhostUserPlatform<F>, opts: BackendOptions = {}) {
     this.device = device;
@@ -124,6 +131,7 @@ export class VhostUserBackend<F> {
     this.log = opts.log ?? (() => {});
     this.pollMs = (opts.pollNs ?? 32_000) / 1e6;
     this.now = opts.now ?? (() => performance.now());
+    this.busyPoll = opts.busyPoll ?? false;
     this.rings = Array.from({ length: device.numQueues }, () => freshRing<F>());
     device.attachMemory(this.mem);
     device.events = {
@@ -439,11 +447,29 @@ export class VhostUserBackend<F> {
       throw e;
     }
     ring.started = true;
+    if (this.busyPoll) {
+      // The poll loop sees every buffer; ask the driver not to kick at all.
+      this.device.setQueueNotification(i, { mode: "disable" });
+      return;
+    }
     ring.watch = this.platform.watchKick(ring.kick!, () => {
       if (ring.enabled) this.serve(i);
     });
     // Buffers may already be waiting (reconnect): look once.
     if (ring.enabled) this.serve(i);
+  }
+
+  /** Busy-poll mode: one pass over every started, enabled ring. Returns how many rings had work. */
+  pollAll(): number {
+    let busy = 0;
+    for (let i = 0; i < this.rings.length; i++) {
+      const r = this.rings[i]!;
+      if (r.started && r.enabled && this.device.queueHasAvailable(i)) {
+        this.device.poll(i);
+        busy++;
+      }
+    }
+    return busy;
   }
 
   /** Processes ring i, then polls it for pollNs with kicks suppressed (see BackendOptions.pollNs). */

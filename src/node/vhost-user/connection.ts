@@ -7,6 +7,8 @@ import { nodePlatform } from "./platform.js";
 
 export interface ConnectionOptions {
   log?: (line: string) => void;
+  /** Busy-poll mode (see BackendOptions.busyPoll): the owner calls backend.pollAll() in a loop. */
+  busyPoll?: boolean;
   /** Called once when the connection ends, with the reason (null for an orderly close). */
   onClose?: (err: Error | null) => void;
 }
@@ -31,8 +33,12 @@ export class VhostUserConnection {
   constructor(sock: Fd, device: VirtioDevice, opts: ConnectionOptions = {}) {
     this.sock = sock;
     this.opts = opts;
-    this.backend = new VhostUserBackend(device, nodePlatform, { log: opts.log ?? (() => {}) });
+    this.backend = new VhostUserBackend(device, nodePlatform, { log: opts.log ?? (() => {}), busyPoll: opts.busyPoll ?? false });
     this.watcher = watch(sock, "r", () => this.onReadable());
+  }
+
+  get isClosed(): boolean {
+    return this.closed;
   }
 
   close(err: Error | null = null): void {

@@ -1,0 +1,137 @@
+/**
+ * `iovirt blk --poll`: the vhost-user connection and the virtio-blk device
+ * live in a worker thread that busy-polls the rings (no kicks, no eventfd
+ * wake-ups on the data path), handling control messages between polling
+ * slices. The main thread only accepts connections and hands the socket fd
+ * to the worker (fds are process-wide).
+ */
+import { Worker, isMainThread, parentPort, workerData } from "node:worker_threads";
+import { BlkDevice } from "../core/virtio/devices/blk/device.js";
+import { RamDisk, type BlockPort } from "../core/virtio/devices/blk/port.js";
+import { FileBlockPort } from "./file-port.js";
+import { Fd, SysError, unixAccept, unixBind, unixListen, unixSocket, watch, type Watcher } from "./native.js";
+import { VhostUserConnection } from "./vhost-user/connection.js";
+
+export interface BlkSpec {
+  image?: string;
+  size?: number;
+  readOnly: boolean;
+  queues: number;
+  queueSize: number;
+  serial: string;
+  verbose: boolean;
+}
+
+type ToWorker = { type: "conn"; fd: number } | { type: "stop" };
+type FromWorker = { type: "closed"; error: string | null } | { type: "log"; line: string } | { type: "stopped"; stats: string };
+
+/** Main-thread side: listens on `path` and feeds connections to one polling worker. */
+export class BlkPollServer {
+  private readonly listenFd: Fd;
+  private readonly watcher: Watcher;
+  private readonly worker: Worker;
+  private busy = false;
+  private readonly log: (line: string) => void;
+
+  constructor(path: string, spec: BlkSpec, log: (line: string) => void) {
+    this.log = log;
+    this.worker = new Worker(new URL(import.meta.url), { workerData: spec });
+    this.worker.on("message", (m: FromWorker) => {
+      if (m.type === "log") log(m.line);
+      else if (m.type === "closed") {
+        this.busy = false;
+        log(`front end disconnected${m.error ? `: ${m.error}` : ""}`);
+      }
+    });
+    this.worker.on("error", (e) => log(`poll worker failed: ${e.message}`));
+    this.listenFd = unixSocket();
+    try {
+      unixBind(this.listenFd, path, 0o600);
+      unixListen(this.listenFd, 4);
+    } catch (e) {
+      this.listenFd.close();
+      void this.worker.terminate();
+      throw e;
+    }
+    this.watcher = watch(this.listenFd, "r", () => this.accept());
+  }
+
+  /** Stops accepting, lets the worker close its connection and port, and waits for it. */
+  async close(): Promise<string> {
+    this.watcher.stop();
+    this.listenFd.close();
+    const stats = new Promise<string>((resolve) => {
+      this.worker.on("message", (m: FromWorker) => {
+        if (m.type === "stopped") resolve(m.stats);
+      });
+    });
+    this.worker.postMessage({ type: "stop" } satisfies ToWorker);
+    const s = await stats;
+    await this.worker.terminate();
+    return s;
+  }
+
+  private accept(): void {
+    for (;;) {
+      let fd: Fd;
+      try {
+        fd = unixAccept(this.listenFd);
+      } catch (e) {
+        if (e instanceof SysError && e.kind === "retry") return;
+        throw e;
+      }
+      if (this.busy) {
+        this.log("vhost-user: refusing a second front end while one is connected");
+        fd.close();
+        continue;
+      }
+      this.busy = true;
+      this.log("front end connected (busy-poll worker)");
+      this.worker.postMessage({ type: "conn", fd: fd.release() } satisfies ToWorker);
+    }
+  }
+}
+
+function workerMain(): void {
+  const spec = workerData as BlkSpec;
+  const port = (
+    spec.image !== undefined
+      ? new FileBlockPort(spec.image, { readOnly: spec.readOnly })
+      : new RamDisk(spec.size!, { readOnly: spec.readOnly })
+  ) as BlockPort & {
+    close?(): void;
+  };
+  const device = new BlkDevice({ port, numQueues: spec.queues, queueSize: spec.queueSize, serial: spec.serial, readOnly: spec.readOnly });
+  const post = (m: FromWorker): void => parentPort!.postMessage(m);
+  device.events.guestError = (err, q) =>
+    post({ type: "log", line: `guest error${q === null ? "" : ` on queue ${q}`}: ${err.code}: ${err.message}` });
+  let conn: VhostUserConnection | null = null;
+  let stopping = false;
+  const spin = (): void => {
+    if (conn === null || conn.isClosed) return;
+    // Poll for ~1 ms, then let the event loop run control messages.
+    const end = performance.now() + 1;
+    while (performance.now() < end) conn.backend.pollAll();
+    setImmediate(spin);
+  };
+  parentPort!.on("message", (m: ToWorker) => {
+    if (m.type === "conn") {
+      conn = new VhostUserConnection(Fd.adopt(m.fd), device, {
+        busyPoll: true,
+        ...(spec.verbose ? { log: (line: string) => post({ type: "log", line }) } : {}),
+        onClose: (err) => {
+          conn = null;
+          if (!stopping) post({ type: "closed", error: err === null ? null : err.message });
+        },
+      });
+      setImmediate(spin);
+    } else {
+      stopping = true;
+      conn?.close();
+      port.close?.();
+      post({ type: "stopped", stats: JSON.stringify(device.stats) });
+    }
+  });
+}
+
+if (!isMainThread && (workerData as BlkSpec | undefined)?.queues !== undefined) workerMain();
