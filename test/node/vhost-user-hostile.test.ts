@@ -15,7 +15,19 @@ import {
 } from "../../src/core/vhost-user/codec.js";
 import { FLAG_NEED_REPLY, FLAG_REPLY, HEADER_SIZE, PF, Req, VHOST_USER_F_PROTOCOL_FEATURES } from "../../src/core/vhost-user/protocol.js";
 import { VIRTIO_F_VERSION_1 } from "../../src/core/virtio/device/features.js";
-import { Fd, SysError, eventfd, ftruncate, memfdCreate, recvmsg, sendmsg, unixConnect, unixSocket } from "../../src/node/native.js";
+import {
+  Fd,
+  SysError,
+  eventfd,
+  ftruncate,
+  memfdCreate,
+  recvmsg,
+  sendmsg,
+  socketpair,
+  unixConnect,
+  unixSocket,
+} from "../../src/node/native.js";
+import { BackendReq } from "../../src/core/vhost-user/protocol.js";
 import { VhostUserServer } from "../../src/node/vhost-user/server.js";
 
 // A hostile front end talks raw vhost-user to an iovirt back end in this process.
@@ -24,7 +36,8 @@ import { VhostUserServer } from "../../src/node/vhost-user/server.js";
 
 const dir = mkdtempSync(join(tmpdir(), "iovirt-vu-"));
 const path = join(dir, "blk.sock");
-const device = new BlkDevice({ port: new RamDisk(1 << 20) });
+const disk = new RamDisk(1 << 20);
+const device = new BlkDevice({ port: disk });
 const disconnects: (Error | null)[] = [];
 const server = new VhostUserServer(path, device, { onDisconnect: (e) => disconnects.push(e) });
 after(() => {
@@ -250,4 +263,35 @@ test("a second front end is turned away while one is connected", async () => {
 
 test("every hostile connection ended with an error recorded, none crashed the process", () => {
   assert.ok(disconnects.some((e) => e !== null));
+});
+
+test("a capacity change reaches the front end as CONFIG_CHANGE_MSG on the back-end channel, and GET_CONFIG shows it", async () => {
+  const c = new RawClient();
+  c.send(Req.SET_PROTOCOL_FEATURES, encodeU64((1n << BigInt(PF.REPLY_ACK)) | (1n << BigInt(PF.CONFIG)) | (1n << BigInt(PF.BACKEND_REQ))));
+  const [mine, theirs] = socketpair();
+  assert.equal(await c.ack(Req.SET_BACKEND_REQ_FD, new Uint8Array(0), [theirs]), 0);
+  theirs.close();
+  disk.resize(2 << 20);
+  device.refreshCapacity();
+  const buf = new Uint8Array(64);
+  let got = 0;
+  for (let i = 0; i < 500 && got === 0; i++) {
+    try {
+      got = recvmsg(mine, buf, 0).bytes;
+    } catch (e) {
+      if (!(e instanceof SysError && e.kind === "retry")) throw e;
+      await tick();
+    }
+  }
+  assert.ok(got >= HEADER_SIZE, "a back-end message arrived");
+  assert.equal(decodeHeader(buf).request, BackendReq.CONFIG_CHANGE_MSG);
+  const cfgReq = new Uint8Array(12 + 8);
+  new DataView(cfgReq.buffer).setUint32(4, 8, true);
+  c.send(Req.GET_CONFIG, cfgReq);
+  const r = await c.reply();
+  assert.notEqual(r, "closed");
+  if (r !== "closed") assert.equal(new DataView(r.payload.buffer, r.payload.byteOffset).getBigUint64(12, true), BigInt((2 << 20) / 512));
+  mine.close();
+  c.close();
+  await serverStillServes();
 });

@@ -114,6 +114,18 @@ export class BlkDevice extends VirtioDevice {
     c.setUint8(BLK_CFG.write_zeroes_may_unmap, 1);
   }
 
+  /**
+   * Re-reads the port's size (after the host resized the disk), updates
+   * capacity and raises a configuration change notification (§5.2.6.2: the
+   * device MAY change capacity and SHOULD then notify).
+   */
+  refreshCapacity(): void {
+    const sectors = BigInt(Math.floor(this.port.sizeBytes / SECTOR_SIZE));
+    if (this.configView.getBigUint64(BLK_CFG.capacity, true) === sectors) return;
+    this.configView.setBigUint64(BLK_CFG.capacity, sectors, true);
+    this.configChanged();
+  }
+
   get capacitySectors(): number {
     return Number(this.configView.getBigUint64(BLK_CFG.capacity, true));
   }

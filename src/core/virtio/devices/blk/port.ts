@@ -22,7 +22,7 @@ export interface BlockPort {
  * "1 TiB" disk costs only what is written. Reads of holes return zeroes.
  */
 export class RamDisk implements BlockPort {
-  readonly sizeBytes: number;
+  sizeBytes: number;
   readonly readOnly: boolean;
   private static readonly CHUNK = 1 << 16;
   private readonly chunks = new Map<number, Uint8Array>();
@@ -34,6 +34,13 @@ export class RamDisk implements BlockPort {
     }
     this.sizeBytes = sizeBytes;
     this.readOnly = opts.readOnly ?? false;
+  }
+
+  /** Grows or shrinks the disk; data beyond a new, smaller end is dropped. */
+  resize(sizeBytes: number): void {
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % 512 !== 0) throw new RangeError(`disk size ${sizeBytes}`);
+    if (sizeBytes < this.sizeBytes) this.writeZeroes(sizeBytes, this.sizeBytes - sizeBytes, true);
+    this.sizeBytes = sizeBytes;
   }
 
   get allocatedBytes(): number {
