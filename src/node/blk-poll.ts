@@ -9,7 +9,8 @@ import { Worker, isMainThread, parentPort, workerData } from "node:worker_thread
 import { BlkDevice } from "../core/virtio/devices/blk/device.js";
 import { RamDisk, type BlockPort } from "../core/virtio/devices/blk/port.js";
 import { FileBlockPort } from "./file-port.js";
-import { Fd, SysError, unixAccept, unixBind, unixListen, unixSocket, watch, type Watcher } from "./native.js";
+import { Fd, watch, type Watcher } from "./native.js";
+import { acceptAll, listenUnix } from "./native-util.js";
 import { VhostUserConnection } from "./vhost-user/connection.js";
 
 export interface BlkSpec {
@@ -44,12 +45,9 @@ export class BlkPollServer {
       }
     });
     this.worker.on("error", (e) => log(`poll worker failed: ${e.message}`));
-    this.listenFd = unixSocket();
     try {
-      unixBind(this.listenFd, path, 0o600);
-      unixListen(this.listenFd, 4);
+      this.listenFd = listenUnix(path);
     } catch (e) {
-      this.listenFd.close();
       void this.worker.terminate();
       throw e;
     }
@@ -72,23 +70,16 @@ export class BlkPollServer {
   }
 
   private accept(): void {
-    for (;;) {
-      let fd: Fd;
-      try {
-        fd = unixAccept(this.listenFd);
-      } catch (e) {
-        if (e instanceof SysError && e.kind === "retry") return;
-        throw e;
-      }
+    acceptAll(this.listenFd, (fd) => {
       if (this.busy) {
         this.log("vhost-user: refusing a second front end while one is connected");
         fd.close();
-        continue;
+        return;
       }
       this.busy = true;
       this.log("front end connected (busy-poll worker)");
       this.worker.postMessage({ type: "conn", fd: fd.release() } satisfies ToWorker);
-    }
+    });
   }
 }
 

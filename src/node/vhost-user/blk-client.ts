@@ -1,21 +1,6 @@
-import {
-  BLK_CFG,
-  VIRTIO_BLK_F_BLK_SIZE,
-  VIRTIO_BLK_F_DISCARD,
-  VIRTIO_BLK_F_FLUSH,
-  VIRTIO_BLK_F_MQ,
-  VIRTIO_BLK_F_RO,
-  VIRTIO_BLK_F_SEG_MAX,
-  VIRTIO_BLK_F_WRITE_ZEROES,
-} from "../../core/virtio/devices/blk/constants.js";
-import {
-  VIRTIO_F_EVENT_IDX,
-  VIRTIO_F_INDIRECT_DESC,
-  VIRTIO_F_RING_PACKED,
-  features,
-  hasFeature,
-} from "../../core/virtio/device/features.js";
-import { BlkRequests } from "../../core/virtio/driver/blk.js";
+import { BLK_CFG, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_RO } from "../../core/virtio/devices/blk/constants.js";
+import { hasFeature } from "../../core/virtio/device/features.js";
+import { BLK_DRIVER_FEATURES, BlkRequests } from "../../core/virtio/driver/blk.js";
 import { VhostUserFrontend } from "./frontend.js";
 
 export interface BlkClientOptions {
@@ -42,19 +27,8 @@ export class VhostUserBlkClient {
   }
 
   static connect(path: string, opts: BlkClientOptions = {}): VhostUserBlkClient {
-    const wanted =
-      features(
-        VIRTIO_BLK_F_SEG_MAX,
-        VIRTIO_BLK_F_BLK_SIZE,
-        VIRTIO_BLK_F_FLUSH,
-        VIRTIO_BLK_F_RO,
-        VIRTIO_BLK_F_MQ,
-        VIRTIO_BLK_F_DISCARD,
-        VIRTIO_BLK_F_WRITE_ZEROES,
-        VIRTIO_F_EVENT_IDX,
-        VIRTIO_F_INDIRECT_DESC,
-        VIRTIO_F_RING_PACKED,
-      ) & ~(opts.without ?? 0n);
+    // RING_RESET and NOTIFICATION_DATA are not part of vhost-user: a back end never offers them.
+    const wanted = BLK_DRIVER_FEATURES & ~(opts.without ?? 0n);
     const fe = VhostUserFrontend.connect(path, {
       wanted,
       packed: opts.packed ?? false,

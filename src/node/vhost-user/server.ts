@@ -1,5 +1,6 @@
 import type { VirtioDevice } from "../../core/virtio/device/device.js";
-import { Fd, SysError, unixAccept, unixBind, unixConnect, unixListen, unixSocket, watch, type Watcher } from "../native.js";
+import { Fd, unixConnect, unixSocket, watch, type Watcher } from "../native.js";
+import { acceptAll, listenUnix } from "../native-util.js";
 import { VhostUserConnection } from "./connection.js";
 
 export interface ServerOptions {
@@ -26,14 +27,7 @@ export class VhostUserServer {
     this.path = path;
     this.device = device;
     this.opts = opts;
-    this.listenFd = unixSocket();
-    try {
-      unixBind(this.listenFd, path, 0o600);
-      unixListen(this.listenFd, 4);
-    } catch (e) {
-      this.listenFd.close();
-      throw e;
-    }
+    this.listenFd = listenUnix(path);
     this.watcher = watch(this.listenFd, "r", () => this.accept());
   }
 
@@ -48,26 +42,19 @@ export class VhostUserServer {
   }
 
   private accept(): void {
-    for (;;) {
-      let fd: Fd;
-      try {
-        fd = unixAccept(this.listenFd);
-      } catch (e) {
-        if (e instanceof SysError && e.kind === "retry") return;
-        throw e;
-      }
+    acceptAll(this.listenFd, (fd) => {
       // A reconnecting front end may arrive before we noticed the old one hang up.
       if (this.conn !== null && !this.conn.pump()) this.conn = null;
       if (this.conn !== null) {
         this.opts.log?.("vhost-user: refusing a second front end while one is connected");
         fd.close();
-        continue;
+        return;
       }
       this.conn = serve(fd, this.device, this.opts, (err) => {
         this.conn = null;
         this.opts.onDisconnect?.(err);
       });
-    }
+    });
   }
 }
 

@@ -65,6 +65,23 @@ export interface BlkDriverOptions extends Partial<Pick<DriverInitOptions, "prefe
   indirect?: boolean;
 }
 
+/** Every feature iovirt's virtio-blk driver understands; transports negotiate a subset. */
+export const BLK_DRIVER_FEATURES = features(
+  VIRTIO_BLK_F_SEG_MAX,
+  VIRTIO_BLK_F_BLK_SIZE,
+  VIRTIO_BLK_F_FLUSH,
+  VIRTIO_BLK_F_RO,
+  VIRTIO_BLK_F_MQ,
+  VIRTIO_BLK_F_DISCARD,
+  VIRTIO_BLK_F_WRITE_ZEROES,
+  VIRTIO_F_INDIRECT_DESC,
+  VIRTIO_F_EVENT_IDX,
+  VIRTIO_F_RING_PACKED,
+  VIRTIO_F_IN_ORDER,
+  VIRTIO_F_RING_RESET,
+  VIRTIO_F_NOTIFICATION_DATA,
+);
+
 /**
  * What the request engine needs: guest memory, a DMA window, the negotiated
  * features, the driver queues and a way to notify. VirtioDriver provides it
@@ -230,22 +247,7 @@ export class BlkDriver extends BlkRequests {
   }
 
   init(opts: BlkDriverOptions = {}): void {
-    const wanted =
-      features(
-        VIRTIO_BLK_F_SEG_MAX,
-        VIRTIO_BLK_F_BLK_SIZE,
-        VIRTIO_BLK_F_FLUSH,
-        VIRTIO_BLK_F_RO,
-        VIRTIO_BLK_F_MQ,
-        VIRTIO_BLK_F_DISCARD,
-        VIRTIO_BLK_F_WRITE_ZEROES,
-        VIRTIO_F_INDIRECT_DESC,
-        VIRTIO_F_EVENT_IDX,
-        VIRTIO_F_RING_PACKED,
-        VIRTIO_F_IN_ORDER,
-        VIRTIO_F_RING_RESET,
-        VIRTIO_F_NOTIFICATION_DATA,
-      ) & ~(opts.without ?? 0n);
+    const wanted = BLK_DRIVER_FEATURES & ~(opts.without ?? 0n);
     this.useIndirect = opts.indirect ?? true;
     const t = this.virtio.transport;
     this.virtio.init({
