@@ -6,7 +6,10 @@ import {
   createDeviceQueue,
   decodeNotificationData,
   initialQueueState,
+  TrackedQueue,
+  type DescriptorChain,
   type DeviceQueue,
+  type QueueTracker,
   type NotificationMode,
   type QueueState,
 } from "../queue/index.js";
@@ -377,10 +380,32 @@ export abstract class VirtioDevice {
   }
 
   /** Host side: restore a queue from plain state (vhost-user SET_VRING_BASE, migration). Throws QueueError if invalid. */
-  restoreQueue(i: number, state: QueueState): void {
+  restoreQueue(i: number, state: QueueState, tracker?: QueueTracker): void {
     if (this.mem === null) throw new IovirtUsageError("NO_MEMORY", "attachMemory() first");
     if (i < 0 || i >= this.numQueues) throw new RangeError(`queue ${i}`);
-    this.live[i] = createDeviceQueue(this.mem, state, ringFeatures(this.negotiated));
+    const q = createDeviceQueue(this.mem, state, ringFeatures(this.negotiated));
+    this.live[i] = tracker === undefined ? q : new TrackedQueue(q, tracker);
+  }
+
+  /**
+   * Host side: process one chain that was in flight when the back end
+   * restarted (vhost-user INFLIGHT_SHMFD). Guest errors in it put the queue
+   * out of service like any other.
+   */
+  resubmit(i: number, chain: DescriptorChain): void {
+    const q = this.live[i];
+    if (q === null || q === undefined) throw new IovirtUsageError("QUEUE_NOT_LIVE", `queue ${i} is not running`);
+    try {
+      this.processChain(i, q, chain);
+    } catch (e) {
+      if (!(e instanceof GuestError)) throw e;
+      this.needsReset(e, i);
+    }
+  }
+
+  /** Processes one already-popped chain; devices that support resubmission override it. */
+  protected processChain(_index: number, _queue: DeviceQueue, _chain: DescriptorChain): void {
+    throw new IovirtUsageError("NO_RESUBMIT", `device ${this.deviceId} cannot resubmit in-flight buffers`);
   }
 
   /**

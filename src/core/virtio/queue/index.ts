@@ -13,3 +13,4 @@ export {
 export { SplitQueue } from "./split.js";
 export { PackedQueue, packedPos, packedEventInWindow } from "./packed.js";
 export { createDeviceQueue, encodeNotificationData, decodeNotificationData, type DeviceQueue, type NotificationData } from "./queue.js";
+export { TrackedQueue, type QueueTracker } from "./tracked.js";

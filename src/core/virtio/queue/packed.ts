@@ -196,6 +196,10 @@ export class PackedQueue implements DeviceQueue {
     return m.mode !== "disable" && this.hasAvailable();
   }
 
+  chainAt(_head: number, _chain: DescriptorChain): void {
+    throw new IovirtUsageError("NO_STABLE_CHAIN", "packed rings keep no chain to re-read; rebuild it from recorded descriptors");
+  }
+
   /** Reads one buffer starting at nextAvail (§2.8.6, §2.8.12, §2.8.13). */
   private walk(chain: DescriptorChain): void {
     const size = this.size;

@@ -37,6 +37,13 @@ export interface DeviceQueue {
   hasAvailable(): boolean;
   /** Plain state for GET_VRING_BASE, snapshots and migration. */
   getState(): QueueState;
+  /**
+   * Split rings: re-reads and validates the chain at descriptor `head`
+   * without touching the available ring, for resubmitting buffers that were
+   * in flight when a back end restarted. Packed rings have no stable chain
+   * to re-read (the slots may be reused) and throw.
+   */
+  chainAt(head: number, chain: DescriptorChain): void;
 }
 
 /** Builds a live queue from plain state; the state and the ring addresses are validated. */

@@ -188,6 +188,10 @@ export class SplitQueue implements DeviceQueue {
     return idx;
   }
 
+  chainAt(head: number, chain: DescriptorChain): void {
+    this.walk(chain, head);
+  }
+
   /** Walks and validates the chain at `head` (§2.7.5, §2.7.5.3). */
   private walk(chain: DescriptorChain, head: number): void {
     const size = this.size;

@@ -145,6 +145,10 @@ export class BlkDevice extends VirtioDevice {
     }
   }
 
+  protected override processChain(index: number, q: DeviceQueue, chain: DescriptorChain): void {
+    this.handle(index, q, chain, false);
+  }
+
   private handle(index: number, q: DeviceQueue, chain: DescriptorChain, inOrder: boolean): void {
     const epoch = this.epoch;
     const mem = this.memory;
