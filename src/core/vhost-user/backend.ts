@@ -2,16 +2,19 @@ import { GuestMemory } from "../memory/guest-memory.js";
 import { GuestError } from "../errors.js";
 import type { VirtioDevice } from "../virtio/device/device.js";
 import { VIRTIO_F_RING_PACKED, hasFeature, bit } from "../virtio/device/features.js";
-import { QueueError, type QueueState } from "../virtio/queue/index.js";
+import { QueueError, type QueueState, type QueueTracker } from "../virtio/queue/index.js";
+import { InflightError, SplitInflight, inflightMmapSize, inflightQueueSlice } from "./inflight.js";
 import {
   VhostUserError,
   decodeConfig,
+  decodeInflight,
   decodeMemTable,
   decodeSingleRegion,
   decodeU64Bits,
   decodeVringAddr,
   decodeVringState,
   encodeConfig,
+  encodeInflight,
   encodeMessage,
   encodeU64,
   encodeVringState,
@@ -45,6 +48,8 @@ export interface VhostUserPlatform<F> {
   signal(fd: F): void;
   /** Sends a message on the back-end request channel. */
   sendBackendMessage(fd: F, bytes: Uint8Array): void;
+  /** Creates zero-filled shared memory of `size` bytes (a memfd) and maps it. */
+  createShared(size: number): { fd: F; buffer: ArrayBuffer };
 }
 
 export interface OutMessage<F> {
@@ -96,7 +101,15 @@ const SUPPORTED_PF =
   bit(PF.BACKEND_REQ) |
   bit(PF.RESET_DEVICE) |
   bit(PF.CONFIGURE_MEM_SLOTS) |
-  bit(PF.STATUS);
+  bit(PF.STATUS) |
+  bit(PF.INFLIGHT_SHMFD);
+
+interface InflightArea<F> {
+  fd: F;
+  buffer: ArrayBuffer;
+  numQueues: number;
+  queueSize: number;
+}
 
 /**
  * The vhost-user back-end handler (protocol layer 2 of DESIGN.md principle 6):
@@ -120,6 +133,8 @@ export class VhostUserBackend<F> {
   private mem = new GuestMemory();
   private readonly rings: Vring<F>[];
   private backendFd: F | null = null;
+  private inflight: InflightArea<F> | null = null;
+  private inflightOffset = 0;
   private status = 0;
   private readonly pollMs: number;
   private readonly now: () => number;
@@ -188,6 +203,7 @@ export class VhostUserBackend<F> {
     this.unmapAll();
     if (this.backendFd !== null) this.platform.close(this.backendFd);
     this.backendFd = null;
+    this.dropInflight();
     this.device.hostReset();
   }
 
@@ -358,6 +374,31 @@ export class VhostUserBackend<F> {
         if (this.backendFd !== null) this.platform.close(this.backendFd);
         this.backendFd = fds[0]!;
         return { keptFds: true };
+      case Req.GET_INFLIGHT_FD: {
+        this.requirePF(h, PF.INFLIGHT_SHMFD);
+        const d = decodeInflight(h.request, p);
+        this.checkInflightShape(d.numQueues, d.queueSize);
+        // The layout is not negotiated yet: size every queue's region for the larger (packed) form.
+        const mmapSize = inflightMmapSize("packed", d.numQueues, d.queueSize);
+        const { fd, buffer } = this.platform.createShared(mmapSize);
+        this.setInflight({ fd, buffer, numQueues: d.numQueues, queueSize: d.queueSize });
+        return {
+          reply: encodeInflight({ mmapSize, mmapOffset: 0, numQueues: d.numQueues, queueSize: d.queueSize }),
+          replyFds: [fd],
+          keptFds: false,
+        };
+      }
+      case Req.SET_INFLIGHT_FD: {
+        this.requirePF(h, PF.INFLIGHT_SHMFD);
+        const d = decodeInflight(h.request, p);
+        this.checkInflightShape(d.numQueues, d.queueSize);
+        if (d.mmapSize < inflightMmapSize("split", d.numQueues, d.queueSize)) {
+          throw new VhostUserError("BAD_VALUE", `in-flight area of ${d.mmapSize} bytes is too small for ${d.numQueues} x ${d.queueSize}`);
+        }
+        const whole = this.platform.mmap(fds[0]!, d.mmapOffset + d.mmapSize);
+        this.setInflight({ fd: fds[0]!, buffer: whole, numQueues: d.numQueues, queueSize: d.queueSize }, d.mmapOffset);
+        return { keptFds: true };
+      }
       case Req.SET_STATUS:
         this.requirePF(h, PF.STATUS);
         this.status = Number(decodeU64Bits(h.request, p) & 0xffn);
@@ -374,6 +415,59 @@ export class VhostUserBackend<F> {
   sendConfigChange(): void {
     if (this.backendFd === null || !this.hasPF(PF.CONFIG)) return;
     this.platform.sendBackendMessage(this.backendFd, encodeMessage(BackendReq.CONFIG_CHANGE_MSG, 0));
+  }
+
+  private checkInflightShape(numQueues: number, queueSize: number): void {
+    if (!(numQueues >= 1 && numQueues <= this.rings.length))
+      throw new VhostUserError("BAD_VALUE", `in-flight area for ${numQueues} queues (device has ${this.rings.length})`);
+    if (!(queueSize >= 1 && queueSize <= 32768)) throw new VhostUserError("BAD_VALUE", `in-flight queue size ${queueSize}`);
+  }
+
+  private setInflight(area: InflightArea<F>, offset = 0): void {
+    this.dropInflight();
+    this.inflight = area;
+    this.inflightOffset = offset;
+  }
+
+  private dropInflight(): void {
+    if (this.inflight === null) return;
+    this.platform.munmap(this.inflight.buffer);
+    this.platform.close(this.inflight.fd);
+    this.inflight = null;
+  }
+
+  /**
+   * In-flight tracking for ring i (split rings): returns the tracker to
+   * attach and the heads that were in flight when a previous back end died,
+   * oldest first; the ring's next avail index skips past them.
+   */
+  private inflightFor(i: number, state: QueueState): { tracker: QueueTracker; resubmit: number[] } | null {
+    const area = this.inflight;
+    if (area === null || !this.hasPF(PF.INFLIGHT_SHMFD) || i >= area.numQueues) return null;
+    if (state.layout !== "split") {
+      this.log(`vhost-user: ring ${i}: in-flight tracking covers split rings only; a restart loses this packed ring's in-flight requests`);
+      return null;
+    }
+    if (area.queueSize !== state.size)
+      throw new VhostUserError("BAD_RING", `ring ${i} size ${state.size} differs from the in-flight area's ${area.queueSize}`);
+    const mapping = new Uint8Array(area.buffer, this.inflightOffset);
+    const region = new SplitInflight(inflightQueueSlice(mapping, "split", area.queueSize, i), area.queueSize);
+    const usedIdx = this.mem.readU16(state.deviceArea + 2);
+    let resubmit: number[];
+    try {
+      resubmit = region.recover(usedIdx);
+    } catch (e) {
+      if (e instanceof InflightError) throw new VhostUserError("BAD_INFLIGHT", `ring ${i}: ${e.message}`);
+      throw e;
+    }
+    // Popped = used + still in flight: continue after the buffers being resubmitted.
+    state.nextAvail = (usedIdx + resubmit.length) & 0xffff;
+    const tracker: QueueTracker = {
+      onPop: (c) => region.onPop(c.head),
+      onUsed: (id) => region.onUsed(id),
+      onPublish: (st) => region.commit(st.nextUsed),
+    };
+    return { tracker, resubmit };
   }
 
   private hasPF(b: number): boolean {
@@ -440,13 +534,23 @@ export class VhostUserBackend<F> {
   private startRing(i: number): void {
     const ring = this.rings[i]!;
     if (!this.featuresSet) throw new VhostUserError("WRONG_STATE", `ring ${i} started before SET_FEATURES`);
+    let resubmit: number[] = [];
     try {
-      this.device.restoreQueue(i, this.stateFor(i, ring));
+      const state = this.stateFor(i, ring);
+      const inflight = this.inflightFor(i, state);
+      if (inflight !== null) {
+        this.device.restoreQueue(i, state, inflight.tracker);
+        resubmit = inflight.resubmit;
+      } else this.device.restoreQueue(i, state);
     } catch (e) {
       if (e instanceof QueueError) throw new VhostUserError("BAD_RING", `ring ${i}: ${e.message}`);
       throw e;
     }
     ring.started = true;
+    if (resubmit.length > 0) {
+      this.log(`vhost-user: ring ${i}: resubmitting ${resubmit.length} request(s) in flight before the restart`);
+      for (const head of resubmit) this.device.resubmitHead(i, head);
+    }
     if (this.busyPoll) {
       // The poll loop sees every buffer; ask the driver not to kick at all.
       this.device.setQueueNotification(i, { mode: "disable" });

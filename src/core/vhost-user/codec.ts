@@ -210,8 +210,14 @@ export interface InflightDesc {
   numQueues: number;
   queueSize: number;
 }
+/**
+ * VhostUserInflight is 20 bytes of fields that C pads to 24 (its u64 members
+ * align it to 8); QEMU sends and expects exactly 24. We accept both.
+ */
 export function decodeInflight(request: number, p: Uint8Array): InflightDesc {
-  const v = expectSize(request, p, 20);
+  if (p.length !== 24 && p.length !== 20)
+    throw new VhostUserError("BAD_SIZE", `${reqName(request)}: payload of ${p.length} bytes, expected 24`);
+  const v = view(p);
   return {
     mmapSize: u64(v, 0, "inflight size"),
     mmapOffset: u64(v, 8, "inflight offset"),
@@ -220,7 +226,7 @@ export function decodeInflight(request: number, p: Uint8Array): InflightDesc {
   };
 }
 export function encodeInflight(d: InflightDesc): Uint8Array {
-  const out = new Uint8Array(20);
+  const out = new Uint8Array(24);
   const v = view(out);
   v.setBigUint64(0, BigInt(d.mmapSize), true);
   v.setBigUint64(8, BigInt(d.mmapOffset), true);

@@ -1,5 +1,5 @@
 import type { VhostUserPlatform } from "../../core/vhost-user/backend.js";
-import { Fd, SysError, eventfdRead, eventfdWrite, mmap, munmap, sendmsg, watch } from "../native.js";
+import { Fd, SysError, eventfdRead, eventfdWrite, ftruncate, memfdCreate, mmap, munmap, sendmsg, watch } from "../native.js";
 
 /** The vhost-user back end's OS services, on Linux through the native addon. */
 export const nodePlatform: VhostUserPlatform<Fd> = {
@@ -35,5 +35,15 @@ export const nodePlatform: VhostUserPlatform<Fd> = {
   },
   sendBackendMessage(fd, bytes) {
     sendmsg(fd, bytes);
+  },
+  createShared(size) {
+    const fd = memfdCreate("iovirt-inflight");
+    try {
+      ftruncate(fd, size);
+      return { fd, buffer: mmap(fd, size, 0, "rw", true) };
+    } catch (e) {
+      fd.close();
+      throw e;
+    }
   },
 };

@@ -7,7 +7,7 @@ import {
   decodeNotificationData,
   initialQueueState,
   TrackedQueue,
-  type DescriptorChain,
+  DescriptorChain,
   type DeviceQueue,
   type QueueTracker,
   type NotificationMode,
@@ -401,6 +401,21 @@ export abstract class VirtioDevice {
       if (!(e instanceof GuestError)) throw e;
       this.needsReset(e, i);
     }
+  }
+
+  /** Host side: resubmit the split-ring chain at `head` (re-read from the descriptor table). */
+  resubmitHead(i: number, head: number): void {
+    const q = this.live[i];
+    if (q === null || q === undefined) throw new IovirtUsageError("QUEUE_NOT_LIVE", `queue ${i} is not running`);
+    const chain = new DescriptorChain();
+    try {
+      q.chainAt(head, chain);
+    } catch (e) {
+      if (!(e instanceof GuestError)) throw e;
+      this.needsReset(e, i);
+      return;
+    }
+    this.resubmit(i, chain);
   }
 
   /** Processes one already-popped chain; devices that support resubmission override it. */
