@@ -2,8 +2,10 @@ import { GuestMemory } from "../memory/guest-memory.js";
 import { GuestError } from "../errors.js";
 import type { VirtioDevice } from "../virtio/device/device.js";
 import { VIRTIO_F_RING_PACKED, hasFeature, bit } from "../virtio/device/features.js";
-import { QueueError, type QueueState, type QueueTracker } from "../virtio/queue/index.js";
-import { InflightError, SplitInflight, inflightMmapSize, inflightQueueSlice } from "./inflight.js";
+import { DescriptorChain, QueueError, type QueueState, type QueueTracker } from "../virtio/queue/index.js";
+import { InflightError, PackedInflight, SplitInflight, inflightMmapSize, inflightQueueSlice, type PackedInflightDesc } from "./inflight.js";
+import { chainFromDescriptors } from "../virtio/queue/packed.js";
+import { combineU64 } from "../memory/guest-memory.js";
 import {
   VhostUserError,
   decodeConfig,
@@ -437,35 +439,91 @@ export class VhostUserBackend<F> {
   }
 
   /**
-   * In-flight tracking for ring i (split rings): returns the tracker to
-   * attach and the heads that were in flight when a previous back end died,
-   * oldest first; the ring's next avail index skips past them.
+   * In-flight tracking for ring i: returns the tracker to attach and the
+   * buffers that were in flight when a previous back end died, oldest first.
+   * `state` is moved to where the ring really continues (after them).
    */
-  private inflightFor(i: number, state: QueueState): { tracker: QueueTracker; resubmit: number[] } | null {
+  private inflightFor(i: number, state: QueueState): { tracker: QueueTracker; resubmit: ((q: number) => void)[] } | null {
     const area = this.inflight;
     if (area === null || !this.hasPF(PF.INFLIGHT_SHMFD) || i >= area.numQueues) return null;
-    if (state.layout !== "split") {
-      this.log(`vhost-user: ring ${i}: in-flight tracking covers split rings only; a restart loses this packed ring's in-flight requests`);
-      return null;
-    }
     if (area.queueSize !== state.size)
       throw new VhostUserError("BAD_RING", `ring ${i} size ${state.size} differs from the in-flight area's ${area.queueSize}`);
     const mapping = new Uint8Array(area.buffer, this.inflightOffset);
-    const region = new SplitInflight(inflightQueueSlice(mapping, "split", area.queueSize, i), area.queueSize);
-    const usedIdx = this.mem.readU16(state.deviceArea + 2);
-    let resubmit: number[];
     try {
-      resubmit = region.recover(usedIdx);
+      return state.layout === "split" ? this.splitInflight(mapping, area, i, state) : this.packedInflight(mapping, area, i, state);
     } catch (e) {
       if (e instanceof InflightError) throw new VhostUserError("BAD_INFLIGHT", `ring ${i}: ${e.message}`);
       throw e;
     }
+  }
+
+  private splitInflight(
+    mapping: Uint8Array,
+    area: InflightArea<F>,
+    i: number,
+    state: QueueState,
+  ): { tracker: QueueTracker; resubmit: ((q: number) => void)[] } {
+    const region = new SplitInflight(inflightQueueSlice(mapping, "split", area.queueSize, i), area.queueSize);
+    const usedIdx = this.mem.readU16(state.deviceArea + 2);
+    const heads = region.recover(usedIdx);
     // Popped = used + still in flight: continue after the buffers being resubmitted.
-    state.nextAvail = (usedIdx + resubmit.length) & 0xffff;
+    state.nextAvail = (usedIdx + heads.length) & 0xffff;
+    state.nextUsed = usedIdx;
+    return {
+      tracker: { onPop: (c) => region.onPop(c.head), onUsed: (id) => region.onUsed(id), onPublish: (st) => region.commit(st.nextUsed) },
+      resubmit: heads.map((head) => (q: number) => this.device.resubmitHead(q, head)),
+    };
+  }
+
+  private packedInflight(
+    mapping: Uint8Array,
+    area: InflightArea<F>,
+    i: number,
+    state: QueueState,
+  ): { tracker: QueueTracker; resubmit: ((q: number) => void)[] } {
+    const region = new PackedInflight(inflightQueueSlice(mapping, "packed", area.queueSize, i), area.queueSize);
+    const mem = this.mem;
+    const slotFlags = (slot: number): number => mem.readU16(state.descTable + 16 * slot + 14);
+    const rec = region.recover(slotFlags);
+    let resubmit: ((q: number) => void)[] = [];
+    if (rec === null) region.init(state.nextUsed, state.usedWrap);
+    else {
+      state.nextAvail = rec.availIdx;
+      state.availWrap = rec.availWrap;
+      state.nextUsed = rec.usedIdx;
+      state.usedWrap = rec.usedWrap;
+      resubmit = rec.buffers.map((b) => (q: number) => {
+        const chain = new DescriptorChain();
+        try {
+          chainFromDescriptors(mem, chain, b.descs, b.id);
+        } catch (e) {
+          if (!(e instanceof GuestError)) throw e;
+          this.log(`vhost-user: ring ${q}: in-flight buffer ${b.id} is invalid: ${e.message}`);
+          return;
+        }
+        this.device.resubmit(q, chain);
+      });
+    }
+    // The tracker follows the device's read position to record each buffer's raw ring descriptors.
+    let pos = state.nextAvail;
+    const size = state.size;
     const tracker: QueueTracker = {
-      onPop: (c) => region.onPop(c.head),
+      onPop: (c) => {
+        const descs: PackedInflightDesc[] = [];
+        for (let k = 0; k < c.descCount; k++) {
+          const at = state.descTable + 16 * pos;
+          descs.push({
+            addr: combineU64(mem.readU32(at), mem.readU32(at + 4)),
+            len: mem.readU32(at + 8),
+            id: mem.readU16(at + 12),
+            flags: mem.readU16(at + 14),
+          });
+          if (++pos === size) pos = 0;
+        }
+        region.onPop(descs);
+      },
       onUsed: (id) => region.onUsed(id),
-      onPublish: (st) => region.commit(st.nextUsed),
+      onPublish: (st) => region.commit(st.nextUsed, st.usedWrap),
     };
     return { tracker, resubmit };
   }
@@ -534,7 +592,7 @@ export class VhostUserBackend<F> {
   private startRing(i: number): void {
     const ring = this.rings[i]!;
     if (!this.featuresSet) throw new VhostUserError("WRONG_STATE", `ring ${i} started before SET_FEATURES`);
-    let resubmit: number[] = [];
+    let resubmit: ((q: number) => void)[] = [];
     try {
       const state = this.stateFor(i, ring);
       const inflight = this.inflightFor(i, state);
@@ -549,7 +607,7 @@ export class VhostUserBackend<F> {
     ring.started = true;
     if (resubmit.length > 0) {
       this.log(`vhost-user: ring ${i}: resubmitting ${resubmit.length} request(s) in flight before the restart`);
-      for (const head of resubmit) this.device.resubmitHead(i, head);
+      for (const again of resubmit) again(i);
     }
     if (this.busyPoll) {
       // The poll loop sees every buffer; ask the driver not to kick at all.

@@ -247,15 +247,7 @@ export class PackedQueue implements DeviceQueue {
   }
 
   private walkIndirect(chain: DescriptorChain, addr: number, len: number): void {
-    const t = indirectTable(this.mem, addr, len);
-    const n = len >>> 4;
-    for (let i = 0; i < n; i++) {
-      const w = t.base + (i << 2);
-      const flags = t.u32[w + 3]! >>> 16;
-      // §2.8.13: only WRITE is valid inside the table; a nested table is refused like in split rings.
-      if ((flags & VIRTQ_DESC_F_INDIRECT) !== 0) throw new QueueError("INDIRECT_NESTED", "INDIRECT flag inside an indirect table");
-      chain.push(this.mem, combineU64(t.u32[w]!, t.u32[w + 1]!), t.u32[w + 2]!, (flags & VIRTQ_DESC_F_WRITE) !== 0);
-    }
+    pushIndirect(this.mem, chain, addr, len);
   }
 }
 
@@ -263,4 +255,39 @@ function isAvail(flags: number, wrap: boolean): boolean {
   const avail = (flags & VIRTQ_DESC_F_AVAIL) !== 0;
   const used = (flags & VIRTQ_DESC_F_USED) !== 0;
   return avail === wrap && used !== wrap;
+}
+
+/**
+ * Rebuilds a validated chain from a packed buffer's recorded ring descriptors
+ * (vhost-user in-flight recovery): the same rules as a pop, including
+ * indirect tables (§2.8 "Indirect Flag").
+ */
+export function chainFromDescriptors(
+  mem: GuestMemory,
+  chain: DescriptorChain,
+  descs: readonly { addr: number; len: number; flags: number }[],
+  id: number,
+): void {
+  chain.reset();
+  descs.forEach((d, k) => {
+    if ((d.flags & VIRTQ_DESC_F_INDIRECT) !== 0) {
+      if (descs.length !== 1) throw new QueueError("INDIRECT_WITH_NEXT", `INDIRECT descriptor ${k} inside a NEXT-linked list`);
+      pushIndirect(mem, chain, d.addr, d.len);
+    } else chain.push(mem, d.addr, d.len, (d.flags & VIRTQ_DESC_F_WRITE) !== 0);
+  });
+  chain.head = id;
+  chain.descCount = descs.length;
+}
+
+/** Appends a packed indirect table's entries to `chain` (§2.8 "Indirect Flag"). */
+function pushIndirect(mem: GuestMemory, chain: DescriptorChain, addr: number, len: number): void {
+  const t = indirectTable(mem, addr, len);
+  const n = len >>> 4;
+  for (let i = 0; i < n; i++) {
+    const w = t.base + (i << 2);
+    const flags = t.u32[w + 3]! >>> 16;
+    // Only WRITE is valid inside the table; a nested table is refused like in split rings.
+    if ((flags & VIRTQ_DESC_F_INDIRECT) !== 0) throw new QueueError("INDIRECT_NESTED", "INDIRECT flag inside an indirect table");
+    chain.push(mem, combineU64(t.u32[w]!, t.u32[w + 1]!), t.u32[w + 2]!, (flags & VIRTQ_DESC_F_WRITE) !== 0);
+  }
 }
