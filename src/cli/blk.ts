@@ -159,7 +159,9 @@ export async function blkMain(args: string[]): Promise<number> {
   const device = new BlkDevice({ port, numQueues: o.queues, queueSize: o.queueSize, serial: o.serial, readOnly: o.readonly });
   device.events.guestError = (err, q) => log(`guest error${q === null ? "" : ` on queue ${q}`}: ${err.code}: ${err.message}`);
   const opts = {
-    ...(o.verbose ? { log } : { log: (s: string) => (s.includes("failed") || s.includes("closing") ? log(s) : undefined) }),
+    ...(o.verbose
+      ? { log }
+      : { log: (s: string) => (s.includes("failed") || s.includes("closing") || s.includes("resubmitting") ? log(s) : undefined) }),
     onConnect: () => log("front end connected"),
     onDisconnect: (err: Error | null) => log(`front end disconnected${err ? `: ${err.message}` : ""}`),
   };

@@ -107,3 +107,50 @@ for (const [k, c] of configs.entries()) {
     );
   }
 }
+
+test("the guest's writes survive the back end being killed mid-write and restarted (QEMU reconnects)", { timeout: 180_000 }, async () => {
+  const image = join(dir, "disk-restart.img");
+  writeFileSync(image, new Uint8Array(IMAGE_BYTES));
+  const sock = join(dir, "blk-restart.sock");
+  const mib = 16;
+  const want = guestPattern(mib);
+  let be = await startBackend(sock, image, 1, false);
+  const logs: string[] = [];
+  let restarted: Promise<void> | null = null;
+  const restart = async (): Promise<void> => {
+    // Kill the back end as soon as the guest's writes start landing in the image, so requests are in flight.
+    for (let i = 0; i < 1500 && readImage(image, 3).every((b) => b === 0); i++) await new Promise((r) => setTimeout(r, 10));
+    be.child.kill("SIGKILL");
+    await new Promise((r) => be.child.once("exit", r));
+    logs.push(be.log());
+    await new Promise((r) => setTimeout(r, 300));
+    be = await startBackend(sock, image, 1, false);
+  };
+  const r = await bootGuest({
+    ...paths,
+    sharedMemory: true,
+    append: `iovirt.script=blk-pattern iovirt.mode=guest-writes iovirt.mib=${mib}`,
+    qemuArgs: ["-chardev", `socket,id=c0,path=${sock},reconnect=1`, "-device", "vhost-user-blk-pci,chardev=c0"],
+    timeoutMs: 160_000,
+    onLine: (l) => {
+      if (restarted === null && l.includes("blk-pattern mode=")) restarted = restart();
+    },
+  });
+  assert.ok(restarted !== null, "the guest script started");
+  await restarted;
+  try {
+    assert.equal(r.timedOut, false, "guest finished");
+    assert.ok(r.markers.includes("RESULT PASS"), `guest reported: ${r.markers.join(" | ")}`);
+    assert.equal(markerValue(r.markers, "read-md5"), md5(want));
+    assert.equal(md5(readImage(image, want.length)), md5(want));
+  } catch (e) {
+    process.stderr.write(
+      `--- guest ---\n${r.output.slice(-3000)}\n--- first back end ---\n${logs.join("")}\n--- second ---\n${be.log()}\n`,
+    );
+    throw e;
+  } finally {
+    await stop(be.child);
+  }
+  // Both back ends took part: the first was killed after some of the pattern had landed.
+  assert.ok(logs.join("").includes("front end connected") && be.log().includes("front end connected"));
+});
