@@ -1,5 +1,6 @@
 import { runBlkLoad, type RwMode } from "../node/blk-load.js";
-import { parseSize } from "./blk.js";
+import { sizeArg } from "./blk.js";
+import { ArgReader, UsageError, parseOrExplain } from "./args.js";
 
 const HELP = `iovirt bench blk — load a vhost-user-blk back end through iovirt's front end
 
@@ -17,55 +18,59 @@ Usage:
 Prints IOPS, MB/s and latency p50/p99 (microseconds, from submit to completion).
 `;
 
-export async function benchBlkMain(args: string[]): Promise<number> {
-  const o = { socket: "", rw: "randread" as RwMode, bs: 4096, iodepth: 32, seconds: 5, packed: false, json: false };
-  try {
-    for (let i = 0; i < args.length; i++) {
-      const a = args[i]!;
-      const val = (): string => {
-        const v = args[++i];
-        if (v === undefined) throw new Error(`${a} needs a value`);
-        return v;
-      };
-      switch (a) {
-        case "--socket":
-          o.socket = val();
-          break;
-        case "--rw": {
-          const v = val();
-          if (!["randread", "randwrite", "read", "write"].includes(v)) throw new Error("--rw is randread, randwrite, read or write");
-          o.rw = v as RwMode;
-          break;
-        }
-        case "--bs":
-          o.bs = parseSize(val());
-          break;
-        case "--iodepth":
-          o.iodepth = Number(val());
-          if (!Number.isInteger(o.iodepth) || o.iodepth < 1 || o.iodepth > 1024) throw new Error("--iodepth takes an integer in [1, 1024]");
-          break;
-        case "--seconds":
-          o.seconds = Number(val());
-          if (!(o.seconds > 0 && o.seconds <= 3600)) throw new Error("--seconds takes a number in (0, 3600]");
-          break;
-        case "--packed":
-          o.packed = true;
-          break;
-        case "--json":
-          o.json = true;
-          break;
-        case "--help":
-        case "-h":
-          process.stdout.write(HELP);
-          return 0;
-        default:
-          throw new Error(`unknown option ${a}`);
-      }
+interface BenchBlkArgs {
+  socket: string;
+  rw: RwMode;
+  bs: number;
+  iodepth: number;
+  seconds: number;
+  packed: boolean;
+  json: boolean;
+}
+
+function parse(args: string[]): BenchBlkArgs | "help" {
+  const o: BenchBlkArgs = { socket: "", rw: "randread", bs: 4096, iodepth: 32, seconds: 5, packed: false, json: false };
+  const r = new ArgReader(args);
+  while (r.next()) {
+    switch (r.flag) {
+      case "--socket":
+        o.socket = r.value();
+        break;
+      case "--rw":
+        o.rw = r.oneOf(["randread", "randwrite", "read", "write"] as const);
+        break;
+      case "--bs":
+        o.bs = sizeArg(r);
+        break;
+      case "--iodepth":
+        o.iodepth = r.int(1, 1024);
+        break;
+      case "--seconds":
+        o.seconds = r.positive(3600);
+        break;
+      case "--packed":
+        o.packed = true;
+        break;
+      case "--json":
+        o.json = true;
+        break;
+      case "--help":
+      case "-h":
+        return "help";
+      default:
+        r.unknown();
     }
-    if (o.socket === "") throw new Error("--socket is required");
-  } catch (e) {
-    process.stderr.write(`iovirt bench blk: ${(e as Error).message}\n\n${HELP}`);
-    return 2;
+  }
+  if (o.socket === "") throw new UsageError("--socket is required");
+  return o;
+}
+
+export async function benchBlkMain(args: string[]): Promise<number> {
+  const o = parseOrExplain("iovirt bench blk", HELP, () => parse(args));
+  if (o === null) return 2;
+  if (o === "help") {
+    process.stdout.write(HELP);
+    return 0;
   }
   const r = await runBlkLoad(o);
   if (o.json) process.stdout.write(JSON.stringify({ bench: "blk", results: [r] }) + "\n");

@@ -1,3 +1,4 @@
+import { ArgReader, parseOrExplain } from "./args.js";
 import { Worker } from "node:worker_threads";
 
 export interface RingBenchConfig {
@@ -66,70 +67,50 @@ export async function runRingBench(cfg: RingBenchConfig): Promise<RingBenchResul
   return { layout: cfg.layout, eventIdx: cfg.eventIdx, batch: cfg.batch, threads: cfg.threads, descriptorsPerSecond: Math.round(rate) };
 }
 
-function parseArgs(
-  args: string[],
-): { json: boolean; seconds: number; layouts: ("split" | "packed")[]; threads: (1 | 2)[]; batches: number[] } | string {
-  const o = {
-    json: false,
-    seconds: 0.6,
-    layouts: ["split", "packed"] as ("split" | "packed")[],
-    threads: [1, 2] as (1 | 2)[],
-    batches: [1, 32, 256],
-  };
-  for (let i = 0; i < args.length; i++) {
-    const a = args[i]!;
-    const val = (): string => {
-      const v = args[++i];
-      if (v === undefined) throw new Error(`${a} needs a value`);
-      return v;
-    };
-    switch (a) {
+interface RingArgs {
+  json: boolean;
+  seconds: number;
+  layouts: ("split" | "packed")[];
+  threads: (1 | 2)[];
+  batches: number[];
+}
+
+function parseArgs(args: string[]): RingArgs | "help" {
+  const o: RingArgs = { json: false, seconds: 0.6, layouts: ["split", "packed"], threads: [1, 2], batches: [1, 32, 256] };
+  const r = new ArgReader(args);
+  while (r.next()) {
+    switch (r.flag) {
       case "--json":
         o.json = true;
         break;
-      case "--seconds": {
-        const s = Number(val());
-        if (!(s > 0 && s <= 60)) return "--seconds takes a number in (0, 60]";
-        o.seconds = s;
+      case "--seconds":
+        o.seconds = r.positive(60);
         break;
-      }
-      case "--layout": {
-        const l = val();
-        if (l !== "split" && l !== "packed") return "--layout is split or packed";
-        o.layouts = [l];
+      case "--layout":
+        o.layouts = [r.oneOf(["split", "packed"] as const)];
         break;
-      }
-      case "--threads": {
-        const t = Number(val());
-        if (t !== 1 && t !== 2) return "--threads is 1 or 2";
-        o.threads = [t];
+      case "--threads":
+        o.threads = [r.int(1, 2) as 1 | 2];
         break;
-      }
-      case "--batch": {
-        const b = Number(val());
-        if (!(Number.isInteger(b) && b >= 1 && b <= 256)) return "--batch takes an integer in [1, 256]";
-        o.batches = [b];
+      case "--batch":
+        o.batches = [r.int(1, 256)];
         break;
-      }
       case "--help":
       case "-h":
         return "help";
       default:
-        return `unknown option ${a}`;
+        r.unknown();
     }
   }
   return o;
 }
 
 export async function benchRingMain(args: string[]): Promise<number> {
-  const o = parseArgs(args);
+  const o = parseOrExplain("iovirt bench ring", HELP, () => parseArgs(args));
+  if (o === null) return 2;
   if (o === "help") {
     process.stdout.write(HELP);
     return 0;
-  }
-  if (typeof o === "string") {
-    process.stderr.write(`iovirt bench ring: ${o}\n\n${HELP}`);
-    return 2;
   }
   const results: RingBenchResult[] = [];
   if (!o.json) console.log("layout  eventIdx  batch  threads  Mdesc/s");

@@ -1,4 +1,5 @@
 import { existsSync } from "node:fs";
+import { ArgReader, UsageError, parseOrExplain } from "./args.js";
 import { BlkDevice } from "../core/virtio/devices/blk/device.js";
 import { RamDisk, type BlockPort } from "../core/virtio/devices/blk/port.js";
 import { FileBlockPort } from "../node/file-port.js";
@@ -29,6 +30,16 @@ and removes nothing but its own socket. On start it prints the QEMU options
 that attach a guest to it; the guest's memory must be shared (memfd, share=on).
 `;
 
+/** A size argument (bytes, or with a K/M/G/T suffix). */
+export function sizeArg(r: ArgReader): number {
+  try {
+    return parseSize(r.value());
+  } catch (e) {
+    if (e instanceof UsageError) throw e;
+    throw new UsageError(`${r.flag}: ${(e as Error).message}`);
+  }
+}
+
 export function parseSize(s: string): number {
   const m = /^(\d+)([KMGT]?)i?B?$/i.exec(s.trim());
   if (m === null) throw new Error(`bad size '${s}' (examples: 1G, 512M, 1048576)`);
@@ -51,44 +62,34 @@ interface BlkArgs {
   poll: boolean;
 }
 
-function parse(args: string[]): BlkArgs | string {
+function parse(args: string[]): BlkArgs | "help" {
   const o: BlkArgs = { readonly: false, queues: 1, queueSize: 256, serial: "iovirt", verbose: false, poll: false };
-  for (let i = 0; i < args.length; i++) {
-    const a = args[i]!;
-    const val = (): string => {
-      const v = args[++i];
-      if (v === undefined) throw new Error(`${a} needs a value`);
-      return v;
-    };
-    const int = (lo: number, hi: number): number => {
-      const n = Number(val());
-      if (!Number.isInteger(n) || n < lo || n > hi) throw new Error(`${a} takes an integer in [${lo}, ${hi}]`);
-      return n;
-    };
-    switch (a) {
+  const r = new ArgReader(args);
+  while (r.next()) {
+    switch (r.flag) {
       case "--socket":
-        o.socket = val();
+        o.socket = r.value();
         break;
       case "--connect":
-        o.connect = val();
+        o.connect = r.value();
         break;
       case "--image":
-        o.image = val();
+        o.image = r.value();
         break;
       case "--size":
-        o.size = parseSize(val());
+        o.size = sizeArg(r);
         break;
       case "--readonly":
         o.readonly = true;
         break;
       case "--queues":
-        o.queues = int(1, 64);
+        o.queues = r.int(1, 64);
         break;
       case "--queue-size":
-        o.queueSize = int(1, 32768);
+        o.queueSize = r.int(1, 32768);
         break;
       case "--serial":
-        o.serial = val();
+        o.serial = r.value();
         break;
       case "--verbose":
         o.verbose = true;
@@ -100,30 +101,23 @@ function parse(args: string[]): BlkArgs | string {
       case "-h":
         return "help";
       default:
-        return `unknown option ${a}`;
+        r.unknown();
     }
   }
-  if ((o.socket === undefined) === (o.connect === undefined)) return "give exactly one of --socket and --connect";
-  if ((o.image === undefined) === (o.size === undefined)) return "give exactly one of --image and --size";
-  if (o.poll && o.socket === undefined) return "--poll needs --socket";
-  if (o.image !== undefined && !existsSync(o.image)) return `image ${o.image} does not exist (create one with: truncate -s 1G ${o.image})`;
+  if ((o.socket === undefined) === (o.connect === undefined)) throw new UsageError("give exactly one of --socket and --connect");
+  if ((o.image === undefined) === (o.size === undefined)) throw new UsageError("give exactly one of --image and --size");
+  if (o.poll && o.socket === undefined) throw new UsageError("--poll needs --socket");
+  if (o.image !== undefined && !existsSync(o.image))
+    throw new UsageError(`image ${o.image} does not exist (create one with: truncate -s 1G ${o.image})`);
   return o;
 }
 
 export async function blkMain(args: string[]): Promise<number> {
-  let o: BlkArgs | string;
-  try {
-    o = parse(args);
-  } catch (e) {
-    o = (e as Error).message;
-  }
+  const o = parseOrExplain("iovirt blk", HELP, () => parse(args));
+  if (o === null) return 2;
   if (o === "help") {
     process.stdout.write(HELP);
     return 0;
-  }
-  if (typeof o === "string") {
-    process.stderr.write(`iovirt blk: ${o}\n\n${HELP}`);
-    return 2;
   }
   const log = (s: string): void => {
     process.stderr.write(`${new Date().toISOString()} ${s}\n`);

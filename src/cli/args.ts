@@ -1,0 +1,62 @@
+/** A command-line mistake: the command prints it with its help and exits 2. */
+export class UsageError extends Error {
+  override name = "UsageError";
+}
+
+/** Walks argv flag by flag; value readers check and explain their ranges. */
+export class ArgReader {
+  private i = -1;
+  flag = "";
+  private readonly argv: readonly string[];
+
+  constructor(argv: readonly string[]) {
+    this.argv = argv;
+  }
+
+  next(): boolean {
+    this.i++;
+    if (this.i >= this.argv.length) return false;
+    this.flag = this.argv[this.i]!;
+    return true;
+  }
+
+  value(): string {
+    const v = this.argv[++this.i];
+    if (v === undefined) throw new UsageError(`${this.flag} needs a value`);
+    return v;
+  }
+
+  int(lo: number, hi: number): number {
+    const n = Number(this.value());
+    if (!Number.isInteger(n) || n < lo || n > hi) throw new UsageError(`${this.flag} takes an integer in [${lo}, ${hi}]`);
+    return n;
+  }
+
+  /** A number in (lo, hi]. */
+  positive(hi: number): number {
+    const n = Number(this.value());
+    if (!(n > 0 && n <= hi)) throw new UsageError(`${this.flag} takes a number in (0, ${hi}]`);
+    return n;
+  }
+
+  oneOf<T extends string>(choices: readonly T[]): T {
+    const v = this.value();
+    if (!(choices as readonly string[]).includes(v)) throw new UsageError(`${this.flag} is one of ${choices.join(", ")}`);
+    return v as T;
+  }
+
+  unknown(): never {
+    throw new UsageError(`unknown option ${this.flag}`);
+  }
+}
+
+/** Runs a parser; returns its result, "help", or prints the usage error and returns null. */
+export function parseOrExplain<T>(command: string, help: string, parse: () => T | "help"): T | "help" | null {
+  try {
+    return parse();
+  } catch (e) {
+    if (!(e instanceof UsageError)) throw e;
+    process.stderr.write(`${command}: ${e.message}\n\n${help}`);
+    return null;
+  }
+}
