@@ -50,13 +50,19 @@ export class ArgReader {
   }
 }
 
-/** Runs a parser; returns its result, "help", or prints the usage error and returns null. */
-export function parseOrExplain<T>(command: string, help: string, parse: () => T | "help"): T | "help" | null {
+/**
+ * Runs a parser. Returns its result, or the exit code when there is nothing
+ * to run: 0 after printing the help, 2 after explaining a usage error.
+ */
+export function parseOrExplain<T extends object>(command: string, help: string, parse: () => T | "help"): T | number {
   try {
-    return parse();
+    const o = parse();
+    if (o !== "help") return o;
+    process.stdout.write(help);
+    return 0;
   } catch (e) {
     if (!(e instanceof UsageError)) throw e;
     process.stderr.write(`${command}: ${e.message}\n\n${help}`);
-    return null;
+    return 2;
   }
 }

@@ -67,11 +67,7 @@ function parse(args: string[]): BenchBlkArgs | "help" {
 
 export async function benchBlkMain(args: string[]): Promise<number> {
   const o = parseOrExplain("iovirt bench blk", HELP, () => parse(args));
-  if (o === null) return 2;
-  if (o === "help") {
-    process.stdout.write(HELP);
-    return 0;
-  }
+  if (typeof o === "number") return o;
   const r = await runBlkLoad(o);
   if (o.json) process.stdout.write(JSON.stringify({ bench: "blk", results: [r] }) + "\n");
   else

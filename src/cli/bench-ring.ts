@@ -107,11 +107,7 @@ function parseArgs(args: string[]): RingArgs | "help" {
 
 export async function benchRingMain(args: string[]): Promise<number> {
   const o = parseOrExplain("iovirt bench ring", HELP, () => parseArgs(args));
-  if (o === null) return 2;
-  if (o === "help") {
-    process.stdout.write(HELP);
-    return 0;
-  }
+  if (typeof o === "number") return o;
   const results: RingBenchResult[] = [];
   if (!o.json) console.log("layout  eventIdx  batch  threads  Mdesc/s");
   for (const layout of o.layouts)

@@ -114,11 +114,7 @@ function parse(args: string[]): BlkArgs | "help" {
 
 export async function blkMain(args: string[]): Promise<number> {
   const o = parseOrExplain("iovirt blk", HELP, () => parse(args));
-  if (o === null) return 2;
-  if (o === "help") {
-    process.stdout.write(HELP);
-    return 0;
-  }
+  if (typeof o === "number") return o;
   const log = (s: string): void => {
     process.stderr.write(`${new Date().toISOString()} ${s}\n`);
   };
