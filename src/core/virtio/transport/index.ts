@@ -1,1 +1,2 @@
 export * from "./mmio/index.js";
+export * from "./pci/index.js";

@@ -1,0 +1,2 @@
+export * from "./caps.js";
+export * from "../../../pci/config.js";
