@@ -471,3 +471,25 @@ describe("virtio-blk multiqueue and ports", () => {
     await rejectsWith(p.driver.writeZeroes(0, 1), "UNSUPP");
   });
 });
+
+test("a sector of 2^53 or more (all ones, 2^63) is IOERR, never read as a nearby valid sector", async () => {
+  for (const hi of [0xffffffff, 0x80000000, 0x00200000]) {
+    const p = createBlkPair();
+    const h = header(p, 0 /* VIRTIO_BLK_T_IN */, 0);
+    p.driver.virtio.mem.writeU32(h + 8, 0xffffffff);
+    p.driver.virtio.mem.writeU32(h + 12, hi);
+    const data = p.driver.virtio.dma.alloc(512, 16);
+    const r = await raw(
+      p,
+      [
+        { addr: h, len: 16, writable: false },
+        { addr: data, len: 512, writable: true },
+        { addr: h + 16, len: 1, writable: true },
+      ],
+      h + 16,
+    );
+    assert.equal(r.status, 1, `sector hi word 0x${hi.toString(16)}`);
+    assert.equal(p.device.stats.ioerr, 1);
+    assert.equal(p.device.stats.bytesRead, 0);
+  }
+});

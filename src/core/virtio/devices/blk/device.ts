@@ -1,4 +1,5 @@
 import { GuestError } from "../../../errors.js";
+import { combineU64 } from "../../../memory/guest-memory.js";
 import { DescriptorChain, type DeviceQueue } from "../../queue/index.js";
 import { VirtioDevice } from "../../device/device.js";
 import {
@@ -70,6 +71,9 @@ export class BlkDevice extends VirtioDevice {
   private readonly serial: Uint8Array;
   private readonly readOnly: boolean;
   private readonly busy: boolean[];
+  private readonly hdr32 = new Uint32Array(BLK_REQ_HEADER / 4);
+  private readonly hdr8 = new Uint8Array(this.hdr32.buffer);
+  private readonly statusByte = new Uint8Array(1);
   /** Requests completed, by status; for stats and tests. */
   readonly stats = { ok: 0, ioerr: 0, unsupp: 0, bytesRead: 0, bytesWritten: 0 };
 
@@ -163,7 +167,8 @@ export class BlkDevice extends VirtioDevice {
       if (status === VIRTIO_BLK_S_OK) this.stats.ok++;
       else if (status === VIRTIO_BLK_S_UNSUPP) this.stats.unsupp++;
       else this.stats.ioerr++;
-      chain.write(mem, Uint8Array.of(status), chain.writableBytes - 1);
+      this.statusByte[0] = status;
+      chain.write(mem, this.statusByte, chain.writableBytes - 1);
       this.complete(q, index, chain.head, dataWritten + 1, chain.descCount, epoch);
       if (inOrder) {
         this.busy[index] = false;
@@ -196,11 +201,11 @@ export class BlkDevice extends VirtioDevice {
   private start(chain: DescriptorChain): number | { work: void | Promise<void>; written: number } {
     const mem = this.memory;
     if (chain.readableBytes < BLK_REQ_HEADER) return VIRTIO_BLK_S_IOERR;
-    const hdr = new Uint8Array(BLK_REQ_HEADER);
-    chain.read(mem, hdr);
-    const hv = new DataView(hdr.buffer);
-    const type = hv.getUint32(0, true);
-    const sector = Number(hv.getBigUint64(8, true));
+    // The header is read synchronously, so one scratch buffer serves every request.
+    chain.read(mem, this.hdr8);
+    const type = this.hdr32[0]!;
+    const sector = combineU64(this.hdr32[2]!, this.hdr32[3]!); // -1 for 2^53 and up: out of range
+
     const capacity = this.port.sizeBytes;
     switch (type) {
       case VIRTIO_BLK_T_IN: {
@@ -245,7 +250,7 @@ export class BlkDevice extends VirtioDevice {
     const v = new DataView(segs.buffer);
     const ops: [number, number, boolean][] = [];
     for (let off = 0; off < len; off += BLK_DWZ_SEGMENT) {
-      const sector = Number(v.getBigUint64(off, true));
+      const sector = combineU64(v.getUint32(off, true), v.getUint32(off + 4, true));
       const count = v.getUint32(off + 8, true);
       const flags = v.getUint32(off + 12, true);
       // §5.2.6.2: unknown flags, or unmap on a discard, are UNSUPP.
@@ -278,6 +283,7 @@ export class BlkDevice extends VirtioDevice {
   }
 }
 
+/** The guest's sector and length lie inside the disk; `sector` is -1 when the guest sent 2^53 or more. */
 function inRange(sector: number, bytes: number, capacity: number): boolean {
-  return Number.isSafeInteger(sector * SECTOR_SIZE) && sector * SECTOR_SIZE + bytes <= capacity;
+  return sector >= 0 && Number.isSafeInteger(sector * SECTOR_SIZE) && sector * SECTOR_SIZE + bytes <= capacity;
 }
