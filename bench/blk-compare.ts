@@ -7,11 +7,12 @@
  *   npm run bench:blk -- --seconds 5  per measurement (default 4); --runs N (default 3, median)
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { runBlkLoad, type RwMode } from "../src/node/blk-load.js";
+import { stopChild, waitForPath } from "../src/node/child.js";
 
 const CASES: { rw: RwMode; iodepth: number }[] = [
   { rw: "randread", iodepth: 1 },
@@ -24,22 +25,6 @@ const IMAGE_BYTES = 256 << 20;
 function arg(name: string, dflt: number): number {
   const i = process.argv.indexOf(name);
   return i >= 0 ? Number(process.argv[i + 1]) : dflt;
-}
-
-async function waitFor(path: string, child: ChildProcess, what: string): Promise<void> {
-  for (let i = 0; i < 100; i++) {
-    if (existsSync(path)) return;
-    if (child.exitCode !== null) throw new Error(`${what} exited with ${child.exitCode}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`${what} did not create ${path}`);
-}
-
-async function stop(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null) return;
-  const done = new Promise((r) => child.once("exit", r));
-  child.kill("SIGTERM");
-  await done;
 }
 
 function median(xs: number[]): number {
@@ -96,10 +81,10 @@ async function main(): Promise<void> {
       const sock = join(dir, `${s.name}.sock`);
       const child = s.start(sock);
       try {
-        await waitFor(sock, child, s.name);
+        await waitForPath(sock, child, s.name);
         for (const c of CASES) iops[s.name]!.push(await measure(sock, c, seconds, runs));
       } finally {
-        await stop(child);
+        await stopChild(child);
       }
     }
   } finally {

@@ -2,12 +2,13 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, mkdtempSync, openSync, readSync, closeSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { bootGuest, guestPaths, markerValue, type GuestPaths } from "../../tools/guest/run.js";
 import { guestPattern } from "../../tools/guest/pattern.js";
+import { readFileRange, stopChild, waitForPath } from "../../src/node/child.js";
 
 // A real Linux guest (Debian's kernel, its virtio_blk driver, busybox) under
 // QEMU/TCG, attached with vhost-user-blk-pci to `iovirt blk` in another process.
@@ -25,17 +26,6 @@ before(async () => {
 });
 after(() => rmSync(dir, { recursive: true, force: true }));
 
-function readImage(path: string, n: number): Uint8Array {
-  const fd = openSync(path, "r");
-  try {
-    const b = new Uint8Array(n);
-    readSync(fd, b, 0, n, 0);
-    return b;
-  } finally {
-    closeSync(fd);
-  }
-}
-
 async function startBackend(
   sock: string,
   image: string,
@@ -46,18 +36,12 @@ async function startBackend(
   const args = [cli, "blk", "--socket", sock, "--image", image, "--queues", String(queues), ...(poll ? ["--poll"] : [])];
   const child = spawn(process.execPath, args, { stdio: ["ignore", "ignore", "pipe"] });
   child.stderr!.on("data", (d: Buffer) => (err += d.toString()));
-  for (let i = 0; i < 200 && !existsSync(sock); i++) {
-    if (child.exitCode !== null) throw new Error(`iovirt blk exited: ${err}`);
-    await new Promise((r) => setTimeout(r, 25));
+  try {
+    await waitForPath(sock, child, "iovirt blk");
+  } catch (e) {
+    throw new Error(`${(e as Error).message}\n${err}`);
   }
   return { child, log: () => err };
-}
-
-async function stop(child: ChildProcess): Promise<number | null> {
-  if (child.exitCode !== null) return child.exitCode;
-  const done = new Promise<number | null>((r) => child.once("exit", (c) => r(c)));
-  child.kill("SIGTERM");
-  return done;
 }
 
 const configs = [
@@ -95,13 +79,13 @@ for (const [k, c] of configs.entries()) {
           if (mode === "guest-writes") {
             assert.equal(markerValue(r.markers, "write-md5"), md5(expected));
             // The host sees in the image file exactly what the guest's driver wrote.
-            assert.equal(md5(readImage(image, expected.length)), md5(expected));
+            assert.equal(md5(readFileRange(image, 0, expected.length)), md5(expected));
           }
         } catch (e) {
           process.stderr.write(`--- guest output ---\n${output.slice(-4000)}\n--- iovirt blk ---\n${be.log().slice(-4000)}\n`);
           throw e;
         } finally {
-          assert.equal(await stop(be.child), 0, "iovirt blk shuts down cleanly on SIGTERM");
+          assert.equal(await stopChild(be.child), 0, "iovirt blk shuts down cleanly on SIGTERM");
         }
       },
     );
@@ -119,7 +103,7 @@ test("the guest's writes survive the back end being killed mid-write and restart
   let restarted: Promise<void> | null = null;
   const restart = async (): Promise<void> => {
     // Kill the back end as soon as the guest's writes start landing in the image, so requests are in flight.
-    for (let i = 0; i < 1500 && readImage(image, 3).every((b) => b === 0); i++) await new Promise((r) => setTimeout(r, 10));
+    for (let i = 0; i < 1500 && readFileRange(image, 0, 3).every((b) => b === 0); i++) await new Promise((r) => setTimeout(r, 10));
     be.child.kill("SIGKILL");
     await new Promise((r) => be.child.once("exit", r));
     logs.push(be.log());
@@ -142,14 +126,14 @@ test("the guest's writes survive the back end being killed mid-write and restart
     assert.equal(r.timedOut, false, "guest finished");
     assert.ok(r.markers.includes("RESULT PASS"), `guest reported: ${r.markers.join(" | ")}`);
     assert.equal(markerValue(r.markers, "read-md5"), md5(want));
-    assert.equal(md5(readImage(image, want.length)), md5(want));
+    assert.equal(md5(readFileRange(image, 0, want.length)), md5(want));
   } catch (e) {
     process.stderr.write(
       `--- guest ---\n${r.output.slice(-3000)}\n--- first back end ---\n${logs.join("")}\n--- second ---\n${be.log()}\n`,
     );
     throw e;
   } finally {
-    await stop(be.child);
+    await stopChild(be.child);
   }
   // Both back ends took part: the first was killed after some of the pattern had landed.
   assert.ok(logs.join("").includes("front end connected") && be.log().includes("front end connected"));

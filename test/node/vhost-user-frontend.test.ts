@@ -1,11 +1,12 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFileSync, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, openSync, readSync, closeSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { VhostUserBlkClient } from "../../src/node/vhost-user/blk-client.js";
+import { readFileRange, stopChild, waitForPath } from "../../src/node/child.js";
 
 // iovirt's front end + virtio-blk driver against two real back ends in other
 // processes: iovirt's own (`iovirt blk`) and qemu-storage-daemon.
@@ -20,22 +21,6 @@ after(() => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-async function waitForSocket(path: string, child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 200; i++) {
-    if (existsSync(path)) return;
-    if (child.exitCode !== null) throw new Error(`back end exited with ${child.exitCode}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`no socket at ${path}`);
-}
-
-async function stop(child: ChildProcess): Promise<number | null> {
-  if (child.exitCode !== null) return child.exitCode;
-  const done = new Promise<number | null>((r) => child.once("exit", (code) => r(code)));
-  child.kill("SIGTERM");
-  return done;
-}
-
 function pattern(seed: number, n: number): Uint8Array {
   const b = new Uint8Array(n);
   let x = seed * 2654435761;
@@ -44,17 +29,6 @@ function pattern(seed: number, n: number): Uint8Array {
     b[i] = x >>> 24;
   }
   return b;
-}
-
-function readImage(path: string, offset: number, n: number): Uint8Array {
-  const fd = openSync(path, "r");
-  try {
-    const b = new Uint8Array(n);
-    readSync(fd, b, 0, n, offset);
-    return b;
-  } finally {
-    closeSync(fd);
-  }
 }
 
 type Backend = { name: string; start: (sock: string, image: string) => ChildProcess; packed: boolean };
@@ -108,7 +82,7 @@ for (const [k, b] of backends.entries()) {
     const sock = join(dir, `be${k}.sock`);
     const child = b.start(sock, image);
     children.push(child);
-    await waitForSocket(sock, child);
+    await waitForPath(sock, child, b.name);
     const client = VhostUserBlkClient.connect(sock, { packed: b.packed });
     try {
       assert.equal(client.blk.capacity, IMAGE_BYTES / 512);
@@ -121,12 +95,12 @@ for (const [k, b] of backends.entries()) {
       await client.blk.flush();
       const back = await Promise.all(writes.map((w) => client.blk.read(w.sector, w.data.length / 512)));
       back.forEach((r, i) => assert.deepEqual(r, writes[i]!.data, `write ${i} read back`));
-      for (const w of writes) assert.deepEqual(readImage(image, w.sector * 512, w.data.length), w.data);
+      for (const w of writes) assert.deepEqual(readFileRange(image, w.sector * 512, w.data.length), w.data);
       // Reading past the end is an I/O error, not a hang.
       await assert.rejects(client.blk.read(IMAGE_BYTES / 512, 1), /IOERR/);
     } finally {
       client.close();
-      await stop(child);
+      await stopChild(child);
     }
     assert.equal(client.frontend.layoutUsed(), b.packed ? "packed" : "split");
   });

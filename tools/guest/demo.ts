@@ -5,11 +5,12 @@
  */
 import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, mkdtempSync, openSync, readSync, closeSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { bootGuest, guestPaths, markerValue } from "./run.js";
+import { readFileRange, stopChild, waitForPath } from "../../src/node/child.js";
 import { guestPattern } from "./pattern.js";
 
 const MIB = 4;
@@ -26,7 +27,7 @@ async function main(): Promise<number> {
   console.log(`== starting: iovirt blk --socket ${sock} --image ${image}`);
   const be = spawn(process.execPath, [cli, "blk", "--socket", sock, "--image", image], { stdio: ["ignore", "inherit", "inherit"] });
   try {
-    for (let i = 0; i < 200 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 25));
+    await waitForPath(sock, be, "iovirt blk");
     console.log(
       `== booting Linux under QEMU (TCG) with vhost-user-blk-pci${packed ? ",packed=on" : ""}; the guest writes ${MIB} MiB and reads it back`,
     );
@@ -41,10 +42,7 @@ async function main(): Promise<number> {
       },
     });
     const expected = createHash("md5").update(guestPattern(MIB)).digest("hex");
-    const fd = openSync(image, "r");
-    const onDisk = new Uint8Array(MIB << 20);
-    readSync(fd, onDisk, 0, onDisk.length, 0);
-    closeSync(fd);
+    const onDisk = readFileRange(image, 0, MIB << 20);
     const host = createHash("md5").update(onDisk).digest("hex");
     const ok = r.markers.includes("RESULT PASS") && markerValue(r.markers, "read-md5") === expected && host === expected;
     console.log(`== guest boot to power-off: ${(r.durationMs / 1000).toFixed(1)} s`);
@@ -52,8 +50,7 @@ async function main(): Promise<number> {
     console.log(ok ? "== main job: PASS" : "== main job: FAIL");
     return ok ? 0 : 1;
   } finally {
-    be.kill("SIGTERM");
-    await new Promise((res) => be.once("exit", res));
+    await stopChild(be);
     rmSync(dir, { recursive: true, force: true });
   }
 }
