@@ -31,6 +31,25 @@ function median(xs: number[]): number {
   return s[s.length >> 1]!;
 }
 
+/**
+ * Warm-up, then three timed trials of `round` (one batch round trip,
+ * returning descriptors completed); the median rate in descriptors/s.
+ */
+function measure(round: () => number): number {
+  const trial = (ms: number): number => {
+    let done = 0;
+    const t0 = performance.now();
+    let now = t0;
+    while (now - t0 < ms) {
+      for (let r = 0; r < 64; r++) done += round();
+      now = performance.now();
+    }
+    return (done / (now - t0)) * 1000;
+  };
+  trial(100); // let the JIT settle before measuring
+  return median([0, 1, 2].map(() => trial((job.cfg.seconds * 1000) / 3)));
+}
+
 function runBoth(): number {
   const driver = createDriverQueue<number>(mem, state, features);
   const device = createDeviceQueue(mem, state, features);
@@ -40,28 +59,17 @@ function runBoth(): number {
   const onUsed = (t: number, l: number): void => {
     sink += t ^ l;
   };
-  const trial = (ms: number): number => {
-    let done = 0;
-    const t0 = performance.now();
-    let now = t0;
-    while (now - t0 < ms) {
-      for (let r = 0; r < 64; r++) {
-        for (let i = 0; i < batch; i++) driver.addOne(dataBase + i * 2048, BUF_LEN, true, i);
-        driver.publish();
-        driver.needsKick();
-        while (device.popInto(chain)) device.pushUsed(chain.head, BUF_LEN, chain.descCount);
-        device.publishUsed();
-        device.needsNotification();
-        done += driver.drainUsed(onUsed);
-      }
-      now = performance.now();
-    }
-    return (done / (now - t0)) * 1000;
-  };
-  trial(100); // warm-up: let the JIT settle before measuring
-  const rates = [0, 1, 2].map(() => trial((job.cfg.seconds * 1000) / 3));
+  const rate = measure(() => {
+    for (let i = 0; i < batch; i++) driver.addOne(dataBase + i * 2048, BUF_LEN, true, i);
+    driver.publish();
+    driver.needsKick();
+    while (device.popInto(chain)) device.pushUsed(chain.head, BUF_LEN, chain.descCount);
+    device.publishUsed();
+    device.needsNotification();
+    return driver.drainUsed(onUsed);
+  });
   if (sink === -1) console.log(sink);
-  return median(rates);
+  return rate;
 }
 
 function runDriver(): number {
@@ -75,31 +83,20 @@ function runDriver(): number {
   const onUsed = (t: number, l: number): void => {
     sink += t ^ l;
   };
-  const trial = (ms: number): number => {
-    let done = 0;
-    const t0 = performance.now();
-    let now = t0;
-    let slot = 0;
-    while (now - t0 < ms) {
-      for (let r = 0; r < 64; r++) {
-        let n = Math.min(batch, driver.numFree);
-        while (n-- > 0) {
-          driver.addOne(dataBase + slot * 2048, BUF_LEN, true, slot);
-          slot = (slot + 1) & (QUEUE_SIZE - 1);
-        }
-        driver.publish();
-        driver.needsKick();
-        done += driver.drainUsed(onUsed);
-      }
-      now = performance.now();
+  let slot = 0;
+  const rate = measure(() => {
+    let n = Math.min(batch, driver.numFree);
+    while (n-- > 0) {
+      driver.addOne(dataBase + slot * 2048, BUF_LEN, true, slot);
+      slot = (slot + 1) & (QUEUE_SIZE - 1);
     }
-    return (done / (now - t0)) * 1000;
-  };
-  trial(100);
-  const rates = [0, 1, 2].map(() => trial((job.cfg.seconds * 1000) / 3));
+    driver.publish();
+    driver.needsKick();
+    return driver.drainUsed(onUsed);
+  });
   Atomics.store(ctl, 1, 1);
   if (sink === -1) console.log(sink);
-  return median(rates);
+  return rate;
 }
 
 function runDevice(): number {
