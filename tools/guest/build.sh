@@ -21,6 +21,9 @@
 #   iovirt.dev=<path>      block device (blk-pattern, default /dev/vda)
 #   iovirt.verify=pattern  guest-reads only: also compare what was read with the pattern
 #   iovirt.timeout=<sec>   guest-side watchdog: force power off after <sec> seconds
+#   iovirt.modules=a,b,c   modules /init loads (default virtio_pci,virtio_blk)
+#   iovirt.run=<path>      hostroot: run this host shell script (bash) chrooted into the host's
+#                          root, shared read-only over 9p (mount_tag hostroot); see scripts/hostroot.sh
 #   iovirt.shell=1         start an interactive shell on the console instead of powering off
 # Every line meant for the host starts with "IOVIRT-GUEST: ". The guest always ends
 # with "poweroff -f" (and panic=-1 + -no-reboot cover a crashing init).
@@ -166,7 +169,8 @@ while IFS= read -r -d '' f; do
 done < <(find "$KMOD" -type f \( -name '*.ko.xz' -o -name '*.ko.gz' -o -name '*.ko.zst' \) -print0)
 run_depmod "$STAGE/kpkg" "$KVER"
 
-WANT_MODULES=(virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)
+WANT_MODULES=(virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk
+  9p 9pnet_virtio vfio vfio_iommu_type1 vfio_pci uio_pci_generic)
 # modules.dep: "kernel/x/y.ko: dep1.ko dep2.ko". Collect the transitive closure.
 declare -A need=()
 queue=()
@@ -205,7 +209,7 @@ cp "$BUSYBOX" "$ROOT/bin/busybox"
 chmod 0755 "$ROOT/bin/busybox"
 APPLETS=(sh ash cat echo printf awk dd md5sum sync sleep mount umount mkdir ls rm
   modprobe insmod lsmod poweroff reboot uname dmesg head tail grep sed cut tr seq
-  test '[' true false date stat hexdump blockdev wc cmp tee setsid cttyhack kill)
+  test '[' true false date stat hexdump blockdev wc cmp tee setsid cttyhack kill chroot)
 for a in "${APPLETS[@]}"; do ln -sf busybox "$ROOT/bin/$a"; done
 for a in modprobe insmod lsmod poweroff reboot; do ln -sf ../bin/busybox "$ROOT/sbin/$a"; done
 echo "$KVER" >"$ROOT/etc/iovirt-kernel-version"
@@ -246,7 +250,7 @@ if [ -n "$IOVIRT_TIMEOUT" ]; then
   ( sleep "$IOVIRT_TIMEOUT"; echo "IOVIRT-GUEST: guest watchdog expired after ${IOVIRT_TIMEOUT}s"; echo "IOVIRT-GUEST: RESULT FAIL"; sync; poweroff -f ) &
 fi
 
-for m in virtio_pci virtio_blk; do
+for m in $(echo "${IOVIRT_MODULES:-virtio_pci,virtio_blk}" | tr ',' ' '); do
   if modprobe "$m"; then say "modprobe $m ok"; else say "modprobe $m FAILED"; fi
 done
 
@@ -356,6 +360,24 @@ case "$MODE" in
 esac
 BLK_EOF
 chmod 0755 "$ROOT/scripts/blk-pattern.sh"
+
+cat >"$ROOT/scripts/hostroot.sh" <<'HOSTROOT_EOF'
+#!/bin/sh
+# hostroot: mount the host's root file system (read-only 9p, mount_tag hostroot),
+# give it this guest's /proc /sys /dev and a fresh /tmp, and run the host script
+# named by iovirt.run= inside it with the host's bash. Its exit status is ours.
+say() { echo "IOVIRT-GUEST: $*"; }
+fail() { say "error: $*"; say "RESULT FAIL"; exit 1; }
+[ -n "$IOVIRT_RUN" ] || fail "iovirt.run= is not set"
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host || fail "cannot mount the 9p share hostroot"
+for d in proc sys dev; do mount -o bind "/$d" "/host/$d" || fail "bind /$d"; done
+mount -t tmpfs -o size=50% tmpfs /host/tmp || fail "tmpfs /host/tmp"
+mount -t tmpfs tmpfs /host/run 2>/dev/null
+say "hostroot mounted uptime=$(cut -d' ' -f1 /proc/uptime)"
+chroot /host /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/root /bin/bash "$IOVIRT_RUN"
+HOSTROOT_EOF
+chmod 0755 "$ROOT/scripts/hostroot.sh"
 
 # ---------------------------------------------------------------- pack
 log "packing initramfs"

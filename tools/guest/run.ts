@@ -41,6 +41,11 @@ export interface BootGuestOptions {
   sharedMemory?: boolean;
   /** QEMU binary (default $IOVIRT_QEMU or "qemu-system-x86_64"). */
   qemu?: string;
+  /**
+   * Machine type and properties (default "q35"), e.g.
+   * "q35,kernel-irqchip=split" for a guest with a virtual intel-iommu.
+   */
+  machine?: string;
   /** Called for every complete serial line (without the line ending), e.g. for live logging. */
   onLine?: (line: string) => void;
 }
@@ -87,7 +92,8 @@ export function qemuArgv(opts: BootGuestOptions): string[] {
   const mem = opts.memMiB ?? 256;
   if (!Number.isInteger(mem) || mem < 64) throw new RangeError(`memMiB must be an integer >= 64, got ${mem}`);
   const append = ["console=ttyS0", "panic=-1", "quiet", opts.append ?? ""].join(" ").trim();
-  const machine = opts.sharedMemory === true ? "q35,memory-backend=iovirt-mem" : "q35";
+  const base = opts.machine ?? "q35";
+  const machine = opts.sharedMemory === true ? `${base},memory-backend=iovirt-mem` : base;
   const argv = [
     opts.qemu ?? process.env["IOVIRT_QEMU"] ?? "qemu-system-x86_64",
     "-machine",
