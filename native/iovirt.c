@@ -379,10 +379,12 @@ static napi_value js_close(napi_env env, napi_callback_info info) {
 static napi_value js_memfd_create(napi_env env, napi_callback_info info) {
   GET_ARGS(2);
   char name[250]; /* the kernel limit is 249 bytes plus NUL */
-  bool sealing;
+  bool sealing, hugetlb;
   if (!arg_cstring(env, argv[0], "name", name, sizeof name)) return NULL;
   if (!opt_flag(env, argv[1], "allowSealing", &sealing)) return NULL;
-  int fd = memfd_create(name, MFD_CLOEXEC | (sealing ? MFD_ALLOW_SEALING : 0));
+  if (!opt_flag(env, argv[1], "hugetlb", &hugetlb)) return NULL;
+  /* MFD_HUGETLB: backed by the default huge page size (2 MiB on x86-64). */
+  int fd = memfd_create(name, MFD_CLOEXEC | (sealing ? MFD_ALLOW_SEALING : 0) | (hugetlb ? MFD_HUGETLB : 0));
   if (fd < 0) return throw_errno(env, "memfd_create", errno);
   return make_fd(env, fd);
 }
@@ -606,6 +608,20 @@ static napi_value js_mmap(napi_env env, napi_callback_info info) {
     return NULL;
   }
   return ab;
+}
+
+/* mlock(2) of a whole buffer returned by mmap(): keeps its pages resident
+ * (UIO DMA buffers, whose physical addresses must not change). */
+static napi_value js_mlock(napi_env env, napi_callback_info info) {
+  GET_ARGS(1);
+  bool is_ab = false;
+  NAPI_CALL(env, napi_is_arraybuffer(env, argv[0], &is_ab));
+  void *m_ptr = NULL;
+  if (!is_ab || napi_unwrap(env, argv[0], &m_ptr) != napi_ok || m_ptr == NULL)
+    return throw_arg(env, false, "buffer", "must be a live ArrayBuffer returned by mmap()");
+  mapping_t *m = m_ptr;
+  if (mlock(m->addr, m->len) < 0) return throw_errno(env, "mlock", errno);
+  return make_undefined(env);
 }
 
 static napi_value js_munmap(napi_env env, napi_callback_info info) {
@@ -1127,6 +1143,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"getpagesize", js_getpagesize},
       {"close", js_close},
       {"memfdCreate", js_memfd_create},
+      {"mlock", js_mlock},
       {"ftruncate", js_ftruncate},
       {"open", js_open},
       {"fstat", js_fstat},

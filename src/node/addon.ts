@@ -21,7 +21,8 @@ export interface RawWatchHandle {
 export interface RawAddon {
   getpagesize(): number;
   close(fd: number): void;
-  memfdCreate(name: string, flags?: { allowSealing?: boolean }): number;
+  memfdCreate(name: string, flags?: { allowSealing?: boolean; hugetlb?: boolean }): number;
+  mlock(buffer: ArrayBuffer): void;
   ftruncate(fd: number, size: number | bigint): void;
   open(path: string, flags: string, mode?: number): number;
   fstat(fd: number): { size: number; mode: number };

@@ -56,6 +56,8 @@ export function close(fd: FdLike): void {
 export interface MemfdFlags {
   /** MFD_ALLOW_SEALING; MFD_CLOEXEC is always set. */
   allowSealing?: boolean;
+  /** MFD_HUGETLB: back the file with huge pages (needs pages reserved in /proc/sys/vm/nr_hugepages). */
+  hugetlb?: boolean;
 }
 
 /** memfd_create(2): an anonymous, fd-backed memory file (size 0). */
@@ -147,6 +149,11 @@ export type Prot = "r" | "rw";
  */
 export function mmap(fd: FdLike, length: Size, offset: Size, prot: Prot, shared: boolean): ArrayBuffer {
   return sys(() => addon().mmap(rawFd(fd), length, offset, prot, shared));
+}
+
+/** mlock(2) of a whole buffer returned by {@link mmap}. */
+export function mlock(buffer: ArrayBuffer): void {
+  sys(() => addon().mlock(buffer));
 }
 
 /**

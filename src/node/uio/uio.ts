@@ -1,0 +1,124 @@
+/**
+ * UIO (Linux Documentation/driver-api/uio-howto.rst) with uio_pci_generic:
+ * the kernel only forwards the legacy INTx interrupt; everything else is
+ * the process's job. /dev/uioN: read() blocks until an interrupt and returns
+ * the total count (a u32); write() of a u32 1 re-enables the interrupt
+ * (uio_pci_generic masks it with the INTx-disable bit of the command
+ * register when it fires). BARs come from sysfs resourceN files, config
+ * space from sysfs `config`. There is no IOMMU in this picture: the device
+ * can DMA anywhere in physical memory.
+ */
+import { existsSync, readFileSync, readdirSync } from "node:fs";
+import { join } from "node:path";
+import { IovirtUsageError } from "../../core/errors.js";
+import type { MmioRegion, PciConfig } from "../../core/pci/access.js";
+import { Fd, fstat, mmap, munmap, open, pread, pwrite } from "../native.js";
+import { FileRegisters, MappedRegisters } from "../pci/registers.js";
+
+export class UioError extends IovirtUsageError {
+  override name = "UioError";
+}
+
+export interface UioMap {
+  name: string;
+  addr: number;
+  size: number;
+}
+
+export class UioDevice {
+  readonly fd: Fd;
+  /** /sys/class/uio/uioN/name: the kernel driver, "uio_pci_generic". */
+  readonly driverName: string;
+  readonly version: string;
+  /** /sys/class/uio/uioN/maps (uio_pci_generic exports none: BARs go through sysfs). */
+  readonly maps: UioMap[];
+  private readonly buffers: ArrayBuffer[] = [];
+  private readonly fds: Fd[] = [];
+  private readonly count = new Uint32Array(1);
+  private readonly countBytes = new Uint8Array(this.count.buffer);
+
+  private constructor(
+    readonly bdf: string,
+    readonly uio: string,
+    private readonly sysDev: string,
+  ) {
+    const cls = `/sys/class/uio/${uio}`;
+    this.driverName = readText(join(cls, "name"));
+    this.version = readText(join(cls, "version"));
+    this.maps = [];
+    const mapsDir = join(cls, "maps");
+    if (existsSync(mapsDir)) {
+      for (const m of readdirSync(mapsDir).sort()) {
+        this.maps.push({
+          name: readText(join(mapsDir, m, "name")),
+          addr: Number(readText(join(mapsDir, m, "addr"))),
+          size: Number(readText(join(mapsDir, m, "size"))),
+        });
+      }
+    }
+    this.fd = open(`/dev/${uio}`, "rw");
+  }
+
+  /** Opens the uio device of a PCI function bound to uio_pci_generic. */
+  static open(bdf: string, sysRoot = "/sys"): UioDevice {
+    const dev = join(sysRoot, "bus/pci/devices", bdf);
+    if (!existsSync(dev)) throw new UioError("UIO_NO_DEVICE", `no PCI function ${bdf}`);
+    const dir = join(dev, "uio");
+    const names = existsSync(dir) ? readdirSync(dir).filter((n) => /^uio\d+$/.test(n)) : [];
+    if (names.length === 0) throw new UioError("UIO_NOT_BOUND", `${bdf} has no uio device: iovirt pci bind uio ${bdf}`);
+    return new UioDevice(bdf, names[0]!, dev);
+  }
+
+  config(): PciConfig {
+    const fd = open(join(this.sysDev, "config"), "rw");
+    this.fds.push(fd);
+    const size = fstat(fd).size;
+    if (size < 256) throw new UioError("UIO_CONFIG", `${this.bdf} config space: only ${size} bytes readable (needs root)`);
+    return new FileRegisters(`${this.bdf} config`, fd, 0, size);
+  }
+
+  /** Maps BAR `index` through /sys/bus/pci/devices/<bdf>/resource<index>. */
+  bar(index: number): MmioRegion {
+    const path = join(this.sysDev, `resource${index}`);
+    if (!existsSync(path)) throw new UioError("UIO_NO_BAR", `${this.bdf} has no memory BAR ${index} (${path})`);
+    const fd = open(path, "rw");
+    try {
+      const size = fstat(fd).size;
+      const buf = mmap(fd, size, 0, "rw", true);
+      this.buffers.push(buf);
+      return new MappedRegisters(`${this.bdf} BAR${index}`, buf);
+    } finally {
+      fd.close(); // the mapping stays valid without the fd
+    }
+  }
+
+  /** After the fd polled readable: the interrupt count since the device was opened (read(2) of a u32). */
+  readInterruptCount(): number {
+    const n = pread(this.fd, this.countBytes, 0);
+    if (n !== 4) throw new UioError("UIO_READ", `read of /dev/${this.uio} returned ${n} bytes`);
+    return this.count[0]!;
+  }
+
+  /** write(2) of a u32 1: uio_pci_generic clears INTx-disable, so the next interrupt can fire. */
+  enableInterrupt(): void {
+    this.count[0] = 1;
+    const n = pwrite(this.fd, this.countBytes, 0);
+    if (n !== 4) throw new UioError("UIO_WRITE", `write to /dev/${this.uio} returned ${n}`);
+  }
+
+  close(): void {
+    for (const b of this.buffers) munmap(b);
+    this.buffers.length = 0;
+    for (const f of this.fds) f.close();
+    this.fds.length = 0;
+    this.fd.close();
+  }
+}
+
+function readText(path: string): string {
+  try {
+    return readFileSync(path, "utf8").trim();
+  } catch {
+    return "";
+  }
+}
