@@ -70,7 +70,7 @@ export function physicalAddress(vaddr: bigint): number {
     const n = pread(fd, new Uint8Array(entry.buffer), (vaddr / page) * 8n);
     if (n !== 8) throw new IovirtUsageError("PAGEMAP", `short read of /proc/self/pagemap (${n} bytes)`);
     const e = entry[0]!;
-    if ((e >> 63n) === 0n) throw new IovirtUsageError("PAGEMAP", `page at 0x${vaddr.toString(16)} is not present`);
+    if (e >> 63n === 0n) throw new IovirtUsageError("PAGEMAP", `page at 0x${vaddr.toString(16)} is not present`);
     const pfn = e & ((1n << 55n) - 1n);
     if (pfn === 0n) throw new IovirtUsageError("PAGEMAP", "pagemap hides frame numbers: physical addresses need root (CAP_SYS_ADMIN)");
     return Number(pfn * page + (vaddr % page));

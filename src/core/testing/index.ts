@@ -1,3 +1,5 @@
 export { createRingPair, type RingPair, type RingPairOptions } from "./ring-pair.js";
 export { createBlkPair, type BlkPair, type BlkPairOptions } from "./blk-pair.js";
 export { createDriverQueue } from "../virtio/driver/create.js";
+export * from "./pattern.js";
+export * from "./frames.js";

@@ -12,7 +12,10 @@ import { pread, pwrite, type FdLike } from "../native.js";
 
 function checkAccess(what: string, size: number, offset: number, width: number): void {
   if (!Number.isInteger(offset) || offset < 0 || offset + width > size || offset % width !== 0) {
-    throw new IovirtUsageError("BAD_REGISTER_ACCESS", `${what}: ${width * 8}-bit access at 0x${offset.toString(16)} (size 0x${size.toString(16)})`);
+    throw new IovirtUsageError(
+      "BAD_REGISTER_ACCESS",
+      `${what}: ${width * 8}-bit access at 0x${offset.toString(16)} (size 0x${size.toString(16)})`,
+    );
   }
 }
 
@@ -81,12 +84,14 @@ export class FileRegisters implements PciConfig, MmioRegion {
   private rd(o: number, width: 1 | 2 | 4): void {
     checkAccess(this.name, this.size, o, width);
     const n = pread(this.fd, this.buf.subarray(0, width), this.base + o);
-    if (n !== width) throw new IovirtUsageError("SHORT_REGISTER_READ", `${this.name}: read of ${width} bytes at 0x${o.toString(16)} returned ${n}`);
+    if (n !== width)
+      throw new IovirtUsageError("SHORT_REGISTER_READ", `${this.name}: read of ${width} bytes at 0x${o.toString(16)} returned ${n}`);
   }
   private wr(o: number, width: 1 | 2 | 4): void {
     checkAccess(this.name, this.size, o, width);
     const n = pwrite(this.fd, this.buf.subarray(0, width), this.base + o);
-    if (n !== width) throw new IovirtUsageError("SHORT_REGISTER_WRITE", `${this.name}: write of ${width} bytes at 0x${o.toString(16)} returned ${n}`);
+    if (n !== width)
+      throw new IovirtUsageError("SHORT_REGISTER_WRITE", `${this.name}: write of ${width} bytes at 0x${o.toString(16)} returned ${n}`);
   }
 
   read8(o: number): number {

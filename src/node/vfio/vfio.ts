@@ -103,14 +103,20 @@ export class VfioContainer {
   }
 
   static open(path = "/dev/vfio/vfio"): VfioContainer {
-    const fd = vfioCall(`open ${path}`, () => open(path, "rw"), (c) =>
-      c === "ENOENT" ? "the vfio module is not loaded: modprobe vfio-pci" : c === "EACCES" ? "needs root" : undefined,
+    const fd = vfioCall(
+      `open ${path}`,
+      () => open(path, "rw"),
+      (c) => (c === "ENOENT" ? "the vfio module is not loaded: modprobe vfio-pci" : c === "EACCES" ? "needs root" : undefined),
     );
     const c = new VfioContainer(fd);
     try {
       const v = ioctl(fd, VFIO_IOCTL.GET_API_VERSION);
-      if (v !== VFIO_API_VERSION) throw new VfioError("VFIO_API_VERSION", `kernel VFIO API version ${v}, iovirt speaks ${VFIO_API_VERSION}`);
-      if (ioctl(fd, VFIO_IOCTL.CHECK_EXTENSION, VFIO_TYPE1_IOMMU) !== 1 && ioctl(fd, VFIO_IOCTL.CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU) !== 1) {
+      if (v !== VFIO_API_VERSION)
+        throw new VfioError("VFIO_API_VERSION", `kernel VFIO API version ${v}, iovirt speaks ${VFIO_API_VERSION}`);
+      if (
+        ioctl(fd, VFIO_IOCTL.CHECK_EXTENSION, VFIO_TYPE1_IOMMU) !== 1 &&
+        ioctl(fd, VFIO_IOCTL.CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU) !== 1
+      ) {
         throw new VfioError("VFIO_NO_TYPE1", "the kernel offers no Type1 IOMMU backend (modprobe vfio_iommu_type1)");
       }
     } catch (e) {
@@ -189,8 +195,10 @@ export class VfioContainer {
     s.u64(DMA_MAP.iova, iova);
     s.u64(DMA_MAP.size, size);
     try {
-      vfioCall(`VFIO_IOMMU_MAP_DMA of ${size} bytes at IOVA 0x${iova.toString(16)}`, () => ioctl(this.fd, VFIO_IOCTL.IOMMU_MAP_DMA, s.bytes), (c) =>
-        c === "ENOMEM" ? "locked-memory limit: raise ulimit -l" : c === "EEXIST" ? "IOVA already mapped" : undefined,
+      vfioCall(
+        `VFIO_IOMMU_MAP_DMA of ${size} bytes at IOVA 0x${iova.toString(16)}`,
+        () => ioctl(this.fd, VFIO_IOCTL.IOMMU_MAP_DMA, s.bytes),
+        (c) => (c === "ENOMEM" ? "locked-memory limit: raise ulimit -l" : c === "EEXIST" ? "IOVA already mapped" : undefined),
       );
     } catch (e) {
       if (opts.iova === undefined) this.iova.release(iova);
@@ -210,7 +218,8 @@ export class VfioContainer {
     s.u64(DMA_UNMAP.size, m.size);
     vfioCall("VFIO_IOMMU_UNMAP_DMA", () => ioctl(this.fd, VFIO_IOCTL.IOMMU_UNMAP_DMA, s.bytes));
     // The kernel writes back how much it unmapped.
-    if (s.u64(DMA_UNMAP.size) !== m.size) throw new VfioError("VFIO_UNMAP_SHORT", `unmapped ${s.u64(DMA_UNMAP.size)} of ${m.size} bytes at 0x${iova.toString(16)}`);
+    if (s.u64(DMA_UNMAP.size) !== m.size)
+      throw new VfioError("VFIO_UNMAP_SHORT", `unmapped ${s.u64(DMA_UNMAP.size)} of ${m.size} bytes at 0x${iova.toString(16)}`);
     this.mappings.delete(iova);
     this.allocator?.release(iova);
   }
@@ -252,12 +261,15 @@ export class VfioGroup {
 
   static open(id: number, opts: GroupOpenOptions = {}): VfioGroup {
     const path = `/dev/vfio/${id}`;
-    const fd = vfioCall(`open ${path}`, () => open(path, "rw"), (c) =>
-      c === "ENOENT"
-        ? `no device of IOMMU group ${id} is bound to vfio-pci: iovirt pci bind vfio <BDF>`
-        : c === "EBUSY"
-          ? "the group is already open in another process"
-          : undefined,
+    const fd = vfioCall(
+      `open ${path}`,
+      () => open(path, "rw"),
+      (c) =>
+        c === "ENOENT"
+          ? `no device of IOMMU group ${id} is bound to vfio-pci: iovirt pci bind vfio <BDF>`
+          : c === "EBUSY"
+            ? "the group is already open in another process"
+            : undefined,
     );
     const g = new VfioGroup(id, fd);
     const flags = g.status();
@@ -286,8 +298,10 @@ export class VfioGroup {
   /** VFIO_GROUP_GET_DEVICE_FD (the group must be in a container with an IOMMU set). */
   openDevice(bdf: string): VfioDevice {
     const name = new TextEncoder().encode(`${bdf}\0`);
-    const raw = vfioCall(`VFIO_GROUP_GET_DEVICE_FD ${bdf}`, () => ioctl(this.fd, VFIO_IOCTL.GROUP_GET_DEVICE_FD, name), (c) =>
-      c === "EINVAL" ? `${bdf} is not in IOMMU group ${this.id}, or the group has no container` : undefined,
+    const raw = vfioCall(
+      `VFIO_GROUP_GET_DEVICE_FD ${bdf}`,
+      () => ioctl(this.fd, VFIO_IOCTL.GROUP_GET_DEVICE_FD, name),
+      (c) => (c === "EINVAL" ? `${bdf} is not in IOMMU group ${this.id}, or the group has no container` : undefined),
     );
     return new VfioDevice(bdf, Fd.adopt(raw));
   }
@@ -342,7 +356,13 @@ export class VfioDevice {
     s.u32(IRQ_INFO.index, index);
     vfioCall(`VFIO_DEVICE_GET_IRQ_INFO ${index}`, () => ioctl(this.fd, VFIO_IOCTL.DEVICE_GET_IRQ_INFO, s.bytes));
     const flags = s.u32(IRQ_INFO.flags);
-    return { index, name: VFIO_PCI_IRQ_NAMES[index] ?? `irq ${index}`, flags, count: s.u32(IRQ_INFO.count), eventfd: (flags & VFIO_IRQ_INFO_EVENTFD) !== 0 };
+    return {
+      index,
+      name: VFIO_PCI_IRQ_NAMES[index] ?? `irq ${index}`,
+      flags,
+      count: s.u32(IRQ_INFO.count),
+      eventfd: (flags & VFIO_IRQ_INFO_EVENTFD) !== 0,
+    };
   }
 
   /** Configuration space through the config region (pread/pwrite: vfio-pci virtualizes parts of it). */

@@ -1,7 +1,7 @@
 import { IovirtUsageError } from "../../errors.js";
 import type { GuestMemory } from "../../memory/guest-memory.js";
 import type { RingLayout } from "../queue/index.js";
-import { VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, bit, hasFeature, ringFeatures } from "../device/features.js";
+import { VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, bit, hasFeature, ringFeatures } from "../device/features.js";
 import {
   STATUS_ACKNOWLEDGE,
   STATUS_DEVICE_NEEDS_RESET,
@@ -70,7 +70,10 @@ export class VirtioDriver {
     t.setStatus(STATUS_ACKNOWLEDGE); // §3.1.1 step 2
     t.setStatus(STATUS_ACKNOWLEDGE | STATUS_DRIVER); // step 3
     const offered = t.deviceFeatures(); // step 4
-    const wanted = opts.wanted | bit(VIRTIO_F_VERSION_1);
+    // ACCESS_PLATFORM (§6.1): every address this driver puts in a ring comes
+    // from its DMA window, i.e. is already a device (bus/IOVA) address, so it
+    // can always accept a device that goes through the platform's IOMMU.
+    const wanted = opts.wanted | bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_ACCESS_PLATFORM);
     let accept = offered & wanted;
     if (opts.preferPacked === false) accept &= ~bit(VIRTIO_F_RING_PACKED);
     const required = (opts.required ?? 0n) | bit(VIRTIO_F_VERSION_1);

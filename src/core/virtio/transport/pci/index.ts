@@ -1,2 +1,3 @@
 export * from "./caps.js";
 export * from "../../../pci/config.js";
+export * from "./driver.js";
