@@ -2,17 +2,22 @@
  * UIO (Linux Documentation/driver-api/uio-howto.rst) with uio_pci_generic:
  * the kernel only forwards the legacy INTx interrupt; everything else is
  * the process's job. /dev/uioN: read() blocks until an interrupt and returns
- * the total count (a u32); write() of a u32 1 re-enables the interrupt
- * (uio_pci_generic masks it with the INTx-disable bit of the command
- * register when it fires). BARs come from sysfs resourceN files, config
+ * the total count (a u32). BARs come from sysfs resourceN files, config
  * space from sysfs `config`. There is no IOMMU in this picture: the device
  * can DMA anywhere in physical memory.
+ *
+ * uio_pci_generic has no irqcontrol hook (write() to /dev/uioN fails with
+ * ENOSYS): its interrupt handler masks INTx with the Interrupt Disable bit of
+ * the command register, and userspace unmasks it by clearing that bit in
+ * config space (uio-howto, "Writing userspace driver using uio_pci_generic").
  */
 import { existsSync, readFileSync, readdirSync } from "node:fs";
 import { join } from "node:path";
 import { IovirtUsageError } from "../../core/errors.js";
 import type { MmioRegion, PciConfig } from "../../core/pci/access.js";
-import { Fd, fstat, mmap, munmap, open, pread, pwrite } from "../native.js";
+import { PCI_CFG } from "../../core/pci/config.js";
+import { PCI_COMMAND_INTX_DISABLE } from "../../core/pci/command.js";
+import { Fd, fstat, mmap, munmap, open, pread } from "../native.js";
 import { FileRegisters, MappedRegisters } from "../pci/registers.js";
 
 export class UioError extends IovirtUsageError {
@@ -30,7 +35,7 @@ export class UioDevice {
   /** /sys/class/uio/uioN/name: the kernel driver, "uio_pci_generic". */
   readonly driverName: string;
   readonly version: string;
-  /** /sys/class/uio/uioN/maps (uio_pci_generic exports none: BARs go through sysfs). */
+  /** /sys/class/uio/uioN/maps, for information: iovirt maps BARs through sysfs resourceN. */
   readonly maps: UioMap[];
   private readonly buffers: ArrayBuffer[] = [];
   private readonly fds: Fd[] = [];
@@ -69,12 +74,16 @@ export class UioDevice {
     return new UioDevice(bdf, names[0]!, dev);
   }
 
+  private cfg: PciConfig | null = null;
+
   config(): PciConfig {
+    if (this.cfg !== null) return this.cfg;
     const fd = open(join(this.sysDev, "config"), "rw");
     this.fds.push(fd);
     const size = fstat(fd).size;
     if (size < 256) throw new UioError("UIO_CONFIG", `${this.bdf} config space: only ${size} bytes readable (needs root)`);
-    return new FileRegisters(`${this.bdf} config`, fd, 0, size);
+    this.cfg = new FileRegisters(`${this.bdf} config`, fd, 0, size);
+    return this.cfg;
   }
 
   /** Maps BAR `index` through /sys/bus/pci/devices/<bdf>/resource<index>. */
@@ -99,11 +108,14 @@ export class UioDevice {
     return this.count[0]!;
   }
 
-  /** write(2) of a u32 1: uio_pci_generic clears INTx-disable, so the next interrupt can fire. */
+  /**
+   * Unmasks INTx after the device was serviced (its ISR read, so the line is
+   * low): clears Interrupt Disable in the command register.
+   */
   enableInterrupt(): void {
-    this.count[0] = 1;
-    const n = pwrite(this.fd, this.countBytes, 0);
-    if (n !== 4) throw new UioError("UIO_WRITE", `write to /dev/${this.uio} returned ${n}`);
+    const cfg = this.config();
+    const cmd = cfg.read16(PCI_CFG.COMMAND);
+    if ((cmd & PCI_COMMAND_INTX_DISABLE) !== 0) cfg.write16(PCI_CFG.COMMAND, cmd & ~PCI_COMMAND_INTX_DISABLE);
   }
 
   close(): void {
