@@ -3,6 +3,8 @@ import { runDemo } from "./demo.js";
 import { benchRingMain } from "./bench-ring.js";
 import { blkMain } from "./blk.js";
 import { benchBlkMain } from "./bench-blk.js";
+import { pciMain } from "./pci.js";
+import { drvMain } from "./drv.js";
 
 const HELP = `iovirt — I/O virtualization toolkit
 
@@ -12,6 +14,12 @@ Usage:
   iovirt blk [opts]           Serve a virtio-blk device over vhost-user to QEMU (see 'iovirt blk --help').
   iovirt bench ring [opts]    Virtqueue round-trip benchmark (see 'iovirt bench ring --help').
   iovirt bench blk [opts]     Load a vhost-user-blk back end (see 'iovirt bench blk --help').
+  iovirt pci ls [BDF...]      PCI functions, drivers, IOMMU groups, decoded virtio capabilities.
+  iovirt pci bind vfio|uio|kernel BDF
+                              Hand a function to vfio-pci or uio_pci_generic, or back to the kernel.
+  iovirt drv blk|net (--vfio BDF | --uio BDF) COMMAND...
+                              Userspace virtio-blk / virtio-net drivers on a real virtio-pci device
+                              (see 'iovirt drv blk --help', 'iovirt drv net --help').
   iovirt help | --help        This text.
 `;
 
@@ -22,6 +30,10 @@ async function main(argv: string[]): Promise<number> {
       return (await runDemo()) ? 0 : 1;
     case "blk":
       return blkMain(rest);
+    case "pci":
+      return pciMain(rest);
+    case "drv":
+      return drvMain(rest);
     case "bench":
       if (rest[0] === "ring") return benchRingMain(rest.slice(1));
       if (rest[0] === "blk") return benchBlkMain(rest.slice(1));

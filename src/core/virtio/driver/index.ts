@@ -7,3 +7,4 @@ export { createDriverQueue } from "./create.js";
 export type { DriverTransport } from "./transport.js";
 export { VirtioDriver, DriverInitError, type DriverInitOptions } from "./driver.js";
 export { BlkDriver, BlkRequests, BlkRequestError, type QueueHost, type BlkDriverOptions } from "./blk.js";
+export * from "./net.js";

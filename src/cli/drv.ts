@@ -1,0 +1,410 @@
+import { readFileSync, writeFileSync } from "node:fs";
+import { ArgReader, UsageError, parseOrExplain } from "./args.js";
+import { BlkDriver } from "../core/virtio/driver/blk.js";
+import { NetDriver } from "../core/virtio/driver/net.js";
+import { describeFeatures } from "../core/virtio/device/features.js";
+import { STATUS_DEVICE_NEEDS_RESET } from "../core/virtio/device/status.js";
+import { guestPatternRange } from "../core/testing/pattern.js";
+import { checkTestFrame, testFrame } from "../core/testing/frames.js";
+import { UserspaceVirtioPci, type PciBackend } from "../node/pci/userspace.js";
+import { ftruncate, memfdCreate, mmap, munmap } from "../node/native.js";
+
+const COMMON = `  --vfio BDF         drive the function through VFIO (bound to vfio-pci; IOMMU-protected DMA)
+  --uio BDF          drive it through UIO (bound to uio_pci_generic; physical addresses, no IOMMU)
+  --split | --packed ring layout (default: packed when the device offers it)
+  --queue-size N     ring size cap (default 128)
+  --intx             VFIO: use INTx instead of MSI-X
+  --dma-mib N        VFIO: DMA window size in MiB (default 4; UIO uses one 2 MiB huge page)
+  --help             this text
+
+BDF is a PCI address like 0000:00:03.0 (or 00:03.0). Bind it first with
+'iovirt pci bind vfio|uio BDF'; 'iovirt pci ls' shows what is where.
+`;
+
+const BLK_HELP = `iovirt drv blk — a userspace virtio-blk driver on a real virtio-pci function
+
+Usage:
+  iovirt drv blk (--vfio BDF | --uio BDF) [options] COMMAND [ARGS] [COMMAND [ARGS] ...]
+
+Commands (run in order, on one initialized device):
+  info                         features, capacity, rings, interrupts, DMA window
+  write-pattern SECTOR COUNT   write iovirt's test pattern to COUNT sectors at SECTOR
+                               (16-byte lines 'IOV<12 hex digits>\\n' naming their own byte offset / 16)
+  verify-pattern SECTOR COUNT  read COUNT sectors at SECTOR and compare them with the pattern
+  read SECTOR COUNT FILE       read sectors into FILE
+  write SECTOR FILE            write FILE (a multiple of 512 bytes) at SECTOR
+  flush                        VIRTIO_BLK_T_FLUSH
+  iommu-fault                  VFIO only: submit a read whose data buffer is an IOVA that was
+                               unmapped, show that the IOMMU keeps the device out (the buffer is
+                               untouched, the device reports DEVICE_NEEDS_RESET), then recover with
+                               a function reset and re-initialization and read again
+
+Options:
+${COMMON}`;
+
+const NET_HELP = `iovirt drv net — a userspace virtio-net driver on a real virtio-pci function
+
+Usage:
+  iovirt drv net (--vfio BDF | --uio BDF) [options] COMMAND [ARGS] [COMMAND [ARGS] ...]
+
+Commands:
+  info                      MAC, link status, MTU, features, rings, interrupts
+  ping-peer COUNT           send test frame g2h i and wait for the peer's reply h2g i, for i < COUNT;
+                            every byte of every reply is checked (see src/core/testing/frames.ts)
+  send COUNT                send COUNT test frames g2h 0..COUNT-1
+  recv COUNT                receive COUNT test frames h2g 0..COUNT-1 and check them
+
+Options:
+  --timeout-ms N     how long to wait for a frame (default 10000)
+${COMMON}`;
+
+interface DrvArgs {
+  bdf: string;
+  backend: PciBackend;
+  layout: "auto" | "split" | "packed";
+  queueSize: number;
+  intx: boolean;
+  dmaMiB: number;
+  timeoutMs: number;
+  commands: string[][];
+}
+
+const ARITY: Record<string, Record<string, number>> = {
+  blk: { info: 0, "write-pattern": 2, "verify-pattern": 2, read: 3, write: 2, flush: 0, "iommu-fault": 0 },
+  net: { info: 0, "ping-peer": 1, send: 1, recv: 1 },
+};
+
+function parse(kind: "blk" | "net", args: string[]): DrvArgs | "help" {
+  const o: Partial<DrvArgs> & { commands: string[][] } = {
+    layout: "auto",
+    queueSize: 128,
+    intx: false,
+    dmaMiB: 4,
+    timeoutMs: 10_000,
+    commands: [],
+  };
+  const r = new ArgReader(args);
+  const arity = ARITY[kind]!;
+  while (r.next()) {
+    const f = r.flag;
+    if (f === "--help" || f === "-h") return "help";
+    if (f === "--vfio" || f === "--uio") {
+      if (o.bdf !== undefined) throw new UsageError("give one of --vfio BDF or --uio BDF");
+      o.backend = f === "--vfio" ? "vfio" : "uio";
+      o.bdf = r.value();
+    } else if (f === "--split" || f === "--packed") o.layout = f === "--split" ? "split" : "packed";
+    else if (f === "--queue-size") o.queueSize = r.int(2, 32768);
+    else if (f === "--intx") o.intx = true;
+    else if (f === "--dma-mib") o.dmaMiB = r.int(1, 1024);
+    else if (f === "--timeout-ms" && kind === "net") o.timeoutMs = r.int(1, 3_600_000);
+    else if (f.startsWith("-")) r.unknown();
+    else {
+      const n = arity[f];
+      if (n === undefined) throw new UsageError(`unknown command '${f}' (known: ${Object.keys(arity).join(", ")})`);
+      const cmd = [f];
+      for (let i = 0; i < n; i++) cmd.push(r.value());
+      o.commands.push(cmd);
+    }
+  }
+  if (o.bdf === undefined || o.backend === undefined) throw new UsageError("which device? --vfio BDF or --uio BDF");
+  if (o.commands.length === 0) throw new UsageError("no command given");
+  return o as DrvArgs;
+}
+
+function nonNegInt(s: string, what: string): number {
+  const n = Number(s);
+  if (!Number.isSafeInteger(n) || n < 0) throw new UsageError(`${what} must be a non-negative integer, got '${s}'`);
+  return n;
+}
+
+const say = (s: string): void => {
+  process.stdout.write(`${s}\n`);
+};
+
+function openDevice(o: DrvArgs): UserspaceVirtioPci {
+  return UserspaceVirtioPci.open({ bdf: o.bdf, backend: o.backend, interrupts: o.intx ? "intx" : "auto", dmaBytes: o.dmaMiB << 20 });
+}
+
+function describe(dev: UserspaceVirtioPci, negotiated: bigint, layout: string): string {
+  const irq = dev.irqMode === "msix" ? "MSI-X (config vector 0, queues vector 1)" : "INTx";
+  return `${dev.bdf} via ${dev.backend}: ${layout} rings, ${irq}, DMA window ${dev.dmaWindow.size >> 10} KiB at ${dev.dmaWindow.describe}; features ${describeFeatures(negotiated).join(" ")}`;
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let t: NodeJS.Timeout | undefined;
+  return Promise.race([
+    p,
+    new Promise<T>((_, reject) => {
+      t = setTimeout(() => reject(new Error(`${what}: no answer from the device within ${ms} ms`)), ms);
+    }),
+  ]).finally(() => clearTimeout(t));
+}
+
+/** Splits [sector, sector+count) into requests of at most 128 sectors, `depth` in flight. */
+async function chunked(sector: number, count: number, f: (s: number, n: number) => Promise<void>, depth = 8): Promise<void> {
+  const chunks: [number, number][] = [];
+  for (let s = 0; s < count; s += 128) chunks.push([sector + s, Math.min(128, count - s)]);
+  for (let i = 0; i < chunks.length; i += depth) await Promise.all(chunks.slice(i, i + depth).map(([s, n]) => f(s, n)));
+}
+
+export async function drvMain(args: string[]): Promise<number> {
+  const [kind, ...rest] = args;
+  if (kind === "blk" || kind === "net") {
+    const o = parseOrExplain(`iovirt drv ${kind}`, kind === "blk" ? BLK_HELP : NET_HELP, () => parse(kind, rest));
+    if (typeof o === "number") return o;
+    const dev = openDevice(o);
+    try {
+      return kind === "blk" ? await runBlk(dev, o) : await runNet(dev, o);
+    } finally {
+      dev.close();
+    }
+  }
+  const help = "iovirt drv blk|net --help: userspace virtio drivers over VFIO or UIO\n";
+  if (kind === undefined || kind === "--help" || kind === "-h") {
+    process.stdout.write(help);
+    return kind === undefined ? 2 : 0;
+  }
+  process.stderr.write(`iovirt drv: unknown driver '${kind}' (known: blk, net)\n`);
+  return 2;
+}
+
+async function runBlk(dev: UserspaceVirtioPci, o: DrvArgs): Promise<number> {
+  const blk = new BlkDriver(dev.transport, dev.dmaWindow.mem, dev.dmaWindow.dma);
+  const init = (): void => blk.init({ queueSize: o.queueSize, ...(o.layout === "auto" ? {} : { preferPacked: o.layout === "packed" }) });
+  init();
+  dev.attach(blk.virtio);
+  const t = 30_000;
+  let failures = 0;
+  for (const [cmd, ...a] of o.commands) {
+    const t0 = performance.now();
+    const took = (): string => `${((performance.now() - t0) / 1000).toFixed(2)} s`;
+    switch (cmd) {
+      case "info":
+        say(`blk: ${describe(dev, blk.negotiated, blk.virtio.layout)}`);
+        say(
+          `blk: capacity ${blk.capacity} sectors (${(blk.capacity / 2048).toFixed(1)} MiB), block size ${blk.blockSize}${blk.readOnly ? ", read-only" : ""}`,
+        );
+        break;
+      case "write-pattern": {
+        const [s, n] = [nonNegInt(a[0]!, "SECTOR"), nonNegInt(a[1]!, "COUNT")];
+        await withTimeout(
+          chunked(s, n, (cs, cn) => blk.write(cs, guestPatternRange(cs * 512, cn * 512))),
+          t,
+          "write-pattern",
+        );
+        await withTimeout(blk.flush(), t, "flush");
+        say(`write-pattern: ${n} sectors at ${s} written and flushed in ${took()}`);
+        break;
+      }
+      case "verify-pattern": {
+        const [s, n] = [nonNegInt(a[0]!, "SECTOR"), nonNegInt(a[1]!, "COUNT")];
+        let bad = -1;
+        await withTimeout(
+          chunked(s, n, async (cs, cn) => {
+            const got = await blk.read(cs, cn);
+            const want = guestPatternRange(cs * 512, cn * 512);
+            for (let i = 0; i < got.length; i++) {
+              if (got[i] !== want[i]) {
+                const at = cs * 512 + i;
+                if (bad < 0 || at < bad) bad = at;
+                break;
+              }
+            }
+          }),
+          t,
+          "verify-pattern",
+        );
+        if (bad >= 0) {
+          failures++;
+          say(`verify-pattern: MISMATCH at byte ${bad} (sector ${Math.floor(bad / 512)})`);
+        } else say(`verify-pattern: ${n} sectors at ${s} match the pattern (${took()})`);
+        break;
+      }
+      case "read": {
+        const [s, n] = [nonNegInt(a[0]!, "SECTOR"), nonNegInt(a[1]!, "COUNT")];
+        const out = new Uint8Array(n * 512);
+        await withTimeout(
+          chunked(s, n, async (cs, cn) => out.set(await blk.read(cs, cn), (cs - s) * 512)),
+          t,
+          "read",
+        );
+        writeFileSync(a[2]!, out);
+        say(`read: ${n} sectors at ${s} -> ${a[2]} (${took()})`);
+        break;
+      }
+      case "write": {
+        const s = nonNegInt(a[0]!, "SECTOR");
+        const data = new Uint8Array(readFileSync(a[1]!));
+        if (data.length % 512 !== 0) throw new UsageError(`${a[1]} is ${data.length} bytes, not a multiple of 512`);
+        await withTimeout(
+          chunked(s, data.length / 512, (cs, cn) => blk.write(cs, data.subarray((cs - s) * 512, (cs - s + cn) * 512))),
+          t,
+          "write",
+        );
+        say(`write: ${a[1]} -> ${data.length / 512} sectors at ${s} (${took()})`);
+        break;
+      }
+      case "flush":
+        await withTimeout(blk.flush(), t, "flush");
+        say(`flush: done (${took()})`);
+        break;
+      case "iommu-fault":
+        if (!(await iommuFault(dev, blk, init))) failures++;
+        break;
+    }
+  }
+  return failures === 0 ? 0 : 1;
+}
+
+/**
+ * The IOMMU at work: a read request whose data buffer is an IOVA that was
+ * mapped and then unmapped. QEMU's device cannot translate it, fails the
+ * DMA and, being a virtio 1.x device, sets DEVICE_NEEDS_RESET (virtio 1.2
+ * §2.1.2) and signals a configuration change; the memory behind the old
+ * mapping must stay untouched.
+ */
+async function iommuFault(dev: UserspaceVirtioPci, blk: BlkDriver, init: () => void): Promise<boolean> {
+  const vfio = dev.vfio;
+  if (vfio === null) throw new UsageError("iommu-fault needs --vfio: under UIO there is no IOMMU and the device can reach all of memory");
+  const { container } = vfio;
+  const probe = dev.dmaWindow; // header and status byte live in the normal window
+  const mfd = memfdCreate("iovirt-unmapped");
+  ftruncate(mfd, 65536);
+  const buf = mmap(mfd, 65536, 0, "rw", true);
+  mfd.close();
+  const bytes = new Uint8Array(buf).fill(0xaa);
+  const m = container.mapDma(buf);
+  const iova = m.iova;
+  container.unmapDma(iova);
+  say(
+    `iommu-fault: 64 KiB buffer mapped at IOVA 0x${iova.toString(16)} and unmapped again; the process still has the memory, the device must not`,
+  );
+
+  let configIrq = false;
+  const prevConfig = blk.virtio.onConfigChange;
+  blk.virtio.onConfigChange = () => {
+    configIrq = true;
+    prevConfig?.();
+  };
+  const hdr = probe.dma.alloc(32, 16);
+  const mem = probe.mem;
+  mem.writeU32(hdr, 0); // VIRTIO_BLK_T_IN
+  mem.writeU32(hdr + 4, 0);
+  mem.writeU64(hdr + 8, 0);
+  mem.writeU8(hdr + 16, 0xff);
+  // Shaped like the request engine's own records, so its used-buffer path could settle it.
+  let completed = false;
+  const token = { hdr, resolve: () => void (completed = true) };
+  const q = blk.virtio.queue<typeof token>(0);
+  q.add(
+    [
+      { addr: hdr, len: 16, writable: false },
+      { addr: iova, len: 65536, writable: true },
+      { addr: hdr + 16, len: 1, writable: true },
+    ],
+    token,
+  );
+  blk.virtio.kick(0);
+  const t0 = performance.now();
+  let status = 0;
+  while (performance.now() - t0 < 10_000) {
+    status = dev.transport.getStatus();
+    if ((status & STATUS_DEVICE_NEEDS_RESET) !== 0) break;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const ms = Math.round(performance.now() - t0);
+  await new Promise((r) => setTimeout(r, 50)); // let the configuration interrupt arrive
+  const untouched = bytes.every((b) => b === 0xaa);
+  const needsReset = (status & STATUS_DEVICE_NEEDS_RESET) !== 0;
+  say(
+    `iommu-fault: device status 0x${status.toString(16)}${needsReset ? " DEVICE_NEEDS_RESET" : ""} after ${ms} ms; ` +
+      `request ${completed ? "COMPLETED (unexpected)" : "not completed"}; buffer behind the stale IOVA ${untouched ? "untouched" : "MODIFIED"}; ` +
+      `config interrupt ${configIrq ? "yes" : "no"}`,
+  );
+  blk.virtio.onConfigChange = prevConfig;
+  munmap(buf);
+  // Recovery (virtio 1.2 §2.1.2: a driver seeing DEVICE_NEEDS_RESET resets the device): a function-level
+  // reset through VFIO when the device supports one, then the init sequence again (§3.1.1), which
+  // starts with the virtio reset.
+  const how = vfio.device.canReset ? "VFIO_DEVICE_RESET + re-init" : "virtio reset + re-init (no function reset offered)";
+  if (vfio.device.canReset) dev.resetFunction();
+  init();
+  const after = dev.transport.getStatus();
+  const data = await withTimeout(blk.read(0, 8), 10_000, "read after recovery");
+  say(`iommu-fault: ${how}: status 0x${after.toString(16)}, read of 8 sectors after recovery OK`);
+  const ok = needsReset && !completed && untouched && (after & STATUS_DEVICE_NEEDS_RESET) === 0 && data.length === 4096;
+  say(`iommu-fault: ${ok ? "PASS" : "FAIL"}`);
+  return ok;
+}
+
+async function runNet(dev: UserspaceVirtioPci, o: DrvArgs): Promise<number> {
+  const net = new NetDriver(dev.transport, dev.dmaWindow.mem, dev.dmaWindow.dma);
+  net.init({ queueSize: o.queueSize, ...(o.layout === "auto" ? {} : { preferPacked: o.layout === "packed" }) });
+  dev.attach(net.virtio);
+  const inbox: Uint8Array[] = [];
+  let wake: (() => void) | null = null;
+  net.onFrame = (f) => {
+    inbox.push(f.slice());
+    wake?.();
+  };
+  const nextFrame = async (): Promise<Uint8Array> => {
+    const deadline = performance.now() + o.timeoutMs;
+    while (inbox.length === 0) {
+      const left = deadline - performance.now();
+      if (left <= 0) throw new Error(`no frame within ${o.timeoutMs} ms`);
+      await new Promise<void>((r) => {
+        const t = setTimeout(r, Math.min(left, 200));
+        wake = () => {
+          clearTimeout(t);
+          r();
+        };
+      });
+      wake = null;
+      net.processUsed(); // also polls, in case an interrupt was coalesced away
+    }
+    return inbox.shift()!;
+  };
+  const send = async (f: Uint8Array): Promise<void> => {
+    for (let i = 0; !net.send(f); i++) {
+      if (i > 500) throw new Error("transmit ring stays full");
+      await new Promise((r) => setTimeout(r, 10));
+      net.processUsed();
+    }
+  };
+  const mac = net.mac;
+  const macText = [...mac].map((b) => b.toString(16).padStart(2, "0")).join(":");
+  let failures = 0;
+  for (const [cmd, ...a] of o.commands) {
+    const t0 = performance.now();
+    switch (cmd) {
+      case "info":
+        say(`net: ${describe(dev, net.negotiated, net.virtio.layout)}`);
+        say(`net: mac ${macText}, link ${net.linkUp ? "up" : "down"}, mtu ${net.mtu}`);
+        break;
+      case "ping-peer":
+      case "recv":
+      case "send": {
+        const n = nonNegInt(a[0]!, "COUNT");
+        let ok = 0;
+        for (let i = 0; i < n; i++) {
+          if (cmd !== "recv") await send(testFrame("g2h", i, mac));
+          if (cmd === "send") {
+            ok++;
+            continue;
+          }
+          const f = await nextFrame();
+          const err = checkTestFrame(f, "h2g", i);
+          if (err === null) ok++;
+          else {
+            failures++;
+            say(`${cmd}: frame ${i}: ${err}`);
+          }
+        }
+        const secs = ((performance.now() - t0) / 1000).toFixed(2);
+        say(`${cmd}: ${ok}/${n} ${cmd === "send" ? "frames sent" : "frames verified"} in ${secs} s`);
+        break;
+      }
+    }
+  }
+  return failures === 0 ? 0 : 1;
+}
