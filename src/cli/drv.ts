@@ -351,7 +351,13 @@ async function runNet(dev: UserspaceVirtioPci, o: DrvArgs): Promise<number> {
     const deadline = performance.now() + o.timeoutMs;
     while (inbox.length === 0) {
       const left = deadline - performance.now();
-      if (left <= 0) throw new Error(`no frame within ${o.timeoutMs} ms`);
+      if (left <= 0) {
+        const rx = net.virtio.queue(0);
+        throw new Error(
+          `no frame within ${o.timeoutMs} ms (received ${net.stats.rxFrames}, bad ${net.stats.rxErrors}, sent ${net.stats.txFrames}; ` +
+            `rx ring: ${rx.inFlight} buffers posted, used waiting: ${rx.hasUsed()}; device status 0x${dev.transport.getStatus().toString(16)})`,
+        );
+      }
       await new Promise<void>((r) => {
         const t = setTimeout(r, Math.min(left, 200));
         wake = () => {

@@ -447,13 +447,19 @@ describe("split driver queue specifics", () => {
 });
 
 describe("packed driver queue specifics", () => {
-  test("a used descriptor without WRITE reports length 0 whatever its len field holds (packed: Element Address and Length)", () => {
+  test("a used descriptor without WRITE: the length counts for a device-writable buffer (as QEMU writes it), 0 for a read-only one", () => {
     const p = createRingPair<number>({ layout: "packed", size: 4 });
     assert.ok(p.driver.addOne(p.dataBase, 64, true, 0));
+    assert.ok(p.driver.addOne(p.dataBase + 64, 64, false, 1));
     p.driver.publish();
-    const c = p.device.pop()!;
-    forgeUsed(p, 0, c.head, 1234, { write: false });
-    assert.deepEqual(drainAll(p), [[0, 0]]);
+    const c0 = p.device.pop()!;
+    const c1 = p.device.pop()!;
+    forgeUsed(p, 0, c0.head, 60, { write: false });
+    forgeUsed(p, 1, c1.head, 1234, { write: false });
+    assert.deepEqual(drainAll(p), [
+      [0, 60],
+      [1, 0],
+    ]);
   });
 
   test("a used descriptor with the wrong wrap bits is not seen as used", () => {

@@ -3,3 +3,4 @@ export { createBlkPair, type BlkPair, type BlkPairOptions } from "./blk-pair.js"
 export { createDriverQueue } from "../virtio/driver/create.js";
 export * from "./pattern.js";
 export * from "./frames.js";
+export { createNetPair, type NetPair, type NetPairOptions } from "./net-pair.js";

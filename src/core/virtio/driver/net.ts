@@ -26,6 +26,12 @@ import { VirtioDriver } from "./driver.js";
 import type { DriverQueue } from "./queue.js";
 import type { DriverTransport } from "./transport.js";
 
+/** Locally administered unicast address used when the device offers none. */
+const DEFAULT_MAC = [0x02, 0, 0, 0, 0, 0x01] as const;
+
+/** Ethernet header: destination, source, EtherType. */
+const ETH_HDR = 14;
+
 /** What iovirt's virtio-net driver negotiates: plain frames, no offloads, one queue pair. */
 export const NET_DRIVER_FEATURES = features(
   VIRTIO_NET_F_MAC,
@@ -53,7 +59,7 @@ export interface NetDriverOptions {
  */
 export class NetDriver {
   readonly virtio: VirtioDriver;
-  mac = new Uint8Array([0x02, 0, 0, 0, 0, 0x01]);
+  mac = new Uint8Array(DEFAULT_MAC);
   linkUp = true;
   mtu = 1500;
   onFrame: ((frame: Uint8Array) => void) | null = null;
@@ -84,7 +90,8 @@ export class NetDriver {
       setup: (f) => this.readConfig(f),
     });
     const { mem, dma } = this.virtio;
-    this.bufBytes = NET_HDR_SIZE + Math.max(ETH_MAX_FRAME, this.mtu + 14);
+    // §5.1.6.3.1: without MRG_RXBUF each receive buffer holds a whole frame and its header.
+    this.bufBytes = NET_HDR_SIZE + Math.max(ETH_MAX_FRAME, this.mtu + ETH_HDR);
     const rx = this.virtio.queue<number>(NET_RX_QUEUE);
     const tx = this.virtio.queue<number>(NET_TX_QUEUE);
     for (let i = 0; i < rx.size; i++) {
@@ -101,12 +108,18 @@ export class NetDriver {
     this.virtio.kick(NET_RX_QUEUE);
   }
 
-  /** Queues one frame for transmission; false when the transmit ring is full. */
+  /**
+   * Queues one frame (an Ethernet frame without FCS) for transmission behind a
+   * zeroed virtio_net_hdr (§5.1.6.2: no offloads, gso_type NONE). Returns
+   * false when no transmit slot is free even after reclaiming completions.
+   * A frame longer than 1514 bytes, or than mtu + 14 when VIRTIO_NET_F_MTU was
+   * negotiated (§5.1.6.2), is a RangeError.
+   */
   send(frame: Uint8Array): boolean {
-    const max = this.bufBytes - NET_HDR_SIZE;
-    if (frame.length < 14 || frame.length > max) throw new RangeError(`frame of ${frame.length} bytes (14..${max})`);
+    const max = Math.min(ETH_MAX_FRAME, this.mtu + ETH_HDR);
+    if (frame.length > max) throw new RangeError(`frame of ${frame.length} bytes exceeds ${max}`);
     const tx = this.virtio.queue<number>(NET_TX_QUEUE);
-    if (this.txFree.length === 0) this.drainTx(tx);
+    if (this.txFree.length === 0 || tx.numFree === 0) this.drainTx(tx);
     const b = this.txFree.pop();
     if (b === undefined) return false;
     this.virtio.mem.write(b + NET_HDR_SIZE, frame);
@@ -119,24 +132,37 @@ export class NetDriver {
     return true;
   }
 
-  /** Reclaims sent buffers and hands received frames to onFrame; the interrupt and poll entry point. */
+  /**
+   * Reclaims sent buffers and hands received frames to onFrame; the interrupt
+   * and poll entry point. The used length is not trusted: one below the
+   * header size or beyond the buffer is counted in rxErrors and never
+   * followed. Frames are copied out and their buffers re-posted (one kick per
+   * batch) before onFrame runs, so a throwing callback cannot lose buffers.
+   */
   processUsed(): void {
     if (this.virtio.queues.length < 2) return;
     this.drainTx(this.virtio.queue<number>(NET_TX_QUEUE));
     const rx = this.virtio.queue<number>(NET_RX_QUEUE);
     const mem = this.virtio.mem;
-    let reposted = 0;
+    const done: number[] = [];
+    const frames: Uint8Array[] = [];
     rx.drainUsed((b, len) => {
-      if (len < NET_HDR_SIZE + 14 || len > this.bufBytes) this.stats.rxErrors++;
-      else {
-        const frame = new Uint8Array(len - NET_HDR_SIZE);
-        mem.read(b + NET_HDR_SIZE, frame);
-        this.stats.rxFrames++;
-        this.onFrame?.(frame);
+      done.push(b);
+      if (len < NET_HDR_SIZE || len > this.bufBytes) {
+        this.stats.rxErrors++;
+        return;
       }
-      if (rx.addOne(b, this.bufBytes, true, b)) reposted++;
+      const frame = new Uint8Array(len - NET_HDR_SIZE);
+      mem.read(b + NET_HDR_SIZE, frame);
+      frames.push(frame);
     });
+    let reposted = 0;
+    for (const b of done) if (rx.addOne(b, this.bufBytes, true, b)) reposted++;
     if (reposted > 0) this.virtio.kick(NET_RX_QUEUE);
+    for (const f of frames) {
+      this.stats.rxFrames++;
+      this.onFrame?.(f);
+    }
   }
 
   private drainTx(tx: DriverQueue<number>): void {
@@ -148,11 +174,10 @@ export class NetDriver {
     // §2.5.1: a multi-byte read is consistent only under one configuration generation.
     for (;;) {
       const gen = t.configGeneration();
-      if (hasFeature(f, VIRTIO_NET_F_MAC)) {
-        const mac = new Uint8Array(6);
-        for (let i = 0; i < 6; i++) mac[i] = t.readConfig(NET_CFG.mac + i, 1);
-        this.mac = mac;
-      }
+      // §5.1.5: without VIRTIO_NET_F_MAC the driver picks its own (locally administered) address.
+      const mac = new Uint8Array(DEFAULT_MAC);
+      if (hasFeature(f, VIRTIO_NET_F_MAC)) for (let i = 0; i < 6; i++) mac[i] = t.readConfig(NET_CFG.mac + i, 1);
+      this.mac = mac;
       this.mtu = hasFeature(f, VIRTIO_NET_F_MTU) ? t.readConfig(NET_CFG.mtu, 2) : 1500;
       if (t.configGeneration() === gen) break;
     }

@@ -205,13 +205,16 @@ export class PackedDriverQueue<T = unknown> implements DriverQueue<T> {
       // One acquire load gives both the flags that say "used" and the buffer id.
       const word = Atomics.load(this.desc32, w + 3);
       if (!isUsed(word >>> 16, this.usedWrap)) break;
-      // §2.8.4: without WRITE the used length is reserved and means "nothing written".
-      const len = (word >>> 16) & VIRTQ_DESC_F_WRITE ? this.desc32[w + 2]! : 0;
       const id = word & 0xffff;
       if (!(id < this.size) || this.outstanding[id] === 0) {
         this.isBroken = true;
         throw new QueueError("BAD_BUFFER_ID", `used buffer id ${id} is not in flight`);
       }
+      // §2.8.4 reserves the used length of a descriptor without WRITE. QEMU (7.2 and
+      // later) never sets WRITE in used descriptors, and Linux reads the length
+      // regardless; so the length counts whenever the buffer had device-writable
+      // parts, and is 0 (nothing written) for a read-only buffer.
+      const len = (word >>> 16) & VIRTQ_DESC_F_WRITE || this.idWritable[id]! > 0 ? this.desc32[w + 2]! : 0;
       if (this.features.inOrder) {
         // §2.8.18: one used descriptor stands for every buffer up to and including `id`.
         let cur: number;

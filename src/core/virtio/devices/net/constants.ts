@@ -31,3 +31,19 @@ export const NET_TX_QUEUE = 1;
 
 /** An untagged Ethernet frame without FCS: 14-byte header + 1500-byte payload. */
 export const ETH_MAX_FRAME = 1514;
+
+/** Bytes of struct virtio_net_config up to and including mtu (§5.1.4). */
+export const NET_CONFIG_SIZE = 12;
+
+export const NET_FEATURE_NAMES: Readonly<Record<number, string>> = {
+  [VIRTIO_NET_F_CSUM]: "NET_CSUM",
+  [VIRTIO_NET_F_GUEST_CSUM]: "NET_GUEST_CSUM",
+  [VIRTIO_NET_F_MTU]: "NET_MTU",
+  [VIRTIO_NET_F_MAC]: "NET_MAC",
+  [VIRTIO_NET_F_GUEST_TSO4]: "NET_GUEST_TSO4",
+  [VIRTIO_NET_F_HOST_TSO4]: "NET_HOST_TSO4",
+  [VIRTIO_NET_F_MRG_RXBUF]: "NET_MRG_RXBUF",
+  [VIRTIO_NET_F_STATUS]: "NET_STATUS",
+  [VIRTIO_NET_F_CTRL_VQ]: "NET_CTRL_VQ",
+  [VIRTIO_NET_F_MQ]: "NET_MQ",
+};

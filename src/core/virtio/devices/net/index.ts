@@ -1,1 +1,3 @@
 export * from "./constants.js";
+export { NetDevice, type NetDeviceOptions } from "./device.js";
+export { MemoryPacketPort, type PacketPort } from "./port.js";
