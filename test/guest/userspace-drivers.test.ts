@@ -114,6 +114,15 @@ before(async () => {
 });
 after(() => rmSync(tmp, { recursive: true, force: true }));
 
+/** IOVIRT_GUEST_LOG=DIR keeps each guest's console output in DIR/<name>.log. */
+function keepLog(name: string, r: BootGuestResult): void {
+  const dir = process.env["IOVIRT_GUEST_LOG"];
+  if (dir !== undefined && dir !== "") {
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(join(dir, `${name}.log`), r.output);
+  }
+}
+
 function boot(opts: {
   iommu: boolean;
   image: string;
@@ -297,6 +306,7 @@ run no-fault-demo iov drv blk --uio $BLK iommu-fault
 `,
     );
     r = await boot({ iommu: false, image, peer, script });
+    keepLog("uio", r);
   });
   after(() => peer.sock.close());
 
