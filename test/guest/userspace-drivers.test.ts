@@ -201,6 +201,7 @@ run unbind-blk iov pci bind kernel $BLK
         "virtio-rng-pci,addr=05.1,disable-legacy=on",
       ],
     });
+    keepLog("vfio", r);
   });
   after(() => peer.sock.close());
 
