@@ -188,7 +188,10 @@ function render(e: LsEntry): string {
     lines.push(`    cap 0x${hex(c.offset, 2)}  ${c.name}${c.detail !== undefined ? `: ${c.detail}` : ""}`);
   }
   for (const v of e.virtio ?? []) {
-    const where = v.type !== VIRTIO_CAP_LABEL[VIRTIO_PCI_CAP.PCI_CFG] ? `BAR${v.bar} +0x${hex(v.offset)} len 0x${v.length.toString(16)}` : "window in configuration space";
+    const where =
+      v.type !== VIRTIO_CAP_LABEL[VIRTIO_PCI_CAP.PCI_CFG]
+        ? `BAR${v.bar} +0x${hex(v.offset)} len 0x${v.length.toString(16)}`
+        : "window in configuration space";
     const extra = v.notifyOffMultiplier !== undefined ? ` multiplier ${v.notifyOffMultiplier}` : "";
     lines.push(`    virtio ${v.type.padEnd(15)} ${where}${extra}`);
   }
