@@ -21,7 +21,7 @@ const nodeModules = [
 ];
 
 export default tseslint.config(
-  { ignores: ["dist/", "build/", "node_modules/", "fuzz/corpus/", "tmp/", "**/*.js"] },
+  { ignores: ["dist/", "build/", "node_modules/", "fuzz/corpus/", "tmp/", ".cache/", "**/*.js"] },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {

@@ -9,7 +9,8 @@ import { STATUS_DEVICE_NEEDS_RESET } from "../core/virtio/device/status.js";
 import { guestPatternRange } from "../core/testing/pattern.js";
 import { checkTestFrame, testFrame } from "../core/testing/frames.js";
 import { UserspaceVirtioPci, type PciBackend } from "../node/pci/userspace.js";
-import { ftruncate, memfdCreate, mmap, munmap } from "../node/native.js";
+import { munmap } from "../node/native.js";
+import { mapMemfd } from "../node/dma-memory.js";
 
 const COMMON = `  --vfio BDF         drive the function through VFIO (bound to vfio-pci; IOMMU-protected DMA)
   --uio BDF          drive it through UIO (bound to uio_pci_generic; physical addresses, no IOMMU)
@@ -280,10 +281,7 @@ async function iommuFault(dev: UserspaceVirtioPci, blk: BlkDriver, init: () => v
   if (vfio === null) throw new UsageError("iommu-fault needs --vfio: under UIO there is no IOMMU and the device can reach all of memory");
   const { container } = vfio;
   const probe = dev.dmaWindow; // header and status byte live in the normal window
-  const mfd = memfdCreate("iovirt-unmapped");
-  ftruncate(mfd, 65536);
-  const buf = mmap(mfd, 65536, 0, "rw", true);
-  mfd.close();
+  const buf = mapMemfd("iovirt-unmapped", 65536);
   const bytes = new Uint8Array(buf).fill(0xaa);
   const m = container.mapDma(buf);
   const iova = m.iova;

@@ -38,16 +38,20 @@ function window(buffer: ArrayBuffer, busBase: number, kind: string, close: () =>
   return { mem, dma: new DmaAllocator(busBase, size), busBase, size, buffer, describe: `${kind} 0x${busBase.toString(16)}`, close };
 }
 
-/** `size` bytes of memfd memory mapped into the container's IOMMU at a fresh IOVA. */
-export function vfioDmaWindow(container: VfioContainer, size: number): DmaWindow {
-  const fd = memfdCreate("iovirt-dma");
-  let buf: ArrayBuffer;
+/** `size` bytes of a fresh memfd (huge pages with `hugetlb`), mapped shared; the fd is not kept. */
+export function mapMemfd(name: string, size: number, flags: { hugetlb?: boolean } = {}): ArrayBuffer {
+  const fd = memfdCreate(name, flags);
   try {
     ftruncate(fd, size);
-    buf = mmap(fd, size, 0, "rw", true);
+    return mmap(fd, size, 0, "rw", true);
   } finally {
     fd.close();
   }
+}
+
+/** `size` bytes of memfd memory mapped into the container's IOMMU at a fresh IOVA. */
+export function vfioDmaWindow(container: VfioContainer, size: number): DmaWindow {
+  const buf = mapMemfd("iovirt-dma", size);
   const m = container.mapDma(buf, { align: Math.min(HUGE_PAGE, 2 ** Math.ceil(Math.log2(size))) });
   return window(buf, m.iova, "IOVA", () => {
     container.unmapDma(m.iova);
@@ -90,14 +94,7 @@ export function physicalDmaWindow(): DmaWindow {
       "UIO DMA memory must be physically contiguous and is taken from a 2 MiB huge page, but none is free: echo 4 > /proc/sys/vm/nr_hugepages",
     );
   }
-  const fd = memfdCreate("iovirt-uio-dma", { hugetlb: true });
-  let buf: ArrayBuffer;
-  try {
-    ftruncate(fd, HUGE_PAGE);
-    buf = mmap(fd, HUGE_PAGE, 0, "rw", true);
-  } finally {
-    fd.close();
-  }
+  const buf = mapMemfd("iovirt-uio-dma", HUGE_PAGE, { hugetlb: true });
   new Uint8Array(buf).fill(0); // fault the page in before asking where it is
   mlock(buf);
   const va = addressOf(buf);

@@ -102,6 +102,14 @@ async function fillRegion(image: string, sector: number, count: number): Promise
   await fh.close();
 }
 
+/** A 64 MiB image whose HOST_REGION holds the pattern, and a fresh UDP peer. */
+async function prepare(name: string): Promise<{ image: string; peer: Awaited<ReturnType<typeof startPeer>> }> {
+  const image = join(tmp, `${name}.img`);
+  writeFileSync(image, new Uint8Array(64 << 20));
+  await fillRegion(image, HOST_REGION, MIB_SECTORS);
+  return { image, peer: await startPeer() };
+}
+
 function assertPatternOnHost(image: string, sector: number, count: number): void {
   const got = readFileRange(image, sector * SECTOR, count * SECTOR);
   const want = guestPatternRange(sector * SECTOR, count * SECTOR);
@@ -113,6 +121,16 @@ before(async () => {
   kernel = await guestPaths();
 });
 after(() => rmSync(tmp, { recursive: true, force: true }));
+
+/** The steps both guests run: bind blk and net, then blk and net over split and packed rings. */
+function driverSteps(b: "vfio" | "uio"): string {
+  return `run bind-blk iov pci bind ${b} $BLK
+run bind-net iov pci bind ${b} $NET
+run blk-split iov drv blk --${b} $BLK --split info write-pattern 0 ${MIB_SECTORS} verify-pattern 0 ${MIB_SECTORS} verify-pattern ${HOST_REGION} ${MIB_SECTORS}
+run blk-packed iov drv blk --${b} $BLK --packed info write-pattern ${MIB_SECTORS} ${MIB_SECTORS} verify-pattern ${HOST_REGION} ${MIB_SECTORS}
+run net-split iov drv net --${b} $NET --split info ping-peer ${FRAMES}
+run net-packed iov drv net --${b} $NET --packed info ping-peer ${FRAMES}`;
+}
 
 /** IOVIRT_GUEST_LOG=DIR keeps each guest's console output in DIR/<name>.log. */
 function keepLog(name: string, r: BootGuestResult): void {
@@ -168,19 +186,11 @@ describe("userspace drivers over VFIO behind a virtual Intel IOMMU", { timeout: 
   let image: string;
   let peer: Awaited<ReturnType<typeof startPeer>>;
   before(async () => {
-    image = join(tmp, "vfio.img");
-    writeFileSync(image, new Uint8Array(64 << 20));
-    await fillRegion(image, HOST_REGION, MIB_SECTORS);
-    peer = await startPeer();
+    ({ image, peer } = await prepare("vfio"));
     const script = guestScript(
       "vfio",
       `run ls iov pci ls
-run bind-blk iov pci bind vfio $BLK
-run bind-net iov pci bind vfio $NET
-run blk-split iov drv blk --vfio $BLK --split info write-pattern 0 ${MIB_SECTORS} verify-pattern 0 ${MIB_SECTORS} verify-pattern ${HOST_REGION} ${MIB_SECTORS}
-run blk-packed iov drv blk --vfio $BLK --packed info write-pattern ${MIB_SECTORS} ${MIB_SECTORS} verify-pattern ${HOST_REGION} ${MIB_SECTORS}
-run net-split iov drv net --vfio $NET --split info ping-peer ${FRAMES}
-run net-packed iov drv net --vfio $NET --packed info ping-peer ${FRAMES}
+${driverSteps("vfio")}
 run fault iov drv blk --vfio $BLK --split iommu-fault
 run rng-bind iov pci bind vfio 0000:00:05.0
 run nonviable iov drv blk --vfio 0000:00:05.0 info
@@ -290,19 +300,11 @@ describe("userspace drivers over UIO (uio_pci_generic, no IOMMU)", { timeout: 48
   let image: string;
   let peer: Awaited<ReturnType<typeof startPeer>>;
   before(async () => {
-    image = join(tmp, "uio.img");
-    writeFileSync(image, new Uint8Array(64 << 20));
-    await fillRegion(image, HOST_REGION, MIB_SECTORS);
-    peer = await startPeer();
+    ({ image, peer } = await prepare("uio"));
     const script = guestScript(
       "uio",
       `echo 8 > /proc/sys/vm/nr_hugepages
-run bind-blk iov pci bind uio $BLK
-run bind-net iov pci bind uio $NET
-run blk-split iov drv blk --uio $BLK --split info write-pattern 0 ${MIB_SECTORS} verify-pattern 0 ${MIB_SECTORS} verify-pattern ${HOST_REGION} ${MIB_SECTORS}
-run blk-packed iov drv blk --uio $BLK --packed info write-pattern ${MIB_SECTORS} ${MIB_SECTORS} verify-pattern ${HOST_REGION} ${MIB_SECTORS}
-run net-split iov drv net --uio $NET --split info ping-peer ${FRAMES}
-run net-packed iov drv net --uio $NET --packed info ping-peer ${FRAMES}
+${driverSteps("uio")}
 run no-fault-demo iov drv blk --uio $BLK iommu-fault
 `,
     );

@@ -2,9 +2,8 @@ import { GuestMemory } from "../memory/guest-memory.js";
 import { BlkDevice, type BlkDeviceOptions } from "../virtio/devices/blk/device.js";
 import { RamDisk, type BlockPort } from "../virtio/devices/blk/port.js";
 import { BlkDriver, type BlkDriverOptions } from "../virtio/driver/blk.js";
-import { DmaAllocator } from "../virtio/driver/dma.js";
-import { MmioTransport } from "../virtio/transport/mmio/device.js";
-import { MmioDriverTransport } from "../virtio/transport/mmio/driver.js";
+import type { MmioTransport } from "../virtio/transport/mmio/device.js";
+import { wireOverMmio } from "./mmio-wire.js";
 
 export interface BlkPairOptions {
   device?: Partial<BlkDeviceOptions>;
@@ -32,20 +31,7 @@ export function createBlkPair(opts: BlkPairOptions = {}): BlkPair {
   const port = opts.port ?? new RamDisk(opts.diskBytes ?? 8 << 20);
   const device = new BlkDevice({ port, ...opts.device });
   device.attachMemory(mem);
-  const wired: { driver?: BlkDriver } = {};
-  let scheduled = false;
-  const mmio = new MmioTransport(device, {
-    interrupt: () => {
-      if (scheduled) return;
-      scheduled = true;
-      queueMicrotask(() => {
-        scheduled = false;
-        wired.driver?.virtio.handleInterrupt();
-      });
-    },
-  });
-  const driver = new BlkDriver(new MmioDriverTransport(mmio), mem, new DmaAllocator(0x10000, mem.listRegions()[0]!.size - 0x10000));
-  wired.driver = driver;
+  const { mmio, driver } = wireOverMmio(device, mem, (t, m, d) => new BlkDriver(t, m, d));
   driver.init(opts.driver ?? {});
   return { mem, port, device, mmio, driver };
 }

@@ -2,9 +2,8 @@ import { GuestMemory } from "../memory/guest-memory.js";
 import { NetDevice, type NetDeviceOptions } from "../virtio/devices/net/device.js";
 import { MemoryPacketPort } from "../virtio/devices/net/port.js";
 import { NetDriver, type NetDriverOptions } from "../virtio/driver/net.js";
-import { DmaAllocator } from "../virtio/driver/dma.js";
-import { MmioTransport } from "../virtio/transport/mmio/device.js";
-import { MmioDriverTransport } from "../virtio/transport/mmio/driver.js";
+import type { MmioTransport } from "../virtio/transport/mmio/device.js";
+import { wireOverMmio } from "./mmio-wire.js";
 
 export interface NetPairOptions {
   device?: Partial<Omit<NetDeviceOptions, "port">>;
@@ -30,20 +29,7 @@ export function createNetPair(opts: NetPairOptions = {}): NetPair {
   const port = new MemoryPacketPort();
   const device = new NetDevice({ ...opts.device, port });
   device.attachMemory(mem);
-  const wired: { driver?: NetDriver } = {};
-  let scheduled = false;
-  const mmio = new MmioTransport(device, {
-    interrupt: () => {
-      if (scheduled) return;
-      scheduled = true;
-      queueMicrotask(() => {
-        scheduled = false;
-        wired.driver?.virtio.handleInterrupt();
-      });
-    },
-  });
-  const driver = new NetDriver(new MmioDriverTransport(mmio), mem, new DmaAllocator(0x10000, mem.listRegions()[0]!.size - 0x10000));
-  wired.driver = driver;
+  const { mmio, driver } = wireOverMmio(device, mem, (t, m, d) => new NetDriver(t, m, d));
   driver.init(opts.driver ?? {});
   return { mem, port, device, mmio, driver };
 }

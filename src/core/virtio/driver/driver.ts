@@ -1,7 +1,15 @@
 import { IovirtUsageError } from "../../errors.js";
 import type { GuestMemory } from "../../memory/guest-memory.js";
 import type { RingLayout } from "../queue/index.js";
-import { VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, bit, hasFeature, ringFeatures } from "../device/features.js";
+import {
+  VIRTIO_F_ACCESS_PLATFORM,
+  VIRTIO_F_NOTIFICATION_DATA,
+  VIRTIO_F_RING_PACKED,
+  VIRTIO_F_VERSION_1,
+  bit,
+  hasFeature,
+  ringFeatures,
+} from "../device/features.js";
 import {
   STATUS_ACKNOWLEDGE,
   STATUS_DEVICE_NEEDS_RESET,
