@@ -7,8 +7,8 @@ import { MmioTransport } from "../virtio/transport/mmio/device.js";
 import { MmioDriverTransport } from "../virtio/transport/mmio/driver.js";
 
 /**
- * Connects a driver to a device through virtio-mmio registers in one
- * process. The device's interrupt line is delivered as one microtask per
+ * Connects a driver to a device through virtio-mmio registers in the same
+ * program. The device's interrupt line is delivered as one microtask per
  * burst; the driver's DMA window is guest memory above 64 KiB.
  */
 export function wireOverMmio<D extends { readonly virtio: VirtioDriver }>(
