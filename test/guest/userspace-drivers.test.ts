@@ -66,7 +66,7 @@ function guestScript(name: string, body: string): string {
 cd ${repo}
 say() { echo "IOVIRT-GUEST: $*"; }
 # run LABEL CMD...: the command's output as markers "LABEL: line", then "LABEL exit N"
-run() { local label=$1; shift; "$@" >/tmp/out 2>&1; local rc=$?; sed "s/^/IOVIRT-GUEST: $label: /" /tmp/out; say "$label exit $rc"; }
+run() { local label=$1; shift; "$@" >"$TMPDIR/out" 2>&1; local rc=$?; sed "s/^/IOVIRT-GUEST: $label: /" "$TMPDIR/out"; say "$label exit $rc"; }
 iov() { node ${cli} "$@"; }
 bdf() { for d in /sys/bus/pci/devices/*; do [ "$(cat $d/vendor):$(cat $d/device)" = "$1" ] && basename $d && return; done; }
 BLK=$(bdf 0x1af4:0x1042); NET=$(bdf 0x1af4:0x1041)

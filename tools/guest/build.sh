@@ -364,7 +364,7 @@ chmod 0755 "$ROOT/scripts/blk-pattern.sh"
 cat >"$ROOT/scripts/hostroot.sh" <<'HOSTROOT_EOF'
 #!/bin/sh
 # hostroot: mount the host's root file system (read-only 9p, mount_tag hostroot),
-# give it this guest's /proc /sys /dev and a fresh /tmp, and run the host script
+# give it this guest's /proc /sys /dev and a scratch tmpfs on /run (TMPDIR), and run the host script
 # named by iovirt.run= inside it with the host's bash. Its exit status is ours.
 say() { echo "IOVIRT-GUEST: $*"; }
 fail() { say "error: $*"; say "RESULT FAIL"; exit 1; }
@@ -372,10 +372,12 @@ fail() { say "error: $*"; say "RESULT FAIL"; exit 1; }
 mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host || fail "cannot mount the 9p share hostroot"
 for d in proc sys dev; do mount -o bind "/$d" "/host/$d" || fail "bind /$d"; done
-mount -t tmpfs -o size=50% tmpfs /host/tmp || fail "tmpfs /host/tmp"
-mount -t tmpfs tmpfs /host/run 2>/dev/null
+# Scratch space is a tmpfs on /run, not on /tmp: the host's /tmp stays visible
+# (a checkout under /tmp, as CI clones often are, must be reachable) but read-only.
+mount -t tmpfs -o size=50% tmpfs /host/run || fail "tmpfs /host/run"
 say "hostroot mounted uptime=$(cut -d' ' -f1 /proc/uptime)"
-chroot /host /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/root /bin/bash "$IOVIRT_RUN"
+[ -f "/host$IOVIRT_RUN" ] || fail "iovirt.run=$IOVIRT_RUN is not a file in the host's root as this guest sees it"
+chroot /host /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/root TMPDIR=/run /bin/bash "$IOVIRT_RUN"
 HOSTROOT_EOF
 chmod 0755 "$ROOT/scripts/hostroot.sh"
 
