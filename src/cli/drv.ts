@@ -194,6 +194,7 @@ async function runBlk(dev: UserspaceVirtioPci, o: DrvArgs): Promise<number> {
     switch (cmd) {
       case "info":
         say(`blk: ${describe(dev, blk.negotiated, blk.virtio.layout, BLK_FEATURE_NAMES)}`);
+        for (const l of dev.platformInfo()) say(`blk: ${l}`);
         say(
           `blk: capacity ${blk.capacity} sectors (${(blk.capacity / 2048).toFixed(1)} MiB), block size ${blk.blockSize}${blk.readOnly ? ", read-only" : ""}`,
         );
@@ -399,6 +400,7 @@ async function runNet(dev: UserspaceVirtioPci, o: DrvArgs): Promise<number> {
     switch (cmd) {
       case "info":
         say(`net: ${describe(dev, net.negotiated, net.virtio.layout, NET_FEATURE_NAMES)}`);
+        for (const l of dev.platformInfo()) say(`net: ${l}`);
         say(`net: mac ${macText}, link ${net.linkUp ? "up" : "down"}, mtu ${net.mtu}`);
         break;
       case "ping-peer":

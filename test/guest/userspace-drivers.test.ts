@@ -191,6 +191,7 @@ describe("userspace drivers over VFIO behind a virtual Intel IOMMU", { timeout: 
       "vfio",
       `run ls iov pci ls
 ${driverSteps("vfio")}
+run blk-intx iov drv blk --vfio $BLK --intx --split info verify-pattern 0 ${MIB_SECTORS}
 run fault iov drv blk --vfio $BLK --split iommu-fault
 run rng-bind iov pci bind vfio 0000:00:05.0
 run nonviable iov drv blk --vfio 0000:00:05.0 info
@@ -247,6 +248,19 @@ run unbind-blk iov pci bind kernel $BLK
       /verify-pattern: 2048 sectors at 8192 match/,
     );
     assertPatternOnHost(image, 0, MIB_SECTORS);
+  });
+
+  test("VFIO reports the function's regions, interrupts and the IOMMU's IOVA ranges", () => {
+    assertStep(
+      r,
+      "blk-split",
+      /vfio: IOMMU group \d+, container type Type1v2, IOMMU page sizes 0x[0-9a-f]+, IOVA ranges 0x0-0x[0-9a-f]+, /,
+      /vfio: device supports reset; regions BAR1 4 KiB mmap, BAR4 16 KiB mmap, config 4 KiB; irqs INTx 1, MSI 0, MSI-X 2/,
+    );
+  });
+
+  test("blk over VFIO with INTx instead of MSI-X", () => {
+    assertStep(r, "blk-intx", /split rings, INTx/, /verify-pattern: 2048 sectors at 0 match/);
   });
 
   test("blk over VFIO, packed ring", () => {
@@ -333,6 +347,7 @@ run no-fault-demo iov drv blk --uio $BLK iommu-fault
       /verify-pattern: 2048 sectors at 8192 match/,
     );
     assertStep(r, "blk-packed", /packed rings, INTx/, /verify-pattern: 2048 sectors at 8192 match/);
+    assertStep(r, "blk-split", /uio: \/dev\/uio\d+ \(uio_pci_generic [0-9.]+\); maps /);
     assertPatternOnHost(image, 0, 2 * MIB_SECTORS);
   });
 

@@ -189,6 +189,35 @@ export class UserspaceVirtioPci {
     }
   }
 
+  /** What the back end reports about the function: VFIO device, region, IRQ and IOMMU info, or the UIO device. */
+  platformInfo(): string[] {
+    const kib = (n: number): string => (n >= 1024 ? `${n / 1024} KiB` : `${n} B`);
+    if (this.vfio !== null) {
+      const { device, container, group } = this.vfio;
+      // Indexes 0..7: BARs, ROM, config. VGA (8) exists only on VGA devices (EINVAL otherwise).
+      const regionNames = ["BAR0", "BAR1", "BAR2", "BAR3", "BAR4", "BAR5", "ROM", "config"];
+      const regions: string[] = [];
+      for (let i = 0; i < Math.min(device.numRegions, regionNames.length); i++) {
+        const r = device.region(i);
+        if (r.size > 0) regions.push(`${regionNames[i]} ${kib(r.size)}${r.mappable ? " mmap" : ""}`);
+      }
+      const irqs: string[] = [];
+      for (let i = 0; i <= VFIO_PCI_IRQ.MSIX && i < device.numIrqs; i++) {
+        const q = device.irq(i);
+        irqs.push(`${q.name} ${q.count}`);
+      }
+      const io = container.info();
+      const ranges = io.iovaRanges.map((r) => `0x${r.start.toString(16)}-0x${r.end.toString(16)}`).join(", ");
+      return [
+        `vfio: IOMMU group ${group.id}, container type ${container.iommuType === 3 ? "Type1v2" : "Type1"}, IOMMU page sizes 0x${io.pageSizes.toString(16)}, IOVA ranges ${ranges}`,
+        `vfio: device ${device.canReset ? "supports" : "does not support"} reset; regions ${regions.join(", ")}; irqs ${irqs.join(", ")}`,
+      ];
+    }
+    const u = this.uio!;
+    const maps = u.maps.map((m) => `${m.name} 0x${m.addr.toString(16)} ${kib(m.size)}`).join(", ");
+    return [`uio: /dev/${u.uio} (${u.driverName} ${u.version}); maps ${maps === "" ? "none" : maps}; BARs through sysfs resourceN`];
+  }
+
   /**
    * Function-level reset through VFIO_DEVICE_RESET (VFIO only): clears
    * whatever state the device is in. The virtio driver must initialize the
