@@ -493,3 +493,19 @@ test("a sector of 2^53 or more (all ones, 2^63) is IOERR, never read as a nearby
     assert.equal(p.device.stats.bytesRead, 0);
   }
 });
+
+test("the blk driver re-reads the capacity when the device signals a configuration change", async () => {
+  const port = new RamDisk(1 << 20);
+  const p = createBlkPair({ port });
+  assert.equal(p.driver.capacity, 2048);
+  let changes = 0;
+  p.driver.onConfigChange = () => changes++;
+  port.resize(2 << 20);
+  p.device.refreshCapacity();
+  await new Promise((r) => setTimeout(r, 0));
+  assert.equal(changes, 1);
+  assert.equal(p.driver.capacity, 4096);
+  const data = new Uint8Array(512).fill(9);
+  await p.driver.write(4095, data);
+  assert.deepEqual(await p.driver.read(4095, 1), data);
+});

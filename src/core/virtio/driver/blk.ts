@@ -244,7 +244,16 @@ export class BlkDriver extends BlkRequests {
     super(virtio);
     this.virtio = virtio;
     virtio.onUsed = () => this.processUsed();
+    // §5.2.2 / §2.5: a configuration change interrupt may carry a new capacity
+    // (a resized disk); a device that needs a reset has nothing to re-read.
+    virtio.onConfigChange = () => {
+      if (!virtio.needsReset() && virtio.queues.length > 0) this.readConfig(virtio.negotiated);
+      this.onConfigChange?.();
+    };
   }
+
+  /** Called after each configuration change, once the geometry was re-read. */
+  onConfigChange: (() => void) | null = null;
 
   init(opts: BlkDriverOptions = {}): void {
     const wanted = BLK_DRIVER_FEATURES & ~(opts.without ?? 0n);
