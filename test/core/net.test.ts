@@ -2,15 +2,32 @@ import { test, describe } from "node:test";
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import {
+  DriverInitError,
+  MemoryPacketPort,
   NET_CFG,
+  NET_DRIVER_FEATURES,
   NET_HDR_SIZE,
+  NET_MIN_RX_BUFFER,
+  NetDevice,
   VIRTIO_F_EVENT_IDX,
+  VIRTIO_F_INDIRECT_DESC,
+  VIRTIO_F_IN_ORDER,
   VIRTIO_F_RING_PACKED,
+  VIRTIO_NET_F_CSUM,
+  VIRTIO_NET_F_CTRL_VQ,
+  VIRTIO_NET_F_GUEST_CSUM,
+  VIRTIO_NET_F_GUEST_TSO4,
+  VIRTIO_NET_F_GUEST_TSO6,
+  VIRTIO_NET_F_GUEST_UFO,
+  VIRTIO_NET_F_HOST_TSO4,
   VIRTIO_NET_F_MAC,
+  VIRTIO_NET_F_MQ,
+  VIRTIO_NET_F_MRG_RXBUF,
   VIRTIO_NET_F_MTU,
   VIRTIO_NET_F_STATUS,
   bit,
   hasFeature,
+  type DeviceQueue,
 } from "../../src/core/index.js";
 import { createNetPair, type NetPair, type NetPairOptions } from "../../src/core/testing/index.js";
 
@@ -38,16 +55,30 @@ function pair(opts: NetPairOptions = {}): NetPair & { rx: Uint8Array[] } {
   return { ...p, rx };
 }
 
-/** Holds transmit-queue notifications so the transmit ring fills up; returns a resume function. */
-function pauseTx(p: NetPair): () => void {
+/** Swallows the device's notifications for queue `index` (the ring fills, or buffers go unnoticed); returns a resume function. */
+function pauseQueue(p: NetPair, index: number): () => void {
   const dev = p.device;
   const orig = dev.notify.bind(dev);
   dev.notify = (i: number, data?: number) => {
-    if (i !== 1) orig(i, data);
+    if (i !== index) orig(i, data);
   };
   return () => {
     dev.notify = orig;
-    dev.poll(1);
+    dev.poll(index);
+  };
+}
+
+type Complete = (q: DeviceQueue, index: number, id: number, len: number, descCount: number, epoch: number) => void;
+
+/** Rewrites the used length the device reports for receive buffers (a device that lies). */
+function lieAboutRxLength(p: NetPair, len: (real: number) => number): () => void {
+  const dev = p.device as unknown as { complete: Complete };
+  const orig = dev.complete;
+  dev.complete = function (this: unknown, q, index, id, real, descCount, epoch) {
+    orig.call(this, q, index, id, index === 0 ? len(real) : real, descCount, epoch);
+  };
+  return () => {
+    dev.complete = orig;
   };
 }
 
@@ -70,7 +101,10 @@ for (const { name, preferPacked } of LAYOUTS) {
         assert.equal(hasFeature(p.driver.negotiated, VIRTIO_F_RING_PACKED), preferPacked);
         assert.equal(hasFeature(p.driver.negotiated, VIRTIO_F_EVENT_IDX), eventIdx);
         assert.equal(hasFeature(p.device.features, VIRTIO_F_EVENT_IDX), eventIdx);
+        assert.equal(hasFeature(p.driver.negotiated, VIRTIO_F_INDIRECT_DESC), false, "offered, but every buffer is one descriptor");
         for (const b of [VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MTU]) assert.ok(hasFeature(p.driver.negotiated, b));
+        assert.equal(p.driver.virtio.queues.length, 2, "receiveq1 and transmitq1 only");
+        assert.equal(p.driver.virtio.queue(0).inFlight, p.driver.virtio.queue(0).size, "every receive slot is posted");
       });
 
       test("frames travel both ways intact, over several ring wraps", T, async () => {
@@ -102,13 +136,14 @@ for (const { name, preferPacked } of LAYOUTS) {
       test("a full transmit ring makes send return false until completions are reclaimed", T, async () => {
         const p = pair(opts(8));
         const size = p.driver.virtio.queue(1).size;
-        const resume = pauseTx(p);
+        const resume = pauseQueue(p, 1);
         const sent: Uint8Array[] = [];
         for (let i = 0; i < size; i++) {
           sent.push(frame(100 + i, i));
           assert.ok(p.driver.send(sent[i]!), `send ${i} of ${size}`);
         }
         assert.equal(p.driver.send(frame(100, 99)), false);
+        assert.equal(p.driver.stats.txFrames, size, "a refused frame is not counted");
         assert.equal(p.port.transmitted.length, 0);
         resume();
         assert.equal(p.port.transmitted.length, size);
@@ -121,16 +156,60 @@ for (const { name, preferPacked } of LAYOUTS) {
         assert.equal(p.driver.stats.txFrames, size + 1);
       });
 
+      test("many more frames than the transmit ring holds: refused while full, then accepted, all in order", T, async () => {
+        const p = pair(opts(4));
+        const size = p.driver.virtio.queue(1).size;
+        pauseQueue(p, 1); // the device only looks at the ring when polled
+        const sent: Uint8Array[] = [];
+        let refusals = 0;
+        for (let i = 0; sent.length < 100; i++) {
+          const f = frame(60 + (i % 200), i);
+          if (p.driver.send(f)) sent.push(f);
+          else {
+            refusals++;
+            assert.equal(p.driver.virtio.queue(1).inFlight, size, "refused only when the ring is full");
+            p.device.poll(1);
+            await tick();
+          }
+          assert.ok(i < 1000, "no progress");
+        }
+        p.device.poll(1);
+        await tick();
+        assert.deepEqual(p.port.transmitted, sent);
+        assert.equal(p.device.stats.txFrames, 100);
+        assert.ok(refusals >= Math.floor(100 / size) - 1, `${refusals} refusals`);
+      });
+
       test("frames that arrive with no receive buffer wait and are delivered when buffers come back", T, async () => {
         const p = pair(opts(8));
         const size = p.driver.virtio.queue(0).size;
         const injected = Array.from({ length: size * 3 }, (_, i) => frame(64 + i, i));
-        for (const f of injected) p.port.inject(f); // synchronous: the driver reposts nothing in between
+        for (const f of injected) assert.ok(p.port.inject(f), "delivered or waiting"); // synchronous: the driver reposts nothing in between
         assert.equal(p.device.pendingFrames, size * 2);
         for (let i = 0; i < 10 && p.rx.length < injected.length; i++) await tick();
         assert.equal(p.device.pendingFrames, 0);
         assert.deepEqual(p.rx, injected);
         assert.equal(p.device.stats.rxDropped, 0);
+      });
+
+      test("a new frame first hands over waiting frames when buffers were re-posted without a notification", T, async () => {
+        const p = pair(opts(8));
+        const size = p.driver.virtio.queue(0).size;
+        const resume = pauseQueue(p, 0);
+        const injected = Array.from({ length: size * 2 }, (_, i) => frame(64 + i, i));
+        for (const f of injected) p.port.inject(f);
+        await tick(); // the driver takes the first `size` frames and re-posts; the kick is swallowed
+        assert.equal(p.rx.length, size);
+        assert.equal(p.device.pendingFrames, size);
+        const late = frame(99, 999);
+        injected.push(late);
+        assert.ok(p.port.inject(late));
+        assert.equal(p.device.pendingFrames, 1, "the older frames went first, into the re-posted buffers");
+        await tick();
+        assert.deepEqual(p.rx, injected.slice(0, size * 2));
+        resume();
+        await tick();
+        assert.deepEqual(p.rx, injected);
       });
     });
   }
@@ -142,27 +221,86 @@ describe("virtio-net device", () => {
     const size = p.driver.virtio.queue(0).size;
     const n = size + 256 + 5;
     const injected = Array.from({ length: n }, (_, i) => frame(60, i));
-    for (const f of injected) p.port.inject(f);
+    const accepted = injected.map((f) => p.port.inject(f));
+    assert.deepEqual(
+      accepted,
+      injected.map((_, i) => i < n - 5),
+    );
     assert.equal(p.device.pendingFrames, 256);
     assert.equal(p.device.stats.rxDropped, 5);
     for (let i = 0; i < 200 && p.rx.length < n - 5; i++) await tick();
     assert.deepEqual(p.rx, injected.slice(0, n - 5));
   });
 
-  test("a received frame larger than the receive buffer is dropped and counted; the queue keeps serving", T, async () => {
+  test("maxPending bounds the waiting frames", T, () => {
+    const p = pair({ device: { maxPending: 2 }, driver: { queueSize: 4 } });
+    const size = p.driver.virtio.queue(0).size;
+    for (let i = 0; i < size + 3; i++) p.port.inject(frame(60, i));
+    assert.equal(p.device.pendingFrames, 2);
+    assert.equal(p.device.stats.rxDropped, 1);
+    assert.throws(() => new NetDevice({ port: new MemoryPacketPort(), maxPending: -1 }), RangeError);
+  });
+
+  test("a received frame longer than mtu + header never reaches the ring (§5.1.4.1)", T, async () => {
     const p = pair();
-    const big = frame(1600, 1);
-    p.port.inject(big);
-    await tick();
+    const rxq = p.driver.virtio.queue(0);
+    assert.equal(p.device.maxReceiveFrame, 1518);
+    assert.equal(p.port.inject(frame(1600, 1)), false);
     assert.equal(p.device.stats.rxDropped, 1);
     assert.equal(p.device.stats.rxFrames, 0);
-    assert.equal(p.driver.stats.rxErrors, 1, "the buffer came back with used length 0");
+    assert.equal(rxq.inFlight, rxq.size, "no receive buffer was used");
+    await tick();
+    assert.equal(p.driver.stats.rxErrors, 0);
+    assert.equal(p.device.errors.length, 0, "the driver is not to blame");
+    const ok = frame(1514, 2);
+    assert.ok(p.port.inject(ok));
+    await tick();
+    assert.deepEqual(p.rx, [ok]);
+  });
+
+  test("a tagged frame that does not fit a 1526-byte buffer is dropped without blaming the driver", T, async () => {
+    const p = pair();
+    assert.equal(p.driver.bufferSize, NET_MIN_RX_BUFFER);
+    assert.equal(p.port.inject(frame(1518, 1)), false);
+    assert.equal(p.device.stats.rxDropped, 1);
+    assert.equal(p.device.errors.length, 0);
+    await tick();
+    assert.equal(p.driver.stats.rxErrors, 1, "the buffer came back empty");
     assert.equal(p.rx.length, 0);
-    assert.ok(p.device.errors.some((e) => e.err.code === "NET_RX_BUFFER"));
     const ok = frame(1514, 2);
     p.port.inject(ok);
     await tick();
     assert.deepEqual(p.rx, [ok]);
+  });
+
+  test("a receive buffer too small for a full-size frame is a reported guest error; the queue keeps serving", T, async () => {
+    for (const preferPacked of [false, true]) {
+      const p = pair({ driver: { preferPacked, queueSize: 4 } });
+      const { virtio } = p.driver;
+      const rxq = virtio.queue<number>(0);
+      const size = rxq.size;
+      // Take one full-size buffer back from the driver and post it again as 100 bytes.
+      assert.ok(p.port.inject(frame(60, 0)));
+      let taken = -1;
+      rxq.drainUsed((b) => (taken = b));
+      assert.ok(taken >= 0);
+      assert.ok(rxq.addOne(taken, 100, true, taken));
+      virtio.kick(0);
+      const good = Array.from({ length: size - 1 }, (_, i) => frame(61 + i, i + 1));
+      for (const f of good) assert.ok(p.port.inject(f)); // the remaining full-size buffers
+      assert.equal(p.port.inject(frame(1000, 50)), false, "the small buffer is next");
+      assert.equal(p.device.stats.rxDropped, 1);
+      assert.ok(p.device.errors.some((e) => e.err.code === "NET_RX_BUFFER" && e.queue === 0));
+      assert.equal(virtio.needsReset(), false);
+      await tick();
+      assert.deepEqual(p.rx, good);
+      assert.equal(p.driver.stats.rxErrors, 1, "the small buffer came back empty");
+      assert.equal(rxq.inFlight, size, "and was posted again at full size");
+      const later = frame(1514, 51);
+      assert.ok(p.port.inject(later));
+      await tick();
+      assert.deepEqual(p.rx, [...good, later]);
+    }
   });
 
   test("a transmit buffer shorter than virtio_net_hdr is a reported guest error, not a throw", T, async () => {
@@ -200,16 +338,65 @@ describe("virtio-net device", () => {
     assert.ok(p.device.errors.some((e) => e.err.code === "NET_TX_TOO_LONG"));
   });
 
+  test("a ring violation on the receive queue takes only that queue offline", T, async () => {
+    const p = pair({ driver: { preferPacked: false, queueSize: 4 } });
+    const { virtio } = p.driver;
+    // Corrupt avail.idx so that it claims more buffers than the ring holds (§2.7.6 / DESIGN.md principle 2).
+    const rxState = p.device.queueState(0)!;
+    p.mem.writeU16(rxState.driverArea + 2, 0x4000);
+    assert.equal(p.port.inject(frame(60, 1)), false);
+    assert.ok(p.device.errors.some((e) => e.queue === 0));
+    await tick();
+    assert.equal(virtio.needsReset(), true, "DEVICE_NEEDS_RESET (§2.1.2)");
+    const f = frame(80, 2);
+    assert.ok(p.driver.send(f), "the transmit queue keeps serving");
+    assert.deepEqual(p.port.transmitted, [f]);
+  });
+
   test("MAC, status and MTU come from config space", T, () => {
     const mac = new Uint8Array([0x52, 0x54, 0x00, 0xab, 0xcd, 0xef]);
     const p = pair({ device: { mac, mtu: 1400, linkUp: false } });
     assert.deepEqual(p.driver.mac, mac);
     assert.equal(p.driver.mtu, 1400);
     assert.equal(p.driver.linkUp, false);
+    assert.equal(p.driver.maxFrame, 1414);
+    assert.equal(p.driver.bufferSize, NET_MIN_RX_BUFFER, "§5.1.6.3.1: never below 1526");
     assert.equal(p.mmio.device.readConfig(NET_CFG.mtu, 2), 1400);
+    assert.deepEqual(
+      Array.from({ length: 6 }, (_, i) => p.mmio.device.readConfig(NET_CFG.mac + i, 1)),
+      [...mac],
+    );
     assert.throws(() => p.driver.send(frame(1415, 1)), RangeError);
     assert.ok(p.driver.send(frame(1414, 1)));
     assert.throws(() => pair().driver.send(frame(1515, 1)), RangeError);
+    assert.throws(() => new NetDevice({ port: new MemoryPacketPort(), mtu: 67 }), RangeError);
+    assert.throws(() => new NetDevice({ port: new MemoryPacketPort(), mac: new Uint8Array(5) }), RangeError);
+  });
+
+  test("jumbo frames travel both ways when VIRTIO_NET_F_MTU carries a large mtu", T, async () => {
+    const p = pair({ device: { mtu: 9000 }, driver: { queueSize: 8 } });
+    assert.equal(p.driver.maxFrame, 9014);
+    assert.equal(p.driver.bufferSize, NET_HDR_SIZE + 9014);
+    const out = frame(9014, 1);
+    const inb = frame(9014, 2);
+    assert.ok(p.driver.send(out));
+    assert.ok(p.port.inject(inb));
+    await tick();
+    assert.deepEqual(p.port.transmitted, [out]);
+    assert.deepEqual(p.rx, [inb]);
+    assert.throws(() => p.driver.send(frame(9015, 3)), RangeError);
+    assert.equal(p.port.inject(frame(9019, 4)), false);
+    assert.equal(p.device.errors.length, 0);
+  });
+
+  test("without VIRTIO_NET_F_MTU the device holds received frames to 1500 + header", T, async () => {
+    const p = pair({ device: { mtu: 9000 }, driver: { without: bit(VIRTIO_NET_F_MTU) } });
+    assert.equal(p.driver.maxFrame, 1514);
+    assert.equal(p.device.maxReceiveFrame, 1518);
+    assert.equal(p.port.inject(frame(9000, 1)), false);
+    await tick();
+    assert.equal(p.driver.stats.rxErrors, 0);
+    assert.equal(p.device.errors.length, 0);
   });
 
   test("without VIRTIO_NET_F_MAC/STATUS/MTU the driver uses its defaults", T, () => {
@@ -218,20 +405,60 @@ describe("virtio-net device", () => {
       driver: { without: bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_STATUS) | bit(VIRTIO_NET_F_MTU) },
     });
     assert.deepEqual(p.driver.mac, new Uint8Array([0x02, 0, 0, 0, 0, 0x01]));
-    assert.equal(p.driver.linkUp, true, "§5.1.4: link assumed up without STATUS");
+    assert.equal(p.driver.linkUp, true, "§5.1.4.2: link assumed up without STATUS");
     assert.equal(p.driver.mtu, 1500);
     assert.equal(hasFeature(p.driver.negotiated, VIRTIO_NET_F_MAC), false);
+  });
+
+  test("the driver never asks for offloads, mergeable buffers, a control queue or multiqueue", T, () => {
+    for (const b of [
+      VIRTIO_NET_F_CSUM,
+      VIRTIO_NET_F_GUEST_CSUM,
+      VIRTIO_NET_F_GUEST_TSO4,
+      VIRTIO_NET_F_GUEST_TSO6,
+      VIRTIO_NET_F_GUEST_UFO,
+      VIRTIO_NET_F_HOST_TSO4,
+      VIRTIO_NET_F_MRG_RXBUF,
+      VIRTIO_NET_F_CTRL_VQ,
+      VIRTIO_NET_F_MQ,
+    ]) {
+      assert.equal(hasFeature(NET_DRIVER_FEATURES, b), false, `bit ${b}`);
+    }
+    const dev = pair().device;
+    assert.equal(hasFeature(dev.features, VIRTIO_NET_F_MRG_RXBUF), false, "the device does not offer MRG_RXBUF");
+  });
+
+  test("a device that reports mtu below 68 fails initialisation", T, () => {
+    const p = pair();
+    const cfg = p.device as unknown as { configView: DataView };
+    cfg.configView.setUint16(NET_CFG.mtu, 20, true);
+    assert.throws(
+      () => p.driver.init(),
+      (e: unknown) => e instanceof DriverInitError && e.code === "BAD_CONFIG",
+    );
+  });
+
+  test("config is read again when its generation changes, and given up on when it never settles (§2.5.1)", T, () => {
+    const p = pair();
+    const t = p.driver.virtio.transport as { configGeneration(): number };
+    const gens = [0, 1, 1, 1];
+    let reads = 0;
+    t.configGeneration = () => gens[Math.min(reads++, gens.length - 1)]!;
+    p.driver.init();
+    assert.equal(reads, 4, "one retry");
+    assert.equal(p.driver.mtu, 1500);
+    t.configGeneration = () => reads++;
+    assert.throws(
+      () => p.driver.init(),
+      (e: unknown) => e instanceof DriverInitError && e.code === "CONFIG_UNSTABLE",
+    );
   });
 
   test("a link change reaches the driver through a configuration change interrupt", T, async () => {
     const p = pair();
     assert.equal(p.driver.linkUp, true);
-    let changes = 0;
-    const prev = p.driver.virtio.onConfigChange;
-    p.driver.virtio.onConfigChange = () => {
-      changes++;
-      prev?.();
-    };
+    const seen: boolean[] = [];
+    p.driver.onConfigChange = () => seen.push(p.driver.linkUp);
     p.device.setLink(false);
     assert.equal(p.driver.linkUp, true, "not before the interrupt is handled");
     await tick();
@@ -240,20 +467,100 @@ describe("virtio-net device", () => {
     p.device.setLink(true);
     await tick();
     assert.equal(p.driver.linkUp, true);
-    assert.equal(changes, 2);
+    assert.deepEqual(seen, [false, true]);
+  });
+
+  test("the device's used length is not trusted by the driver", T, async () => {
+    const p = pair();
+    const restore = lieAboutRxLength(p, (real) => (real === NET_HDR_SIZE + 100 ? p.driver.bufferSize + 1 : 5));
+    p.port.inject(frame(100, 1)); // reported one byte past the buffer
+    p.port.inject(frame(200, 2)); // reported shorter than the header
+    await tick();
+    assert.equal(p.driver.stats.rxErrors, 2);
+    assert.equal(p.rx.length, 0);
+    restore();
+    const rxq = p.driver.virtio.queue(0);
+    assert.equal(rxq.inFlight, rxq.size, "both buffers were posted again");
+    const ok = frame(300, 3);
+    p.port.inject(ok);
+    await tick();
+    assert.deepEqual(p.rx, [ok]);
+  });
+
+  test("a throwing onFrame loses neither receive buffers nor the frames after it", T, async () => {
+    const p = pair({ driver: { queueSize: 8 } });
+    const frames = [frame(60, 1), frame(61, 2), frame(62, 3)];
+    let thrown = false;
+    p.driver.onFrame = (f) => {
+      if (!thrown) {
+        thrown = true;
+        throw new Error("boom");
+      }
+      p.rx.push(f);
+    };
+    for (const f of frames) p.port.inject(f);
+    assert.throws(() => p.driver.processUsed(), /boom/); // before the microtask interrupt runs
+    const rxq = p.driver.virtio.queue(0);
+    assert.equal(rxq.inFlight, rxq.size);
+    await tick();
+    assert.deepEqual(p.rx, frames.slice(1));
+    assert.equal(p.driver.stats.rxFrames, 3);
+  });
+
+  test("processUsed() called from onFrame delivers each frame once, in order", T, async () => {
+    const p = pair({ driver: { queueSize: 4 } });
+    const got: Uint8Array[] = [];
+    const injected = [frame(60, 1), frame(70, 2)];
+    let n = 0;
+    p.driver.onFrame = (f) => {
+      got.push(f);
+      if (n++ < 5) {
+        const next = frame(80 + n, 10 + n);
+        injected.push(next);
+        p.port.inject(next);
+        p.driver.processUsed();
+      }
+    };
+    for (const f of injected.slice()) p.port.inject(f);
+    await tick();
+    await tick();
+    assert.deepEqual(got, injected);
+    assert.equal(injected.length, 7);
+  });
+
+  test("a port that loops transmitted frames back delivers them from inside transmit processing", T, async () => {
+    const p = pair({ driver: { queueSize: 4 } });
+    p.port.onTransmit = (f) => p.port.inject(f);
+    const sent = Array.from({ length: 20 }, (_, i) => frame(60 + i * 50, i));
+    for (const f of sent) {
+      while (!p.driver.send(f)) await tick();
+      await tick();
+    }
+    await tick();
+    assert.deepEqual(p.rx, sent);
+    assert.equal(p.device.stats.rxDropped, 0);
   });
 
   test("frames from the port before the driver is ready are dropped", T, () => {
     const p = pair();
     p.driver.virtio.reset();
-    p.port.inject(frame(60, 1));
+    assert.equal(p.port.inject(frame(60, 1)), false);
     assert.equal(p.device.stats.rxDropped, 1);
+    assert.equal(p.device.pendingFrames, 0);
+  });
+
+  test("a device reset drops the waiting frames", T, () => {
+    const p = pair({ driver: { queueSize: 4 } });
+    const size = p.driver.virtio.queue(0).size;
+    for (let i = 0; i < size + 3; i++) p.port.inject(frame(60, i));
+    assert.equal(p.device.pendingFrames, 3);
+    p.driver.virtio.reset();
     assert.equal(p.device.pendingFrames, 0);
   });
 
   test("re-initialising the driver reuses nothing stale and keeps working", T, async () => {
     const p = pair();
-    const free = () => (p.driver.virtio.dma as unknown as { bytesFree: number }).bytesFree;
+    const free = () => p.driver.virtio.dma.bytesFree;
     p.driver.init({ preferPacked: false });
     const before = free();
     p.driver.init({ preferPacked: false });
@@ -278,30 +585,40 @@ describe("virtio-net property", () => {
     for (const eventIdx of [false, true]) {
       test(`${name}${eventIdx ? " + EVENT_IDX" : ""}: random frame sequences arrive intact and in order both ways`, T, async () => {
         await fc.assert(
-          fc.asyncProperty(fc.constantFrom(4, 8, 16), fc.array(opArb, { maxLength: 80, size: "medium" }), async (queueSize, ops) => {
-            const p = pair({ driver: { preferPacked, queueSize, ...(eventIdx ? {} : { without: bit(VIRTIO_F_EVENT_IDX) }) } });
-            const sent: Uint8Array[] = [];
-            const injected: Uint8Array[] = [];
-            for (const op of ops) {
-              if (op.t === "tick") await tick();
-              else if (op.t === "rx") {
-                p.port.inject(op.f);
-                injected.push(op.f);
-              } else {
-                let tries = 0;
-                while (!p.driver.send(op.f)) {
-                  assert.ok(++tries < 5, "send never found room");
-                  await tick();
+          fc.asyncProperty(
+            fc.constantFrom(4, 8, 16),
+            fc.boolean(),
+            fc.array(opArb, { maxLength: 80, size: "medium" }),
+            async (queueSize, inOrder, ops) => {
+              const p = pair({
+                device: { inOrder },
+                driver: { preferPacked, queueSize, ...(eventIdx ? {} : { without: bit(VIRTIO_F_EVENT_IDX) }) },
+              });
+              assert.equal(hasFeature(p.driver.negotiated, VIRTIO_F_IN_ORDER), inOrder);
+              const sent: Uint8Array[] = [];
+              const injected: Uint8Array[] = [];
+              for (const op of ops) {
+                if (op.t === "tick") await tick();
+                else if (op.t === "rx") {
+                  assert.ok(p.port.inject(op.f));
+                  injected.push(op.f);
+                } else {
+                  let tries = 0;
+                  while (!p.driver.send(op.f)) {
+                    assert.ok(++tries < 5, "send never found room");
+                    await tick();
+                  }
+                  sent.push(op.f);
                 }
-                sent.push(op.f);
               }
-            }
-            for (let i = 0; i < 20 && p.rx.length < injected.length; i++) await tick();
-            assert.deepEqual(p.port.transmitted, sent);
-            assert.deepEqual(p.rx, injected);
-            assert.equal(p.device.stats.rxDropped, 0);
-            assert.equal(p.driver.stats.rxErrors, 0);
-          }),
+              for (let i = 0; i < 20 && p.rx.length < injected.length; i++) await tick();
+              assert.deepEqual(p.port.transmitted, sent);
+              assert.deepEqual(p.rx, injected);
+              assert.equal(p.device.stats.rxDropped, 0);
+              assert.equal(p.driver.stats.rxErrors, 0);
+              assert.equal(p.device.errors.length, 0);
+            },
+          ),
           { numRuns: 40 },
         );
       });

@@ -9,8 +9,11 @@ export interface PacketPort {
   /**
    * The device registers where incoming frames go. The port may call
    * `receive` at any time; the device copies the bytes before it returns.
+   * `receive` returns false when the frame was dropped (no driver, too long,
+   * too many frames already waiting for receive buffers), so that a port can
+   * count or apply back-pressure.
    */
-  attach(receive: (frame: Uint8Array) => void): void;
+  attach(receive: (frame: Uint8Array) => boolean): void;
 }
 
 /** An in-memory PacketPort for tests and demos: records transmitted frames and injects received ones. */
@@ -18,21 +21,19 @@ export class MemoryPacketPort implements PacketPort {
   readonly transmitted: Uint8Array[] = [];
   /** Called after each transmitted frame is recorded. */
   onTransmit: ((frame: Uint8Array) => void) | null = null;
-  private receive: ((frame: Uint8Array) => void) | null = null;
+  private receive: ((frame: Uint8Array) => boolean) | null = null;
 
   transmit(frame: Uint8Array): void {
     this.transmitted.push(frame);
     this.onTransmit?.(frame);
   }
 
-  attach(receive: (frame: Uint8Array) => void): void {
+  attach(receive: (frame: Uint8Array) => boolean): void {
     this.receive = receive;
   }
 
-  /** Delivers a frame to the attached device; false when no device is attached. */
+  /** Delivers a frame to the attached device; false when no device is attached or the device dropped it. */
   inject(frame: Uint8Array): boolean {
-    if (this.receive === null) return false;
-    this.receive(frame);
-    return true;
+    return this.receive !== null && this.receive(frame);
   }
 }
