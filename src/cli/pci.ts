@@ -15,13 +15,13 @@ import { VIRTIO_PCI_CAP, VIRTIO_PCI_MODERN_DEVICE_BASE, VIRTIO_PCI_VENDOR, readV
 const LS_HELP = `iovirt pci ls — PCI functions, their drivers and IOMMU groups, and decoded virtio capabilities
 
 Usage:
-  iovirt pci ls [BDF ...] [--virtio] [--json]
+  iovirt pci ls [BDF ...] [--virtio] [--json] [--sysfs-root DIR]
 
-  BDF            only these functions (0000:00:03.0 or 00:03.0)
-  --virtio       only virtio devices (vendor 0x1af4)
-  --json         machine-readable output
-  --sysfs-root D read sysfs from D instead of /sys (for tests)
-  --help         this text
+  BDF               only these functions (0000:00:03.0 or 00:03.0)
+  --virtio          only virtio devices (vendor 0x1af4)
+  --json            machine-readable output
+  --sysfs-root DIR  read sysfs from DIR instead of /sys (for tests)
+  --help            this text
 
 Capabilities need the whole configuration space, which only root can read.
 `;
@@ -32,6 +32,8 @@ Usage:
   iovirt pci bind vfio BDF     bind to vfio-pci (needs an IOMMU; gives /dev/vfio/<group>)
   iovirt pci bind uio BDF      bind to uio_pci_generic (no IOMMU protection; gives /dev/uioN)
   iovirt pci bind kernel BDF   give it back to its kernel driver (clears driver_override)
+
+  --sysfs-root DIR             use DIR instead of /sys (for tests; no modprobe, no /dev wait)
 
 It writes the driver name to driver_override, unbinds the current driver and
 asks the kernel to probe again, loading the module if needed. Needs root.
@@ -75,10 +77,10 @@ const CLASS_NAMES: Record<number, string> = {
   0x0604: "PCI bridge",
   0x0c03: "USB controller",
   0x0c05: "SMBus",
-  0x00ff: "unclassified",
+  0x0000: "unclassified device",
   0x0780: "communication controller",
   0x0880: "system peripheral",
-  0x00ff00: "unclassified",
+  0xff00: "unassigned class",
 };
 
 const CAP_NAMES: Record<number, string> = {

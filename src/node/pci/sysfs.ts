@@ -60,6 +60,13 @@ export class PciSysfs {
     return join(this.root, "bus/pci/devices", bdf);
   }
 
+  /** The full BDF of an existing function; a malformed or unknown address is a PciError. */
+  private known(bdf: string): string {
+    const b = this.parseBdf(bdf);
+    if (!existsSync(this.dev(b))) throw new PciError("NO_DEVICE", `no PCI function ${b} (see 'iovirt pci ls')`);
+    return b;
+  }
+
   /** "0000:00:03.0" or "00:03.0" -> "0000:00:03.0". */
   parseBdf(s: string): string {
     const m = /^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$/.exec(s.trim());
@@ -75,9 +82,10 @@ export class PciSysfs {
       .map((b) => this.get(b));
   }
 
+  /** One function; `bdf` may be short ("00:03.0"). An unknown address is a PciError. */
   get(bdf: string): PciFunctionInfo {
+    bdf = this.known(bdf);
     const d = this.dev(bdf);
-    if (!existsSync(d)) throw new PciError("NO_DEVICE", `no PCI function ${bdf} (see 'iovirt pci ls')`);
     const num = (f: string): number => {
       const t = readText(join(d, f));
       return t === null ? 0 : Number(t);
@@ -125,12 +133,14 @@ export class PciSysfs {
 
   /** Configuration space through sysfs `config` (all of it for root; 64 bytes for others). */
   openConfig(bdf: string, writable = false): PciConfig & { close(): void } {
+    bdf = this.known(bdf);
     const fd = open(join(this.dev(bdf), "config"), writable ? "rw" : "r");
     const regs = new FileRegisters(`${bdf} config`, fd, 0, fstat(fd).size);
     return Object.assign(regs, { close: () => fd.close() });
   }
 
   readConfigBytes(bdf: string): Uint8Array {
+    bdf = this.known(bdf);
     return new Uint8Array(readFileSync(join(this.dev(bdf), "config")));
   }
 
@@ -143,12 +153,14 @@ export class PciSysfs {
   }
 
   unbind(bdf: string): void {
+    bdf = this.known(bdf);
     const drv = this.get(bdf).driver;
     if (drv !== null) this.write(join(this.dev(bdf), "driver", "unbind"), bdf);
   }
 
   /** Moves `bdf` to vfio-pci or uio_pci_generic (driver_override, unbind, drivers_probe). */
   async bind(bdf: string, driver: UserspaceDriver): Promise<BindResult> {
+    bdf = this.known(bdf);
     const before = this.get(bdf);
     if (driver === "vfio-pci" && before.iommuGroup === null) {
       throw new PciError("NO_IOMMU_GROUP", `${bdf} has no IOMMU group: boot with the IOMMU on (intel_iommu=on) or use uio`);
@@ -175,6 +187,7 @@ export class PciSysfs {
 
   /** Gives `bdf` back to whichever kernel driver claims it (clears driver_override, reprobes). */
   async bindKernel(bdf: string): Promise<BindResult> {
+    bdf = this.known(bdf);
     const before = this.get(bdf);
     this.write(join(this.dev(bdf), "driver_override"), "\n");
     this.unbind(bdf);
