@@ -4,3 +4,4 @@ export { createDriverQueue } from "../virtio/driver/create.js";
 export * from "./pattern.js";
 export * from "./frames.js";
 export { createNetPair, type NetPair, type NetPairOptions } from "./net-pair.js";
+export { createBlkPciPair, PCI_PAIR_CONFIG_VECTOR, type BlkPciPair, type BlkPciPairOptions } from "./pci-pair.js";

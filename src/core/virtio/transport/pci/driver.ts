@@ -37,16 +37,19 @@ export class VirtioPciDriverTransport implements DriverTransport {
   private readonly notifyWin: Window;
   private readonly isr: Window;
   private readonly device: Window | null;
+  /** What setDriverFeatures() last wrote: decides the notification width (§4.1.5.2). */
   private driverFeatures = 0n;
   private readonly notifyOffsets = new Map<number, number>();
   private msix: { config: number; queue: (q: number) => number } | null = null;
+  /** config_msix_vector was written (and verified) since the last reset. */
+  private configVectorSet = false;
 
   constructor(config: PciConfig, bar: (index: number) => MmioRegion) {
     const vendor = config.read16(PCI_CFG.VENDOR_ID);
     const pciDevice = config.read16(PCI_CFG.DEVICE_ID);
     if (vendor !== VIRTIO_PCI_VENDOR)
       throw new IovirtUsageError("NOT_VIRTIO", `PCI vendor 0x${vendor.toString(16)} is not virtio (0x1af4)`);
-    // §4.1.2.1: modern IDs are 0x1040 + device id; transitional ones (0x1000..0x103f) carry it in the subsystem ID.
+    // §4.1.2.2: modern IDs are 0x1040 + device id; §4.1.2.3: transitional ones (0x1000..0x103f) carry it in the subsystem ID.
     if (pciDevice >= VIRTIO_PCI_MODERN_DEVICE_BASE && pciDevice <= 0x107f) this.deviceId = pciDevice - VIRTIO_PCI_MODERN_DEVICE_BASE;
     else if (pciDevice >= 0x1000 && pciDevice <= 0x103f) this.deviceId = config.read16(PCI_CFG.SUBSYSTEM_ID);
     else throw new IovirtUsageError("NOT_VIRTIO", `PCI device 0x${pciDevice.toString(16)} is not a virtio device id`);
@@ -68,13 +71,34 @@ export class VirtioPciDriverTransport implements DriverTransport {
   }
 
   /**
-   * Route interrupts through MSI-X: setup writes `configVector` to
-   * config_msix_vector and `queueVector(i)` to each queue's
-   * queue_msix_vector. The MSI-X capability itself is enabled by whoever
-   * owns the interrupt (VFIO, an emulator).
+   * Route interrupts through MSI-X: queue setup writes `configVector` to
+   * config_msix_vector (once per initialization, with the first queue) and
+   * `queueVector(i)` to each queue's queue_msix_vector, and reads each back:
+   * NO_VECTOR means the device could not map it, an IovirtUsageError
+   * "MSIX_VECTOR". The MSI-X capability itself is enabled, and its table
+   * programmed, by whoever owns the interrupt (VFIO, an emulator).
    */
   useMsix(configVector: number, queueVector: (queue: number) => number): void {
-    this.msix = { config: configVector, queue: queueVector };
+    // §4.1.5.1.2: a vector is an MSI-X table entry number 0..0x7ff, or NO_VECTOR to leave the event unmapped.
+    if (!isVector(configVector)) throw new RangeError(`MSI-X vector ${configVector}`);
+    this.msix = {
+      config: configVector,
+      queue: (q) => {
+        const v = queueVector(q);
+        if (!isVector(v)) throw new RangeError(`MSI-X vector ${v} for queue ${q}`);
+        return v;
+      },
+    };
+  }
+
+  /** Back to INTx and the ISR (the default); takes effect at the next initialization. */
+  useIntx(): void {
+    this.msix = null;
+  }
+
+  /** Whether setup maps MSI-X vectors. */
+  get msixInUse(): boolean {
+    return this.msix !== null;
   }
 
   get notifyMultiplier(): number {
@@ -113,7 +137,12 @@ export class VirtioPciDriverTransport implements DriverTransport {
     return this.c8(COMMON_CFG.device_status);
   }
   setStatus(status: number): void {
-    if (status === 0) this.notifyOffsets.clear();
+    if (status === 0) {
+      // §4.1.5.1.2.1: a reset unmaps every MSI-X vector; the queues are gone too.
+      this.notifyOffsets.clear();
+      this.configVectorSet = false;
+      this.driverFeatures = 0n;
+    }
     this.w8(COMMON_CFG.device_status, status);
     // §4.1.4.3.1/§2.4.1: after writing 0 the driver waits for 0 to read back; VirtioDriver.reset() polls getStatus().
   }
@@ -131,17 +160,6 @@ export class VirtioPciDriverTransport implements DriverTransport {
       this.w32(COMMON_CFG.driver_feature, Number((features >> BigInt(32 * sel)) & 0xffff_ffffn));
     }
     this.driverFeatures = features;
-    if (this.msix !== null) {
-      // §4.1.5.1.2: vectors are assigned before DRIVER_OK; read back to learn whether the device could allocate it.
-      this.w16(COMMON_CFG.config_msix_vector, this.msix.config);
-      const got = this.c16(COMMON_CFG.config_msix_vector);
-      if (got !== this.msix.config) {
-        throw new IovirtUsageError(
-          "MSIX_VECTOR",
-          `device refused MSI-X vector ${this.msix.config} for configuration changes (read back 0x${got.toString(16)})`,
-        );
-      }
-    }
   }
   numQueues(): number {
     return this.c16(COMMON_CFG.num_queues);
@@ -160,6 +178,18 @@ export class VirtioPciDriverTransport implements DriverTransport {
     this.w64(COMMON_CFG.queue_driver, driver);
     this.w64(COMMON_CFG.queue_device, device);
     if (this.msix !== null) {
+      // §4.1.5.1.2: vectors are mapped during device-specific setup (before DRIVER_OK), each checked by reading it back.
+      if (!this.configVectorSet) {
+        this.w16(COMMON_CFG.config_msix_vector, this.msix.config);
+        const got = this.c16(COMMON_CFG.config_msix_vector);
+        if (got !== this.msix.config) {
+          throw new IovirtUsageError(
+            "MSIX_VECTOR",
+            `device refused MSI-X vector ${this.msix.config} for configuration changes (read back 0x${got.toString(16)})`,
+          );
+        }
+        this.configVectorSet = true;
+      }
       const v = this.msix.queue(index);
       this.w16(COMMON_CFG.queue_msix_vector, v);
       const got = this.c16(COMMON_CFG.queue_msix_vector);
@@ -167,11 +197,15 @@ export class VirtioPciDriverTransport implements DriverTransport {
         throw new IovirtUsageError("MSIX_VECTOR", `device refused MSI-X vector ${v} for queue ${index} (read back 0x${got.toString(16)})`);
     }
     const off = notifyAddress(this.layout, this.c16(COMMON_CFG.queue_notify_off));
-    if (off + 4 > this.notifyWin.bar.size)
+    // §4.1.4.4.1: the notify structure holds 2 bytes per queue address, 4 with NOTIFICATION_DATA, aligned to that width.
+    const width = hasFeature(this.driverFeatures, VIRTIO_F_NOTIFICATION_DATA) ? 4 : 2;
+    const n = this.layout.notify;
+    if (off + width > n.offset + n.length || off % width !== 0) {
       throw new GuestError(
         "VIRTIO_PCI_NOTIFY",
-        `notify address 0x${off.toString(16)} of queue ${index} is outside BAR${this.layout.notify.bar}`,
+        `notify address 0x${off.toString(16)} of queue ${index} is not a ${width}-byte slot inside the notify structure (BAR${n.bar} +0x${n.offset.toString(16)} len 0x${n.length.toString(16)})`,
       );
+    }
     this.notifyOffsets.set(index, off);
     this.w16(COMMON_CFG.queue_enable, 1);
   }
@@ -221,4 +255,8 @@ export class VirtioPciDriverTransport implements DriverTransport {
     else if (size === 2) d.bar.write16(at, value);
     else d.bar.write32(at, value);
   }
+}
+
+function isVector(v: number): boolean {
+  return Number.isInteger(v) && ((v >= 0 && v <= 0x7ff) || v === VIRTIO_MSI_NO_VECTOR);
 }
