@@ -14,6 +14,7 @@ import {
   type PciConfig,
 } from "../../src/core/pci/index.js";
 import { createBlkPciPair, PCI_PAIR_CONFIG_VECTOR } from "../../src/core/testing/index.js";
+import { enableBusMaster } from "../../src/core/pci/command.js";
 import { VirtioDevice } from "../../src/core/virtio/device/device.js";
 import {
   VIRTIO_F_EVENT_IDX,
@@ -709,6 +710,28 @@ describe("virtio-pci: driver checks on the function", () => {
     const n = log.filter((a) => a.op === "w" && a.offset === M.notify);
     assert.ok(n.length > 0 && n.every((a) => a.width === 2), "16-bit notifications after renegotiating without NOTIFICATION_DATA");
     assert.equal(p.pci.badAccesses, 0);
+  });
+});
+
+describe("virtio-pci: recovery and bus mastering", () => {
+  test("a device reporting DEVICE_NEEDS_RESET is seen, and the init sequence recovers it", async () => {
+    const p = createBlkPciPair();
+    const t = p.transport;
+    t.setStatus(t.getStatus() | STATUS_DEVICE_NEEDS_RESET);
+    p.driver.init();
+    assert.equal(p.driver.virtio.needsReset(), false);
+    const data = new Uint8Array(512).fill(7);
+    await p.driver.write(0, data);
+    assert.deepEqual(await p.driver.read(0, 1), data);
+    assert.equal(p.pci.badAccesses, 0);
+  });
+
+  test("enableBusMaster sets Memory Space and Bus Master with one 16-bit read-modify-write", () => {
+    const p = createBlkPciPair({ init: false });
+    const cfg = p.pci.config;
+    cfg.write16(4, 0x400); // Interrupt Disable only
+    enableBusMaster(cfg);
+    assert.equal(cfg.read16(4), 0x406);
   });
 });
 
