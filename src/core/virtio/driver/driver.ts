@@ -63,6 +63,8 @@ export class VirtioDriver {
   /** Called for each used-buffer interrupt (after the ISR is acknowledged). */
   onUsed: (() => void) | null = null;
   onConfigChange: (() => void) | null = null;
+  /** NOTIFICATION_DATA negotiated: decided once per init, not per kick (no BigInt test on the kick path). */
+  private notifyData = false;
   /** DMA block of each queue's rings, by queue index. */
   private readonly ringAllocs: number[] = [];
 
@@ -97,6 +99,7 @@ export class VirtioDriver {
       throw new DriverInitError("FEATURES_REFUSED", "device did not accept the negotiated features (FEATURES_OK clear)");
     }
     this.negotiated = accept;
+    this.notifyData = hasFeature(accept, VIRTIO_F_NOTIFICATION_DATA);
     this.layout = hasFeature(accept, VIRTIO_F_RING_PACKED) ? "packed" : "split";
     try {
       // Step 7: device-specific setup, including virtqueues.
@@ -133,7 +136,7 @@ export class VirtioDriver {
     const q = this.queue(i);
     q.publish();
     if (!q.needsKick()) return false;
-    const value = hasFeature(this.negotiated, VIRTIO_F_NOTIFICATION_DATA) ? q.notificationData(i) : i;
+    const value = this.notifyData ? q.notificationData(i) : i;
     this.transport.notify(i, value);
     return true;
   }

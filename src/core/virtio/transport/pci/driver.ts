@@ -37,9 +37,10 @@ export class VirtioPciDriverTransport implements DriverTransport {
   private readonly notifyWin: Window;
   private readonly isr: Window;
   private readonly device: Window | null;
-  /** What setDriverFeatures() last wrote: decides the notification width (§4.1.5.2). */
-  private driverFeatures = 0n;
-  private readonly notifyOffsets = new Map<number, number>();
+  /** Whether setDriverFeatures() last wrote NOTIFICATION_DATA: decides the notification width (§4.1.5.2). */
+  private notifyData = false;
+  /** BAR offset of each set-up queue's notification address, by queue index. */
+  private notifyOffsets: (number | undefined)[] = [];
   private msix: { config: number; queue: (q: number) => number } | null = null;
   /** config_msix_vector was written (and verified) since the last reset. */
   private configVectorSet = false;
@@ -107,7 +108,7 @@ export class VirtioPciDriverTransport implements DriverTransport {
 
   /** BAR offset the driver writes to notify `queue` (known once the queue was set up). */
   notifyOffset(queue: number): number | undefined {
-    return this.notifyOffsets.get(queue);
+    return this.notifyOffsets[queue];
   }
 
   private c8(o: number): number {
@@ -139,9 +140,9 @@ export class VirtioPciDriverTransport implements DriverTransport {
   setStatus(status: number): void {
     if (status === 0) {
       // §4.1.5.1.2.1: a reset unmaps every MSI-X vector; the queues are gone too.
-      this.notifyOffsets.clear();
+      this.notifyOffsets = [];
       this.configVectorSet = false;
-      this.driverFeatures = 0n;
+      this.notifyData = false;
     }
     this.w8(COMMON_CFG.device_status, status);
     // §4.1.4.3.1/§2.4.1: after writing 0 the driver waits for 0 to read back; VirtioDriver.reset() polls getStatus().
@@ -159,7 +160,7 @@ export class VirtioPciDriverTransport implements DriverTransport {
       this.w32(COMMON_CFG.driver_feature_select, sel);
       this.w32(COMMON_CFG.driver_feature, Number((features >> BigInt(32 * sel)) & 0xffff_ffffn));
     }
-    this.driverFeatures = features;
+    this.notifyData = hasFeature(features, VIRTIO_F_NOTIFICATION_DATA);
   }
   numQueues(): number {
     return this.c16(COMMON_CFG.num_queues);
@@ -198,7 +199,7 @@ export class VirtioPciDriverTransport implements DriverTransport {
     }
     const off = notifyAddress(this.layout, this.c16(COMMON_CFG.queue_notify_off));
     // §4.1.4.4.1: the notify structure holds 2 bytes per queue address, 4 with NOTIFICATION_DATA, aligned to that width.
-    const width = hasFeature(this.driverFeatures, VIRTIO_F_NOTIFICATION_DATA) ? 4 : 2;
+    const width = this.notifyData ? 4 : 2;
     const n = this.layout.notify;
     if (off + width > n.offset + n.length || off % width !== 0) {
       throw new GuestError(
@@ -206,7 +207,7 @@ export class VirtioPciDriverTransport implements DriverTransport {
         `notify address 0x${off.toString(16)} of queue ${index} is not a ${width}-byte slot inside the notify structure (BAR${n.bar} +0x${n.offset.toString(16)} len 0x${n.length.toString(16)})`,
       );
     }
-    this.notifyOffsets.set(index, off);
+    this.notifyOffsets[index] = off;
     this.w16(COMMON_CFG.queue_enable, 1);
   }
   resetQueue(index: number): void {
@@ -216,13 +217,13 @@ export class VirtioPciDriverTransport implements DriverTransport {
     for (let i = 0; this.c16(COMMON_CFG.queue_reset) !== 0; i++) {
       if (i > 1_000_000) throw new IovirtUsageError("QUEUE_RESET_TIMEOUT", `queue ${index} reset did not complete`);
     }
-    this.notifyOffsets.delete(index);
+    this.notifyOffsets[index] = undefined;
   }
   notify(index: number, value: number): void {
-    const off = this.notifyOffsets.get(index);
+    const off = this.notifyOffsets[index];
     if (off === undefined) throw new IovirtUsageError("NO_SUCH_QUEUE", `queue ${index} was not set up`);
     // §4.1.5.2: with NOTIFICATION_DATA the driver writes the 32-bit notification data, else the 16-bit queue index.
-    if (hasFeature(this.driverFeatures, VIRTIO_F_NOTIFICATION_DATA)) this.notifyWin.bar.write32(off, value);
+    if (this.notifyData) this.notifyWin.bar.write32(off, value);
     else this.notifyWin.bar.write16(off, index);
   }
   takeInterrupt(): number {
