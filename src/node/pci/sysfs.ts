@@ -220,7 +220,8 @@ export class PciSysfs {
   }
 }
 
-function readText(path: string): string | null {
+/** A sysfs attribute, trimmed; null when it cannot be read. */
+export function readText(path: string): string | null {
   try {
     return readFileSync(path, "utf8").trim();
   } catch {

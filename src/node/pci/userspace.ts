@@ -45,8 +45,6 @@ export class UserspaceVirtioPci {
   readonly irqMode: IrqMode;
   readonly vfio: { container: VfioContainer; group: VfioGroup; device: VfioDevice } | null;
   readonly uio: UioDevice | null;
-  /** Interrupts taken, by vector (INTx counts on 0). */
-  readonly interruptCounts = [0, 0];
   private readonly irqFds: Fd[];
   private readonly watchers: Watcher[] = [];
   private driver: VirtioDriver | null = null;
@@ -96,7 +94,9 @@ export class UserspaceVirtioPci {
         `${bdf} is bound to ${info.driver ?? "no driver"}, not ${want}: run 'iovirt pci bind ${opts.backend} ${bdf}' first`,
       );
     }
-    return opts.backend === "vfio" ? UserspaceVirtioPci.openVfio(bdf, info.iommuGroup, sysfs, opts) : UserspaceVirtioPci.openUio(bdf, opts);
+    return opts.backend === "vfio"
+      ? UserspaceVirtioPci.openVfio(bdf, info.iommuGroup, sysfs, opts)
+      : UserspaceVirtioPci.openUio(bdf, sysfs, opts);
   }
 
   private static openVfio(bdf: string, group: number | null, sysfs: PciSysfs, opts: UserspaceOpenOptions): UserspaceVirtioPci {
@@ -139,9 +139,9 @@ export class UserspaceVirtioPci {
     }
   }
 
-  private static openUio(bdf: string, opts: UserspaceOpenOptions): UserspaceVirtioPci {
+  private static openUio(bdf: string, sysfs: PciSysfs, opts: UserspaceOpenOptions): UserspaceVirtioPci {
     if (opts.interrupts === "msix") throw new IovirtUsageError("UIO_INTX_ONLY", "uio_pci_generic forwards only INTx interrupts");
-    const uio = UioDevice.open(bdf);
+    const uio = UioDevice.open(bdf, sysfs);
     try {
       const config = uio.config();
       enableBusMaster(config);
@@ -171,7 +171,6 @@ export class UserspaceVirtioPci {
   private onInterrupt(vector: number): void {
     const d = this.driver;
     if (d === null) return;
-    this.interruptCounts[vector] = (this.interruptCounts[vector] ?? 0) + 1;
     if (this.uio !== null) {
       this.uio.readInterruptCount();
       d.handleInterrupt(); // reading the ISR deasserts INTx (virtio 1.2 §4.1.4.5)

@@ -11,7 +11,7 @@
  * the command register, and userspace unmasks it by clearing that bit in
  * config space (uio-howto, "Writing userspace driver using uio_pci_generic").
  */
-import { existsSync, readFileSync, readdirSync } from "node:fs";
+import { existsSync, readdirSync } from "node:fs";
 import { join } from "node:path";
 import { IovirtUsageError } from "../../core/errors.js";
 import type { MmioRegion, PciConfig } from "../../core/pci/access.js";
@@ -19,6 +19,7 @@ import { PCI_CFG } from "../../core/pci/config.js";
 import { PCI_COMMAND_INTX_DISABLE } from "../../core/pci/command.js";
 import { Fd, fstat, mmap, munmap, open, pread } from "../native.js";
 import { FileRegisters, MappedRegisters } from "../pci/registers.js";
+import { PciSysfs, readText } from "../pci/sysfs.js";
 
 export class UioError extends IovirtUsageError {
   override name = "UioError";
@@ -48,14 +49,14 @@ export class UioDevice {
     private readonly sysDev: string,
   ) {
     const cls = `/sys/class/uio/${uio}`;
-    this.driverName = readText(join(cls, "name"));
-    this.version = readText(join(cls, "version"));
+    this.driverName = readText(join(cls, "name")) ?? "";
+    this.version = readText(join(cls, "version")) ?? "";
     this.maps = [];
     const mapsDir = join(cls, "maps");
     if (existsSync(mapsDir)) {
       for (const m of readdirSync(mapsDir).sort()) {
         this.maps.push({
-          name: readText(join(mapsDir, m, "name")),
+          name: readText(join(mapsDir, m, "name")) ?? "",
           addr: Number(readText(join(mapsDir, m, "addr"))),
           size: Number(readText(join(mapsDir, m, "size"))),
         });
@@ -65,13 +66,11 @@ export class UioDevice {
   }
 
   /** Opens the uio device of a PCI function bound to uio_pci_generic. */
-  static open(bdf: string, sysRoot = "/sys"): UioDevice {
-    const dev = join(sysRoot, "bus/pci/devices", bdf);
-    if (!existsSync(dev)) throw new UioError("UIO_NO_DEVICE", `no PCI function ${bdf}`);
-    const dir = join(dev, "uio");
-    const names = existsSync(dir) ? readdirSync(dir).filter((n) => /^uio\d+$/.test(n)) : [];
-    if (names.length === 0) throw new UioError("UIO_NOT_BOUND", `${bdf} has no uio device: iovirt pci bind uio ${bdf}`);
-    return new UioDevice(bdf, names[0]!, dev);
+  static open(bdf: string, sysfs = new PciSysfs()): UioDevice {
+    const f = sysfs.get(bdf);
+    const uio = f.uio[0];
+    if (uio === undefined) throw new UioError("UIO_NOT_BOUND", `${f.bdf} has no uio device: iovirt pci bind uio ${f.bdf}`);
+    return new UioDevice(f.bdf, uio, join(sysfs.root, "bus/pci/devices", f.bdf));
   }
 
   private cfg: PciConfig | null = null;
@@ -124,13 +123,5 @@ export class UioDevice {
     for (const f of this.fds) f.close();
     this.fds.length = 0;
     this.fd.close();
-  }
-}
-
-function readText(path: string): string {
-  try {
-    return readFileSync(path, "utf8").trim();
-  } catch {
-    return "";
   }
 }

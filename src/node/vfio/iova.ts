@@ -55,8 +55,4 @@ export class IovaAllocator {
     if (i < 0) throw new IovirtUsageError("IOVA_NOT_ALLOCATED", `IOVA 0x${start.toString(16)} was not allocated`);
     this.used.splice(i, 1);
   }
-
-  get allocated(): readonly { start: number; size: number }[] {
-    return this.used;
-  }
 }

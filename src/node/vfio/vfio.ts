@@ -25,7 +25,6 @@ import {
   VFIO_DEVICE_FLAGS_RESET,
   VFIO_DMA_MAP_FLAG_READ,
   VFIO_DMA_MAP_FLAG_WRITE,
-  VFIO_GROUP_FLAGS_CONTAINER_SET,
   VFIO_GROUP_FLAGS_VIABLE,
   VFIO_IOCTL,
   VFIO_IOMMU_INFO_CAPS,
@@ -224,10 +223,6 @@ export class VfioContainer {
     this.allocator?.release(iova);
   }
 
-  get dmaMappings(): readonly DmaMapping[] {
-    return [...this.mappings.values()];
-  }
-
   close(): void {
     for (const iova of [...this.mappings.keys()]) {
       try {
@@ -289,10 +284,6 @@ export class VfioGroup {
     const s = new Struct(GROUP_STATUS.SIZE);
     vfioCall("VFIO_GROUP_GET_STATUS", () => ioctl(this.fd, VFIO_IOCTL.GROUP_GET_STATUS, s.bytes));
     return s.u32(GROUP_STATUS.flags);
-  }
-
-  get hasContainer(): boolean {
-    return (this.status() & VFIO_GROUP_FLAGS_CONTAINER_SET) !== 0;
   }
 
   /** VFIO_GROUP_GET_DEVICE_FD (the group must be in a container with an IOMMU set). */
