@@ -25,6 +25,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -536,37 +539,144 @@ static napi_value js_address_of(napi_env env, napi_callback_info info) {
 /* mmap                                                                      */
 /* ------------------------------------------------------------------------ */
 
-/* Shared between the ArrayBuffer's finalizer and explicit munmap().  The
- * finalizer always owns freeing it; munmap() only flips `unmapped`. */
+/* ---- SIGBUS guard ------------------------------------------------------
+ * A front end may shrink a memfd after we mapped it (or hand us one that
+ * does not cover what it claims); touching a page past the file's end then
+ * raises SIGBUS, which would kill the whole back end.  Guarded mappings are
+ * registered here.  The handler replaces the lost range, from the faulting
+ * page to the end of the mapping (a shrink loses a file's tail, so every
+ * later page is gone too), with private zero pages, marks the mapping
+ * poisoned and returns: the access is retried and reads zeros, and the
+ * TypeScript side sees the poison and fails the device instead of trusting
+ * what it read.  The kernel's own copies (pread/pwrite into such memory)
+ * never raise SIGBUS: they fail with EFAULT.
+ *
+ * Slots are written only under guard_lock on a JS thread and read without
+ * locks by the handler, which may run on any thread: `start` is published
+ * last and withdrawn first. */
+#define GUARD_SLOTS 1024
+
+typedef struct {
+  _Atomic uintptr_t start; /* 0 = free */
+  _Atomic uintptr_t end;
+  _Atomic int poisoned;
+} guard_slot_t;
+
+static guard_slot_t guard_slots[GUARD_SLOTS];
+static _Atomic unsigned guard_events;
+static pthread_mutex_t guard_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct sigaction guard_previous;
+static bool guard_installed;
+static uintptr_t guard_page_mask;
+
+static void guard_sigbus(int sig, siginfo_t *si, void *uc) {
+  uintptr_t a = (uintptr_t)si->si_addr;
+  for (int i = 0; i < GUARD_SLOTS; i++) {
+    uintptr_t start = atomic_load(&guard_slots[i].start);
+    uintptr_t end = atomic_load(&guard_slots[i].end);
+    if (start == 0 || a < start || a >= end) continue;
+    uintptr_t page = a & guard_page_mask;
+    void *r = mmap((void *)page, end - page, PROT_READ | PROT_WRITE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (r == MAP_FAILED) break;
+    atomic_store(&guard_slots[i].poisoned, 1);
+    atomic_fetch_add(&guard_events, 1);
+    return;
+  }
+  /* Not ours: behave as if we were never installed. */
+  if ((guard_previous.sa_flags & SA_SIGINFO) != 0 && guard_previous.sa_sigaction != NULL) {
+    guard_previous.sa_sigaction(sig, si, uc);
+  } else if (guard_previous.sa_handler != SIG_DFL && guard_previous.sa_handler != SIG_IGN) {
+    guard_previous.sa_handler(sig);
+  } else {
+    /* Returning re-executes the access, which faults again under the default action. */
+    signal(SIGBUS, SIG_DFL);
+  }
+}
+
+/* Registers [start, end); returns the slot, or -1 (errno set) when the handler
+ * cannot be installed or every slot is taken. */
+static int guard_register(uintptr_t start, uintptr_t end) {
+  int slot = -1;
+  pthread_mutex_lock(&guard_lock);
+  if (!guard_installed) {
+    guard_page_mask = ~((uintptr_t)sysconf(_SC_PAGESIZE) - 1);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = guard_sigbus;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGBUS, &sa, &guard_previous) == 0) guard_installed = true;
+  }
+  if (guard_installed) {
+    for (int i = 0; i < GUARD_SLOTS; i++) {
+      if (atomic_load(&guard_slots[i].start) != 0) continue;
+      atomic_store(&guard_slots[i].end, end);
+      atomic_store(&guard_slots[i].poisoned, 0);
+      atomic_store(&guard_slots[i].start, start);
+      slot = i;
+      break;
+    }
+    if (slot < 0) errno = ENOSPC;
+  }
+  pthread_mutex_unlock(&guard_lock);
+  return slot;
+}
+
+static void guard_unregister(int slot) {
+  if (slot < 0) return;
+  pthread_mutex_lock(&guard_lock);
+  atomic_store(&guard_slots[slot].start, 0);
+  pthread_mutex_unlock(&guard_lock);
+}
+
+/* Shared between the ArrayBuffer's finalizer and explicit munmap().  Once
+ * the buffer exists the finalizer owns freeing it; munmap() only flips
+ * `unmapped`.  `data` is what the buffer shows: `addr` plus the distance
+ * from the page-aligned offset that was mapped to the offset asked for. */
 typedef struct {
   void *addr;
   size_t len;
+  int guard; /* guard slot, or -1 */
   bool unmapped;
+  bool owned_by_buffer;
 } mapping_t;
 
-/* Node runs external-buffer finalizers on the JS thread, so `unmapped` needs
- * no synchronisation with js_munmap. */
+static void mapping_release(mapping_t *m) {
+  if (m->unmapped) return;
+  guard_unregister(m->guard);
+  munmap(m->addr, m->len);
+  m->unmapped = true;
+}
+
+/* Node runs external-buffer finalizers on the JS thread, so the flags need
+ * no synchronisation with js_munmap.  V8 may also run the finalizer while
+ * napi_create_external_arraybuffer fails (for example a buffer over its
+ * size limit); the record then still belongs to js_mmap, which frees it. */
 static void mapping_finalize(napi_env env, void *data, void *hint) {
   (void)env;
   (void)data;
   mapping_t *m = hint;
-  if (!m->unmapped) munmap(m->addr, m->len);
-  free(m);
+  mapping_release(m);
+  if (m->owned_by_buffer) free(m);
 }
 
 static napi_value js_mmap(napi_env env, napi_callback_info info) {
-  GET_ARGS(5);
+  GET_ARGS(6);
   int fd;
   uint64_t length;
   off_t offset;
   char prot_s[4];
-  bool shared;
+  bool shared, guard = false;
   if (!arg_fd(env, argv[0], "fd", &fd) || !arg_u64(env, argv[1], "length", &length) ||
       !arg_off(env, argv[2], "offset", &offset) ||
       !arg_cstring(env, argv[3], "prot", prot_s, sizeof prot_s))
     return NULL;
   if (!is_type(env, argv[4], napi_boolean)) return throw_arg(env, false, "shared", "must be a boolean");
   NAPI_CALL(env, napi_get_value_bool(env, argv[4], &shared));
+  if (!is_type(env, argv[5], napi_undefined)) {
+    if (!is_type(env, argv[5], napi_boolean)) return throw_arg(env, false, "guard", "must be a boolean");
+    NAPI_CALL(env, napi_get_value_bool(env, argv[5], &guard));
+  }
   int prot;
   if (strcmp(prot_s, "r") == 0)
     prot = PROT_READ;
@@ -577,28 +687,44 @@ static napi_value js_mmap(napi_env env, napi_callback_info info) {
   /* The kernel would reject 0 with EINVAL too, but an empty external
    * ArrayBuffer cannot be told apart from a detached one. */
   if (length == 0) return throw_arg(env, true, "length", "must be greater than 0");
+  /* Any offset: map from the page below it and show the buffer from there. */
+  size_t delta = (size_t)offset % (size_t)sysconf(_SC_PAGESIZE);
+  if (length > SIZE_MAX - delta) return throw_arg(env, true, "length", "is too large");
 
   mapping_t *m = malloc(sizeof *m);
   if (m == NULL) return throw_errno(env, "mmap", ENOMEM);
-  void *addr = mmap(NULL, (size_t)length, prot, shared ? MAP_SHARED : MAP_PRIVATE, fd, offset);
+  void *addr = mmap(NULL, (size_t)length + delta, prot, shared ? MAP_SHARED : MAP_PRIVATE, fd, offset - (off_t)delta);
   if (addr == MAP_FAILED) {
     int err = errno;
     free(m);
     return throw_errno(env, "mmap", err);
   }
   m->addr = addr;
-  m->len = (size_t)length;
+  m->len = (size_t)length + delta;
+  m->guard = -1;
   m->unmapped = false;
+  m->owned_by_buffer = false;
+  if (guard) {
+    m->guard = guard_register((uintptr_t)addr, (uintptr_t)addr + m->len);
+    if (m->guard < 0) {
+      int err = errno;
+      mapping_release(m);
+      free(m);
+      return throw_errno(env, "sigaction", err);
+    }
+  }
 
   napi_value ab;
-  if (napi_create_external_arraybuffer(env, addr, m->len, mapping_finalize, m, &ab) != napi_ok) {
-    /* Engines built with the V8 sandbox refuse external buffers; the
-     * mapping never became reachable, so undo it here. */
-    munmap(addr, m->len);
+  if (napi_create_external_arraybuffer(env, (char *)addr + delta, (size_t)length, mapping_finalize, m, &ab) != napi_ok) {
+    /* Engines built with the V8 sandbox refuse external buffers, and V8
+     * refuses buffers over its size limit (4 GiB in Node 20).  The finalizer
+     * may or may not have run; either way the record is still ours. */
+    mapping_release(m);
     free(m);
     throw_napi_failure(env, "napi_create_external_arraybuffer");
     return NULL;
   }
+  m->owned_by_buffer = true;
   /* Attaching the record to the buffer lets munmap() find it without a
    * global table; the wrap has no finalizer because the buffer finalizer
    * owns the record. */
@@ -610,16 +736,60 @@ static napi_value js_mmap(napi_env env, napi_callback_info info) {
   return ab;
 }
 
+/* The mapping record of a live buffer returned by mmap(), or NULL after throwing. */
+static mapping_t *mapping_of(napi_env env, napi_value v) {
+  bool is_ab = false;
+  void *m_ptr = NULL;
+  if (napi_is_arraybuffer(env, v, &is_ab) != napi_ok || !is_ab || napi_unwrap(env, v, &m_ptr) != napi_ok || m_ptr == NULL) {
+    throw_arg(env, false, "buffer", "must be a live ArrayBuffer returned by mmap()");
+    return NULL;
+  }
+  return m_ptr;
+}
+
+/* Whether the SIGBUS guard replaced part of a guarded mapping with zero pages. */
+static napi_value js_mapping_poisoned(napi_env env, napi_callback_info info) {
+  GET_ARGS(1);
+  mapping_t *m = mapping_of(env, argv[0]);
+  if (m == NULL) return NULL;
+  napi_value v;
+  NAPI_CALL(env, napi_get_boolean(env, m->guard >= 0 && atomic_load(&guard_slots[m->guard].poisoned) != 0, &v));
+  return v;
+}
+
+/* How many SIGBUS faults the guard has absorbed in this process: a cheap
+ * "did anything happen" check before asking each mapping. */
+static napi_value js_guard_events(napi_env env, napi_callback_info info) {
+  (void)info;
+  return make_number(env, (double)atomic_load(&guard_events));
+}
+
+/* fcntl(F_ADD_SEALS) on a memfd created with sealing allowed. */
+static napi_value js_add_seals(napi_env env, napi_callback_info info) {
+  GET_ARGS(2);
+  int fd;
+  int64_t seals;
+  if (!arg_fd(env, argv[0], "fd", &fd) || !arg_int(env, argv[1], "seals", 0, INT_MAX, &seals)) return NULL;
+  if (fcntl(fd, F_ADD_SEALS, (int)seals) < 0) return throw_errno(env, "fcntl", errno);
+  return make_undefined(env);
+}
+
+/* fcntl(F_GET_SEALS): the seals of a memfd (EINVAL for files that cannot be sealed). */
+static napi_value js_get_seals(napi_env env, napi_callback_info info) {
+  GET_ARGS(1);
+  int fd;
+  if (!arg_fd(env, argv[0], "fd", &fd)) return NULL;
+  int r = fcntl(fd, F_GET_SEALS);
+  if (r < 0) return throw_errno(env, "fcntl", errno);
+  return make_number(env, (double)r);
+}
+
 /* mlock(2) of a whole buffer returned by mmap(): keeps its pages resident
  * (UIO DMA buffers, whose physical addresses must not change). */
 static napi_value js_mlock(napi_env env, napi_callback_info info) {
   GET_ARGS(1);
-  bool is_ab = false;
-  NAPI_CALL(env, napi_is_arraybuffer(env, argv[0], &is_ab));
-  void *m_ptr = NULL;
-  if (!is_ab || napi_unwrap(env, argv[0], &m_ptr) != napi_ok || m_ptr == NULL)
-    return throw_arg(env, false, "buffer", "must be a live ArrayBuffer returned by mmap()");
-  mapping_t *m = m_ptr;
+  mapping_t *m = mapping_of(env, argv[0]);
+  if (m == NULL) return NULL;
   if (mlock(m->addr, m->len) < 0) return throw_errno(env, "mlock", errno);
   return make_undefined(env);
 }
@@ -639,6 +809,8 @@ static napi_value js_munmap(napi_env env, napi_callback_info info) {
     return throw_arg(env, false, "buffer", "must be an ArrayBuffer returned by mmap()");
   }
   mapping_t *m = m_ptr;
+  guard_unregister(m->guard);
+  m->guard = -1;
   if (munmap(m->addr, m->len) < 0) return throw_errno(env, "munmap", errno);
   m->unmapped = true;
   /* Order matters: drop the wrap first so no later call can reach a record
@@ -1155,6 +1327,10 @@ static napi_value init(napi_env env, napi_value exports) {
       {"addressOf", js_address_of},
       {"mmap", js_mmap},
       {"munmap", js_munmap},
+      {"mappingPoisoned", js_mapping_poisoned},
+      {"guardEvents", js_guard_events},
+      {"getSeals", js_get_seals},
+      {"addSeals", js_add_seals},
       {"eventfd", js_eventfd},
       {"eventfdRead", js_eventfd_read},
       {"eventfdWrite", js_eventfd_write},

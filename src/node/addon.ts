@@ -37,8 +37,12 @@ export interface RawAddon {
   pwrite(fd: number, src: ArrayBufferView, offset: number | bigint): number;
   ioctl(fd: number, request: number | bigint, arg?: ArrayBufferView | number | bigint): number;
   addressOf(view: ArrayBufferView | ArrayBuffer): bigint;
-  mmap(fd: number, length: number | bigint, offset: number | bigint, prot: string, shared: boolean): ArrayBuffer;
+  mmap(fd: number, length: number | bigint, offset: number | bigint, prot: string, shared: boolean, guard?: boolean): ArrayBuffer;
   munmap(buffer: ArrayBuffer): void;
+  mappingPoisoned(buffer: ArrayBuffer): boolean;
+  guardEvents(): number;
+  getSeals(fd: number): number;
+  addSeals(fd: number, seals: number): void;
   eventfd(initval: number, flags?: { nonblock?: boolean; semaphore?: boolean }): number;
   eventfdRead(fd: number): number;
   eventfdWrite(fd: number, value: number | bigint): void;

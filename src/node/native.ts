@@ -139,16 +139,56 @@ export function addressOf(view: Bytes | ArrayBuffer): bigint {
 
 export type Prot = "r" | "rw";
 
+export interface MmapOptions {
+  /**
+   * Survive SIGBUS on this mapping: a page the file no longer backs (a memfd
+   * shrunk by its owner) is replaced, with every later page of the mapping,
+   * by zero pages instead of killing the process; {@link mappingPoisoned}
+   * then says so. For memory that another process controls.
+   */
+  guard?: boolean;
+}
+
 /**
- * mmap(2) as an ArrayBuffer over the mapping.  The mapping is removed when
- * the buffer is garbage-collected, or at once by {@link munmap}.
+ * mmap(2) as an ArrayBuffer over [offset, offset + length) of the file; the
+ * offset need not be page-aligned. The mapping is removed when the buffer is
+ * garbage-collected, or at once by {@link munmap}. One buffer holds at most
+ * 4 GiB (V8's limit): map larger files in pieces.
  *
- * Hazards the engine cannot see: writing into a `"r"` mapping, or touching
- * pages beyond the end of a file that was truncated after mapping, kills the
- * process with SIGSEGV/SIGBUS.
+ * Hazards the engine cannot see: writing into a `"r"` mapping kills the
+ * process with SIGSEGV, and so does SIGBUS from touching pages beyond the end
+ * of a file that was truncated after mapping, unless the mapping is guarded.
  */
-export function mmap(fd: FdLike, length: Size, offset: Size, prot: Prot, shared: boolean): ArrayBuffer {
-  return sys(() => addon().mmap(rawFd(fd), length, offset, prot, shared));
+export function mmap(fd: FdLike, length: Size, offset: Size, prot: Prot, shared: boolean, opts: MmapOptions = {}): ArrayBuffer {
+  return sys(() => addon().mmap(rawFd(fd), length, offset, prot, shared, opts.guard === true));
+}
+
+/** Whether the SIGBUS guard of a guarded mapping replaced lost pages with zeros. */
+export function mappingPoisoned(buffer: ArrayBuffer): boolean {
+  return sys(() => addon().mappingPoisoned(buffer));
+}
+
+/** SIGBUS faults absorbed by guarded mappings so far in this process (cheap to poll). */
+export function guardEvents(): number {
+  return addon().guardEvents();
+}
+
+/** F_SEAL_* bits of fcntl(2) F_GET_SEALS. */
+export const SEAL = { SEAL: 1, SHRINK: 2, GROW: 4, WRITE: 8, FUTURE_WRITE: 16 } as const;
+
+/** F_ADD_SEALS on a memfd created with `allowSealing`. */
+export function addSeals(fd: FdLike, seals: number): void {
+  sys(() => addon().addSeals(rawFd(fd), seals));
+}
+
+/** The seals of a memfd (F_GET_SEALS); null for a file that cannot carry seals. */
+export function getSeals(fd: FdLike): number | null {
+  try {
+    return sys(() => addon().getSeals(rawFd(fd)));
+  } catch (e) {
+    if (e instanceof SysError && e.code === "EINVAL") return null;
+    throw e;
+  }
 }
 
 /** mlock(2) of a whole buffer returned by {@link mmap}. */

@@ -8,6 +8,9 @@ import { join } from "node:path";
 import {
   Fd,
   SysError,
+  SEAL,
+  addSeals,
+  getSeals,
   addressOf,
   close,
   eventfd,
@@ -636,5 +639,87 @@ test("failing calls leak no descriptors", () => {
     assert.equal(openFdCount(), before);
   } finally {
     rmSync(dir, { recursive: true });
+  }
+});
+
+test("mmap of more than V8 can hold throws a clear error and the process lives on (no double free)", async () => {
+  // A mapping over 4 GiB cannot become one ArrayBuffer in Node 20: the addon used to free its record twice and abort.
+  const r = await runChild(
+    `import * as n from ${JSON.stringify(NATIVE_URL)};
+    const fd = n.memfdCreate("big"); n.ftruncate(fd, 2 ** 33);
+    for (const len of [2 ** 32 + 4096, 6 * 2 ** 30]) {
+      try { n.mmap(fd, len, 0, "rw", true); console.log("mapped"); } catch (e) { console.log(e.name); }
+    }
+    try { n.mmap(fd, 4096, 2 ** 34, "rw", true); console.log("mapped past the end"); } catch (e) { console.log(e.code); }
+    console.log("alive");`,
+    10000,
+  );
+  assert.equal(r.signal, null, r.stderr);
+  assert.equal(r.status, 0, r.stderr);
+  assert.deepEqual(r.stdout.trim().split("\n"), ["Error", "Error", "mapped past the end", "alive"]);
+});
+
+test("mmap shows the file from an offset that is not page-aligned", () => {
+  const fd = memfdCreate("iovirt-unaligned");
+  try {
+    ftruncate(fd, 3 * getpagesize());
+    const bytes = Uint8Array.from({ length: 64 }, (_, i) => i + 1);
+    pwrite(fd, bytes, getpagesize() + 8);
+    const m = mmap(fd, 64, getpagesize() + 8, "rw", true);
+    assert.equal(m.byteLength, 64);
+    assert.deepEqual([...new Uint8Array(m)], [...bytes]);
+    new Uint8Array(m)[0] = 0xee; // shared: the write lands in the file at the same offset
+    const back = new Uint8Array(1);
+    pread(fd, back, getpagesize() + 8);
+    assert.equal(back[0], 0xee);
+    munmap(m);
+  } finally {
+    fd.close();
+  }
+});
+
+const SHRINK_SCRIPT = (guard: boolean): string => `import * as n from ${JSON.stringify(NATIVE_URL)};
+  const ps = n.getpagesize();
+  const fd = n.memfdCreate("shrink"); n.ftruncate(fd, 4 * ps);
+  const m = n.mmap(fd, 4 * ps, 0, "rw", true, { guard: ${guard} });
+  const u8 = new Uint8Array(m);
+  u8[0] = 7; u8[2 * ps] = 9;
+  const before = n.guardEvents();
+  n.ftruncate(fd, ps); // the owner shrinks the file under our mapping
+  console.log(u8[0], u8[2 * ps], u8[3 * ps], n.mappingPoisoned(m), n.guardEvents() - before);
+  u8[2 * ps] = 5; console.log(u8[2 * ps]);
+  n.munmap(m);`;
+
+test("a guarded mapping survives its memfd being shrunk: lost pages read as zeros and the mapping says it is poisoned", async () => {
+  const r = await runChild(SHRINK_SCRIPT(true), 10000);
+  assert.equal(r.signal, null, r.stderr);
+  assert.equal(r.status, 0, r.stderr);
+  assert.deepEqual(r.stdout.trim().split("\n"), ["7 0 0 true 1", "5"]);
+});
+
+test("negative control: the same shrink kills a process whose mapping is not guarded (SIGBUS)", async () => {
+  const r = await runChild(SHRINK_SCRIPT(false), 10000);
+  assert.equal(r.signal, "SIGBUS");
+});
+
+test("getSeals reads memfd seals; addSeals adds them", () => {
+  const fd = memfdCreate("iovirt-seals", { allowSealing: true });
+  try {
+    ftruncate(fd, 4096);
+    assert.equal(getSeals(fd)! & SEAL.SHRINK, 0);
+    addSeals(fd, SEAL.SHRINK | SEAL.GROW);
+    assert.equal(getSeals(fd)! & (SEAL.SHRINK | SEAL.GROW), SEAL.SHRINK | SEAL.GROW);
+    assert.throws(
+      () => ftruncate(fd, 0),
+      (e: unknown) => e instanceof SysError && e.code === "EPERM",
+    );
+  } finally {
+    fd.close();
+  }
+  const plain = memfdCreate("iovirt-unsealable"); // without MFD_ALLOW_SEALING the memfd is sealed against sealing
+  try {
+    assert.equal(getSeals(plain)! & SEAL.SEAL, SEAL.SEAL);
+  } finally {
+    plain.close();
   }
 });
