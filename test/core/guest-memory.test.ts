@@ -134,7 +134,7 @@ describe("GuestMemory region validation", () => {
 describe("GuestMemory scalar access", () => {
   test("u16/u32/u64 are little-endian at aligned addresses", () => {
     const mem = GuestMemory.create(64);
-    const raw = mem.listRegions()[0]!.u8;
+    const raw = mem.listRegions()[0]!.windows[0]!.u8;
     mem.writeU16(0, 0xbeef);
     mem.writeU32(4, 0xdeadbeef);
     mem.writeU64(8, 0x1_2345_6789_abcd);
@@ -149,7 +149,7 @@ describe("GuestMemory scalar access", () => {
 
   test("u16/u32/u64 are little-endian at every unaligned address", () => {
     const mem = GuestMemory.create(64);
-    const raw = mem.listRegions()[0]!.u8;
+    const raw = mem.listRegions()[0]!.windows[0]!.u8;
     for (let off = 1; off < 8; off++) {
       raw.fill(0);
       mem.writeU16(off, 0x0102);
@@ -222,7 +222,7 @@ describe("GuestMemory scalar access", () => {
 
   test("a refused writeU64 past the end of memory leaves memory unchanged", () => {
     const mem = GuestMemory.create(64);
-    const raw = mem.listRegions()[0]!.u8;
+    const raw = mem.listRegions()[0]!.windows[0]!.u8;
     raw.fill(0x5a);
     assertOutOfRange(() => mem.writeU64(60, 0x1_0000_0001));
     assert.deepEqual([...raw.subarray(56, 64)], [0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a]);
@@ -405,9 +405,9 @@ describe("GuestMemory atomics and shared backing", () => {
 
   test("a SharedArrayBuffer-backed memory is visible to a second GuestMemory over the same buffer", () => {
     const mem = GuestMemory.create(4096, { shared: true, gpa: 0x4000 });
-    const region = mem.listRegions()[0]!;
-    assert.ok(region.buffer instanceof SharedArrayBuffer);
-    const other = new GuestMemory([{ gpa: 0x8000, size: 4096, buffer: region.buffer }]);
+    const region = mem.listRegions()[0]!.windows[0]!;
+    assert.ok(region.u8.buffer instanceof SharedArrayBuffer);
+    const other = new GuestMemory([{ gpa: 0x8000, size: 4096, buffer: region.u8.buffer }]);
     mem.storeU16Release(0x4010, 0x7777);
     assert.equal(other.loadU16Acquire(0x8010), 0x7777);
     other.writeU64(0x8100, 0x12_3456_789a);
@@ -418,7 +418,7 @@ describe("GuestMemory atomics and shared backing", () => {
 
   test("GuestMemory.create() without shared uses a plain ArrayBuffer", () => {
     const mem = GuestMemory.create(64);
-    assert.ok(mem.listRegions()[0]!.buffer instanceof ArrayBuffer);
+    assert.ok(mem.listRegions()[0]!.windows[0]!.u8.buffer instanceof ArrayBuffer);
     assert.equal(mem.listRegions()[0]!.gpa, 0);
   });
 });

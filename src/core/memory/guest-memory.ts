@@ -11,15 +11,41 @@ import { GuestError, IovirtUsageError, hex } from "../errors.js";
 
 export type BackingBuffer = ArrayBuffer | SharedArrayBuffer;
 
+/** Where a window's bytes live: `offset` is the byte offset of the window's first byte in `buffer`. */
+export interface WindowBacking {
+  buffer: BackingBuffer;
+  offset: number;
+}
+
 export interface RegionOptions {
   /** Guest-physical address of the first byte. Must be 8-byte aligned. */
   gpa: number;
-  /** Bytes; the region covers [gpa, gpa + size). */
+  /** Bytes; the region covers [gpa, gpa + size). Any size the host can map. */
   size: number;
-  buffer: BackingBuffer;
+  /** The backing bytes, for a region that one buffer holds (at most 4 GiB in V8). */
+  buffer?: BackingBuffer;
   /** Byte offset of the region inside `buffer`; 8-byte aligned. Default 0. */
   offset?: number;
+  /**
+   * Instead of `buffer`: called once per window with the window's byte range
+   * inside the region; returns the bytes that back it (for example a mapping
+   * of that range of a file). Regions larger than one buffer can hold use it.
+   */
+  map?: (start: number, length: number) => WindowBacking;
 }
+
+/**
+ * Windows: a region is seen through typed arrays of at most WINDOW_STRIDE +
+ * WINDOW_OVERLAP bytes. V8 limits one ArrayBuffer to 4 GiB and typed-array
+ * lengths below that, and offsets under 2^31 keep `>>> 1` / `>>> 2` index
+ * arithmetic exact. Window k starts at k * WINDOW_STRIDE into the region and
+ * runs WINDOW_OVERLAP bytes into the next one, so every access of at most
+ * WINDOW_OVERLAP bytes (any ring area: the largest, a 32768-entry descriptor
+ * table, is 512 KiB; any indirect table, capped at the same size) lies wholly
+ * inside one window, wherever the guest put it.
+ */
+export const WINDOW_STRIDE = 2 ** 30;
+export const WINDOW_OVERLAP = 2 ** 21;
 
 if (new Uint8Array(new Uint16Array([1]).buffer)[0] !== 1) {
   // Typed-array views are host-endian and virtio is little-endian (virtio 1.2 §1.4).
@@ -38,23 +64,45 @@ export class MemoryAccessError extends GuestError {
 }
 
 /**
- * One contiguous range of guest-physical memory with views over its backing
- * bytes. The views cover exactly the region, so even an index computed from
- * bad data cannot reach bytes that belong to anything else.
+ * Typed-array views over one window of a region. The views cover exactly the
+ * window, so even an index computed from bad data cannot reach bytes that
+ * belong to anything else.
  */
-export class MemoryRegion {
+export class MemoryWindow {
   readonly gpa: number;
   readonly size: number;
   readonly end: number;
-  readonly buffer: BackingBuffer;
-  readonly offset: number;
   readonly u8: Uint8Array;
   readonly u16: Uint16Array;
   readonly u32: Uint32Array;
   readonly view: DataView;
 
+  constructor(gpa: number, size: number, backing: WindowBacking) {
+    const { buffer, offset } = backing;
+    if (!Number.isInteger(offset) || offset < 0 || offset % 8 !== 0) {
+      throw new RangeError(`window offset ${offset} must be a non-negative multiple of 8`);
+    }
+    if (offset + size > buffer.byteLength) {
+      throw new RangeError(`window [${offset}, +${size}) exceeds its buffer of ${buffer.byteLength} bytes`);
+    }
+    this.gpa = gpa;
+    this.size = size;
+    this.end = gpa + size;
+    this.u8 = new Uint8Array(buffer, offset, size);
+    this.u16 = new Uint16Array(buffer, offset, size >>> 1);
+    this.u32 = new Uint32Array(buffer, offset, size >>> 2);
+    this.view = new DataView(buffer, offset, size);
+  }
+}
+
+/** One contiguous range of guest-physical memory, seen through its windows. */
+export class MemoryRegion {
+  readonly gpa: number;
+  readonly size: number;
+  readonly end: number;
+  readonly windows: readonly MemoryWindow[];
+
   constructor(opts: RegionOptions) {
-    const offset = opts.offset ?? 0;
     if (!Number.isSafeInteger(opts.gpa) || opts.gpa < 0 || opts.gpa % 8 !== 0) {
       throw new RangeError(`region gpa ${opts.gpa} must be a non-negative multiple of 8`);
     }
@@ -62,35 +110,55 @@ export class MemoryRegion {
       throw new RangeError(`region size ${opts.size} must be a positive integer`);
     }
     if (!Number.isSafeInteger(opts.gpa + opts.size)) throw new RangeError("region end beyond 2^53");
-    if (!Number.isInteger(offset) || offset < 0 || offset % 8 !== 0) {
-      throw new RangeError(`region offset ${offset} must be a non-negative multiple of 8`);
-    }
-    if (offset + opts.size > opts.buffer.byteLength) {
-      throw new RangeError(`region [${offset}, +${opts.size}) exceeds its buffer of ${opts.buffer.byteLength} bytes`);
-    }
+    const { buffer, map } = opts;
+    if ((buffer === undefined) === (map === undefined)) throw new RangeError("a region needs exactly one of buffer and map");
+    let backing: (start: number, length: number) => WindowBacking;
+    if (buffer !== undefined) {
+      const offset = opts.offset ?? 0;
+      if (!Number.isInteger(offset) || offset < 0 || offset % 8 !== 0) {
+        throw new RangeError(`region offset ${offset} must be a non-negative multiple of 8`);
+      }
+      if (offset + opts.size > buffer.byteLength) {
+        throw new RangeError(`region [${offset}, +${opts.size}) exceeds its buffer of ${buffer.byteLength} bytes`);
+      }
+      backing = (start) => ({ buffer, offset: offset + start });
+    } else backing = map!;
     this.gpa = opts.gpa;
     this.size = opts.size;
     this.end = opts.gpa + opts.size;
-    this.buffer = opts.buffer;
-    this.offset = offset;
-    this.u8 = new Uint8Array(opts.buffer, offset, opts.size);
-    this.u16 = new Uint16Array(opts.buffer, offset, opts.size >>> 1);
-    this.u32 = new Uint32Array(opts.buffer, offset, Math.floor(opts.size / 4));
-    this.view = new DataView(opts.buffer, offset, opts.size);
+    const count = windowCount(opts.size);
+    const windows: MemoryWindow[] = [];
+    for (let k = 0; k < count; k++) {
+      const start = k * WINDOW_STRIDE;
+      const length = k === count - 1 ? opts.size - start : WINDOW_STRIDE + WINDOW_OVERLAP;
+      windows.push(new MemoryWindow(opts.gpa + start, length, backing(start, length)));
+    }
+    this.windows = windows;
   }
 
   contains(gpa: number, length: number): boolean {
     return gpa >= this.gpa && length >= 0 && gpa + length <= this.end;
   }
+
+  /** The window whose own stride holds gpa (the caller checked that gpa is inside the region). */
+  windowAt(gpa: number): MemoryWindow {
+    const k = Math.min(Math.floor((gpa - this.gpa) / WINDOW_STRIDE), this.windows.length - 1);
+    return this.windows[k]!;
+  }
+}
+
+/** Windows needed so that the last one ends at the region's end: 1 up to STRIDE + OVERLAP bytes. */
+export function windowCount(size: number): number {
+  return Math.max(1, Math.ceil((size - WINDOW_OVERLAP) / WINDOW_STRIDE));
 }
 
 /**
- * A set of non-overlapping regions. Lookups remember the last region hit, so
- * the common single-region (or same-region) case costs two comparisons.
+ * A set of non-overlapping regions. Lookups remember the last window hit, so
+ * the common single-region (or same-window) case costs two comparisons.
  */
 export class GuestMemory {
   private regions: MemoryRegion[] = [];
-  private last: MemoryRegion | undefined;
+  private last: MemoryWindow | undefined;
 
   constructor(regions: Iterable<RegionOptions | MemoryRegion> = []) {
     for (const r of regions) this.addRegion(r);
@@ -122,7 +190,7 @@ export class GuestMemory {
     const region = this.regions[i];
     if (region === undefined) throw new IovirtUsageError("NO_SUCH_REGION", `no region starts at ${hex(gpa)}`);
     this.regions.splice(i, 1);
-    if (this.last === region) this.last = undefined;
+    if (this.last !== undefined && region.windows.includes(this.last)) this.last = undefined;
     return region;
   }
 
@@ -130,21 +198,24 @@ export class GuestMemory {
     return this.regions;
   }
 
-  /** The region holding all of [gpa, gpa + length), or undefined. */
-  regionFor(gpa: number, length: number): MemoryRegion | undefined {
+  /**
+   * The window holding all of [gpa, gpa + length), or undefined: outside
+   * guest memory, or (only for accesses longer than WINDOW_OVERLAP) spread
+   * over two windows or regions.
+   */
+  regionFor(gpa: number, length: number): MemoryWindow | undefined {
     const last = this.last;
     if (last !== undefined && gpa >= last.gpa && gpa + length <= last.end && length >= 0) return last;
-    for (const r of this.regions) {
-      if (r.contains(gpa, length)) {
-        this.last = r;
-        return r;
-      }
-    }
-    return undefined;
+    const r = this.regionHolding(gpa);
+    if (r === undefined || !r.contains(gpa, length)) return undefined;
+    const w = r.windowAt(gpa);
+    if (gpa + length > w.end) return undefined;
+    this.last = w;
+    return w;
   }
 
   /** Like regionFor, but a miss is a MemoryAccessError. */
-  region(gpa: number, length: number): MemoryRegion {
+  region(gpa: number, length: number): MemoryWindow {
     const r = this.regionFor(gpa, length);
     if (r === undefined) throw new MemoryAccessError(gpa, length);
     return r;
@@ -306,10 +377,26 @@ export class GuestMemory {
     }
   }
 
-  /** The region containing the byte at gpa; the access of `length` must begin there. */
-  private regionAt(gpa: number, length: number): MemoryRegion {
-    for (const r of this.regions) if (gpa >= r.gpa && gpa < r.end) return r;
-    throw new MemoryAccessError(gpa, length);
+  /** The window holding the byte at gpa, for copies that walk a range; the access of `length` begins there. */
+  private regionAt(gpa: number, length: number): MemoryWindow {
+    const r = this.regionHolding(gpa);
+    if (r === undefined) throw new MemoryAccessError(gpa, length);
+    return r.windowAt(gpa);
+  }
+
+  /** Binary search over the sorted, disjoint regions. */
+  private regionHolding(gpa: number): MemoryRegion | undefined {
+    const rs = this.regions;
+    let lo = 0;
+    let hi = rs.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      const r = rs[mid]!;
+      if (gpa < r.gpa) hi = mid;
+      else if (gpa >= r.end) lo = mid + 1;
+      else return r;
+    }
+    return undefined;
   }
 }
 

@@ -1,2 +1,2 @@
-export { GuestMemory, MemoryRegion, MemoryAccessError, combineU64 } from "./guest-memory.js";
-export type { RegionOptions, BackingBuffer } from "./guest-memory.js";
+export { GuestMemory, MemoryRegion, MemoryWindow, MemoryAccessError, WINDOW_OVERLAP, WINDOW_STRIDE, combineU64 } from "./guest-memory.js";
+export type { RegionOptions, BackingBuffer, WindowBacking } from "./guest-memory.js";

@@ -13,13 +13,12 @@ import {
   encodeNotificationData,
   packedEventInWindow,
   packedPos,
-  ringAreaSizes,
   validateQueueState,
   type NotificationMode,
   type QueueState,
   type RingFeatures,
 } from "../queue/index.js";
-import { ringArea } from "../queue/state.js";
+import { ringViews } from "../queue/state.js";
 import { hi32, wrapIndex, type AddOptions, type DriverQueue, type Segment } from "./queue.js";
 import { checkOrder, writeTable } from "./split-driver.js";
 
@@ -67,20 +66,17 @@ export class PackedDriverQueue<T = unknown> implements DriverQueue<T> {
   constructor(mem: GuestMemory, state: QueueState, features: RingFeatures) {
     validateQueueState(state);
     if (state.layout !== "packed") throw new IovirtUsageError("WRONG_LAYOUT", "PackedDriverQueue needs a packed layout");
-    const sizes = ringAreaSizes("packed", state.size, features.eventIdx);
-    const d = ringArea(mem, state.descTable, ...sizes.desc, "descriptor ring");
-    const drv = ringArea(mem, state.driverArea, ...sizes.driver, "driver event suppression");
-    const dev = ringArea(mem, state.deviceArea, ...sizes.device, "device event suppression");
+    const { desc, driver, device } = ringViews(mem, state, features.eventIdx);
     this.mem = mem;
     this.features = features;
     this.size = state.size;
-    this.desc32 = d.region.u32;
-    this.desc16 = d.region.u16;
-    this.descBase = d.off >>> 2;
-    this.drv16 = drv.region.u16;
-    this.drvBase = drv.off >>> 1;
-    this.dev16 = dev.region.u16;
-    this.devBase = dev.off >>> 1;
+    this.desc32 = desc.u32;
+    this.desc16 = desc.u16;
+    this.descBase = desc.base32;
+    this.drv16 = driver.u16;
+    this.drvBase = driver.base16;
+    this.dev16 = device.u16;
+    this.devBase = device.base16;
     const n = state.size;
     this.freeIds = new Uint16Array(n);
     for (let i = 0; i < n; i++) this.freeIds[i] = i;

@@ -9,13 +9,12 @@ import {
   VIRTQ_USED_F_NO_NOTIFY,
   encodeNotificationData,
   needEvent,
-  ringAreaSizes,
   validateQueueState,
   type NotificationMode,
   type QueueState,
   type RingFeatures,
 } from "../queue/index.js";
-import { ringArea } from "../queue/state.js";
+import { ringViews } from "../queue/state.js";
 import { hi32, wrapIndex, type AddOptions, type DriverQueue, type Segment } from "./queue.js";
 
 /**
@@ -62,22 +61,19 @@ export class SplitDriverQueue<T = unknown> implements DriverQueue<T> {
   constructor(mem: GuestMemory, state: QueueState, features: RingFeatures) {
     validateQueueState(state);
     if (state.layout !== "split") throw new IovirtUsageError("WRONG_LAYOUT", "SplitDriverQueue needs a split layout");
-    const sizes = ringAreaSizes("split", state.size, features.eventIdx);
-    const d = ringArea(mem, state.descTable, ...sizes.desc, "descriptor table");
-    const a = ringArea(mem, state.driverArea, ...sizes.driver, "available ring");
-    const u = ringArea(mem, state.deviceArea, ...sizes.device, "used ring");
+    const { desc, driver, device } = ringViews(mem, state, features.eventIdx);
     this.mem = mem;
     this.features = features;
     this.size = state.size;
     this.mask = state.size - 1;
-    this.desc32 = d.region.u32;
-    this.descBase = d.off >>> 2;
-    this.avail16 = a.region.u16;
-    this.availBase = a.off >>> 1;
-    this.used16 = u.region.u16;
-    this.usedBase16 = u.off >>> 1;
-    this.used32 = u.region.u32;
-    this.usedRing32 = (u.off + 4) >>> 2;
+    this.desc32 = desc.u32;
+    this.descBase = desc.base32;
+    this.avail16 = driver.u16;
+    this.availBase = driver.base16;
+    this.used16 = device.u16;
+    this.usedBase16 = device.base16;
+    this.used32 = device.u32;
+    this.usedRing32 = device.base32 + 1; // used.ring[0] follows flags and idx
     const n = state.size;
     this.nextFree = new Uint16Array(n);
     for (let i = 0; i < n; i++) this.nextFree[i] = (i + 1) % n;

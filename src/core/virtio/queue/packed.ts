@@ -14,7 +14,7 @@ import {
 } from "./constants.js";
 import { QueueError } from "./errors.js";
 import { indirectTable } from "./indirect.js";
-import { ringArea, ringAreaSizes, validateQueueState, type QueueState, type RingFeatures } from "./state.js";
+import { ringViews, validateQueueState, type QueueState, type RingFeatures } from "./state.js";
 import type { DeviceQueue } from "./queue.js";
 
 /**
@@ -65,20 +65,17 @@ export class PackedQueue implements DeviceQueue {
   constructor(mem: GuestMemory, state: QueueState, features: RingFeatures) {
     validateQueueState(state);
     if (state.layout !== "packed") throw new IovirtUsageError("WRONG_LAYOUT", "PackedQueue needs a packed layout state");
-    const sizes = ringAreaSizes("packed", state.size, features.eventIdx);
-    const d = ringArea(mem, state.descTable, ...sizes.desc, "descriptor ring");
-    const drv = ringArea(mem, state.driverArea, ...sizes.driver, "driver event suppression");
-    const dev = ringArea(mem, state.deviceArea, ...sizes.device, "device event suppression");
+    const { desc, driver, device } = ringViews(mem, state, features.eventIdx);
     this.mem = mem;
     this.features = features;
     this.state0 = { ...state };
     this.size = state.size;
-    this.desc32 = d.region.u32;
-    this.descBase = d.off >>> 2;
-    this.drv16 = drv.region.u16;
-    this.drvBase = drv.off >>> 1;
-    this.dev16 = dev.region.u16;
-    this.devBase = dev.off >>> 1;
+    this.desc32 = desc.u32;
+    this.descBase = desc.base32;
+    this.drv16 = driver.u16;
+    this.drvBase = driver.base16;
+    this.dev16 = device.u16;
+    this.devBase = device.base16;
     this.nextAvail = state.nextAvail;
     this.availWrap = state.availWrap;
     this.nextUsed = state.nextUsed;

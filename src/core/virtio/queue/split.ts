@@ -12,7 +12,7 @@ import {
 } from "./constants.js";
 import { QueueError } from "./errors.js";
 import { indirectTable } from "./indirect.js";
-import { ringArea, ringAreaSizes, validateQueueState, type QueueState, type RingFeatures } from "./state.js";
+import { ringViews, validateQueueState, type QueueState, type RingFeatures } from "./state.js";
 import type { DeviceQueue } from "./queue.js";
 
 /**
@@ -50,23 +50,20 @@ export class SplitQueue implements DeviceQueue {
   constructor(mem: GuestMemory, state: QueueState, features: RingFeatures) {
     validateQueueState(state);
     if (state.layout !== "split") throw new IovirtUsageError("WRONG_LAYOUT", "SplitQueue needs a split layout state");
-    const sizes = ringAreaSizes("split", state.size, features.eventIdx);
-    const d = ringArea(mem, state.descTable, ...sizes.desc, "descriptor table");
-    const a = ringArea(mem, state.driverArea, ...sizes.driver, "available ring");
-    const u = ringArea(mem, state.deviceArea, ...sizes.device, "used ring");
+    const { desc, driver, device } = ringViews(mem, state, features.eventIdx);
     this.mem = mem;
     this.features = features;
     this.state0 = { ...state };
     this.size = state.size;
     this.mask = state.size - 1;
-    this.desc32 = d.region.u32;
-    this.descBase = d.off >>> 2;
-    this.avail16 = a.region.u16;
-    this.availBase = a.off >>> 1;
-    this.used16 = u.region.u16;
-    this.usedBase16 = u.off >>> 1;
-    this.used32 = u.region.u32;
-    this.usedRing32 = (u.off + 4) >>> 2;
+    this.desc32 = desc.u32;
+    this.descBase = desc.base32;
+    this.avail16 = driver.u16;
+    this.availBase = driver.base16;
+    this.used16 = device.u16;
+    this.usedBase16 = device.base16;
+    this.used32 = device.u32;
+    this.usedRing32 = device.base32 + 1; // used.ring[0] follows flags and idx
     this.nextAvail = state.nextAvail;
     this.nextUsed = state.nextUsed;
     this.shadowAvail = state.nextAvail;

@@ -1,4 +1,4 @@
-import type { GuestMemory, MemoryRegion } from "../../memory/guest-memory.js";
+import type { GuestMemory } from "../../memory/guest-memory.js";
 import { MAX_QUEUE_SIZE, splitAvailBytes, splitDescBytes, splitUsedBytes } from "./constants.js";
 import { QueueError } from "./errors.js";
 
@@ -94,18 +94,49 @@ export function validateQueueState(state: QueueState): void {
   }
 }
 
-/** A ring area that lies wholly in one region and is aligned, ready for typed-array access. */
-export interface RingArea {
-  region: MemoryRegion;
-  /** Byte offset of the area inside the region. */
-  off: number;
+/**
+ * Typed-array access to one ring area: `u16[base16 + i]` / `u32[base32 + i]`
+ * is the i-th 16/32-bit word of the area. The arrays are the views of the
+ * memory window that holds the whole area (see WINDOW_OVERLAP), so offsets
+ * stay below 2^31 and shifts are exact whatever the guest address.
+ */
+export interface RingView {
+  u16: Uint16Array;
+  u32: Uint32Array;
+  base16: number;
+  /** Meaningful for areas aligned to 4 bytes (all but the split available ring). */
+  base32: number;
 }
 
-export function ringArea(mem: GuestMemory, gpa: number, bytes: number, align: number, what: string): RingArea {
+/** The three areas of a queue (§2.6): descriptors, driver area, device area. */
+export interface RingViews {
+  desc: RingView;
+  driver: RingView;
+  device: RingView;
+}
+
+/**
+ * Resolves a validated state's ring areas to typed-array views: the one place
+ * that turns guest ring addresses into hot-path indices, for the device and
+ * the driver side of both layouts. An area that is misaligned or not wholly
+ * inside guest memory is QueueError("RING_ADDRESS").
+ */
+export function ringViews(mem: GuestMemory, state: QueueState, eventIdx: boolean): RingViews {
+  const sizes = ringAreaSizes(state.layout, state.size, eventIdx);
+  const split = state.layout === "split";
+  return {
+    desc: ringView(mem, state.descTable, ...sizes.desc, split ? "descriptor table" : "descriptor ring"),
+    driver: ringView(mem, state.driverArea, ...sizes.driver, split ? "available ring" : "driver event suppression"),
+    device: ringView(mem, state.deviceArea, ...sizes.device, split ? "used ring" : "device event suppression"),
+  };
+}
+
+function ringView(mem: GuestMemory, gpa: number, bytes: number, align: number, what: string): RingView {
   if (gpa % align !== 0) throw new QueueError("RING_ADDRESS", `${what} at 0x${gpa.toString(16)} is not ${align}-byte aligned`);
-  const region = mem.regionFor(gpa, bytes);
-  if (region === undefined) {
-    throw new QueueError("RING_ADDRESS", `${what} [0x${gpa.toString(16)}, +${bytes}) is not inside one guest memory region`);
+  const w = mem.regionFor(gpa, bytes);
+  if (w === undefined) {
+    throw new QueueError("RING_ADDRESS", `${what} [0x${gpa.toString(16)}, +${bytes}) is not inside guest memory`);
   }
-  return { region, off: gpa - region.gpa };
+  const off = gpa - w.gpa;
+  return { u16: w.u16, u32: w.u32, base16: off >>> 1, base32: off >>> 2 };
 }
