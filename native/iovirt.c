@@ -543,13 +543,13 @@ static napi_value js_address_of(napi_env env, napi_callback_info info) {
  * A front end may shrink a memfd after we mapped it (or hand us one that
  * does not cover what it claims); touching a page past the file's end then
  * raises SIGBUS, which would kill the whole back end.  Guarded mappings are
- * registered here.  The handler replaces the lost range, from the faulting
- * page to the end of the mapping (a shrink loses a file's tail, so every
- * later page is gone too), with private zero pages, marks the mapping
- * poisoned and returns: the access is retried and reads zeros, and the
- * TypeScript side sees the poison and fails the device instead of trusting
- * what it read.  The kernel's own copies (pread/pwrite into such memory)
- * never raise SIGBUS: they fail with EFAULT.
+ * registered here.  The handler replaces the faulting page with a private
+ * zero page, marks the mapping poisoned and returns: the access is retried
+ * and reads zeros, and the TypeScript side sees the poison and fails the
+ * device instead of trusting what it read.  Only pages that user space
+ * touched are replaced, so the kernel's own copies (pread/pwrite straight
+ * into guest memory) still see the hole and fail with EFAULT: a disk write
+ * from lost memory fails instead of writing zeros.
  *
  * Slots are written only under guard_lock on a JS thread and read without
  * locks by the handler, which may run on any thread: `start` is published
@@ -576,7 +576,7 @@ static void guard_sigbus(int sig, siginfo_t *si, void *uc) {
     uintptr_t end = atomic_load(&guard_slots[i].end);
     if (start == 0 || a < start || a >= end) continue;
     uintptr_t page = a & guard_page_mask;
-    void *r = mmap((void *)page, end - page, PROT_READ | PROT_WRITE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void *r = mmap((void *)page, (size_t)(~guard_page_mask + 1), PROT_READ | PROT_WRITE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (r == MAP_FAILED) break;
     atomic_store(&guard_slots[i].poisoned, 1);
     atomic_fetch_add(&guard_events, 1);

@@ -31,11 +31,14 @@ class FakeFd {
 
 function platform(kicks: Map<FakeFd, () => void>): VhostUserPlatform<FakeFd> {
   return {
-    mmap: (fd, length) => {
-      assert.ok(length <= fd.buffer.byteLength);
+    mmap: (fd, offset, length) => {
+      assert.ok(offset === 0 && length <= fd.buffer.byteLength);
       return fd.buffer;
     },
     munmap: () => {},
+    fileInfo: (fd) => ({ size: fd.buffer.byteLength, shrinkSealed: null }),
+    faultEvents: () => 0,
+    poisoned: () => false,
     close: (fd) => {
       fd.closed = true;
     },

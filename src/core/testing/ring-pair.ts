@@ -8,11 +8,13 @@ export interface RingPairOptions {
   layout: RingLayout;
   size: number;
   features?: Partial<RingFeatures>;
-  /** Bytes of guest memory; the rings sit at 0x1000, data buffers start at `dataBase`. */
+  /** Bytes of guest memory; the rings sit at `base`, data buffers start at `dataBase`. */
   memorySize?: number;
   shared?: boolean;
   /** Reuse existing memory (e.g. a SharedArrayBuffer received by a worker). */
   memory?: GuestMemory;
+  /** Guest address where the rings start (default 0x1000). */
+  base?: number;
 }
 
 export interface RingPair<T> {
@@ -32,7 +34,7 @@ export interface RingPair<T> {
 export function createRingPair<T = number>(opts: RingPairOptions): RingPair<T> {
   const features: RingFeatures = { indirect: false, eventIdx: false, inOrder: false, ...opts.features };
   const mem = opts.memory ?? GuestMemory.create(opts.memorySize ?? 1 << 22, { shared: opts.shared ?? false });
-  const { state, end } = layoutQueue(opts.layout, opts.size, 0x1000);
+  const { state, end } = layoutQueue(opts.layout, opts.size, opts.base ?? 0x1000);
   const driver = createDriverQueue<T>(mem, state, features);
   const device = createDeviceQueue(mem, state, features);
   return { mem, state, features, driver, device, dataBase: Math.ceil(end / 4096) * 4096 };

@@ -1,4 +1,4 @@
-import { GuestMemory } from "../memory/guest-memory.js";
+import { GuestMemory, MemoryRegion } from "../memory/guest-memory.js";
 import { GuestError } from "../errors.js";
 import type { VirtioDevice } from "../virtio/device/device.js";
 import { VIRTIO_F_RING_PACKED, hasFeature, bit } from "../virtio/device/features.js";
@@ -40,9 +40,20 @@ import {
 
 /** What the back end needs from the OS; src/node implements it with the native addon. */
 export interface VhostUserPlatform<F> {
-  /** Maps [0, length) of fd shared read-write. */
-  mmap(fd: F, length: number): ArrayBuffer;
+  /**
+   * Maps [offset, offset + length) of fd shared read-write (offset need not
+   * be page-aligned; length is at most 4 GiB). The mapping must survive the
+   * file shrinking under it (SIGBUS): lost pages read as zeros and
+   * `poisoned` reports them.
+   */
+  mmap(fd: F, offset: number, length: number): ArrayBuffer;
   munmap(buffer: ArrayBuffer): void;
+  /** The size of the file behind fd and whether it is sealed against shrinking (null: unknown). */
+  fileInfo(fd: F): { size: number; shrinkSealed: boolean | null };
+  /** A counter that moves whenever any mapping lost pages: cheap to read after every pass. */
+  faultEvents(): number;
+  /** Whether this mapping lost pages. */
+  poisoned(buffer: ArrayBuffer): boolean;
   close(fd: F): void;
   /** Calls onKick each time the kick fd is signalled (the platform drains it). */
   watchKick(fd: F, onKick: () => void): { stop(): void };
@@ -61,7 +72,9 @@ export interface OutMessage<F> {
 
 interface MappedRegion<F> extends MemRegionDesc {
   fd: F;
-  buffer: ArrayBuffer;
+  /** The mappings behind the region's windows. */
+  buffers: ArrayBuffer[];
+  region: MemoryRegion;
 }
 
 interface Vring<F> {
@@ -136,8 +149,8 @@ export class VhostUserBackend<F> {
   private readonly rings: Vring<F>[];
   private backendFd: F | null = null;
   private inflight: InflightArea<F> | null = null;
-  private inflightOffset = 0;
   private status = 0;
+  private faultEventsSeen = 0;
   private readonly pollMs: number;
   private readonly now: () => number;
   private readonly busyPoll: boolean;
@@ -397,8 +410,9 @@ export class VhostUserBackend<F> {
         if (d.mmapSize < inflightMmapSize("split", d.numQueues, d.queueSize)) {
           throw new VhostUserError("BAD_VALUE", `in-flight area of ${d.mmapSize} bytes is too small for ${d.numQueues} x ${d.queueSize}`);
         }
-        const whole = this.platform.mmap(fds[0]!, d.mmapOffset + d.mmapSize);
-        this.setInflight({ fd: fds[0]!, buffer: whole, numQueues: d.numQueues, queueSize: d.queueSize }, d.mmapOffset);
+        this.checkFileCovers(fds[0]!, d.mmapOffset, d.mmapSize, "in-flight area");
+        const buffer = this.platform.mmap(fds[0]!, d.mmapOffset, d.mmapSize);
+        this.setInflight({ fd: fds[0]!, buffer, numQueues: d.numQueues, queueSize: d.queueSize });
         return { keptFds: true };
       }
       case Req.SET_STATUS:
@@ -425,10 +439,9 @@ export class VhostUserBackend<F> {
     if (!(queueSize >= 1 && queueSize <= 32768)) throw new VhostUserError("BAD_VALUE", `in-flight queue size ${queueSize}`);
   }
 
-  private setInflight(area: InflightArea<F>, offset = 0): void {
+  private setInflight(area: InflightArea<F>): void {
     this.dropInflight();
     this.inflight = area;
-    this.inflightOffset = offset;
   }
 
   private dropInflight(): void {
@@ -448,7 +461,7 @@ export class VhostUserBackend<F> {
     if (area === null || !this.hasPF(PF.INFLIGHT_SHMFD) || i >= area.numQueues) return null;
     if (area.queueSize !== state.size)
       throw new VhostUserError("BAD_RING", `ring ${i} size ${state.size} differs from the in-flight area's ${area.queueSize}`);
-    const mapping = new Uint8Array(area.buffer, this.inflightOffset);
+    const mapping = new Uint8Array(area.buffer);
     try {
       return state.layout === "split" ? this.splitInflight(mapping, area, i, state) : this.packedInflight(mapping, area, i, state);
     } catch (e) {
@@ -616,9 +629,11 @@ export class VhostUserBackend<F> {
     }
     ring.watch = this.platform.watchKick(ring.kick!, () => {
       if (ring.enabled) this.serve(i);
+      this.checkMemoryLoss();
     });
     // Buffers may already be waiting (reconnect): look once.
     if (ring.enabled) this.serve(i);
+    this.checkMemoryLoss();
   }
 
   /** Busy-poll mode: one pass over every started, enabled ring. Returns how many rings had work. */
@@ -631,6 +646,7 @@ export class VhostUserBackend<F> {
         busy++;
       }
     }
+    if (busy > 0) this.checkMemoryLoss();
     return busy;
   }
 
@@ -690,7 +706,7 @@ export class VhostUserBackend<F> {
    */
   private replaceMemory(entries: { desc: MemRegionDesc; fd: F; mapped?: MappedRegion<F> }[]): void {
     if (entries.length > MAX_MEM_SLOTS) throw new VhostUserError("TOO_MANY_REGIONS", `${entries.length} regions`);
-    const fresh: MappedRegion<F>[] = [];
+    const fresh: ArrayBuffer[] = [];
     const next: MappedRegion<F>[] = [];
     const mem = new GuestMemory();
     try {
@@ -703,27 +719,23 @@ export class VhostUserBackend<F> {
             throw new VhostUserError("BAD_REGION", `regions overlap in user address space at 0x${r.userAddr.toString(16)}`);
           }
         }
-        let region = mapped;
-        if (region === undefined) {
-          region = { ...r, fd, buffer: this.platform.mmap(fd, r.mmapOffset + r.size) };
-          fresh.push(region);
-        }
+        const region = mapped ?? this.mapRegion(r, fd, fresh);
         next.push(region);
         try {
-          mem.addRegion({ gpa: r.guestAddr, size: r.size, buffer: region.buffer, offset: r.mmapOffset });
+          mem.addRegion(region.region);
         } catch (e) {
           throw new VhostUserError("BAD_REGION", (e as Error).message);
         }
       }
     } catch (e) {
-      for (const f of fresh) this.platform.munmap(f.buffer);
+      for (const b of fresh) this.platform.munmap(b);
       throw e;
     }
     const running = this.rings.map((r, i) => (r.started ? i : -1)).filter((i) => i >= 0);
     for (const i of running) this.stopRing(i);
     for (const old of this.regions) {
       if (!next.includes(old)) {
-        this.platform.munmap(old.buffer);
+        for (const b of old.buffers) this.platform.munmap(b);
         this.platform.close(old.fd);
       }
     }
@@ -735,10 +747,78 @@ export class VhostUserBackend<F> {
 
   private unmapAll(): void {
     for (const r of this.regions) {
-      this.platform.munmap(r.buffer);
+      for (const b of r.buffers) this.platform.munmap(b);
       this.platform.close(r.fd);
     }
     this.regions = [];
+  }
+
+  /**
+   * Maps one region, window by window (see WINDOW_STRIDE), after checking
+   * that its fd really holds every byte the front end claims: a region past
+   * the end of its file would raise SIGBUS on first touch. Every mapping made
+   * is pushed to `made`, so a failure part way can undo them.
+   */
+  private mapRegion(r: MemRegionDesc, fd: F, made: ArrayBuffer[]): MappedRegion<F> {
+    const file = this.checkFileCovers(fd, r.mmapOffset, r.size, `memory region at guest 0x${r.guestAddr.toString(16)}`);
+    const buffers: ArrayBuffer[] = [];
+    const region = new MemoryRegion({
+      gpa: r.guestAddr,
+      size: r.size,
+      map: (start, length) => {
+        const buffer = this.platform.mmap(fd, r.mmapOffset + start, length);
+        made.push(buffer);
+        buffers.push(buffer);
+        return { buffer, offset: 0 };
+      },
+    });
+    const sealed = file.shrinkSealed === null ? "unknown" : file.shrinkSealed ? "yes" : "no";
+    this.log(
+      `vhost-user: memory region guest 0x${r.guestAddr.toString(16)} +0x${r.size.toString(16)} ` +
+        `(user 0x${r.userAddr.toString(16)}, fd offset 0x${r.mmapOffset.toString(16)}, ${buffers.length} window(s)); ` +
+        `sealed against shrinking: ${sealed}`,
+    );
+    return { ...r, fd, buffers, region };
+  }
+
+  private checkFileCovers(fd: F, offset: number, size: number, what: string): { size: number; shrinkSealed: boolean | null } {
+    const file = this.platform.fileInfo(fd);
+    if (offset + size > file.size) {
+      throw new VhostUserError(
+        "BAD_REGION",
+        `${what} needs bytes [0x${offset.toString(16)}, 0x${(offset + size).toString(16)}) of its fd, which holds only 0x${file.size.toString(16)}`,
+      );
+    }
+    return file;
+  }
+
+  /**
+   * After a pass over the rings: if a mapping lost pages (the front end
+   * shrank a memfd under us), what the device read there was zeros, not the
+   * guest's data. Every ring stops, the rings' error fds are signalled and
+   * the device goes to DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2); the
+   * connection stays so the front end can reset or reconnect.
+   */
+  checkMemoryLoss(): boolean {
+    const events = this.platform.faultEvents();
+    if (events === this.faultEventsSeen) return false;
+    this.faultEventsSeen = events;
+    const lost = this.regions.filter((r) => r.buffers.some((b) => this.platform.poisoned(b)));
+    const inflightLost = this.inflight !== null && this.platform.poisoned(this.inflight.buffer);
+    if (lost.length === 0 && !inflightLost) return false;
+    const what = [
+      ...lost.map((r) => `guest 0x${r.guestAddr.toString(16)} +0x${r.size.toString(16)}`),
+      ...(inflightLost ? ["in-flight area"] : []),
+    ];
+    const err = new GuestError("MEMORY_LOST", `memory shrunk under the back end (${what.join(", ")}): the device needs a reset`);
+    this.log(`vhost-user: ${err.message}`);
+    for (let i = 0; i < this.rings.length; i++) {
+      this.stopRing(i);
+      const errFd = this.rings[i]!.err;
+      if (errFd !== null) this.platform.signal(errFd);
+    }
+    this.device.hostFault(err);
+    return true;
   }
 }
 

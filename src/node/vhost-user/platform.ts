@@ -1,11 +1,33 @@
 import type { VhostUserPlatform } from "../../core/vhost-user/backend.js";
-import { Fd, SysError, eventfdRead, eventfdWrite, ftruncate, memfdCreate, mmap, munmap, sendmsg, watch } from "../native.js";
+import {
+  Fd,
+  SEAL,
+  SysError,
+  eventfdRead,
+  eventfdWrite,
+  fstat,
+  ftruncate,
+  getSeals,
+  guardEvents,
+  mappingPoisoned,
+  memfdCreate,
+  mmap,
+  munmap,
+  sendmsg,
+  watch,
+} from "../native.js";
 
 /** The vhost-user back end's OS services, on Linux through the native addon. */
 export const nodePlatform: VhostUserPlatform<Fd> = {
-  mmap(fd, length) {
-    return mmap(fd, length, 0, "rw", true);
+  mmap(fd, offset, length) {
+    return mmap(fd, length, offset, "rw", true, { guard: true });
   },
+  fileInfo(fd) {
+    const seals = getSeals(fd);
+    return { size: fstat(fd).size, shrinkSealed: seals === null ? null : (seals & SEAL.SHRINK) !== 0 };
+  },
+  faultEvents: guardEvents,
+  poisoned: mappingPoisoned,
   munmap(buffer) {
     munmap(buffer);
   },
@@ -40,7 +62,7 @@ export const nodePlatform: VhostUserPlatform<Fd> = {
     const fd = memfdCreate("iovirt-inflight");
     try {
       ftruncate(fd, size);
-      return { fd, buffer: mmap(fd, size, 0, "rw", true) };
+      return { fd, buffer: mmap(fd, size, 0, "rw", true, { guard: true }) };
     } catch (e) {
       fd.close();
       throw e;

@@ -442,6 +442,16 @@ export abstract class VirtioDevice {
     this.reset();
   }
 
+  /**
+   * Host side: something the device relies on failed under it (guest memory
+   * lost by the front end): every queue goes offline and the device asks for
+   * a reset (§2.1.2), reporting why.
+   */
+  hostFault(err: GuestError): void {
+    for (let i = 0; i < this.live.length; i++) if (this.live[i] !== null) this.stopQueue(i);
+    this.needsReset(err, null);
+  }
+
   /** Host side: take a queue offline and return where it stopped (vhost-user GET_VRING_BASE). */
   stopQueue(i: number): QueueState | null {
     const q = this.live[i];
