@@ -4,6 +4,7 @@ import { BlkDevice } from "../core/virtio/devices/blk/device.js";
 import { RamDisk, type BlockPort } from "../core/virtio/devices/blk/port.js";
 import { FileBlockPort } from "../node/file-port.js";
 import { VhostUserServer, connectBackend } from "../node/vhost-user/server.js";
+import { isMessageTrace } from "../node/vhost-user/connection.js";
 import { BlkPollServer, type BlkSpec } from "../node/blk-poll.js";
 
 const HELP = `iovirt blk — serve a virtio-blk device over vhost-user
@@ -149,9 +150,7 @@ export async function blkMain(args: string[]): Promise<number> {
   const device = new BlkDevice({ port, numQueues: o.queues, queueSize: o.queueSize, serial: o.serial, readOnly: o.readonly });
   device.events.guestError = (err, q) => log(`guest error${q === null ? "" : ` on queue ${q}`}: ${err.code}: ${err.message}`);
   const opts = {
-    ...(o.verbose
-      ? { log }
-      : { log: (s: string) => (s.includes("failed") || s.includes("closing") || s.includes("resubmitting") ? log(s) : undefined) }),
+    log: (s: string) => (o.verbose || !isMessageTrace(s) ? log(s) : undefined),
     onConnect: () => log("front end connected"),
     onDisconnect: (err: Error | null) => log(`front end disconnected${err ? `: ${err.message}` : ""}`),
   };

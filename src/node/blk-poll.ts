@@ -11,7 +11,7 @@ import { RamDisk, type BlockPort } from "../core/virtio/devices/blk/port.js";
 import { FileBlockPort } from "./file-port.js";
 import { Fd, watch, type Watcher } from "./native.js";
 import { acceptAll, listenUnix } from "./native-util.js";
-import { VhostUserConnection } from "./vhost-user/connection.js";
+import { VhostUserConnection, isMessageTrace } from "./vhost-user/connection.js";
 
 export interface BlkSpec {
   image?: string;
@@ -109,7 +109,7 @@ function workerMain(): void {
     if (m.type === "conn") {
       conn = new VhostUserConnection(Fd.adopt(m.fd), device, {
         busyPoll: true,
-        ...(spec.verbose ? { log: (line: string) => post({ type: "log", line }) } : {}),
+        log: (line: string) => (spec.verbose || !isMessageTrace(line) ? post({ type: "log", line }) : undefined),
         onClose: (err) => {
           conn = null;
           if (!stopping) post({ type: "closed", error: err === null ? null : err.message });

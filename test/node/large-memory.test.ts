@@ -1,9 +1,10 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { GuestMemory, WINDOW_OVERLAP, WINDOW_STRIDE } from "../../src/core/memory/index.js";
+import { WINDOW_OVERLAP, WINDOW_STRIDE, type GuestMemory } from "../../src/core/memory/index.js";
 import { createRingPair } from "../../src/core/testing/ring-pair.js";
 import { DescriptorChain, type RingLayout } from "../../src/core/virtio/queue/index.js";
-import { Fd, ftruncate, memfdCreate, mmap, munmap, pread } from "../../src/node/native.js";
+import { pread, type Fd } from "../../src/node/native.js";
+import { memfd, memfdGuestMemory } from "./raw-frontend.js";
 
 // Guest regions of 4 GiB and more, as QEMU sends for a VM with 8 GiB of RAM
 // (q35 puts ~6 GiB above 4 GiB). V8 holds at most 4 GiB in one ArrayBuffer,
@@ -22,26 +23,14 @@ interface Mapped {
 }
 
 function mapRegion(gpa: number, size: number, fileOffset = 0): Mapped {
-  const fd = memfdCreate("iovirt-large");
-  ftruncate(fd, fileOffset + size);
-  const buffers: ArrayBuffer[] = [];
-  const mem = new GuestMemory([
-    {
-      gpa,
-      size,
-      map: (start, length) => {
-        const buffer = mmap(fd, length, fileOffset + start, "rw", true);
-        buffers.push(buffer);
-        return { buffer, offset: 0 };
-      },
-    },
-  ]);
+  const fd = memfd(fileOffset + size);
+  const { mem, unmap } = memfdGuestMemory(fd, [{ gpa, size, fileOffset }]);
   return {
     mem,
     fd,
     fileOffset: (a) => fileOffset + (a - gpa),
     close: () => {
-      for (const b of buffers) munmap(b);
+      unmap();
       fd.close();
     },
   };

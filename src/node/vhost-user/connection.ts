@@ -5,6 +5,13 @@ import type { VirtioDevice } from "../../core/virtio/device/device.js";
 import { Fd, SysError, recvmsg, sendmsg, watch, type Watcher } from "../native.js";
 import { nodePlatform } from "./platform.js";
 
+const TRACE_PREFIX = "vhost-user: <- ";
+
+/** True for the per-message trace lines (worth printing only when asked to be verbose); the rest are events. */
+export function isMessageTrace(line: string): boolean {
+  return line.startsWith(TRACE_PREFIX);
+}
+
 export interface ConnectionOptions {
   log?: (line: string) => void;
   /** Busy-poll mode (see BackendOptions.busyPoll): the owner calls backend.pollAll() in a loop. */
@@ -105,7 +112,7 @@ export class VhostUserConnection {
       this.header = null;
       this.have = 0;
       this.fds = [];
-      this.opts.log?.(`vhost-user: <- ${reqName(h.request)} (${h.size} bytes, ${fds.length} fds)`);
+      this.opts.log?.(`${TRACE_PREFIX}${reqName(h.request)} (${h.size} bytes, ${fds.length} fds)`);
       for (const out of this.backend.handle(h, payload, fds)) this.send(out.bytes, out.fds);
     }
     return true;

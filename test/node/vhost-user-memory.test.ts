@@ -1,0 +1,228 @@
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { BlkDevice } from "../../src/core/virtio/devices/blk/device.js";
+import { RamDisk } from "../../src/core/virtio/devices/blk/port.js";
+import { VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT } from "../../src/core/virtio/devices/blk/constants.js";
+import { encodeMemTable, encodeU64, encodeVringAddr, encodeVringState, type MemRegionDesc } from "../../src/core/vhost-user/codec.js";
+import { Req } from "../../src/core/vhost-user/protocol.js";
+import { STATUS_DEVICE_NEEDS_RESET } from "../../src/core/virtio/device/status.js";
+import { layoutQueue } from "../../src/core/virtio/driver/layout.js";
+import { createDriverQueue } from "../../src/core/virtio/driver/create.js";
+import type { DriverQueue } from "../../src/core/virtio/driver/queue.js";
+import type { GuestMemory } from "../../src/core/memory/index.js";
+import { Fd, SEAL, addSeals, eventfd, eventfdWrite, ftruncate } from "../../src/node/native.js";
+import { VhostUserServer } from "../../src/node/vhost-user/server.js";
+import { RawClient, memfd, memfdGuestMemory, tick, waitEventfd } from "./raw-frontend.js";
+
+// The guest memory a front end hands over is untrusted too: regions larger
+// than one ArrayBuffer (an 8 GiB VM), regions their fd does not back, and a
+// memfd shrunk while rings run. None of it may end the back-end process.
+
+const GIB = 2 ** 30;
+const UA = 0x7000_0000_0000; // where the "front end" pretends guest RAM sits in its address space
+const dir = mkdtempSync(join(tmpdir(), "iovirt-vu-mem-"));
+const path = join(dir, "blk.sock");
+const disk = new RamDisk(1 << 20);
+const device = new BlkDevice({ port: disk });
+const logs: string[] = [];
+const server = new VhostUserServer(path, device, { log: (l) => logs.push(l) });
+after(() => {
+  server.close();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+async function serverStillServes(): Promise<void> {
+  const c = new RawClient(path);
+  try {
+    c.send(Req.GET_FEATURES);
+    assert.notEqual(await c.reply(), "closed", "a fresh front end must be served");
+  } finally {
+    c.close();
+  }
+  for (let i = 0; i < 50 && server.connection !== null; i++) await tick();
+}
+
+const FEATURES = (1n << 32n) | (1n << 30n); // VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES
+
+/** One running split ring 0 at guest address `ring`, described to the back end by user address. */
+async function startRing(
+  c: RawClient,
+  mem: GuestMemory,
+  table: MemRegionDesc[],
+  ring: number,
+): Promise<{ q: DriverQueue<number>; kick: Fd; call: Fd; err: Fd }> {
+  const toUser = (gpa: number): number => {
+    const r = table.find((t) => gpa >= t.guestAddr && gpa < t.guestAddr + t.size)!;
+    return r.userAddr + (gpa - r.guestAddr);
+  };
+  const { state } = layoutQueue("split", 128, ring);
+  const q = createDriverQueue<number>(mem, state, { indirect: false, eventIdx: false, inOrder: false });
+  assert.equal(await c.ack(Req.SET_FEATURES, encodeU64(FEATURES)), 0);
+  assert.equal(await c.ack(Req.SET_VRING_NUM, encodeVringState({ index: 0, num: 128 })), 0);
+  const addr = {
+    index: 0,
+    flags: 0,
+    desc: toUser(state.descTable),
+    avail: toUser(state.driverArea),
+    used: toUser(state.deviceArea),
+    log: 0,
+  };
+  assert.equal(await c.ack(Req.SET_VRING_ADDR, encodeVringAddr(addr)), 0);
+  assert.equal(await c.ack(Req.SET_VRING_BASE, encodeVringState({ index: 0, num: 0 })), 0);
+  const [kick, call, err] = [eventfd(0, { nonblock: true }), eventfd(0, { nonblock: true }), eventfd(0, { nonblock: true })];
+  assert.equal(await c.ack(Req.SET_VRING_CALL, encodeU64(0), [call]), 0);
+  assert.equal(await c.ack(Req.SET_VRING_ERR, encodeU64(0), [err]), 0);
+  assert.equal(await c.ack(Req.SET_VRING_KICK, encodeU64(0), [kick]), 0);
+  assert.equal(await c.ack(Req.SET_VRING_ENABLE, encodeVringState({ index: 0, num: 1 })), 0);
+  return { q, kick, call, err };
+}
+
+/** One virtio-blk request (header, 4 KiB data, status) at `at`; resolves with the status byte. */
+async function request(
+  mem: GuestMemory,
+  r: { q: DriverQueue<number>; kick: Fd; call: Fd },
+  at: number,
+  type: number,
+  sector: number,
+): Promise<number> {
+  mem.writeU32(at, type);
+  mem.writeU32(at + 4, 0);
+  mem.writeU64(at + 8, sector);
+  mem.writeU8(at + 16 + 4096, 0xff);
+  const ok = r.q.add(
+    [
+      { addr: at, len: 16, writable: false },
+      { addr: at + 16, len: 4096, writable: type === VIRTIO_BLK_T_IN },
+      { addr: at + 16 + 4096, len: 1, writable: true },
+    ],
+    sector,
+  );
+  assert.ok(ok);
+  r.q.publish();
+  eventfdWrite(r.kick, 1);
+  assert.ok(await waitEventfd(r.call), "the back end signalled a used buffer");
+  assert.equal(
+    r.q.drainUsed(() => {}),
+    1,
+  );
+  return mem.readU8(at + 16 + 4096);
+}
+
+test("regions their fd does not back are refused, however far the mmap_offset points; the process lives on", async () => {
+  const c = new RawClient(path);
+  await c.handshake();
+  const fd = memfd(1 << 20);
+  try {
+    for (const [size, mmapOffset] of [
+      [2 << 20, 0], // claims more than the file holds
+      [1 << 20, 4096], // runs past its end
+      [1 << 20, 2 ** 40], // starts a terabyte beyond it (this used to abort the process)
+    ]) {
+      const table = encodeMemTable([{ guestAddr: 0, size: size!, userAddr: UA, mmapOffset: mmapOffset! }]);
+      assert.equal(await c.ack(Req.SET_MEM_TABLE, table, [fd]), 1, `size ${size} at offset ${mmapOffset}`);
+    }
+    assert.ok(logs.some((l) => l.includes("which holds only 0x100000")));
+    const exact = encodeMemTable([{ guestAddr: 0, size: 1 << 20, userAddr: UA, mmapOffset: 0 }]);
+    assert.equal(await c.ack(Req.SET_MEM_TABLE, exact, [fd]), 0, "a region the fd backs exactly is fine");
+  } finally {
+    fd.close();
+    c.close();
+  }
+  await serverStillServes();
+});
+
+test("the memory table reports whether each memfd is sealed against shrinking", async () => {
+  const c = new RawClient(path);
+  await c.handshake();
+  const sealed = memfd(1 << 20, { allowSealing: true });
+  addSeals(sealed, SEAL.SHRINK | SEAL.GROW);
+  const open = memfd(1 << 20);
+  try {
+    const table = encodeMemTable([
+      { guestAddr: 0, size: 1 << 20, userAddr: UA, mmapOffset: 0 },
+      { guestAddr: 1 << 20, size: 1 << 20, userAddr: UA + (1 << 20), mmapOffset: 0 },
+    ]);
+    logs.length = 0;
+    assert.equal(await c.ack(Req.SET_MEM_TABLE, table, [sealed, open]), 0);
+    assert.ok(
+      logs.some((l) => l.includes("guest 0x0 ") && l.endsWith("sealed against shrinking: yes")),
+      logs.join("\n"),
+    );
+    assert.ok(
+      logs.some((l) => l.includes("guest 0x100000 ") && l.endsWith("sealed against shrinking: no")),
+      logs.join("\n"),
+    );
+  } finally {
+    sealed.close();
+    open.close();
+    c.close();
+  }
+  await serverStillServes();
+});
+
+test("an 8 GiB VM's memory table (2 GiB low, 6 GiB above 4 GiB) maps, and a ring above 2^32 across a window boundary serves reads and writes", async () => {
+  const c = new RawClient(path);
+  await c.handshake();
+  const fd = memfd(8 * GIB); // sparse: only the pages the test touches are ever allocated
+  const layout = [
+    { gpa: 0, size: 2 * GIB, fileOffset: 0 },
+    { gpa: 4 * GIB, size: 6 * GIB, fileOffset: 2 * GIB },
+  ];
+  const { mem, unmap } = memfdGuestMemory(fd, layout);
+  const table = layout.map((r) => ({ guestAddr: r.gpa, size: r.size, userAddr: UA + r.fileOffset, mmapOffset: r.fileOffset }));
+  try {
+    assert.equal(await c.ack(Req.SET_MEM_TABLE, encodeMemTable(table), [fd]), 1, "one fd for two regions is a malformed message");
+    assert.equal(await c.ack(Req.SET_MEM_TABLE, encodeMemTable(table), [fd, fd]), 0);
+    const r = await startRing(c, mem, table, 5 * GIB - 4096); // straddles the first 1 GiB window boundary of the high region
+    const at = 9 * GIB + 0x123000; // request buffers 5 GiB into the high region
+    const pattern = Uint8Array.from({ length: 4096 }, (_, i) => (i * 13 + 1) & 0xff);
+    mem.write(at + 16, pattern);
+    assert.equal(await request(mem, r, at, VIRTIO_BLK_T_OUT, 8), VIRTIO_BLK_S_OK);
+    const onDisk = new Uint8Array(4096);
+    disk.read(8 * 512, onDisk);
+    assert.deepEqual(onDisk, pattern, "the back end read the guest's data from above 4 GiB");
+    mem.fill(at + 16, 4096, 0);
+    assert.equal(await request(mem, r, at, VIRTIO_BLK_T_IN, 8), VIRTIO_BLK_S_OK);
+    const back = new Uint8Array(4096);
+    mem.read(at + 16, back);
+    assert.deepEqual(back, pattern, "the back end wrote into guest memory above 4 GiB");
+    for (const f of [r.kick, r.call, r.err]) f.close();
+  } finally {
+    unmap();
+    fd.close();
+    c.close();
+  }
+  await serverStillServes();
+});
+
+test("a memfd shrunk under a running ring: DEVICE_NEEDS_RESET and the error fd, no SIGBUS; the connection and the process live on", async () => {
+  const c = new RawClient(path);
+  await c.handshake();
+  const fd = memfd(16 << 20);
+  const { mem, unmap } = memfdGuestMemory(fd, [{ gpa: 0, size: 16 << 20, fileOffset: 0 }]);
+  const table = [{ guestAddr: 0, size: 16 << 20, userAddr: UA, mmapOffset: 0 }];
+  try {
+    assert.equal(await c.ack(Req.SET_MEM_TABLE, encodeMemTable(table), [fd]), 0);
+    const r = await startRing(c, mem, table, 8 << 20);
+    assert.equal(await request(mem, r, 0x10000, VIRTIO_BLK_T_IN, 0), VIRTIO_BLK_S_OK, "the ring works before the shrink");
+    logs.length = 0;
+    ftruncate(fd, 1 << 20); // the rings at 8 MiB are gone from under both mappings
+    eventfdWrite(r.kick, 1);
+    assert.ok(await waitEventfd(r.err), "the back end signalled the ring's error fd");
+    assert.ok(
+      logs.some((l) => l.includes("memory shrunk under the back end")),
+      logs.join("\n"),
+    );
+    assert.notEqual(device.getStatus() & STATUS_DEVICE_NEEDS_RESET, 0, "the device asks for a reset");
+    assert.equal(await c.ack(Req.SET_OWNER), 0, "the connection still answers");
+    for (const f of [r.kick, r.call, r.err]) f.close();
+  } finally {
+    unmap();
+    fd.close();
+    c.close();
+  }
+  await serverStillServes();
+});
