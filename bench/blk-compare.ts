@@ -12,7 +12,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { runBlkLoad, type RwMode } from "../src/node/blk-load.js";
-import { stopChild, waitForPath } from "../src/node/child.js";
+import { stopChild, waitForPath } from "../tools/child.js";
 
 const CASES: { rw: RwMode; iodepth: number }[] = [
   { rw: "randread", iodepth: 1 },

@@ -1,4 +1,4 @@
-import { createBlkPair } from "../core/testing/index.js";
+import { createBlkPair } from "../core/loopback/index.js";
 import { describeFeatures, describeStatus, BLK_FEATURE_NAMES, RamDisk } from "../core/index.js";
 
 /**

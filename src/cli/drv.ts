@@ -6,8 +6,8 @@ import { describeFeatures } from "../core/virtio/device/features.js";
 import { BLK_FEATURE_NAMES } from "../core/virtio/devices/blk/constants.js";
 import { NET_FEATURE_NAMES } from "../core/virtio/devices/net/constants.js";
 import { STATUS_DEVICE_NEEDS_RESET } from "../core/virtio/device/status.js";
-import { guestPatternRange } from "../core/testing/pattern.js";
-import { checkTestFrame, testFrame } from "../core/testing/frames.js";
+import { guestPatternRange } from "../core/selfcheck/pattern.js";
+import { checkTestFrame, testFrame } from "../core/selfcheck/frames.js";
 import { UserspaceVirtioPci, type PciBackend } from "../node/pci/userspace.js";
 import { munmap } from "../node/native.js";
 import { mapMemfd } from "../node/dma-memory.js";
@@ -54,7 +54,7 @@ Usage:
 Commands:
   info                      MAC, link status, MTU, features, rings, interrupts
   ping-peer COUNT           send test frame g2h i and wait for the peer's reply h2g i, for i < COUNT;
-                            every byte of every reply is checked (see src/core/testing/frames.ts)
+                            every byte of every reply is checked (see src/core/selfcheck/frames.ts)
   send COUNT                send COUNT test frames g2h 0..COUNT-1
   recv COUNT                receive COUNT test frames h2g 0..COUNT-1 and check them
 

@@ -23,7 +23,7 @@ import {
   type BlockPort,
   type Segment,
 } from "../../src/core/index.js";
-import { createBlkPair, type BlkPair, type BlkPairOptions } from "../../src/core/testing/index.js";
+import { createBlkPair, type BlkPair, type BlkPairOptions } from "../../src/core/loopback/index.js";
 
 const T = { timeout: 10_000 };
 const DISK = 8 << 20;

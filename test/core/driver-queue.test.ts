@@ -11,7 +11,7 @@ import {
   type RingLayout,
   type Segment,
 } from "../../src/core/index.js";
-import { createRingPair, type RingPair } from "../../src/core/testing/index.js";
+import { createRingPair, type RingPair } from "../../src/core/loopback/index.js";
 import { AVAIL, USED, WRITE, assertQueueError, availEventAddr, segsOf, usedEventAddr } from "./helpers.js";
 
 const LAYOUTS: RingLayout[] = ["split", "packed"];

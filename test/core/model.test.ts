@@ -2,7 +2,7 @@ import { test, describe } from "node:test";
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import type { RingFeatures, RingLayout, Segment } from "../../src/core/index.js";
-import { createRingPair } from "../../src/core/testing/index.js";
+import { createRingPair } from "../../src/core/loopback/index.js";
 import { segsOf } from "./helpers.js";
 
 /**

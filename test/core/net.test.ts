@@ -29,7 +29,7 @@ import {
   hasFeature,
   type DeviceQueue,
 } from "../../src/core/index.js";
-import { createNetPair, type NetPair, type NetPairOptions } from "../../src/core/testing/index.js";
+import { createNetPair, type NetPair, type NetPairOptions } from "../../src/core/loopback/index.js";
 
 const T = { timeout: 20_000 };
 

@@ -13,7 +13,7 @@ import {
   validateQueueState,
   type QueueState,
 } from "../../src/core/index.js";
-import { createRingPair } from "../../src/core/testing/index.js";
+import { createRingPair } from "../../src/core/loopback/index.js";
 import {
   AVAIL,
   INDIRECT,

@@ -13,7 +13,7 @@ import {
   type MmioRegion,
   type PciConfig,
 } from "../../src/core/pci/index.js";
-import { createBlkPciPair, PCI_PAIR_CONFIG_VECTOR } from "../../src/core/testing/index.js";
+import { createBlkPciPair, PCI_PAIR_CONFIG_VECTOR } from "../../src/core/loopback/index.js";
 import { enableBusMaster } from "../../src/core/pci/command.js";
 import { VirtioDevice } from "../../src/core/virtio/device/device.js";
 import {

@@ -6,9 +6,9 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { bootGuest, guestPaths, type BootGuestResult } from "../../tools/guest/run.js";
-import { guestPatternRange } from "../../src/core/testing/pattern.js";
-import { checkTestFrame, parseTestFrame, testFrame } from "../../src/core/testing/frames.js";
-import { readFileRange } from "../../src/node/child.js";
+import { guestPatternRange } from "../../src/core/selfcheck/pattern.js";
+import { checkTestFrame, parseTestFrame, testFrame } from "../../src/core/selfcheck/frames.js";
+import { readFileRange } from "../../tools/child.js";
 
 // iovirt's userspace virtio drivers in a real Linux guest (QEMU/TCG), on
 // QEMU's own virtio-blk-pci and virtio-net-pci devices: bound to vfio-pci

@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { bootGuest, guestPaths, markerValue, type GuestPaths } from "../../tools/guest/run.js";
 import { guestPattern } from "../../tools/guest/pattern.js";
-import { readFileRange, stopChild, waitForPath } from "../../src/node/child.js";
+import { readFileRange, stopChild, waitForPath } from "../../tools/child.js";
 
 // A real Linux guest (Debian's kernel, its virtio_blk driver, busybox) under
 // QEMU/TCG, attached with vhost-user-blk-pci to `iovirt blk` in another process.

@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { WINDOW_OVERLAP, WINDOW_STRIDE, type GuestMemory } from "../../src/core/memory/index.js";
-import { createRingPair } from "../../src/core/testing/ring-pair.js";
+import { createRingPair } from "../../src/core/loopback/ring-pair.js";
 import { DescriptorChain, type RingLayout } from "../../src/core/virtio/queue/index.js";
 import { pread, type Fd } from "../../src/node/native.js";
 import { memfd, memfdGuestMemory } from "./raw-frontend.js";

@@ -9,7 +9,7 @@ import { IovaAllocator } from "../../src/node/vfio/iova.js";
 import { VFIO_IOCTL, Struct, REGION_INFO } from "../../src/node/vfio/uapi.js";
 import { FileRegisters, MappedRegisters } from "../../src/node/pci/registers.js";
 import { open } from "../../src/node/native.js";
-import { checkTestFrame, parseTestFrame, testFrame, testFrameLength } from "../../src/core/testing/frames.js";
+import { checkTestFrame, parseTestFrame, testFrame, testFrameLength } from "../../src/core/selfcheck/frames.js";
 
 const cli = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
 

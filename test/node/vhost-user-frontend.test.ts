@@ -6,7 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { VhostUserBlkClient } from "../../src/node/vhost-user/blk-client.js";
-import { readFileRange, stopChild, waitForPath } from "../../src/node/child.js";
+import { readFileRange, stopChild, waitForPath } from "../../tools/child.js";
 
 // iovirt's front end + virtio-blk driver against two real back ends in other
 // processes: iovirt's own (`iovirt blk`) and qemu-storage-daemon.

@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { bootGuest, guestPaths, markerValue } from "./run.js";
-import { readFileRange, stopChild, waitForPath } from "../../src/node/child.js";
+import { readFileRange, stopChild, waitForPath } from "../child.js";
 import { guestPattern } from "./pattern.js";
 
 const MIB = 4;

@@ -1,2 +1,2 @@
-// The pattern moved to src/core/testing/pattern.ts so the CLI can use it.
-export * from "../../src/core/testing/pattern.js";
+// The pattern moved to src/core/selfcheck/pattern.ts so the CLI can use it.
+export * from "../../src/core/selfcheck/pattern.js";
