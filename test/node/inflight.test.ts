@@ -14,7 +14,7 @@ import {
   inflightQueueSlice,
   type InflightErrorCode,
   type PackedInflightDesc,
-} from "../../src/core/vhost-user/inflight.js";
+} from "../../src/core/vhost-user/inflight/index.js";
 import { IovirtUsageError } from "../../src/core/errors.js";
 import { VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_USED, VIRTQ_DESC_F_WRITE } from "../../src/core/virtio/queue/constants.js";
 

@@ -3,7 +3,14 @@ import { GuestError } from "../errors.js";
 import type { VirtioDevice } from "../virtio/device/device.js";
 import { VIRTIO_F_RING_PACKED, hasFeature, bit } from "../virtio/device/features.js";
 import { DescriptorChain, QueueError, type QueueState, type QueueTracker } from "../virtio/queue/index.js";
-import { InflightError, PackedInflight, SplitInflight, inflightMmapSize, inflightQueueSlice, type PackedInflightDesc } from "./inflight.js";
+import {
+  InflightError,
+  PackedInflight,
+  SplitInflight,
+  inflightMmapSize,
+  inflightQueueSlice,
+  type PackedInflightDesc,
+} from "./inflight/index.js";
 import { chainFromDescriptors } from "../virtio/queue/packed.js";
 import { combineU64 } from "../memory/guest-memory.js";
 import {
