@@ -1,18 +1,10 @@
 import { GuestMemory, MemoryRegion } from "../memory/guest-memory.js";
-import { GuestError } from "../errors.js";
+import { GuestError, IovirtUsageError } from "../errors.js";
 import type { VirtioDevice } from "../virtio/device/device.js";
 import { VIRTIO_F_RING_PACKED, hasFeature, bit } from "../virtio/device/features.js";
 import { DescriptorChain, QueueError, type QueueState, type QueueTracker } from "../virtio/queue/index.js";
-import {
-  InflightError,
-  PackedInflight,
-  SplitInflight,
-  inflightMmapSize,
-  inflightQueueSlice,
-  type PackedInflightDesc,
-} from "./inflight/index.js";
-import { chainFromDescriptors } from "../virtio/queue/packed.js";
-import { combineU64 } from "../memory/guest-memory.js";
+import { InflightError, PackedInflight, SplitInflight, inflightMmapSize, inflightQueueSlice } from "./inflight/index.js";
+import { PackedQueue, chainFromDescriptors } from "../virtio/queue/packed.js";
 import {
   VhostUserError,
   decodeConfig,
@@ -524,23 +516,11 @@ export class VhostUserBackend<F> {
         this.device.resubmit(q, chain);
       });
     }
-    // The tracker follows the device's read position to record each buffer's raw ring descriptors.
-    let pos = state.nextAvail;
-    const size = state.size;
+    // The queue layer hands over each popped buffer's raw ring descriptors, which recovery needs.
     const tracker: QueueTracker = {
-      onPop: (c) => {
-        const descs: PackedInflightDesc[] = [];
-        for (let k = 0; k < c.descCount; k++) {
-          const at = state.descTable + 16 * pos;
-          descs.push({
-            addr: combineU64(mem.readU32(at), mem.readU32(at + 4)),
-            len: mem.readU32(at + 8),
-            id: mem.readU16(at + 12),
-            flags: mem.readU16(at + 14),
-          });
-          if (++pos === size) pos = 0;
-        }
-        region.onPop(descs);
+      onPop: (c, q) => {
+        if (!(q instanceof PackedQueue)) throw new IovirtUsageError("WRONG_LAYOUT", "packed in-flight tracking on a split queue");
+        region.onPop(q.poppedDescriptors(c.descCount));
       },
       onUsed: (id) => region.onUsed(id),
       onPublish: (st) => region.commit(st.nextUsed, st.usedWrap),

@@ -39,6 +39,14 @@ export function packedEventInWindow(event: number, old: number, now: number, siz
  * acquire load; used descriptors are written id and len first, flags last
  * with a release store (§2.8.21).
  */
+/** One packed ring descriptor as it sits in the ring (§2.8.13). */
+export interface PackedRingDescriptor {
+  addr: number;
+  len: number;
+  id: number;
+  flags: number;
+}
+
 export class PackedQueue implements DeviceQueue {
   readonly layout = "packed" as const;
   readonly size: number;
@@ -58,6 +66,7 @@ export class PackedQueue implements DeviceQueue {
   private signalled: number;
   private signalValid = false;
   private isBroken = false;
+  private lastPopSlot = 0;
   // Used descriptors of a batch are published by the first one's id+flags word, written last.
   private batchFlagsAt = -1;
   private batchFlags = 0;
@@ -111,6 +120,7 @@ export class PackedQueue implements DeviceQueue {
   popInto(chain: DescriptorChain): boolean {
     if (this.isBroken) throw new QueueError("QUEUE_BROKEN", "queue needs a reset after an earlier error");
     if (!this.hasAvailable()) return false;
+    this.lastPopSlot = this.nextAvail;
     try {
       this.walk(chain);
     } catch (e) {
@@ -118,6 +128,24 @@ export class PackedQueue implements DeviceQueue {
       throw e;
     }
     return true;
+  }
+
+  /**
+   * The ring descriptors, as the driver wrote them, of the buffer popped
+   * last: `count` (its chain's descCount) slots from where it began. vhost-user
+   * in-flight tracking keeps them so that a restarted back end can resubmit
+   * the buffer after the ring slots were reused.
+   */
+  poppedDescriptors(count: number): PackedRingDescriptor[] {
+    const out: PackedRingDescriptor[] = [];
+    let slot = this.lastPopSlot;
+    for (let k = 0; k < count; k++) {
+      const w = this.descBase + (slot << 2);
+      const word = this.desc32[w + 3]!;
+      out.push({ addr: combineU64(this.desc32[w]!, this.desc32[w + 1]!), len: this.desc32[w + 2]!, id: word & 0xffff, flags: word >>> 16 });
+      if (++slot === this.size) slot = 0;
+    }
+    return out;
   }
 
   /**

@@ -5,8 +5,8 @@ import type { QueueState } from "./state.js";
 
 /** Observes a queue's buffer life cycle (vhost-user in-flight tracking uses it). */
 export interface QueueTracker {
-  /** A buffer was popped; `chain.head` is its head (split) or buffer id (packed). */
-  onPop(chain: DescriptorChain): void;
+  /** A buffer was popped from `queue`; `chain.head` is its head (split) or buffer id (packed). */
+  onPop(chain: DescriptorChain, queue: DeviceQueue): void;
   /** A used entry for `id` was written (not yet published). */
   onUsed(id: number, descCount: number): void;
   /** Used entries were published; `state` says where the ring now stands. */
@@ -35,12 +35,12 @@ export class TrackedQueue implements DeviceQueue {
   }
   popInto(chain: DescriptorChain): boolean {
     const got = this.inner.popInto(chain);
-    if (got) this.tracker.onPop(chain);
+    if (got) this.tracker.onPop(chain, this.inner);
     return got;
   }
   pop(): DescriptorChain | null {
     const c = this.inner.pop();
-    if (c !== null) this.tracker.onPop(c);
+    if (c !== null) this.tracker.onPop(c, this.inner);
     return c;
   }
   pushUsed(id: number, len: number, descCount = 1): void {
