@@ -1,11 +1,11 @@
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { BlkDevice } from "../../src/core/virtio/devices/blk/device.js";
 import { RamDisk } from "../../src/core/virtio/devices/blk/port.js";
-import { VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT } from "../../src/core/virtio/devices/blk/constants.js";
+import { VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT } from "../../src/core/virtio/devices/blk/constants.js";
 import { encodeMemTable, encodeU64, encodeVringAddr, encodeVringState, type MemRegionDesc } from "../../src/core/vhost-user/codec.js";
 import { Req } from "../../src/core/vhost-user/protocol.js";
 import { STATUS_DEVICE_NEEDS_RESET } from "../../src/core/virtio/device/status.js";
@@ -15,6 +15,7 @@ import type { DriverQueue } from "../../src/core/virtio/driver/queue.js";
 import type { GuestMemory } from "../../src/core/memory/index.js";
 import { Fd, SEAL, addSeals, eventfd, eventfdWrite, ftruncate } from "../../src/node/native.js";
 import { VhostUserServer } from "../../src/node/vhost-user/server.js";
+import { FileBlockPort } from "../../src/node/file-port.js";
 import { RawClient, memfd, memfdGuestMemory, tick, waitEventfd } from "./raw-frontend.js";
 
 // The guest memory a front end hands over is untrusted too: regions larger
@@ -225,4 +226,51 @@ test("a memfd shrunk under a running ring: DEVICE_NEEDS_RESET and the error fd, 
     c.close();
   }
   await serverStillServes();
+});
+
+test("a write whose data pages the front end took away fails with IOERR and leaves the image file as it was", async () => {
+  const image = join(dir, "disk.img");
+  const before = Uint8Array.from({ length: 1 << 20 }, (_, i) => (i >> 9) & 0xff);
+  writeFileSync(image, before);
+  const port = new FileBlockPort(image);
+  const filePath = join(dir, "file.sock");
+  const fileServer = new VhostUserServer(filePath, new BlkDevice({ port }));
+  const c = new RawClient(filePath);
+  await c.handshake();
+  const fd = memfd(16 << 20);
+  const { mem, unmap } = memfdGuestMemory(fd, [{ gpa: 0, size: 16 << 20, fileOffset: 0 }]);
+  const table = [{ guestAddr: 0, size: 16 << 20, userAddr: UA, mmapOffset: 0 }];
+  try {
+    assert.equal(await c.ack(Req.SET_MEM_TABLE, encodeMemTable(table), [fd]), 0);
+    const r = await startRing(c, mem, table, 0x10000);
+    // Header and status stay in the first MiB; the data buffer sits at 8 MiB, which the shrink removes.
+    mem.write(0x20000 + 16, new Uint8Array(4096).fill(0x77));
+    ftruncate(fd, 4 << 20);
+    const header = 0x20000;
+    mem.writeU32(header, VIRTIO_BLK_T_OUT);
+    mem.writeU64(header + 8, 16);
+    mem.writeU8(header + 0x1000, 0xff);
+    assert.ok(
+      r.q.add(
+        [
+          { addr: header, len: 16, writable: false },
+          { addr: 8 << 20, len: 4096, writable: false },
+          { addr: header + 0x1000, len: 1, writable: true },
+        ],
+        0,
+      ),
+    );
+    r.q.publish();
+    eventfdWrite(r.kick, 1);
+    assert.ok(await waitEventfd(r.call));
+    assert.equal(mem.readU8(header + 0x1000), VIRTIO_BLK_S_IOERR, "the kernel's copy failed (EFAULT): an I/O error, not zeros on disk");
+    assert.deepEqual(new Uint8Array(readFileSync(image)), before, "the image is unchanged");
+    for (const f of [r.kick, r.call, r.err]) f.close();
+  } finally {
+    unmap();
+    fd.close();
+    c.close();
+    fileServer.close();
+    port.close();
+  }
 });
