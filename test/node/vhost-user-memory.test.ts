@@ -6,8 +6,16 @@ import { join } from "node:path";
 import { BlkDevice } from "../../src/core/virtio/devices/blk/device.js";
 import { RamDisk } from "../../src/core/virtio/devices/blk/port.js";
 import { VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT } from "../../src/core/virtio/devices/blk/constants.js";
-import { encodeMemTable, encodeU64, encodeVringAddr, encodeVringState, type MemRegionDesc } from "../../src/core/vhost-user/codec.js";
-import { Req } from "../../src/core/vhost-user/protocol.js";
+import {
+  encodeInflight,
+  encodeMemTable,
+  encodeU64,
+  encodeVringAddr,
+  encodeVringState,
+  type MemRegionDesc,
+} from "../../src/core/vhost-user/codec.js";
+import { PF, Req } from "../../src/core/vhost-user/protocol.js";
+import { inflightMmapSize } from "../../src/core/vhost-user/inflight/index.js";
 import { STATUS_DEVICE_NEEDS_RESET } from "../../src/core/virtio/device/status.js";
 import { layoutQueue } from "../../src/core/virtio/driver/layout.js";
 import { createDriverQueue } from "../../src/core/virtio/driver/create.js";
@@ -128,6 +136,22 @@ test("regions their fd does not back are refused, however far the mmap_offset po
     assert.ok(logs.some((l) => l.includes("which holds only 0x100000")));
     const exact = encodeMemTable([{ guestAddr: 0, size: 1 << 20, userAddr: UA, mmapOffset: 0 }]);
     assert.equal(await c.ack(Req.SET_MEM_TABLE, exact, [fd]), 0, "a region the fd backs exactly is fine");
+  } finally {
+    fd.close();
+    c.close();
+  }
+  await serverStillServes();
+});
+
+test("an in-flight area its fd does not back is refused", async () => {
+  const c = new RawClient(path);
+  await c.handshake(1n << BigInt(PF.INFLIGHT_SHMFD));
+  const need = inflightMmapSize("split", 1, 128);
+  const fd = memfd(need);
+  try {
+    const area = (mmapOffset: number): Uint8Array => encodeInflight({ mmapSize: need, mmapOffset, numQueues: 1, queueSize: 128 });
+    assert.equal(await c.ack(Req.SET_INFLIGHT_FD, area(4096), [fd]), 1, "runs past the end of the fd");
+    assert.equal(await c.ack(Req.SET_INFLIGHT_FD, area(0), [fd]), 0, "fits exactly");
   } finally {
     fd.close();
     c.close();
