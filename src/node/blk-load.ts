@@ -9,9 +9,9 @@ import {
   VIRTIO_BLK_F_MQ,
   VIRTIO_BLK_F_SEG_MAX,
 } from "../core/virtio/devices/blk/constants.js";
-import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, features } from "../core/virtio/device/features.js";
+import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, features } from "../core/virtio/lifecycle/features.js";
 import { VhostUserFrontend } from "./vhost-user/frontend.js";
-import type { DriverQueue } from "../core/virtio/driver/queue.js";
+import type { DriverQueue } from "../core/virtio/driver/driver-queue.js";
 
 export type RwMode = "randread" | "randwrite" | "read" | "write";
 

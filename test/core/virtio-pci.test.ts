@@ -15,7 +15,7 @@ import {
 } from "../../src/core/pci/index.js";
 import { createBlkPciPair, PCI_PAIR_CONFIG_VECTOR } from "../../src/core/loopback/index.js";
 import { enableBusMaster } from "../../src/core/pci/command.js";
-import { VirtioDevice } from "../../src/core/virtio/device/device.js";
+import { VirtioDevice } from "../../src/core/virtio/lifecycle/device.js";
 import {
   VIRTIO_F_EVENT_IDX,
   VIRTIO_F_NOTIFICATION_DATA,
@@ -24,14 +24,14 @@ import {
   bit,
   features,
   hasFeature,
-} from "../../src/core/virtio/device/features.js";
+} from "../../src/core/virtio/lifecycle/features.js";
 import {
   STATUS_ACKNOWLEDGE,
   STATUS_DEVICE_NEEDS_RESET,
   STATUS_DRIVER,
   STATUS_DRIVER_OK,
   STATUS_FEATURES_OK,
-} from "../../src/core/virtio/device/status.js";
+} from "../../src/core/virtio/lifecycle/status.js";
 import { BLK_CFG } from "../../src/core/virtio/devices/blk/constants.js";
 import { BlkDevice } from "../../src/core/virtio/devices/blk/device.js";
 import { RamDisk } from "../../src/core/virtio/devices/blk/port.js";

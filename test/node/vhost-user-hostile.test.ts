@@ -14,7 +14,7 @@ import {
   encodeVringState,
 } from "../../src/core/vhost-user/codec.js";
 import { FLAG_NEED_REPLY, FLAG_REPLY, HEADER_SIZE, PF, Req, VHOST_USER_F_PROTOCOL_FEATURES } from "../../src/core/vhost-user/protocol.js";
-import { VIRTIO_F_VERSION_1 } from "../../src/core/virtio/device/features.js";
+import { VIRTIO_F_VERSION_1 } from "../../src/core/virtio/lifecycle/features.js";
 import {
   Fd,
   SysError,

@@ -16,10 +16,10 @@ import {
 } from "../../src/core/vhost-user/codec.js";
 import { PF, Req } from "../../src/core/vhost-user/protocol.js";
 import { inflightMmapSize } from "../../src/core/vhost-user/inflight/index.js";
-import { STATUS_DEVICE_NEEDS_RESET } from "../../src/core/virtio/device/status.js";
+import { STATUS_DEVICE_NEEDS_RESET } from "../../src/core/virtio/lifecycle/status.js";
 import { layoutQueue } from "../../src/core/virtio/driver/layout.js";
 import { createDriverQueue } from "../../src/core/virtio/driver/create.js";
-import type { DriverQueue } from "../../src/core/virtio/driver/queue.js";
+import type { DriverQueue } from "../../src/core/virtio/driver/driver-queue.js";
 import type { GuestMemory } from "../../src/core/memory/index.js";
 import { Fd, SEAL, addSeals, eventfd, eventfdWrite, ftruncate } from "../../src/node/native.js";
 import { VhostUserServer } from "../../src/node/vhost-user/server.js";

@@ -1,5 +1,5 @@
 import type { GuestMemory } from "../memory/guest-memory.js";
-import type { VirtioDevice } from "../virtio/device/device.js";
+import type { VirtioDevice } from "../virtio/lifecycle/device.js";
 import { DmaAllocator } from "../virtio/driver/dma.js";
 import type { VirtioDriver } from "../virtio/driver/driver.js";
 import type { DriverTransport } from "../virtio/driver/transport.js";

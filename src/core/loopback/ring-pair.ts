@@ -1,7 +1,7 @@
 import { GuestMemory } from "../memory/guest-memory.js";
 import { createDeviceQueue, type DeviceQueue, type QueueState, type RingFeatures, type RingLayout } from "../virtio/queue/index.js";
 import { createDriverQueue } from "../virtio/driver/create.js";
-import type { DriverQueue } from "../virtio/driver/queue.js";
+import type { DriverQueue } from "../virtio/driver/driver-queue.js";
 import { layoutQueue } from "../virtio/driver/layout.js";
 
 export interface RingPairOptions {

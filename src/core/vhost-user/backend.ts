@@ -1,7 +1,7 @@
 import { GuestMemory, MemoryRegion } from "../memory/guest-memory.js";
 import { GuestError, IovirtUsageError } from "../errors.js";
-import type { VirtioDevice } from "../virtio/device/device.js";
-import { VIRTIO_F_RING_PACKED, hasFeature, bit } from "../virtio/device/features.js";
+import type { VirtioDevice } from "../virtio/lifecycle/device.js";
+import { VIRTIO_F_RING_PACKED, hasFeature, bit } from "../virtio/lifecycle/features.js";
 import { DescriptorChain, QueueError, type QueueState, type QueueTracker } from "../virtio/queue/index.js";
 import { InflightError, PackedInflight, SplitInflight, inflightMmapSize, inflightQueueSlice } from "./inflight/index.js";
 import { PackedQueue, chainFromDescriptors } from "../virtio/queue/packed.js";

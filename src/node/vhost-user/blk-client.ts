@@ -1,5 +1,5 @@
 import { BLK_CFG, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_RO } from "../../core/virtio/devices/blk/constants.js";
-import { hasFeature } from "../../core/virtio/device/features.js";
+import { hasFeature } from "../../core/virtio/lifecycle/features.js";
 import { BLK_DRIVER_FEATURES, BlkRequests } from "../../core/virtio/driver/blk.js";
 import { VhostUserFrontend } from "./frontend.js";
 

@@ -1,7 +1,7 @@
 import { VhostUserBackend } from "../../core/vhost-user/backend.js";
 import { VhostUserError, decodeHeader, reqName, type Header } from "../../core/vhost-user/codec.js";
 import { HEADER_SIZE, MAX_PAYLOAD } from "../../core/vhost-user/protocol.js";
-import type { VirtioDevice } from "../../core/virtio/device/device.js";
+import type { VirtioDevice } from "../../core/virtio/lifecycle/device.js";
 import { Fd, SysError, recvmsg, sendmsg, watch, type Watcher } from "../native.js";
 import { nodePlatform } from "./platform.js";
 

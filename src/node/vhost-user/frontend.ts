@@ -14,11 +14,11 @@ import {
   reqName,
 } from "../../core/vhost-user/codec.js";
 import { FLAG_NEED_REPLY, FLAG_REPLY, HEADER_SIZE, PF, Req, VHOST_USER_F_PROTOCOL_FEATURES } from "../../core/vhost-user/protocol.js";
-import { bit, hasFeature, ringFeatures, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1 } from "../../core/virtio/device/features.js";
+import { bit, hasFeature, ringFeatures, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1 } from "../../core/virtio/lifecycle/features.js";
 import { createDriverQueue } from "../../core/virtio/driver/create.js";
 import { DmaAllocator } from "../../core/virtio/driver/dma.js";
 import { layoutQueue } from "../../core/virtio/driver/layout.js";
-import type { DriverQueue } from "../../core/virtio/driver/queue.js";
+import type { DriverQueue } from "../../core/virtio/driver/driver-queue.js";
 import {
   addressOf,
   eventfd,

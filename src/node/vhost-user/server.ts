@@ -1,4 +1,4 @@
-import type { VirtioDevice } from "../../core/virtio/device/device.js";
+import type { VirtioDevice } from "../../core/virtio/lifecycle/device.js";
 import { Fd, unixConnect, unixSocket, watch, type Watcher } from "../native.js";
 import { acceptAll, listenUnix } from "../native-util.js";
 import { VhostUserConnection } from "./connection.js";

@@ -9,7 +9,7 @@ import {
   VIRTIO_F_RING_RESET,
   features,
   hasFeature,
-} from "../device/features.js";
+} from "../lifecycle/features.js";
 import {
   BLK_CFG,
   BLK_DWZ_SEGMENT,
@@ -34,7 +34,7 @@ import {
 } from "../devices/blk/constants.js";
 import type { DmaAllocator } from "./dma.js";
 import { VirtioDriver, type DriverInitOptions } from "./driver.js";
-import type { DriverQueue, Segment } from "./queue.js";
+import type { DriverQueue, Segment } from "./driver-queue.js";
 import type { DriverTransport } from "./transport.js";
 
 export class BlkRequestError extends Error {

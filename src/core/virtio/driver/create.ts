@@ -1,7 +1,7 @@
 import type { GuestMemory } from "../../memory/guest-memory.js";
 import type { QueueState, RingFeatures } from "../queue/index.js";
 import { PackedDriverQueue } from "./packed-driver.js";
-import type { DriverQueue } from "./queue.js";
+import type { DriverQueue } from "./driver-queue.js";
 import { SplitDriverQueue } from "./split-driver.js";
 
 /** The driver half of a queue for the state's layout. */

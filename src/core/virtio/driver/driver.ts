@@ -9,7 +9,7 @@ import {
   bit,
   hasFeature,
   ringFeatures,
-} from "../device/features.js";
+} from "../lifecycle/features.js";
 import {
   STATUS_ACKNOWLEDGE,
   STATUS_DEVICE_NEEDS_RESET,
@@ -17,10 +17,10 @@ import {
   STATUS_DRIVER_OK,
   STATUS_FAILED,
   STATUS_FEATURES_OK,
-} from "../device/status.js";
+} from "../lifecycle/status.js";
 import type { DmaAllocator } from "./dma.js";
 import { layoutQueue } from "./layout.js";
-import type { DriverQueue } from "./queue.js";
+import type { DriverQueue } from "./driver-queue.js";
 import { createDriverQueue } from "./create.js";
 import type { DriverTransport } from "./transport.js";
 

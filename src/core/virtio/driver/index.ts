@@ -1,4 +1,4 @@
-export type { Segment, AddOptions, DriverQueue } from "./queue.js";
+export type { Segment, AddOptions, DriverQueue } from "./driver-queue.js";
 export { SplitDriverQueue } from "./split-driver.js";
 export { PackedDriverQueue } from "./packed-driver.js";
 export { DmaAllocator } from "./dma.js";

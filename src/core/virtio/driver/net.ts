@@ -8,7 +8,7 @@ import {
   VIRTIO_F_RING_RESET,
   features,
   hasFeature,
-} from "../device/features.js";
+} from "../lifecycle/features.js";
 import {
   ETH_HLEN,
   ETH_MAX_FRAME,

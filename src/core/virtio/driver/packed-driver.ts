@@ -19,7 +19,7 @@ import {
   type RingFeatures,
 } from "../queue/index.js";
 import { ringViews } from "../queue/state.js";
-import { hi32, wrapIndex, type AddOptions, type DriverQueue, type Segment } from "./queue.js";
+import { hi32, wrapIndex, type AddOptions, type DriverQueue, type Segment } from "./driver-queue.js";
 import { checkOrder, writeTable } from "./split-driver.js";
 
 /**

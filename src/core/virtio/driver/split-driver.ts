@@ -15,7 +15,7 @@ import {
   type RingFeatures,
 } from "../queue/index.js";
 import { ringViews } from "../queue/state.js";
-import { hi32, wrapIndex, type AddOptions, type DriverQueue, type Segment } from "./queue.js";
+import { hi32, wrapIndex, type AddOptions, type DriverQueue, type Segment } from "./driver-queue.js";
 
 /**
  * Driver side of a split virtqueue (virtio 1.2 §2.7.13).

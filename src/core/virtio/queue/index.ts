@@ -12,5 +12,11 @@ export {
 } from "./state.js";
 export { SplitQueue } from "./split.js";
 export { PackedQueue, packedPos, packedEventInWindow } from "./packed.js";
-export { createDeviceQueue, encodeNotificationData, decodeNotificationData, type DeviceQueue, type NotificationData } from "./queue.js";
+export {
+  createDeviceQueue,
+  encodeNotificationData,
+  decodeNotificationData,
+  type DeviceQueue,
+  type NotificationData,
+} from "./device-queue.js";
 export { TrackedQueue, type QueueTracker } from "./tracked.js";

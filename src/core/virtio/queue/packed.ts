@@ -15,7 +15,7 @@ import {
 import { QueueError } from "./errors.js";
 import { indirectTable } from "./indirect.js";
 import { ringViews, validateQueueState, type QueueState, type RingFeatures } from "./state.js";
-import type { DeviceQueue } from "./queue.js";
+import type { DeviceQueue } from "./device-queue.js";
 
 /**
  * Position in a packed ring as one number in [0, 2*size): the offset, plus

@@ -13,7 +13,7 @@ import {
 import { QueueError } from "./errors.js";
 import { indirectTable } from "./indirect.js";
 import { ringViews, validateQueueState, type QueueState, type RingFeatures } from "./state.js";
-import type { DeviceQueue } from "./queue.js";
+import type { DeviceQueue } from "./device-queue.js";
 
 /**
  * Device side of a split virtqueue (virtio 1.2 §2.7).

@@ -1,6 +1,6 @@
 import type { DescriptorChain } from "./chain.js";
 import type { NotificationMode } from "./constants.js";
-import type { DeviceQueue } from "./queue.js";
+import type { DeviceQueue } from "./device-queue.js";
 import type { QueueState } from "./state.js";
 
 /** Observes a queue's buffer life cycle (vhost-user in-flight tracking uses it). */

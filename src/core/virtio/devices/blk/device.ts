@@ -1,7 +1,7 @@
 import { GuestError } from "../../../errors.js";
 import { combineU64 } from "../../../memory/guest-memory.js";
 import { DescriptorChain, type DeviceQueue } from "../../queue/index.js";
-import { VirtioDevice } from "../../device/device.js";
+import { VirtioDevice } from "../../lifecycle/device.js";
 import {
   VIRTIO_F_EVENT_IDX,
   VIRTIO_F_INDIRECT_DESC,
@@ -11,7 +11,7 @@ import {
   VIRTIO_F_RING_RESET,
   features,
   hasFeature,
-} from "../../device/features.js";
+} from "../../lifecycle/features.js";
 import {
   BLK_CFG,
   BLK_DWZ_SEGMENT,

@@ -1,6 +1,6 @@
 import { GuestError } from "../../../errors.js";
 import { DescriptorChain, type DeviceQueue } from "../../queue/index.js";
-import { VirtioDevice } from "../../device/device.js";
+import { VirtioDevice } from "../../lifecycle/device.js";
 import {
   VIRTIO_F_EVENT_IDX,
   VIRTIO_F_INDIRECT_DESC,
@@ -10,7 +10,7 @@ import {
   VIRTIO_F_RING_RESET,
   features,
   hasFeature,
-} from "../../device/features.js";
+} from "../../lifecycle/features.js";
 import {
   ETH_HLEN,
   NET_CFG,

@@ -1,5 +1,5 @@
 import { GuestError } from "../../../errors.js";
-import type { VirtioDevice } from "../../device/device.js";
+import type { VirtioDevice } from "../../lifecycle/device.js";
 import { MMIO, MMIO_INT_CONFIG, MMIO_INT_VRING, MMIO_MAGIC, MMIO_VERSION } from "./registers.js";
 
 export interface MmioOptions {

@@ -2,9 +2,9 @@ import { GuestError } from "../../../errors.js";
 import type { MmioRegion, PciConfig } from "../../../pci/access.js";
 import { PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY } from "../../../pci/command.js";
 import { PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR, PCI_CFG, PCI_STATUS_CAP_LIST } from "../../../pci/config.js";
-import type { VirtioDevice } from "../../device/device.js";
-import { VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_RESET, hasFeature } from "../../device/features.js";
-import { STATUS_FEATURES_OK } from "../../device/status.js";
+import type { VirtioDevice } from "../../lifecycle/device.js";
+import { VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_RESET, hasFeature } from "../../lifecycle/features.js";
+import { STATUS_FEATURES_OK } from "../../lifecycle/status.js";
 import { COMMON_CFG, VIRTIO_PCI_CAP, VIRTIO_PCI_MODERN_DEVICE_BASE, VIRTIO_PCI_VENDOR } from "./caps.js";
 import { VIRTIO_MSI_NO_VECTOR } from "./driver.js";
 

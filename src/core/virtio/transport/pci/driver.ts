@@ -1,7 +1,7 @@
 import { GuestError, IovirtUsageError } from "../../../errors.js";
 import type { MmioRegion, PciConfig } from "../../../pci/access.js";
 import { PCI_CFG } from "../../../pci/config.js";
-import { VIRTIO_F_NOTIFICATION_DATA, hasFeature } from "../../device/features.js";
+import { VIRTIO_F_NOTIFICATION_DATA, hasFeature } from "../../lifecycle/features.js";
 import type { DriverTransport } from "../../driver/transport.js";
 import {
   COMMON_CFG,
