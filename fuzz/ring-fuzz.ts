@@ -1,6 +1,6 @@
 /**
  * Ring fuzzer: feeds random and adversarial ring contents to the device side
- * of split and packed queues and checks the invariants of DESIGN.md
+ * of split and packed queues and checks the invariants of docs/architecture.md
  * principle 2 after every pop:
  *   - nothing but a GuestError ever escapes, and an error breaks the queue
  *     (every later pop says QUEUE_BROKEN);

@@ -4,7 +4,7 @@ import { readFileSync, readdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 
-// DESIGN.md: src/core runs in a browser too. This holds even if lint is skipped.
+// docs/architecture.md: src/core runs in a browser too. This holds even if lint is skipped.
 const root = fileURLToPath(new URL("../../src/core", import.meta.url));
 
 function files(dir: string): string[] {

@@ -1,7 +1,7 @@
 /**
  * Error classes shared by the portable core.
  *
- * Two regimes (DESIGN.md, principle 3): guest misbehaviour is reported as a
+ * Two regimes (docs/architecture.md, principle 3): guest misbehaviour is reported as a
  * `GuestError` subclass that device code catches and turns into
  * DEVICE_NEEDS_RESET or a failed request; misuse of the host-side API throws a
  * plain `RangeError`/`TypeError`/`IovirtUsageError` and is a bug in the caller.

@@ -341,7 +341,7 @@ describe("virtio-net device", () => {
   test("a ring violation on the receive queue takes only that queue offline", T, async () => {
     const p = pair({ driver: { preferPacked: false, queueSize: 4 } });
     const { virtio } = p.driver;
-    // Corrupt avail.idx so that it claims more buffers than the ring holds (§2.7.6 / DESIGN.md principle 2).
+    // Corrupt avail.idx so that it claims more buffers than the ring holds (§2.7.6 / docs/architecture.md, principle 2).
     const rxState = p.device.queueState(0)!;
     p.mem.writeU16(rxState.driverArea + 2, 0x4000);
     assert.equal(p.port.inject(frame(60, 1)), false);

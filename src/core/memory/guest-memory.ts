@@ -2,7 +2,7 @@ import { GuestError, IovirtUsageError, hex } from "../errors.js";
 
 /**
  * Guest-physical memory: the only way queue and device code touches guest RAM
- * (DESIGN.md, principle 1).
+ * (docs/architecture.md, principle 1).
  *
  * Addresses are JS numbers. Guest addresses are 64-bit, but every region lives
  * below 2^53, so a descriptor address at or above 2^53 simply lies outside every

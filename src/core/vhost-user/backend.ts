@@ -126,7 +126,7 @@ interface InflightArea<F> {
 }
 
 /**
- * The vhost-user back-end handler (protocol layer 2 of DESIGN.md principle 6):
+ * The vhost-user back-end handler (protocol layer 2 of docs/architecture.md, principle 6):
  * it checks size, version, reply flags, which requests may carry fds,
  * protocol-feature gating and REPLY_ACK, and drives a VirtioDevice through
  * its host-side API. One handler serves one connection; `close()` releases

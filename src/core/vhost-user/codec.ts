@@ -1,7 +1,7 @@
 import { FLAG_REPLY, FLAG_VERSION_MASK, HEADER_SIZE, MAX_MEM_TABLE_REGIONS, MAX_PAYLOAD, REQ_NAMES, Req, VERSION } from "./protocol.js";
 
 /**
- * vhost-user message codec: syntax only (DESIGN.md, principle 6). It checks
+ * vhost-user message codec: syntax only (docs/architecture.md, principle 6). It checks
  * header version, payload sizes and field ranges; whether a request is
  * allowed now is the handler's business.
  *

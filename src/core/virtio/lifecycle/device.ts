@@ -72,7 +72,7 @@ export interface VirtioDeviceOptions {
  * queues, configuration space. A device is one method, `processQueue`.
  *
  * Guest mistakes never throw out of the register-level methods here
- * (DESIGN.md, principle 3). A bad status write is refused and reported; a bad
+ * (docs/architecture.md, principle 3). A bad status write is refused and reported; a bad
  * queue sets DEVICE_NEEDS_RESET and is reported; other queues keep serving.
  */
 export abstract class VirtioDevice {
@@ -234,7 +234,7 @@ export abstract class VirtioDevice {
    * written with VIRTIO_F_NOTIFICATION_DATA; the rings stay the source of truth.
    */
   notify(i: number, data?: number): void {
-    // A queue that broke was taken offline by needsReset(); the others keep serving (DESIGN.md, principle 3).
+    // A queue that broke was taken offline by needsReset(); the others keep serving (docs/architecture.md, principle 3).
     if ((this.status & STATUS_DRIVER_OK) === 0) return;
     if (data !== undefined && hasFeature(this.negotiated, VIRTIO_F_NOTIFICATION_DATA)) {
       i = decodeNotificationData(this.layout(), data).queue;

@@ -11,7 +11,7 @@ export const MAX_CHAIN_BYTES = 0x1_0000_0000;
  * segment lies in guest memory, readable segments come before writable ones,
  * and the total fits the spec. Segments are kept in typed arrays that grow
  * only when a longer chain than ever before arrives, so a queue can reuse one
- * chain object with no allocation per descriptor (DESIGN.md, principle 8).
+ * chain object with no allocation per descriptor (docs/architecture.md, principle 8).
  *
  * TinyEMU-style, the readable and writable byte counts are precomputed so a
  * device usually needs nothing else to size its work.

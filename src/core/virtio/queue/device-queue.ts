@@ -10,7 +10,7 @@ import type { QueueState, RingFeatures } from "./state.js";
  *
  * `popInto` and `pop` throw QueueError on anything the driver got wrong and
  * mark the queue broken; device code catches that and sets
- * DEVICE_NEEDS_RESET (DESIGN.md, principle 3).
+ * DEVICE_NEEDS_RESET (docs/architecture.md, principle 3).
  */
 export interface DeviceQueue {
   readonly layout: "split" | "packed";

@@ -20,7 +20,7 @@ import type { DeviceQueue } from "./device-queue.js";
  *
  * The three ring areas are checked once, at construction, to lie in a single
  * region each and to be aligned; after that the hot path indexes the region's
- * typed arrays directly (DESIGN.md, principle 1: a validated view). Every
+ * typed arrays directly (docs/architecture.md, principle 1: a validated view). Every
  * value read from the rings is still treated as hostile.
  */
 export class SplitQueue implements DeviceQueue {

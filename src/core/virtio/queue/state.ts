@@ -5,7 +5,7 @@ import { QueueError } from "./errors.js";
 export type RingLayout = "split" | "packed";
 
 /**
- * A queue's state as plain, untrusted data (DESIGN.md, principle 4).
+ * A queue's state as plain, untrusted data (docs/architecture.md, principle 4).
  *
  * Everything that can restore a queue goes through this shape and through
  * `createDeviceQueue`, which re-validates it: the transport's queue registers,

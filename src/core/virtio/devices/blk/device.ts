@@ -63,7 +63,7 @@ const MAX_DWZ_SECTORS = 0x3fffff;
  * Each request is: a 16-byte readable header, data, and a 1-byte writable
  * status at the very end. Data moves between the port and guest memory
  * through no-copy views. A malformed request is failed with the right status
- * and the queue keeps serving (§5.2.6.1, DESIGN.md principle 3).
+ * and the queue keeps serving (§5.2.6.1, docs/architecture.md, principle 3).
  */
 export class BlkDevice extends VirtioDevice {
   readonly deviceId = VIRTIO_ID_BLOCK;

@@ -1,5 +1,5 @@
 /**
- * What virtio-blk needs from storage (DESIGN.md, principle 5). Offsets and
+ * What virtio-blk needs from storage (docs/architecture.md, principle 5). Offsets and
  * lengths are bytes and always inside [0, sizeBytes); the device checks that.
  * Methods may complete synchronously or return a promise.
  */

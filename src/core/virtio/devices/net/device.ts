@@ -62,7 +62,7 @@ type RxResult = typeof RX_NO_BUFFER | typeof RX_DELIVERED | typeof RX_DROPPED;
  * receiveq/transmitq pair (§5.1.2), every buffer carries a 12-byte
  * virtio_net_hdr (§5.1.6). A malformed transmit or receive buffer is
  * reported and returned unused while the queue keeps serving; only ring
- * violations take a queue offline (DESIGN.md, principle 3).
+ * violations take a queue offline (docs/architecture.md, principle 3).
  *
  * Frame sizes: the "low level ethernet header" that §5.1.4.1 adds to the MTU
  * is taken to be 14 bytes plus one optional 802.1Q tag. A received frame up

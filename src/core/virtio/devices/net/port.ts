@@ -1,5 +1,5 @@
 /**
- * What virtio-net needs from a network (DESIGN.md, principle 5): a place to
+ * What virtio-net needs from a network (docs/architecture.md, principle 5): a place to
  * send frames and a way to be handed frames. Frames are whole Ethernet frames
  * without FCS and without the virtio_net_hdr.
  */

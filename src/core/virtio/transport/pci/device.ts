@@ -121,7 +121,7 @@ function setLE(b: Uint8Array, at: number, w: number, v: number): void {
  * MSI-X and the PCI configuration access window, and BAR 4 with the common
  * configuration, ISR, device configuration and notification structures.
  *
- * Every access is guest-controlled and never throws (DESIGN.md principle 3).
+ * Every access is guest-controlled and never throws (docs/architecture.md, principle 3).
  * Register files decode by offset and width (§4.1.3.1): an access whose
  * width is not the field's, or that hits no field, reads 0, is dropped if a
  * write, and is counted in `badAccesses`; so are writes to read-only
