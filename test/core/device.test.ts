@@ -417,6 +417,15 @@ describe("interrupts and configuration space", () => {
     assert.equal(lastErrorCode(t.dev), "CONFIG_WRITE");
   });
 
+  test("writeConfig() says whether the device took the write, also when the error log is full", () => {
+    const dev = new EchoDevice();
+    for (let i = 0; i < 1200; i++) assert.equal(dev.writeConfig(0, 1, 1), false);
+    assert.equal(dev.errors.length, 1000, "the log is capped");
+    assert.equal(dev.writeConfig(0, 4, 1), false, "refused after the cap too");
+    assert.equal(dev.writeConfig(8, 1, 1), false, "out of range");
+    assert.equal(dev.readConfig(0, 4), 0, "nothing was written");
+  });
+
   test("virtio-blk capacity is readable through the MMIO config window", () => {
     const t = rig(new BlkDevice({ port: new RamDisk(3 << 20) }));
     assert.equal(t.r(MMIO.Config), (3 << 20) / 512);

@@ -7,6 +7,7 @@ import { BlkDevice } from "../../src/core/virtio/devices/blk/device.js";
 import { RamDisk } from "../../src/core/virtio/devices/blk/port.js";
 import {
   decodeHeader,
+  encodeConfig,
   encodeMemTable,
   encodeMessage,
   encodeU64,
@@ -292,6 +293,23 @@ test("a capacity change reaches the front end as CONFIG_CHANGE_MSG on the back-e
   assert.notEqual(r, "closed");
   if (r !== "closed") assert.equal(new DataView(r.payload.buffer, r.payload.byteOffset).getBigUint64(12, true), BigInt((2 << 20) / 512));
   mine.close();
+  c.close();
+  await serverStillServes();
+});
+
+test("SET_CONFIG to a read-only field is refused even once the device's error log is full", async () => {
+  const c = new RawClient();
+  c.send(Req.SET_PROTOCOL_FEATURES, encodeU64((1n << BigInt(PF.REPLY_ACK)) | (1n << BigInt(PF.CONFIG))));
+  // capacity (offset 0) is read-only: each refused byte is one guest error in the device's log.
+  const write = encodeConfig({ offset: 0, size: 8, flags: 0, data: new Uint8Array(8).fill(0xff) });
+  // The log keeps at most 1000 entries; fill it, then refusals must still be refusals.
+  for (let i = 0; i < 200 && device.errors.length < 1000; i++) assert.equal(await c.ack(Req.SET_CONFIG, write), 1);
+  assert.equal(device.errors.length, 1000, "the error log is at its cap");
+  assert.equal(await c.ack(Req.SET_CONFIG, write), 1, "a refused SET_CONFIG is nacked with a full error log");
+  c.send(Req.GET_CONFIG, encodeConfig({ offset: 0, size: 8, flags: 0, data: new Uint8Array(8) }));
+  const r = await c.reply();
+  assert.notEqual(r, "closed");
+  if (r !== "closed") assert.notEqual(new DataView(r.payload.buffer, r.payload.byteOffset).getBigUint64(12, true), 0xffff_ffff_ffff_ffffn);
   c.close();
   await serverStillServes();
 });

@@ -377,10 +377,9 @@ export class VhostUserBackend<F> {
       case Req.SET_CONFIG: {
         this.requirePF(h, PF.CONFIG);
         const c = decodeConfig(h.request, p);
-        const before = this.device.errors.length;
-        for (let i = 0; i < c.data.length; i++) this.device.writeConfig(c.offset + i, 1, c.data[i]!);
-        if (this.device.errors.length !== before)
-          throw new VhostUserError("CONFIG_READ_ONLY", `SET_CONFIG at ${c.offset}+${c.size} refused`);
+        let accepted = true;
+        for (let i = 0; i < c.data.length; i++) accepted = this.device.writeConfig(c.offset + i, 1, c.data[i]!) && accepted;
+        if (!accepted) throw new VhostUserError("CONFIG_READ_ONLY", `SET_CONFIG at ${c.offset}+${c.size} refused`);
         return done;
       }
       case Req.SET_BACKEND_REQ_FD:

@@ -254,12 +254,18 @@ export abstract class VirtioDevice {
         ? this.configView.getUint16(offset, true)
         : this.configView.getUint32(offset, true);
   }
-  writeConfig(offset: number, size: 1 | 2 | 4, value: number): void {
+  /**
+   * Returns whether the device took the write. Transports ignore the result
+   * (a guest learns nothing from a refused register write, §2.5); vhost-user
+   * SET_CONFIG needs it to ack honestly, and the error log cannot tell it:
+   * the log is capped and stops growing.
+   */
+  writeConfig(offset: number, size: 1 | 2 | 4, value: number): boolean {
     if (!(offset >= 0 && offset + size <= this.config.length)) {
       this.report(new GuestError("CONFIG_WRITE", `config write at ${offset}+${size} outside ${this.config.length} bytes`), null);
-      return;
+      return false;
     }
-    this.onConfigWrite(offset, size, value);
+    return this.onConfigWrite(offset, size, value);
   }
 
   // ---- for subclasses ----
@@ -275,9 +281,10 @@ export abstract class VirtioDevice {
   protected onActivate(): void {}
   protected onQueueReset(_i: number): void {}
   protected beforeConfigRead(_offset: number, _size: number): void {}
-  /** Default: device config is read-only; a write is a reported guest error. */
-  protected onConfigWrite(offset: number, size: number, _value: number): void {
+  /** Default: device config is read-only; a write is a reported guest error. Returns whether the write was accepted. */
+  protected onConfigWrite(offset: number, size: number, _value: number): boolean {
     this.report(new GuestError("CONFIG_READ_ONLY", `config write at ${offset}+${size} to a read-only field`), null);
+    return false;
   }
 
   /** Hands a buffer back and raises the used-buffer notification if the driver wants one. */
