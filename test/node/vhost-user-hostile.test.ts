@@ -6,6 +6,7 @@ import { join } from "node:path";
 import { BlkDevice } from "../../src/core/virtio/devices/blk/device.js";
 import { RamDisk } from "../../src/core/virtio/devices/blk/port.js";
 import {
+  VhostUserError,
   decodeHeader,
   encodeConfig,
   encodeMemTable,
@@ -20,6 +21,7 @@ import {
   Fd,
   SysError,
   eventfd,
+  eventfdWrite,
   ftruncate,
   memfdCreate,
   recvmsg,
@@ -30,6 +32,7 @@ import {
 } from "../../src/node/native.js";
 import { BackendReq } from "../../src/core/vhost-user/protocol.js";
 import { VhostUserServer } from "../../src/node/vhost-user/server.js";
+import { GuestRam, RawFrontend, prepareRing, startRing } from "./vhost-user-raw.js";
 
 // A hostile front end talks raw vhost-user to an iovirt back end in this process.
 // Every case must end in a clear refusal (a non-zero REPLY_ACK or a dropped
@@ -310,6 +313,90 @@ test("SET_CONFIG to a read-only field is refused even once the device's error lo
   const r = await c.reply();
   assert.notEqual(r, "closed");
   if (r !== "closed") assert.notEqual(new DataView(r.payload.buffer, r.payload.byteOffset).getBigUint64(12, true), 0xffff_ffff_ffff_ffffn);
+  c.close();
+  await serverStillServes();
+});
+
+// ---- fds that are not what they claim to be (issue 8, defect 4) ----
+
+/** The server's record of the last connection that ended, once it has ended. */
+async function lastDisconnect(before: number): Promise<Error | null> {
+  for (let i = 0; i < 500 && disconnects.length === before; i++) await tick();
+  assert.ok(disconnects.length > before, "the connection was closed");
+  return disconnects[disconnects.length - 1]!;
+}
+
+for (const kind of ["at EOF (its peer closed)", "that yields a short read"] as const) {
+  test(`a kick fd ${kind} ends the connection with a reason naming the ring, not the process`, async () => {
+    const c = new RawFrontend(path);
+    await c.handshake();
+    const ram = new GuestRam(1 << 20);
+    const call = eventfd(0, { nonblock: true });
+    await prepareRing(c, ram, { size: 64, call });
+    const [kick, peer] = socketpair();
+    if (kind === "that yields a short read") sendmsg(peer, new Uint8Array(3));
+    else peer.close();
+    const before = disconnects.length;
+    c.send(Req.SET_VRING_KICK, encodeU64(0), [kick]);
+    kick.close();
+    const err = await lastDisconnect(before);
+    assert.ok(err instanceof VhostUserError, `a typed error, got ${String(err)}`);
+    assert.equal(err.code, "RING_FD");
+    assert.match(err.message, /ring 0: kick fd/);
+    assert.equal(await c.reply(), "closed");
+    peer.close();
+    call.close();
+    ram.close();
+    c.close();
+    await serverStillServes();
+  });
+}
+
+test("a kick fd that cannot be watched (a regular file) is refused with a NACK; the connection stays", async () => {
+  const c = new RawFrontend(path);
+  await c.handshake();
+  const ram = new GuestRam(1 << 20);
+  const call = eventfd(0, { nonblock: true });
+  await prepareRing(c, ram, { size: 64, call });
+  const file = memfd(4096);
+  assert.equal(await c.ack(Req.SET_VRING_KICK, encodeU64(0), [file]), 1);
+  const kick = eventfd(0, { nonblock: true });
+  assert.equal(await c.ack(Req.SET_VRING_KICK, encodeU64(0), [kick]), 0, "a real eventfd still works");
+  for (const fd of [file, kick, call]) fd.close();
+  ram.close();
+  c.close();
+  await serverStillServes();
+});
+
+test("a call fd that fails when signalled ends the connection with a reason naming the ring", async () => {
+  const c = new RawFrontend(path);
+  await c.handshake();
+  const ram = new GuestRam(1 << 20);
+  const [call, peer] = socketpair();
+  peer.close(); // writing the "eventfd" now fails with EPIPE
+  const kick = eventfd(0, { nonblock: true });
+  const q = await startRing(c, ram, { size: 64, kick, call });
+  // One FLUSH request: a 16-byte header, a 1-byte status.
+  const hdr = ram.alloc(32);
+  ram.mem.writeU32(hdr, 4);
+  const before = disconnects.length;
+  assert.ok(
+    q.add(
+      [
+        { addr: hdr, len: 16, writable: false },
+        { addr: hdr + 16, len: 1, writable: true },
+      ],
+      0,
+    ),
+  );
+  q.publish();
+  eventfdWrite(kick, 1);
+  const err = await lastDisconnect(before);
+  assert.ok(err instanceof VhostUserError, `a typed error, got ${String(err)}`);
+  assert.equal(err.code, "RING_FD");
+  assert.match(err.message, /ring 0: call fd/);
+  for (const fd of [call, kick]) fd.close();
+  ram.close();
   c.close();
   await serverStillServes();
 });

@@ -54,11 +54,16 @@ export interface VhostUserPlatform<F> {
   /** Whether this mapping lost pages. */
   poisoned(buffer: ArrayBuffer): boolean;
   close(fd: F): void;
-  /** Calls onKick each time the kick fd is signalled (the platform drains it). */
-  watchKick(fd: F, onKick: () => void): { stop(): void };
-  /** Signals an eventfd (used-buffer or error notification). */
+  /**
+   * Calls onKick each time the kick fd is signalled (the platform drains it).
+   * When the fd fails instead (an error, EOF, a read that is not a counter:
+   * the front end passed something that is not an eventfd), the platform
+   * stops watching and calls onError once. Throws if the fd cannot be watched.
+   */
+  watchKick(fd: F, onKick: () => void, onError: (err: Error) => void): { stop(): void };
+  /** Signals an eventfd (used-buffer or error notification); throws if the fd fails. */
   signal(fd: F): void;
-  /** Sends a message on the back-end request channel. */
+  /** Sends a message on the back-end request channel; throws if it cannot be sent whole. */
   sendBackendMessage(fd: F, bytes: Uint8Array): void;
   /** Creates zero-filled shared memory of `size` bytes (a memfd) and maps it. */
   createShared(size: number): { fd: F; buffer: ArrayBuffer };
@@ -86,6 +91,8 @@ interface Vring<F> {
   watch: { stop(): void } | null;
   started: boolean;
   enabled: boolean;
+  /** One of its fds failed; the ring serves no more (see ringFailed). */
+  failed: boolean;
 }
 
 export interface BackendOptions {
@@ -106,6 +113,13 @@ export interface BackendOptions {
    * thread does, in `iovirt blk --poll`).
    */
   busyPoll?: boolean;
+  /**
+   * Called when something outside any request broke the connection: a ring
+   * fd failed (kick, call) or the back-end channel did. The owner should
+   * close the connection, but not from inside this call: it can arrive in
+   * the middle of processing a ring. Without it the failed ring just stops.
+   */
+  onFatal?: (err: VhostUserError) => void;
 }
 
 const SUPPORTED_PF =
@@ -153,6 +167,7 @@ export class VhostUserBackend<F> {
   private readonly pollMs: number;
   private readonly now: () => number;
   private readonly busyPoll: boolean;
+  private readonly onFatal: ((err: VhostUserError) => void) | null;
 
   constructor(device: VirtioDevice, platform: VhostUserPlatform<F>, opts: BackendOptions = {}) {
     this.device = device;
@@ -161,13 +176,19 @@ export class VhostUserBackend<F> {
     this.pollMs = (opts.pollNs ?? 32_000) / 1e6;
     this.now = opts.now ?? (() => performance.now());
     this.busyPoll = opts.busyPoll ?? false;
+    this.onFatal = opts.onFatal ?? null;
     this.rings = Array.from({ length: device.numQueues }, () => freshRing<F>());
     device.attachMemory(this.mem);
     device.events = {
       ...device.events,
       usedBuffer: (q) => {
-        const call = this.rings[q]?.call;
-        if (call !== null && call !== undefined) this.platform.signal(call);
+        const ring = this.rings[q];
+        if (ring === undefined || ring.call === null || ring.failed) return;
+        try {
+          this.platform.signal(ring.call);
+        } catch (e) {
+          this.ringFailed(q, "call fd", e);
+        }
       },
       configChange: () => this.sendConfigChange(),
     };
@@ -428,7 +449,33 @@ export class VhostUserBackend<F> {
   /** Sends CONFIG_CHANGE_MSG on the back-end channel, when the front end gave us one. */
   sendConfigChange(): void {
     if (this.backendFd === null || !this.hasPF(PF.CONFIG)) return;
-    this.platform.sendBackendMessage(this.backendFd, encodeMessage(BackendReq.CONFIG_CHANGE_MSG, 0));
+    try {
+      this.platform.sendBackendMessage(this.backendFd, encodeMessage(BackendReq.CONFIG_CHANGE_MSG, 0));
+    } catch (e) {
+      // This runs from device code (e.g. DEVICE_NEEDS_RESET inside a ring pass): report, never throw into it.
+      const err = new VhostUserError("BACKEND_CHANNEL", `back-end channel failed: ${errorText(e)}`);
+      this.log(`vhost-user: ${err.message}`);
+      this.onFatal?.(err);
+    }
+  }
+
+  /**
+   * A ring's kick or call fd failed: the front end passed something that is
+   * not a working eventfd, or closed its end. The ring stops serving at once
+   * (it may be in the middle of a pass, so nothing is torn down here) and the
+   * owner is told, which ends the connection; reconnecting with the same fds
+   * would fail the same way.
+   */
+  private ringFailed(i: number, what: "kick fd" | "call fd" | "err fd" | "processing", e: unknown): void {
+    const ring = this.rings[i];
+    if (ring === undefined || ring.failed) return;
+    ring.failed = true;
+    ring.watch?.stop();
+    ring.watch = null;
+    const code = what === "processing" ? "RING_FAILED" : "RING_FD";
+    const err = new VhostUserError(code, `ring ${i}: ${what} failed: ${errorText(e)}`);
+    this.log(`vhost-user: ${err.message}`);
+    this.onFatal?.(err);
   }
 
   private checkInflightShape(numQueues: number, queueSize: number): void {
@@ -604,6 +651,7 @@ export class VhostUserBackend<F> {
       throw e;
     }
     ring.started = true;
+    ring.failed = false;
     if (resubmit.length > 0) {
       this.log(`vhost-user: ring ${i}: resubmitting ${resubmit.length} request(s) in flight before the restart`);
       for (const again of resubmit) again(i);
@@ -613,10 +661,26 @@ export class VhostUserBackend<F> {
       this.device.setQueueNotification(i, { mode: "disable" });
       return;
     }
-    ring.watch = this.platform.watchKick(ring.kick!, () => {
-      if (ring.enabled) this.serve(i);
-      this.checkMemoryLoss();
-    });
+    try {
+      ring.watch = this.platform.watchKick(
+        ring.kick!,
+        () => {
+          if (ring.enabled && !ring.failed) {
+            try {
+              this.serve(i);
+            } catch (e) {
+              // Guest errors never get here (the device absorbs them); this is a host-side failure, e.g. of the port.
+              this.ringFailed(i, "processing", e);
+            }
+          }
+          this.checkMemoryLoss();
+        },
+        (err) => this.ringFailed(i, "kick fd", err),
+      );
+    } catch (e) {
+      this.stopRing(i);
+      throw new VhostUserError("BAD_FDS", `ring ${i}: the kick fd cannot be watched: ${errorText(e)}`);
+    }
     // Buffers may already be waiting (reconnect): look once.
     if (ring.enabled) this.serve(i);
     this.checkMemoryLoss();
@@ -627,7 +691,7 @@ export class VhostUserBackend<F> {
     let busy = 0;
     for (let i = 0; i < this.rings.length; i++) {
       const r = this.rings[i]!;
-      if (r.started && r.enabled && this.device.queueHasAvailable(i)) {
+      if (r.started && r.enabled && !r.failed && this.device.queueHasAvailable(i)) {
         this.device.poll(i);
         busy++;
       }
@@ -801,7 +865,12 @@ export class VhostUserBackend<F> {
     for (let i = 0; i < this.rings.length; i++) {
       this.stopRing(i);
       const errFd = this.rings[i]!.err;
-      if (errFd !== null) this.platform.signal(errFd);
+      if (errFd === null) continue;
+      try {
+        this.platform.signal(errFd);
+      } catch (e) {
+        this.ringFailed(i, "err fd", e);
+      }
     }
     this.device.hostFault(err);
     return true;
@@ -809,7 +878,11 @@ export class VhostUserBackend<F> {
 }
 
 function freshRing<F>(): Vring<F> {
-  return { size: 0, addr: null, base: 0, kick: null, call: null, err: null, watch: null, started: false, enabled: false };
+  return { size: 0, addr: null, base: 0, kick: null, call: null, err: null, watch: null, started: false, enabled: false, failed: false };
+}
+
+function errorText(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
 }
 
 function toVhostError(e: unknown): VhostUserError {

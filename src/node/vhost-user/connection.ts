@@ -40,7 +40,12 @@ export class VhostUserConnection {
   constructor(sock: Fd, device: VirtioDevice, opts: ConnectionOptions = {}) {
     this.sock = sock;
     this.opts = opts;
-    this.backend = new VhostUserBackend(device, nodePlatform, { log: opts.log ?? (() => {}), busyPoll: opts.busyPoll ?? false });
+    this.backend = new VhostUserBackend(device, nodePlatform, {
+      log: opts.log ?? (() => {}),
+      busyPoll: opts.busyPoll ?? false,
+      // The back end may be in the middle of a ring pass: close once it has returned to the event loop.
+      onFatal: (err) => queueMicrotask(() => this.fail(err)),
+    });
     this.watcher = watch(sock, "r", () => this.onReadable());
   }
 
@@ -74,10 +79,14 @@ export class VhostUserConnection {
         /* keep reading while data is there */
       }
     } catch (e) {
-      const err = e instanceof Error ? e : new Error(String(e));
-      this.opts.log?.(`vhost-user: closing connection: ${err.message}`);
-      this.close(err);
+      this.fail(e instanceof Error ? e : new Error(String(e)));
     }
+  }
+
+  private fail(err: Error): void {
+    if (this.closed) return;
+    this.opts.log?.(`vhost-user: closing connection: ${err.message}`);
+    this.close(err);
   }
 
   /** Reads what is available of the current header or payload; returns false when the socket has no more data now. */

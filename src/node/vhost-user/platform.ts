@@ -34,13 +34,23 @@ export const nodePlatform: VhostUserPlatform<Fd> = {
   close(fd) {
     fd.close();
   },
-  watchKick(fd, onKick) {
+  watchKick(fd, onKick, onError) {
+    // Nothing may throw out of this callback: libuv would make it an uncaught
+    // exception and end the process. The front end chose the fd, so anything
+    // but an eventfd counter read (an error, EOF, a short read, poll's own
+    // error) is its fault and goes to onError, once.
     const w = watch(fd, "r", (err) => {
-      if (err !== null) return;
+      if (err !== null) {
+        w.stop();
+        onError(err);
+        return;
+      }
       try {
         eventfdRead(fd);
       } catch (e) {
-        if (!(e instanceof SysError && e.kind === "retry")) throw e;
+        if (e instanceof SysError && e.kind === "retry") return;
+        w.stop();
+        onError(e instanceof Error ? e : new Error(String(e)));
         return;
       }
       onKick();
@@ -51,12 +61,14 @@ export const nodePlatform: VhostUserPlatform<Fd> = {
     try {
       eventfdWrite(fd, 1);
     } catch (e) {
-      // A full counter (EAGAIN) still means "signalled"; anything else is the front end's fd going away.
-      if (!(e instanceof SysError)) throw e;
+      // A full counter (EAGAIN) still means "signalled"; anything else is a call fd that does not work.
+      if (!(e instanceof SysError && e.kind === "retry")) throw e;
     }
   },
   sendBackendMessage(fd, bytes) {
-    sendmsg(fd, bytes);
+    // A message cut short would desynchronise the channel; the caller treats both failures alike.
+    const n = sendmsg(fd, bytes);
+    if (n !== bytes.length) throw new Error(`sent ${n} of ${bytes.length} bytes (the front end does not read the channel)`);
   },
   createShared(size) {
     const fd = memfdCreate("iovirt-inflight");
