@@ -3,6 +3,7 @@ import assert from "node:assert/strict";
 import { mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { Worker } from "node:worker_threads";
 import { BlkDevice } from "../../src/core/virtio/devices/blk/device.js";
 import { RamDisk } from "../../src/core/virtio/devices/blk/port.js";
 import {
@@ -399,4 +400,96 @@ test("a call fd that fails when signalled ends the connection with a reason nami
   ram.close();
   c.close();
   await serverStillServes();
+});
+
+// ---- a front end that does not read its replies (issue 8, defect 5) ----
+
+/**
+ * Runs an iovirt vhost-user server in a worker thread (so that, if it spun,
+ * this thread could still measure it and stop it), floods it with requests
+ * without reading a reply, and returns what happened.
+ */
+async function floodWithoutReading(
+  opts: { drainTimeoutMs: number; maxQueuedBytes?: number },
+  whileStuck: () => Promise<void>,
+): Promise<{ code: string | null; message: string | null; ms: number }> {
+  const wdir = mkdtempSync(join(tmpdir(), "iovirt-vu-flood-"));
+  const wpath = join(wdir, "blk.sock");
+  const url = (p: string): string => new URL(p, import.meta.url).href;
+  const src = `
+    import { parentPort, workerData } from "node:worker_threads";
+    import { BlkDevice } from ${JSON.stringify(url("../../src/core/virtio/devices/blk/device.js"))};
+    import { RamDisk } from ${JSON.stringify(url("../../src/core/virtio/devices/blk/port.js"))};
+    import { VhostUserServer } from ${JSON.stringify(url("../../src/node/vhost-user/server.js"))};
+    const server = new VhostUserServer(workerData.path, new BlkDevice({ port: new RamDisk(1 << 20) }), {
+      ...workerData.opts,
+      onDisconnect: (e) => parentPort.postMessage({ code: e?.code ?? null, message: e?.message ?? null }),
+    });
+    parentPort.on("message", () => { server.close(); parentPort.close(); });
+    parentPort.postMessage("ready");`;
+  const worker = new Worker(new URL("data:text/javascript," + encodeURIComponent(src)), { workerData: { path: wpath, opts } });
+  const messages: unknown[] = [];
+  worker.on("message", (m) => messages.push(m));
+  const until = async (cond: () => boolean, ms: number): Promise<boolean> => {
+    const end = performance.now() + ms;
+    while (!cond() && performance.now() < end) await new Promise((r) => setTimeout(r, 10));
+    return cond();
+  };
+  try {
+    assert.ok(await until(() => messages.includes("ready"), 5000), "worker started");
+    const flood = unixSocket();
+    unixConnect(flood, wpath);
+    const req = encodeMessage(Req.GET_FEATURES, 0);
+    let sent = 0;
+    const t0 = performance.now();
+    // Fill both directions: the back end's replies back up, then our requests do.
+    for (let stalls = 0; stalls < 20 && messages.length < 2;) {
+      try {
+        sent += sendmsg(flood, req);
+      } catch (e) {
+        if (e instanceof SysError && e.kind === "disconnected") break;
+        if (!(e instanceof SysError && e.kind === "retry")) throw e;
+        stalls++;
+        await new Promise((r) => setTimeout(r, 5));
+      }
+    }
+    assert.ok(sent > 0);
+    await whileStuck();
+    assert.ok(await until(() => messages.length > 1, opts.drainTimeoutMs + 3000), "the stuck front end was disconnected");
+    const ms = performance.now() - t0;
+    flood.close();
+    // The next front end is served.
+    const c = new RawFrontend(wpath);
+    c.send(Req.GET_FEATURES);
+    assert.notEqual(await c.reply(), "closed", "a fresh front end is served");
+    c.close();
+    return { ...(messages[1] as { code: string | null; message: string | null }), ms };
+  } finally {
+    worker.postMessage("stop");
+    await until(() => false, 50);
+    await worker.terminate();
+    rmSync(wdir, { recursive: true, force: true });
+  }
+}
+
+test("a front end that floods requests and never reads the replies costs no CPU and is dropped after the drain bound", async (t) => {
+  const drainTimeoutMs = 1500;
+  const r = await floodWithoutReading({ drainTimeoutMs }, async () => {
+    const cpu0 = process.cpuUsage();
+    const w0 = performance.now();
+    await new Promise((r) => setTimeout(r, 500));
+    const cpu = process.cpuUsage(cpu0);
+    const share = (cpu.user + cpu.system) / 1000 / (performance.now() - w0);
+    t.diagnostic(`back end CPU while its replies are stuck: ${(share * 100).toFixed(1)}% of one core`);
+    assert.ok(share < 0.25, `the back end waits for writability instead of spinning (${(share * 100).toFixed(0)}% of a core)`);
+  });
+  assert.equal(r.code, "SLOW_PEER", String(r.message));
+  assert.match(String(r.message), /has not read its replies for 1500 ms/);
+  assert.ok(r.ms >= drainTimeoutMs - 100, `not before the bound (${r.ms.toFixed(0)} ms)`);
+});
+
+test("replies waiting beyond the byte bound drop the front end before the drain timeout", async () => {
+  const r = await floodWithoutReading({ drainTimeoutMs: 60_000, maxQueuedBytes: 1 }, async () => {});
+  assert.equal(r.code, "SLOW_PEER", String(r.message));
+  assert.match(String(r.message), /bytes of replies are waiting/);
 });

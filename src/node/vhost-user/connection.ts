@@ -18,6 +18,22 @@ export interface ConnectionOptions {
   busyPoll?: boolean;
   /** Called once when the connection ends, with the reason (null for an orderly close). */
   onClose?: (err: Error | null) => void;
+  /**
+   * A front end whose replies have waited this long for room in the socket
+   * is disconnected (default 5000 ms). While replies wait, no new requests
+   * are read, so a front end that never reads cannot make the back end
+   * queue without bound or spin.
+   */
+  drainTimeoutMs?: number;
+  /** Disconnect when more than this many reply bytes are waiting (default 1 MiB). */
+  maxQueuedBytes?: number;
+}
+
+interface Outgoing {
+  bytes: Uint8Array;
+  /** Sent with the first byte (SCM_RIGHTS); owned by the back end, which keeps them open. */
+  fds: Fd[];
+  sent: number;
 }
 
 /**
@@ -29,8 +45,12 @@ export interface ConnectionOptions {
 export class VhostUserConnection {
   readonly backend: VhostUserBackend<Fd>;
   private readonly sock: Fd;
-  private readonly watcher: Watcher;
+  /** Readable while no replies are waiting, writable while some are (never both: see flushOutput). */
+  private watcher: Watcher;
   private readonly opts: ConnectionOptions;
+  private readonly out: Outgoing[] = [];
+  private outBytes = 0;
+  private drainTimer: ReturnType<typeof setTimeout> | null = null;
   private readonly buf = new Uint8Array(HEADER_SIZE + MAX_PAYLOAD);
   private have = 0;
   private header: Header | null = null;
@@ -57,6 +77,9 @@ export class VhostUserConnection {
     if (this.closed) return;
     this.closed = true;
     this.watcher.stop();
+    if (this.drainTimer !== null) clearTimeout(this.drainTimer);
+    this.drainTimer = null;
+    this.out.length = 0;
     for (const fd of this.fds) fd.close();
     this.fds = [];
     try {
@@ -75,7 +98,8 @@ export class VhostUserConnection {
 
   private onReadable(): void {
     try {
-      while (!this.closed && this.readSome()) {
+      // Replies waiting for room mean the front end is not reading: stop taking requests until they are gone.
+      while (!this.closed && this.out.length === 0 && this.readSome()) {
         /* keep reading while data is there */
       }
     } catch (e) {
@@ -122,20 +146,65 @@ export class VhostUserConnection {
       this.have = 0;
       this.fds = [];
       this.opts.log?.(`${TRACE_PREFIX}${reqName(h.request)} (${h.size} bytes, ${fds.length} fds)`);
-      for (const out of this.backend.handle(h, payload, fds)) this.send(out.bytes, out.fds);
+      for (const out of this.backend.handle(h, payload, fds)) this.queue(out.bytes, out.fds);
+      if (this.out.length > 0) this.flushOutput();
     }
     return true;
   }
 
-  private send(bytes: Uint8Array, fds: Fd[]): void {
-    let off = 0;
-    while (off < bytes.length) {
+  private queue(bytes: Uint8Array, fds: Fd[]): void {
+    this.out.push({ bytes, fds, sent: 0 });
+    this.outBytes += bytes.length;
+  }
+
+  /**
+   * Writes queued replies until done or the socket is full. When it is full,
+   * the connection waits for writability (no spinning on EAGAIN) with the
+   * drain timer running; once drained it goes back to reading requests.
+   */
+  private flushOutput(): void {
+    while (this.out.length > 0) {
+      const o = this.out[0]!;
+      let n: number;
       try {
-        off += sendmsg(this.sock, bytes.subarray(off), off === 0 ? fds : []);
+        n = sendmsg(this.sock, o.bytes.subarray(o.sent), o.sent === 0 ? o.fds : []);
       } catch (e) {
-        if (e instanceof SysError && e.kind === "retry") continue; // replies are tiny; the peer is reading
+        if (e instanceof SysError && e.kind === "retry") break;
         throw e;
       }
+      o.sent += n;
+      this.outBytes -= n;
+      if (o.sent === o.bytes.length) this.out.shift();
+    }
+    const waiting = this.out.length > 0;
+    const max = this.opts.maxQueuedBytes ?? 1 << 20;
+    if (this.outBytes > max)
+      throw new VhostUserError("SLOW_PEER", `${this.outBytes} bytes of replies are waiting for the front end (at most ${max})`, true);
+    if (waiting && this.drainTimer === null) {
+      const ms = this.opts.drainTimeoutMs ?? 5000;
+      this.drainTimer = setTimeout(() => {
+        this.drainTimer = null;
+        this.fail(new VhostUserError("SLOW_PEER", `the front end has not read its replies for ${ms} ms`, true));
+      }, ms);
+      this.rewatch("w");
+    } else if (!waiting && this.drainTimer !== null) {
+      clearTimeout(this.drainTimer);
+      this.drainTimer = null;
+      this.rewatch("r");
+    }
+  }
+
+  /** libuv allows one poll handle per fd, so switching interest means a new watch. */
+  private rewatch(events: "r" | "w"): void {
+    this.watcher.stop();
+    this.watcher = watch(this.sock, events, () => (events === "r" ? this.onReadable() : this.onWritable()));
+  }
+
+  private onWritable(): void {
+    try {
+      this.flushOutput();
+    } catch (e) {
+      this.fail(e instanceof Error ? e : new Error(String(e)));
     }
   }
 }

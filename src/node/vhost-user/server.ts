@@ -7,6 +7,10 @@ export interface ServerOptions {
   log?: (line: string) => void;
   onConnect?: (conn: VhostUserConnection) => void;
   onDisconnect?: (err: Error | null) => void;
+  /** See ConnectionOptions.drainTimeoutMs. */
+  drainTimeoutMs?: number;
+  /** See ConnectionOptions.maxQueuedBytes. */
+  maxQueuedBytes?: number;
 }
 
 /**
@@ -71,7 +75,12 @@ export function connectBackend(path: string, device: VirtioDevice, opts: ServerO
 }
 
 function serve(fd: Fd, device: VirtioDevice, opts: ServerOptions, onClose: (err: Error | null) => void): VhostUserConnection {
-  const conn = new VhostUserConnection(fd, device, { ...(opts.log ? { log: opts.log } : {}), onClose });
+  const conn = new VhostUserConnection(fd, device, {
+    ...(opts.log ? { log: opts.log } : {}),
+    ...(opts.drainTimeoutMs !== undefined ? { drainTimeoutMs: opts.drainTimeoutMs } : {}),
+    ...(opts.maxQueuedBytes !== undefined ? { maxQueuedBytes: opts.maxQueuedBytes } : {}),
+    onClose,
+  });
   opts.onConnect?.(conn);
   return conn;
 }
