@@ -18,7 +18,9 @@ Usage:
   --image FILE       raw image file (reads/writes go straight between the file and guest memory)
   --size SIZE        sparse in-memory disk instead of a file: bytes, or with K/M/G/T suffix
   --readonly         refuse writes (VIRTIO_BLK_F_RO)
-  --queues N         number of request queues (default 1; QEMU: num-queues=N)
+  --queues N         request queues offered, 1-256 (default 64). QEMU's vhost-user-blk-pci
+                     asks for one per vCPU unless given num-queues=N, and refuses a back end
+                     that offers fewer; a queue costs nothing until the front end starts it
   --queue-size N     maximum ring size (default 256)
   --serial S         GET_ID serial (default "iovirt")
   --poll             busy-poll the rings in a worker thread instead of waiting for kicks
@@ -57,14 +59,27 @@ interface BlkArgs {
   size?: number;
   readonly: boolean;
   queues: number;
+  /** --queues was given: then QEMU should be told the same number. */
+  queuesGiven?: boolean;
   queueSize: number;
   serial: string;
   verbose: boolean;
   poll: boolean;
 }
 
+/**
+ * Queues offered unless --queues says otherwise. QEMU's vhost-user-blk-pci
+ * defaults to one queue per vCPU and fails to start when GET_QUEUE_NUM is
+ * lower, so offer enough for common VM sizes: an offered queue is a few
+ * words of state until the front end sets its ring up.
+ */
+export const DEFAULT_QUEUES = 64;
+/** SET_VRING_KICK/CALL/ERR carry the ring index in 8 bits (vhost-user "Front-end message types"). */
+const MAX_QUEUES = 256;
+
 function parse(args: string[]): BlkArgs | "help" {
-  const o: BlkArgs = { readonly: false, queues: 1, queueSize: 256, serial: "iovirt", verbose: false, poll: false };
+  const o: BlkArgs = { readonly: false, queues: DEFAULT_QUEUES, queueSize: 256, serial: "iovirt", verbose: false, poll: false };
+  let queuesGiven = false;
   const r = new ArgReader(args);
   while (r.next()) {
     switch (r.flag) {
@@ -84,7 +99,8 @@ function parse(args: string[]): BlkArgs | "help" {
         o.readonly = true;
         break;
       case "--queues":
-        o.queues = r.int(1, 64);
+        o.queues = r.int(1, MAX_QUEUES);
+        queuesGiven = true;
         break;
       case "--queue-size":
         o.queueSize = r.int(1, 32768);
@@ -110,6 +126,7 @@ function parse(args: string[]): BlkArgs | "help" {
   if (o.poll && o.socket === undefined) throw new UsageError("--poll needs --socket");
   if (o.image !== undefined && !existsSync(o.image))
     throw new UsageError(`image ${o.image} does not exist (create one with: truncate -s 1G ${o.image})`);
+  o.queuesGiven = queuesGiven;
   return o;
 }
 
@@ -123,7 +140,7 @@ export async function blkMain(args: string[]): Promise<number> {
   const qemuHelp = (sock: string): void => {
     process.stdout.write(
       `QEMU options:\n  -object memory-backend-memfd,id=mem,size=<guest RAM>,share=on -numa node,memdev=mem \\\n` +
-        `  -chardev socket,id=vub0,path=${sock} -device vhost-user-blk-pci,chardev=vub0,num-queues=${o.queues}\n`,
+        `  -chardev socket,id=vub0,path=${sock} -device vhost-user-blk-pci,chardev=vub0${o.queuesGiven === true ? `,num-queues=${o.queues}` : ""}\n`,
     );
   };
   const signalled = new Promise<void>((resolve) => {
@@ -139,7 +156,7 @@ export async function blkMain(args: string[]): Promise<number> {
     if (o.image !== undefined) spec.image = o.image;
     if (o.size !== undefined) spec.size = o.size;
     const server = new BlkPollServer(o.socket!, spec, log);
-    log(`serving virtio-blk (${what}${o.readonly ? ", read-only" : ""}, ${o.queues} queue(s), busy-poll worker) on ${o.socket}`);
+    log(`serving virtio-blk (${what}${o.readonly ? ", read-only" : ""}, ${queuesText(o.queues)}, busy-poll worker) on ${o.socket}`);
     qemuHelp(o.socket!);
     await signalled;
     log(`done: ${await server.close()}`);
@@ -157,15 +174,19 @@ export async function blkMain(args: string[]): Promise<number> {
   let server: VhostUserServer | null = null;
   if (o.socket !== undefined) {
     server = new VhostUserServer(o.socket, device, opts);
-    log(`serving virtio-blk (${what}${o.readonly ? ", read-only" : ""}, ${o.queues} queue(s)) on ${o.socket}`);
+    log(`serving virtio-blk (${what}${o.readonly ? ", read-only" : ""}, ${queuesText(o.queues)}) on ${o.socket}`);
     qemuHelp(o.socket);
   } else {
     connectBackend(o.connect!, device, opts);
-    log(`connected to ${o.connect}, serving virtio-blk (${what})`);
+    log(`connected to ${o.connect}, serving virtio-blk (${what}, ${queuesText(o.queues)})`);
   }
   await signalled;
   server?.close();
   port.close?.();
   log(`done: ${JSON.stringify(device.stats)}`);
   return 0;
+}
+
+function queuesText(n: number): string {
+  return n === 1 ? "1 queue" : `up to ${n} queues`;
 }

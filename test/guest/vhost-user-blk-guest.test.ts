@@ -29,11 +29,20 @@ after(() => rmSync(dir, { recursive: true, force: true }));
 async function startBackend(
   sock: string,
   image: string,
-  queues: number,
+  queues: number | null,
   poll: boolean,
 ): Promise<{ child: ChildProcess; log: () => string }> {
   let err = "";
-  const args = [cli, "blk", "--socket", sock, "--image", image, "--queues", String(queues), ...(poll ? ["--poll"] : [])];
+  const args = [
+    cli,
+    "blk",
+    "--socket",
+    sock,
+    "--image",
+    image,
+    ...(queues === null ? [] : ["--queues", String(queues)]),
+    ...(poll ? ["--poll"] : []),
+  ];
   const child = spawn(process.execPath, args, { stdio: ["ignore", "ignore", "pipe"] });
   child.stderr!.on("data", (d: Buffer) => (err += d.toString()));
   try {
@@ -44,16 +53,18 @@ async function startBackend(
   return { child, log: () => err };
 }
 
-const configs = [
+// queues null: `iovirt blk` and QEMU both left at their defaults (QEMU then asks for one queue per vCPU).
+const configs: { name: string; device: string; queues: number | null; poll: boolean; qemuArgs?: string[] }[] = [
   { name: "split ring", device: "", queues: 1, poll: false },
   { name: "packed ring", device: ",packed=on", queues: 1, poll: false },
   { name: "split ring, 2 queues", device: ",num-queues=2", queues: 2, poll: false },
   { name: "packed ring, busy-poll worker", device: ",packed=on", queues: 1, poll: true },
+  { name: "-smp 4, default queue counts on both sides", device: "", queues: null, poll: false, qemuArgs: ["-smp", "4"] },
 ];
 
 for (const [k, c] of configs.entries()) {
   for (const mode of ["guest-writes", "guest-reads"] as const) {
-    if (mode === "guest-reads" && (c.queues > 1 || c.poll)) continue;
+    if (mode === "guest-reads" && (c.queues !== 1 || c.poll)) continue;
     test(
       `Linux guest ${mode === "guest-writes" ? "writes a pattern through" : "reads host data through"} iovirt blk over vhost-user (${c.name})`,
       { timeout: 180_000 },
@@ -69,7 +80,13 @@ for (const [k, c] of configs.entries()) {
             ...paths,
             sharedMemory: true,
             append: `iovirt.script=blk-pattern iovirt.mode=${mode} iovirt.mib=${MIB}${mode === "guest-reads" ? " iovirt.verify=pattern" : ""}`,
-            qemuArgs: ["-chardev", `socket,id=c0,path=${sock}`, "-device", `vhost-user-blk-pci,chardev=c0${c.device}`],
+            qemuArgs: [
+              ...(c.qemuArgs ?? []),
+              "-chardev",
+              `socket,id=c0,path=${sock}`,
+              "-device",
+              `vhost-user-blk-pci,chardev=c0${c.device}`,
+            ],
             timeoutMs: 150_000,
           });
           output = r.output;
