@@ -100,7 +100,8 @@ function workerMain(): void {
   let stopping = false;
   const spin = (): void => {
     if (conn === null || conn.isClosed) return;
-    // Poll for ~1 ms, then let the event loop run control messages.
+    // Poll for ~1 ms, then let the event loop run control messages. Each pollAll() pass takes at
+    // most BackendOptions.passBudget buffers per ring, so a slice overruns 1 ms by one bounded pass.
     const end = performance.now() + 1;
     while (performance.now() < end) conn.backend.pollAll();
     setImmediate(spin);

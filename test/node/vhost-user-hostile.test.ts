@@ -376,7 +376,7 @@ test("a call fd that fails when signalled ends the connection with a reason nami
   const [call, peer] = socketpair();
   peer.close(); // writing the "eventfd" now fails with EPIPE
   const kick = eventfd(0, { nonblock: true });
-  const q = await startRing(c, ram, { size: 64, kick, call });
+  const { queue: q } = await startRing(c, ram, { size: 64, kick, call });
   // One FLUSH request: a 16-byte header, a 1-byte status.
   const hdr = ram.alloc(32);
   ram.mem.writeU32(hdr, 4);

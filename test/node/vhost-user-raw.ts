@@ -13,6 +13,7 @@ import { VIRTIO_F_VERSION_1, bit, ringFeatures } from "../../src/core/virtio/lif
 import { createDriverQueue } from "../../src/core/virtio/driver/create.js";
 import { layoutQueue } from "../../src/core/virtio/driver/layout.js";
 import type { DriverQueue } from "../../src/core/virtio/driver/driver-queue.js";
+import type { QueueState } from "../../src/core/virtio/queue/state.js";
 import {
   Fd,
   SysError,
@@ -157,6 +158,12 @@ export class GuestRam {
   }
 }
 
+export interface Ring {
+  queue: DriverQueue<number>;
+  /** Guest addresses of the ring's parts. */
+  state: QueueState;
+}
+
 export interface RingSetup {
   index?: number;
   size: number;
@@ -171,7 +178,7 @@ export interface RingSetup {
  * each acked; the ring starts with SET_VRING_KICK (see startRing). Returns
  * the driver side of the ring.
  */
-export async function prepareRing(c: RawFrontend, ram: GuestRam, r: Omit<RingSetup, "kick">): Promise<DriverQueue<number>> {
+export async function prepareRing(c: RawFrontend, ram: GuestRam, r: Omit<RingSetup, "kick">): Promise<Ring> {
   const index = r.index ?? 0;
   const f = bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES) | (r.features ?? 0n);
   assert.equal(await c.ack(Req.SET_FEATURES, encodeU64(f)), 0, "SET_FEATURES");
@@ -185,14 +192,14 @@ export async function prepareRing(c: RawFrontend, ram: GuestRam, r: Omit<RingSet
   const addr = { index, flags: 0, desc: ua(state.descTable), avail: ua(state.driverArea), used: ua(state.deviceArea), log: 0 };
   assert.equal(await c.ack(Req.SET_VRING_ADDR, encodeVringAddr(addr)), 0, "SET_VRING_ADDR");
   assert.equal(await c.ack(Req.SET_VRING_CALL, encodeU64(index), [r.call]), 0, "SET_VRING_CALL");
-  return q;
+  return { queue: q, state };
 }
 
 /** prepareRing, then SET_VRING_KICK and SET_VRING_ENABLE: the ring is running. */
-export async function startRing(c: RawFrontend, ram: GuestRam, r: RingSetup): Promise<DriverQueue<number>> {
+export async function startRing(c: RawFrontend, ram: GuestRam, r: RingSetup): Promise<Ring> {
   const index = r.index ?? 0;
-  const q = await prepareRing(c, ram, r);
+  const ring = await prepareRing(c, ram, r);
   assert.equal(await c.ack(Req.SET_VRING_KICK, encodeU64(index), [r.kick]), 0, "SET_VRING_KICK");
   assert.equal(await c.ack(Req.SET_VRING_ENABLE, encodeVringState({ index, num: 1 })), 0, "SET_VRING_ENABLE");
-  return q;
+  return ring;
 }

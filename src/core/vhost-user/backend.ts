@@ -67,6 +67,14 @@ export interface VhostUserPlatform<F> {
   sendBackendMessage(fd: F, bytes: Uint8Array): void;
   /** Creates zero-filled shared memory of `size` bytes (a memfd) and maps it. */
   createShared(size: number): { fd: F; buffer: ArrayBuffer };
+  /**
+   * Runs fn once, after the event loop has handled the I/O that is pending
+   * now (Node: setImmediate). A ring with more work than one pass continues
+   * this way, so control messages and other rings are never starved
+   * (docs/architecture.md, principle 7). Without it a kick processes
+   * the ring until empty in bounded passes, and there is no adaptive polling.
+   */
+  defer?(fn: () => void): void;
 }
 
 export interface OutMessage<F> {
@@ -93,6 +101,12 @@ interface Vring<F> {
   enabled: boolean;
   /** One of its fds failed; the ring serves no more (see ringFailed). */
   failed: boolean;
+  /** A deferred pass is pending: kicks need not start another. */
+  scheduled: boolean;
+  /** Bumped when the ring stops, so a pass deferred before that does nothing. */
+  generation: number;
+  /** Adaptive polling: keep polling with kicks suppressed until this time (BackendOptions.now). */
+  pollUntil: number;
 }
 
 export interface BackendOptions {
@@ -113,6 +127,12 @@ export interface BackendOptions {
    * thread does, in `iovirt blk --poll`).
    */
   busyPoll?: boolean;
+  /**
+   * Most buffers one ring processes in one pass before the back end returns
+   * to the event loop (default 64). This bounds the time a control message
+   * waits behind a full ring, whatever the ring size or the number of rings.
+   */
+  passBudget?: number;
   /**
    * Called when something outside any request broke the connection: a ring
    * fd failed (kick, call) or the back-end channel did. The owner should
@@ -167,6 +187,7 @@ export class VhostUserBackend<F> {
   private readonly pollMs: number;
   private readonly now: () => number;
   private readonly busyPoll: boolean;
+  private readonly passBudget: number;
   private readonly onFatal: ((err: VhostUserError) => void) | null;
 
   constructor(device: VirtioDevice, platform: VhostUserPlatform<F>, opts: BackendOptions = {}) {
@@ -176,6 +197,8 @@ export class VhostUserBackend<F> {
     this.pollMs = (opts.pollNs ?? 32_000) / 1e6;
     this.now = opts.now ?? (() => performance.now());
     this.busyPoll = opts.busyPoll ?? false;
+    this.passBudget = opts.passBudget ?? 64;
+    if (!(this.passBudget >= 1)) throw new RangeError(`passBudget ${this.passBudget}`);
     this.onFatal = opts.onFatal ?? null;
     this.rings = Array.from({ length: device.numQueues }, () => freshRing<F>());
     device.attachMemory(this.mem);
@@ -382,7 +405,7 @@ export class VhostUserBackend<F> {
         const ring = this.ring(h, s.index);
         if (s.num > 1) throw new VhostUserError("BAD_VALUE", `SET_VRING_ENABLE ${s.num}`);
         ring.enabled = s.num === 1;
-        if (ring.enabled && ring.started) this.device.poll(s.index);
+        if (ring.enabled && ring.started && !this.busyPoll) this.serve(s.index);
         return done;
       }
       case Req.GET_CONFIG: {
@@ -665,14 +688,7 @@ export class VhostUserBackend<F> {
       ring.watch = this.platform.watchKick(
         ring.kick!,
         () => {
-          if (ring.enabled && !ring.failed) {
-            try {
-              this.serve(i);
-            } catch (e) {
-              // Guest errors never get here (the device absorbs them); this is a host-side failure, e.g. of the port.
-              this.ringFailed(i, "processing", e);
-            }
-          }
+          if (ring.enabled && !ring.failed) this.guarded(i, () => this.serve(i));
           this.checkMemoryLoss();
         },
         (err) => this.ringFailed(i, "kick fd", err),
@@ -692,7 +708,7 @@ export class VhostUserBackend<F> {
     for (let i = 0; i < this.rings.length; i++) {
       const r = this.rings[i]!;
       if (r.started && r.enabled && !r.failed && this.device.queueHasAvailable(i)) {
-        this.device.poll(i);
+        this.device.poll(i, this.passBudget);
         busy++;
       }
     }
@@ -700,25 +716,69 @@ export class VhostUserBackend<F> {
     return busy;
   }
 
-  /** Processes ring i, then polls it for pollNs with kicks suppressed (see BackendOptions.pollNs). */
+  /**
+   * A kick (or a ring start or enable): one bounded pass now, for latency.
+   * If the ring has more, or adaptive polling is on (BackendOptions.pollNs),
+   * kicks are suppressed and the ring continues in deferred passes (step),
+   * one per event-loop turn, so a socket message waits behind at most one
+   * pass per ring, never behind a ring that the driver keeps full.
+   */
   private serve(i: number): void {
+    const ring = this.rings[i]!;
+    if (ring.scheduled) return;
     const d = this.device;
-    d.poll(i);
-    if (this.pollMs <= 0) return;
+    d.poll(i, this.passBudget);
+    const defer = this.platform.defer;
+    if (defer === undefined) {
+      while (ring.started && ring.enabled && !ring.failed && d.queueHasAvailable(i)) d.poll(i, this.passBudget);
+      return;
+    }
+    // Done, kicks on (a ring restarted from polling state may still have them off): wait for the next kick.
+    if (this.pollMs <= 0 && !d.queueHasAvailable(i) && !d.setQueueNotification(i, { mode: "enable" })) return;
     d.setQueueNotification(i, { mode: "disable" });
-    let deadline = this.now() + this.pollMs;
-    for (;;) {
-      while (this.now() < deadline) {
-        if (d.queueHasAvailable(i)) {
-          d.poll(i);
-          deadline = this.now() + this.pollMs;
-        }
-      }
-      // Re-enable kicks; if buffers slipped in meanwhile, serve them and poll on.
+    ring.pollUntil = this.now() + this.pollMs;
+    this.schedule(i, ring);
+  }
+
+  private schedule(i: number, ring: Vring<F>): void {
+    ring.scheduled = true;
+    const generation = ring.generation;
+    this.platform.defer!(() => {
+      if (this.rings[i] !== ring || ring.generation !== generation) return;
+      ring.scheduled = false;
+      this.guarded(i, () => this.step(i, ring));
+    });
+  }
+
+  /** One deferred pass: work if there is some, else poll until pollUntil, then wait for kicks again. */
+  private step(i: number, ring: Vring<F>): void {
+    const d = this.device;
+    if (!ring.started || !ring.enabled || ring.failed) {
+      // Not ours to serve now; leave the driver kicking so a re-enabled ring is not left waiting.
+      d.setQueueNotification(i, { mode: "enable" });
+      return;
+    }
+    if (d.queueHasAvailable(i)) {
+      d.poll(i, this.passBudget);
+      // Memory lost during the pass stops every ring (and so this one): nothing to continue.
+      if (this.checkMemoryLoss()) return;
+      ring.pollUntil = this.now() + this.pollMs;
+    } else if (this.now() >= ring.pollUntil) {
+      // Re-enable kicks; if buffers slipped in meanwhile, keep polling (§2.7.10: re-check after enabling).
       if (!d.setQueueNotification(i, { mode: "enable" })) return;
-      d.poll(i);
       d.setQueueNotification(i, { mode: "disable" });
-      deadline = this.now() + this.pollMs;
+      ring.pollUntil = this.now() + this.pollMs;
+    }
+    this.schedule(i, ring);
+  }
+
+  /** Runs ring work from an event-loop callback: a host-side failure (e.g. of the port) ends that ring, not the process. */
+  private guarded(i: number, fn: () => void): void {
+    try {
+      fn();
+    } catch (e) {
+      // Guest errors never get here: the device absorbs them (DEVICE_NEEDS_RESET).
+      this.ringFailed(i, "processing", e);
     }
   }
 
@@ -727,6 +787,10 @@ export class VhostUserBackend<F> {
     const ring = this.rings[i]!;
     ring.watch?.stop();
     ring.watch = null;
+    ring.generation++;
+    // Stopped while polling: hand the ring back with kicks enabled, as the next owner expects.
+    if (ring.scheduled) this.device.setQueueNotification(i, { mode: "enable" });
+    ring.scheduled = false;
     if (!ring.started) return null;
     ring.started = false;
     const state = this.device.stopQueue(i);
@@ -878,7 +942,21 @@ export class VhostUserBackend<F> {
 }
 
 function freshRing<F>(): Vring<F> {
-  return { size: 0, addr: null, base: 0, kick: null, call: null, err: null, watch: null, started: false, enabled: false, failed: false };
+  return {
+    size: 0,
+    addr: null,
+    base: 0,
+    kick: null,
+    call: null,
+    err: null,
+    watch: null,
+    started: false,
+    enabled: false,
+    failed: false,
+    scheduled: false,
+    generation: 0,
+    pollUntil: 0,
+  };
 }
 
 function errorText(e: unknown): string {

@@ -70,6 +70,10 @@ export const nodePlatform: VhostUserPlatform<Fd> = {
     const n = sendmsg(fd, bytes);
     if (n !== bytes.length) throw new Error(`sent ${n} of ${bytes.length} bytes (the front end does not read the channel)`);
   },
+  defer(fn) {
+    // setImmediate runs after this turn's I/O callbacks: the socket is read between ring passes.
+    setImmediate(fn);
+  },
   createShared(size) {
     const fd = memfdCreate("iovirt-inflight");
     try {

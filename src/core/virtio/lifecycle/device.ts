@@ -270,8 +270,13 @@ export abstract class VirtioDevice {
 
   // ---- for subclasses ----
 
-  /** Handles available buffers of one queue. May throw GuestError: the queue then needs a reset. */
-  protected abstract processQueue(index: number, queue: DeviceQueue): void;
+  /**
+   * Handles available buffers of one queue, at most `budget` of them (the
+   * host bounds each pass so that it can interleave other work; a transport
+   * notification passes Infinity). May throw GuestError: the queue then
+   * needs a reset.
+   */
+  protected abstract processQueue(index: number, queue: DeviceQueue, budget: number): void;
 
   /** Device-specific feature checks, e.g. dependent bits (§2.2.1). Return a reason to refuse FEATURES_OK. */
   protected validateFeatures(_driverFeatures: bigint): string | null {
@@ -377,9 +382,9 @@ export abstract class VirtioDevice {
     }
   }
 
-  private runQueue(i: number, q: DeviceQueue): void {
+  private runQueue(i: number, q: DeviceQueue, budget = Infinity): void {
     try {
-      this.processQueue(i, q);
+      this.processQueue(i, q, budget);
     } catch (e) {
       if (!(e instanceof GuestError)) throw e;
       this.needsReset(e, i);
@@ -488,10 +493,13 @@ export abstract class VirtioDevice {
     return q.setNotification(mode);
   }
 
-  /** Host side: process a queue now (a busy-poll loop or an eventfd callback calls this). */
-  poll(i: number): void {
+  /**
+   * Host side: process a queue now (a busy-poll loop or an eventfd callback
+   * calls this), at most `budget` buffers; check queueHasAvailable() for more.
+   */
+  poll(i: number, budget = Infinity): void {
     const q = this.live[i];
-    if (q !== null && q !== undefined && (this.status & STATUS_DRIVER_OK) !== 0) this.runQueue(i, q);
+    if (q !== null && q !== undefined && (this.status & STATUS_DRIVER_OK) !== 0) this.runQueue(i, q, budget);
   }
 }
 

@@ -138,9 +138,9 @@ export class BlkDevice extends VirtioDevice {
     this.busy.fill(false);
   }
 
-  protected override processQueue(index: number, q: DeviceQueue): void {
+  protected override processQueue(index: number, q: DeviceQueue, budget: number): void {
     const inOrder = hasFeature(this.features, VIRTIO_F_IN_ORDER);
-    for (;;) {
+    for (let n = 0; n < budget; n++) {
       // IN_ORDER (§2.7.8/§2.8.8): with an async port, one request at a time keeps completion order.
       if (inOrder && this.busy[index]) return;
       const chain = new DescriptorChain();

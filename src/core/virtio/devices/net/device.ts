@@ -204,8 +204,8 @@ export class NetDevice extends VirtioDevice {
     if (i === NET_RX_QUEUE) this.clearPending();
   }
 
-  protected override processQueue(index: number, q: DeviceQueue): void {
-    if (index === NET_TX_QUEUE) this.transmit(q);
+  protected override processQueue(index: number, q: DeviceQueue, budget: number): void {
+    if (index === NET_TX_QUEUE) this.transmit(q, budget);
     else if (index === NET_RX_QUEUE) this.flushPending(q);
   }
 
@@ -266,10 +266,10 @@ export class NetDevice extends VirtioDevice {
   }
 
   /** §5.1.6.2: each transmit buffer is a virtio_net_hdr followed by the frame. */
-  private transmit(q: DeviceQueue): void {
+  private transmit(q: DeviceQueue, budget: number): void {
     const chain = this.txChain;
     const mem = this.memory;
-    while (q.popInto(chain)) {
+    for (let n = 0; n < budget && q.popInto(chain); n++) {
       const epoch = this.epoch;
       const len = chain.readableBytes - NET_HDR_SIZE;
       if (len < 0) {
