@@ -17,7 +17,7 @@ import {
   encodeVringState,
 } from "../../src/core/vhost-user/codec.js";
 import { FLAG_NEED_REPLY, FLAG_REPLY, HEADER_SIZE, PF, Req, VHOST_USER_F_PROTOCOL_FEATURES } from "../../src/core/vhost-user/protocol.js";
-import { VIRTIO_F_VERSION_1 } from "../../src/core/virtio/lifecycle/features.js";
+import { VIRTIO_F_VERSION_1, bit } from "../../src/core/virtio/lifecycle/features.js";
 import {
   Fd,
   SysError,
@@ -398,6 +398,23 @@ test("a call fd that fails when signalled ends the connection with a reason nami
   assert.match(err.message, /ring 0: call fd/);
   for (const fd of [call, kick]) fd.close();
   ram.close();
+  c.close();
+  await serverStillServes();
+});
+
+test("a back-end channel the front end closed ends the connection when the device has news, not the caller", async () => {
+  const c = new RawFrontend(path);
+  await c.handshake(bit(PF.CONFIG) | bit(PF.BACKEND_REQ));
+  const [mine, theirs] = socketpair();
+  assert.equal(await c.ack(Req.SET_BACKEND_REQ_FD, new Uint8Array(0), [theirs]), 0);
+  theirs.close();
+  mine.close(); // the channel is dead: sending on it fails with EPIPE
+  const before = disconnects.length;
+  disk.resize(disk.sizeBytes + (1 << 20));
+  device.refreshCapacity(); // CONFIG_CHANGE_MSG: must not throw into the device or its caller
+  const err = await lastDisconnect(before);
+  assert.ok(err instanceof VhostUserError, `a typed error, got ${String(err)}`);
+  assert.equal(err.code, "BACKEND_CHANNEL");
   c.close();
   await serverStillServes();
 });
