@@ -5,7 +5,8 @@ import { BlkDevice } from "../../src/core/virtio/devices/blk/device.js";
 import { RamDisk, type BlockPort } from "../../src/core/virtio/devices/blk/port.js";
 import { createDriverQueue } from "../../src/core/virtio/driver/create.js";
 import { layoutQueue } from "../../src/core/virtio/driver/layout.js";
-import { VhostUserBackend, type VhostUserPlatform } from "../../src/core/vhost-user/backend.js";
+import { VhostUserBackend } from "../../src/core/vhost-user/backend.js";
+import type { VhostUserPlatform } from "../../src/core/vhost-user/platform.js";
 import {
   decodeInflight,
   decodeVringState,

@@ -6,7 +6,8 @@ import { RamDisk } from "../../src/core/virtio/devices/blk/port.js";
 import { createDriverQueue } from "../../src/core/virtio/driver/create.js";
 import { layoutQueue } from "../../src/core/virtio/driver/layout.js";
 import type { DriverQueue } from "../../src/core/virtio/driver/driver-queue.js";
-import { VhostUserBackend, type BackendOptions, type VhostUserPlatform } from "../../src/core/vhost-user/backend.js";
+import { VhostUserBackend, type BackendOptions } from "../../src/core/vhost-user/backend.js";
+import type { VhostUserPlatform } from "../../src/core/vhost-user/platform.js";
 import { encodeMemTable, encodeU64, encodeVringAddr, encodeVringState } from "../../src/core/vhost-user/codec.js";
 import { FLAG_NEED_REPLY, PF, Req, VERSION } from "../../src/core/vhost-user/protocol.js";
 

@@ -1,10 +1,8 @@
-import { GuestMemory, MemoryRegion } from "../memory/guest-memory.js";
-import { GuestError, IovirtUsageError } from "../errors.js";
+import type { GuestMemory } from "../memory/guest-memory.js";
+import { GuestError } from "../errors.js";
 import type { VirtioDevice } from "../virtio/lifecycle/device.js";
 import { VIRTIO_F_RING_PACKED, hasFeature, bit } from "../virtio/lifecycle/features.js";
-import { DescriptorChain, QueueError, type QueueState, type QueueTracker } from "../virtio/queue/index.js";
-import { InflightError, PackedInflight, SplitInflight, inflightMmapSize, inflightQueueSlice } from "./inflight/index.js";
-import { PackedQueue, chainFromDescriptors } from "../virtio/queue/packed.js";
+import { QueueError, type QueueState } from "../virtio/queue/index.js";
 import {
   VhostUserError,
   decodeConfig,
@@ -22,9 +20,10 @@ import {
   fdsAllowed,
   reqName,
   type Header,
-  type MemRegionDesc,
-  type VringAddr,
 } from "./codec.js";
+import { InflightRings } from "./inflight-rings.js";
+import { MemoryTable, type PreparedTable } from "./memory-table.js";
+import type { VhostUserPlatform } from "./platform.js";
 import {
   BackendReq,
   FLAG_NEED_REPLY,
@@ -36,77 +35,12 @@ import {
   VRING_IDX_MASK,
   VRING_NOFD_MASK,
 } from "./protocol.js";
-
-/** What the back end needs from the OS; src/node implements it with the native addon. */
-export interface VhostUserPlatform<F> {
-  /**
-   * Maps [offset, offset + length) of fd shared read-write (offset need not
-   * be page-aligned; length is at most 4 GiB). The mapping must survive the
-   * file shrinking under it (SIGBUS): lost pages read as zeros and
-   * `poisoned` reports them.
-   */
-  mmap(fd: F, offset: number, length: number): ArrayBuffer;
-  munmap(buffer: ArrayBuffer): void;
-  /** The size of the file behind fd and whether it is sealed against shrinking (null: unknown). */
-  fileInfo(fd: F): { size: number; shrinkSealed: boolean | null };
-  /** A counter that moves whenever any mapping lost pages: cheap to read after every pass. */
-  faultEvents(): number;
-  /** Whether this mapping lost pages. */
-  poisoned(buffer: ArrayBuffer): boolean;
-  close(fd: F): void;
-  /**
-   * Calls onKick each time the kick fd is signalled (the platform drains it).
-   * When the fd fails instead (an error, EOF, a read that is not a counter:
-   * the front end passed something that is not an eventfd), the platform
-   * stops watching and calls onError once. Throws if the fd cannot be watched.
-   */
-  watchKick(fd: F, onKick: () => void, onError: (err: Error) => void): { stop(): void };
-  /** Signals an eventfd (used-buffer or error notification); throws if the fd fails. */
-  signal(fd: F): void;
-  /** Sends a message on the back-end request channel; throws if it cannot be sent whole. */
-  sendBackendMessage(fd: F, bytes: Uint8Array): void;
-  /** Creates zero-filled shared memory of `size` bytes (a memfd) and maps it. */
-  createShared(size: number): { fd: F; buffer: ArrayBuffer };
-  /**
-   * Runs fn once, after the event loop has handled the I/O that is pending
-   * now (Node: setImmediate). A ring with more work than one pass continues
-   * this way, so control messages and other rings are never starved
-   * (docs/architecture.md, principle 7). Without it a kick processes
-   * the ring until empty in bounded passes, and there is no adaptive polling.
-   */
-  defer?(fn: () => void): void;
-}
+import { RingScheduler } from "./scheduler.js";
+import { encodeRingBase, freshRing, type Vring } from "./vring.js";
 
 export interface OutMessage<F> {
   bytes: Uint8Array;
   fds: F[];
-}
-
-interface MappedRegion<F> extends MemRegionDesc {
-  fd: F;
-  /** The mappings behind the region's windows. */
-  buffers: ArrayBuffer[];
-  region: MemoryRegion;
-}
-
-interface Vring<F> {
-  size: number;
-  addr: VringAddr | null;
-  base: number;
-  kick: F | null;
-  call: F | null;
-  err: F | null;
-  watch: { stop(): void } | null;
-  started: boolean;
-  enabled: boolean;
-  /** One of its fds failed; the ring serves no more (see ringFailed). */
-  failed: boolean;
-  /** A deferred pass is pending: kicks need not start another. */
-  scheduled: boolean;
-  /** Bumped when the ring stops, so a pass deferred before that does nothing. */
-  generation: number;
-  /** Adaptive polling: keep polling with kicks suppressed until this time (BackendOptions.now). */
-  pollUntil: number;
 }
 
 export interface BackendOptions {
@@ -152,13 +86,6 @@ const SUPPORTED_PF =
   bit(PF.STATUS) |
   bit(PF.INFLIGHT_SHMFD);
 
-interface InflightArea<F> {
-  fd: F;
-  buffer: ArrayBuffer;
-  numQueues: number;
-  queueSize: number;
-}
-
 /**
  * The vhost-user back-end handler (protocol layer 2 of docs/architecture.md, principle 6):
  * it checks size, version, reply flags, which requests may carry fds,
@@ -177,31 +104,36 @@ export class VhostUserBackend<F> {
   private features = 0n;
   private featuresSet = false;
   private protocolFeatures = 0n;
-  private regions: MappedRegion<F>[] = [];
-  private mem = new GuestMemory();
+  private readonly table: MemoryTable<F>;
   private readonly rings: Vring<F>[];
+  private readonly inflight: InflightRings<F>;
+  private readonly scheduler: RingScheduler<F>;
   private backendFd: F | null = null;
-  private inflight: InflightArea<F> | null = null;
   private status = 0;
   private faultEventsSeen = 0;
-  private readonly pollMs: number;
-  private readonly now: () => number;
   private readonly busyPoll: boolean;
-  private readonly passBudget: number;
   private readonly onFatal: ((err: VhostUserError) => void) | null;
 
   constructor(device: VirtioDevice, platform: VhostUserPlatform<F>, opts: BackendOptions = {}) {
     this.device = device;
     this.platform = platform;
     this.log = opts.log ?? (() => {});
-    this.pollMs = (opts.pollNs ?? 32_000) / 1e6;
-    this.now = opts.now ?? (() => performance.now());
     this.busyPoll = opts.busyPoll ?? false;
-    this.passBudget = opts.passBudget ?? 64;
-    if (!(this.passBudget >= 1)) throw new RangeError(`passBudget ${this.passBudget}`);
+    const passBudget = opts.passBudget ?? 64;
+    if (!(passBudget >= 1)) throw new RangeError(`passBudget ${passBudget}`);
     this.onFatal = opts.onFatal ?? null;
     this.rings = Array.from({ length: device.numQueues }, () => freshRing<F>());
-    device.attachMemory(this.mem);
+    this.table = new MemoryTable(platform, this.log);
+    this.inflight = new InflightRings(platform, device, this.log);
+    this.scheduler = new RingScheduler(this.rings, device, {
+      defer: platform.defer?.bind(platform),
+      passBudget,
+      pollMs: (opts.pollNs ?? 32_000) / 1e6,
+      now: opts.now ?? (() => performance.now()),
+      afterPass: () => this.checkMemoryLoss(),
+      failed: (i, e) => this.ringFailed(i, "processing", e),
+    });
+    device.attachMemory(this.table.memory);
     device.events = {
       ...device.events,
       usedBuffer: (q) => {
@@ -224,7 +156,7 @@ export class VhostUserBackend<F> {
 
   /** Memory currently mapped (for tests and stats). */
   get memory(): GuestMemory {
-    return this.mem;
+    return this.table.memory;
   }
 
   /**
@@ -258,10 +190,10 @@ export class VhostUserBackend<F> {
   close(): void {
     for (let i = 0; i < this.rings.length; i++) this.stopRing(i);
     for (const ring of this.rings) this.closeRingFds(ring);
-    this.unmapAll();
+    this.table.close();
     if (this.backendFd !== null) this.platform.close(this.backendFd);
     this.backendFd = null;
-    this.dropInflight();
+    this.inflight.close();
     this.device.hostReset();
   }
 
@@ -317,24 +249,17 @@ export class VhostUserBackend<F> {
         this.requirePF(h, PF.CONFIGURE_MEM_SLOTS);
         return { reply: encodeU64(MAX_MEM_SLOTS), keptFds: false };
       case Req.SET_MEM_TABLE: {
-        const table = decodeMemTable(h.request, p);
-        if (table.length !== fds.length) throw new VhostUserError("BAD_FDS", `${table.length} regions but ${fds.length} fds`);
-        this.replaceMemory(table.map((desc, i) => ({ desc, fd: fds[i]! })));
+        this.installMemory(this.table.prepareSet(decodeMemTable(h.request, p), fds));
         return { keptFds: true };
       }
       case Req.ADD_MEM_REG: {
         this.requirePF(h, PF.CONFIGURE_MEM_SLOTS);
-        const r = decodeSingleRegion(h.request, p);
-        if (this.regions.length >= MAX_MEM_SLOTS) throw new VhostUserError("TOO_MANY_REGIONS", `more than ${MAX_MEM_SLOTS} regions`);
-        this.replaceMemory([...this.regions.map((m) => ({ desc: m, fd: m.fd, mapped: m })), { desc: r, fd: fds[0]! }]);
+        this.installMemory(this.table.prepareAdd(decodeSingleRegion(h.request, p), fds[0]!));
         return { keptFds: true };
       }
       case Req.REM_MEM_REG: {
         this.requirePF(h, PF.CONFIGURE_MEM_SLOTS);
-        const r = decodeSingleRegion(h.request, p);
-        const i = this.regions.findIndex((m) => m.guestAddr === r.guestAddr && m.userAddr === r.userAddr && m.size === r.size);
-        if (i < 0) throw new VhostUserError("NO_SUCH_REGION", `no region at guest 0x${r.guestAddr.toString(16)} of ${r.size} bytes`);
-        this.replaceMemory(this.regions.filter((_, k) => k !== i).map((m) => ({ desc: m, fd: m.fd, mapped: m })));
+        this.installMemory(this.table.prepareRemove(decodeSingleRegion(h.request, p)));
         return done;
       }
       case Req.SET_VRING_NUM: {
@@ -363,7 +288,7 @@ export class VhostUserBackend<F> {
         // The front end owns the ring again; the kick fd is no longer ours to watch.
         if (ring.kick !== null) this.platform.close(ring.kick);
         ring.kick = null;
-        const num = state === null ? ring.base : this.encodeBase(state);
+        const num = state === null ? ring.base : encodeRingBase(state);
         return { reply: encodeVringState({ index: s.index, num }), keptFds: false };
       }
       case Req.SET_VRING_KICK:
@@ -405,7 +330,7 @@ export class VhostUserBackend<F> {
         const ring = this.ring(h, s.index);
         if (s.num > 1) throw new VhostUserError("BAD_VALUE", `SET_VRING_ENABLE ${s.num}`);
         ring.enabled = s.num === 1;
-        if (ring.enabled && ring.started && !this.busyPoll) this.serve(s.index);
+        if (ring.enabled && ring.started && !this.busyPoll) this.scheduler.serve(s.index);
         return done;
       }
       case Req.GET_CONFIG: {
@@ -433,28 +358,12 @@ export class VhostUserBackend<F> {
         return { keptFds: true };
       case Req.GET_INFLIGHT_FD: {
         this.requirePF(h, PF.INFLIGHT_SHMFD);
-        const d = decodeInflight(h.request, p);
-        this.checkInflightShape(d.numQueues, d.queueSize);
-        // The layout is not negotiated yet: size every queue's region for the larger (packed) form.
-        const mmapSize = inflightMmapSize("packed", d.numQueues, d.queueSize);
-        const { fd, buffer } = this.platform.createShared(mmapSize);
-        this.setInflight({ fd, buffer, numQueues: d.numQueues, queueSize: d.queueSize });
-        return {
-          reply: encodeInflight({ mmapSize, mmapOffset: 0, numQueues: d.numQueues, queueSize: d.queueSize }),
-          replyFds: [fd],
-          keptFds: false,
-        };
+        const { fd, reply } = this.inflight.create(decodeInflight(h.request, p));
+        return { reply: encodeInflight(reply), replyFds: [fd], keptFds: false };
       }
       case Req.SET_INFLIGHT_FD: {
         this.requirePF(h, PF.INFLIGHT_SHMFD);
-        const d = decodeInflight(h.request, p);
-        this.checkInflightShape(d.numQueues, d.queueSize);
-        if (d.mmapSize < inflightMmapSize("split", d.numQueues, d.queueSize)) {
-          throw new VhostUserError("BAD_VALUE", `in-flight area of ${d.mmapSize} bytes is too small for ${d.numQueues} x ${d.queueSize}`);
-        }
-        this.checkFileCovers(fds[0]!, d.mmapOffset, d.mmapSize, "in-flight area");
-        const buffer = this.platform.mmap(fds[0]!, d.mmapOffset, d.mmapSize);
-        this.setInflight({ fd: fds[0]!, buffer, numQueues: d.numQueues, queueSize: d.queueSize });
+        this.inflight.adopt(decodeInflight(h.request, p), fds[0]!);
         return { keptFds: true };
       }
       case Req.SET_STATUS:
@@ -501,102 +410,6 @@ export class VhostUserBackend<F> {
     this.onFatal?.(err);
   }
 
-  private checkInflightShape(numQueues: number, queueSize: number): void {
-    if (!(numQueues >= 1 && numQueues <= this.rings.length))
-      throw new VhostUserError("BAD_VALUE", `in-flight area for ${numQueues} queues (device has ${this.rings.length})`);
-    if (!(queueSize >= 1 && queueSize <= 32768)) throw new VhostUserError("BAD_VALUE", `in-flight queue size ${queueSize}`);
-  }
-
-  private setInflight(area: InflightArea<F>): void {
-    this.dropInflight();
-    this.inflight = area;
-  }
-
-  private dropInflight(): void {
-    if (this.inflight === null) return;
-    this.platform.munmap(this.inflight.buffer);
-    this.platform.close(this.inflight.fd);
-    this.inflight = null;
-  }
-
-  /**
-   * In-flight tracking for ring i: returns the tracker to attach and the
-   * buffers that were in flight when a previous back end died, oldest first.
-   * `state` is moved to where the ring really continues (after them).
-   */
-  private inflightFor(i: number, state: QueueState): { tracker: QueueTracker; resubmit: ((q: number) => void)[] } | null {
-    const area = this.inflight;
-    if (area === null || !this.hasPF(PF.INFLIGHT_SHMFD) || i >= area.numQueues) return null;
-    if (area.queueSize !== state.size)
-      throw new VhostUserError("BAD_RING", `ring ${i} size ${state.size} differs from the in-flight area's ${area.queueSize}`);
-    const mapping = new Uint8Array(area.buffer);
-    try {
-      return state.layout === "split" ? this.splitInflight(mapping, area, i, state) : this.packedInflight(mapping, area, i, state);
-    } catch (e) {
-      if (e instanceof InflightError) throw new VhostUserError("BAD_INFLIGHT", `ring ${i}: ${e.message}`);
-      throw e;
-    }
-  }
-
-  private splitInflight(
-    mapping: Uint8Array,
-    area: InflightArea<F>,
-    i: number,
-    state: QueueState,
-  ): { tracker: QueueTracker; resubmit: ((q: number) => void)[] } {
-    const region = new SplitInflight(inflightQueueSlice(mapping, "split", area.queueSize, i), area.queueSize);
-    const usedIdx = this.mem.readU16(state.deviceArea + 2);
-    const heads = region.recover(usedIdx);
-    // Popped = used + still in flight: continue after the buffers being resubmitted.
-    state.nextAvail = (usedIdx + heads.length) & 0xffff;
-    state.nextUsed = usedIdx;
-    return {
-      tracker: { onPop: (c) => region.onPop(c.head), onUsed: (id) => region.onUsed(id), onPublish: (st) => region.commit(st.nextUsed) },
-      resubmit: heads.map((head) => (q: number) => this.device.resubmitHead(q, head)),
-    };
-  }
-
-  private packedInflight(
-    mapping: Uint8Array,
-    area: InflightArea<F>,
-    i: number,
-    state: QueueState,
-  ): { tracker: QueueTracker; resubmit: ((q: number) => void)[] } {
-    const region = new PackedInflight(inflightQueueSlice(mapping, "packed", area.queueSize, i), area.queueSize);
-    const mem = this.mem;
-    const slotFlags = (slot: number): number => mem.readU16(state.descTable + 16 * slot + 14);
-    const rec = region.recover(slotFlags);
-    let resubmit: ((q: number) => void)[] = [];
-    if (rec === null) region.init(state.nextUsed, state.usedWrap);
-    else {
-      state.nextAvail = rec.availIdx;
-      state.availWrap = rec.availWrap;
-      state.nextUsed = rec.usedIdx;
-      state.usedWrap = rec.usedWrap;
-      resubmit = rec.buffers.map((b) => (q: number) => {
-        const chain = new DescriptorChain();
-        try {
-          chainFromDescriptors(mem, chain, b.descs, b.id);
-        } catch (e) {
-          if (!(e instanceof GuestError)) throw e;
-          this.log(`vhost-user: ring ${q}: in-flight buffer ${b.id} is invalid: ${e.message}`);
-          return;
-        }
-        this.device.resubmit(q, chain);
-      });
-    }
-    // The queue layer hands over each popped buffer's raw ring descriptors, which recovery needs.
-    const tracker: QueueTracker = {
-      onPop: (c, q) => {
-        if (!(q instanceof PackedQueue)) throw new IovirtUsageError("WRONG_LAYOUT", "packed in-flight tracking on a split queue");
-        region.onPop(q.poppedDescriptors(c.descCount));
-      },
-      onUsed: (id) => region.onUsed(id),
-      onPublish: (st) => region.commit(st.nextUsed, st.usedWrap),
-    };
-    return { tracker, resubmit };
-  }
-
   private hasPF(b: number): boolean {
     return (this.protocolFeatures & bit(b)) !== 0n;
   }
@@ -619,14 +432,6 @@ export class VhostUserBackend<F> {
     return r;
   }
 
-  /** Packed rings: avail offset | wrap << 15 in the low half, the same for used in the high half. */
-  private encodeBase(s: QueueState): number {
-    if (s.layout === "split") return s.nextAvail;
-    const avail = s.nextAvail | (s.availWrap ? 0x8000 : 0);
-    const used = s.nextUsed | (s.usedWrap ? 0x8000 : 0);
-    return (avail | (used << 16)) >>> 0;
-  }
-
   private stateFor(i: number, ring: Vring<F>): QueueState {
     const a = ring.addr;
     if (a === null) throw new VhostUserError("WRONG_STATE", `ring ${i} started before SET_VRING_ADDR`);
@@ -634,9 +439,9 @@ export class VhostUserBackend<F> {
     const state: QueueState = {
       layout,
       size: ring.size,
-      descTable: this.toGuest(a.desc, `ring ${i} descriptor table`),
-      driverArea: this.toGuest(a.avail, `ring ${i} available ring`),
-      deviceArea: this.toGuest(a.used, `ring ${i} used ring`),
+      descTable: this.table.toGuest(a.desc, `ring ${i} descriptor table`),
+      driverArea: this.table.toGuest(a.avail, `ring ${i} available ring`),
+      deviceArea: this.table.toGuest(a.used, `ring ${i} used ring`),
       nextAvail: 0,
       nextUsed: 0,
       availWrap: true,
@@ -646,7 +451,7 @@ export class VhostUserBackend<F> {
       if (ring.base > 0xffff) throw new VhostUserError("BAD_VALUE", `ring ${i} base ${ring.base} is not a 16-bit index`);
       // The used index resumes from the ring itself (the front end owns its value).
       state.nextAvail = ring.base;
-      state.nextUsed = this.mem.readU16(state.deviceArea + 2);
+      state.nextUsed = this.table.memory.readU16(state.deviceArea + 2);
     } else {
       const lo = ring.base & 0xffff;
       const hi = ring.base >>> 16 === 0 ? lo : ring.base >>> 16; // old front ends send only the avail half
@@ -664,7 +469,7 @@ export class VhostUserBackend<F> {
     let resubmit: ((q: number) => void)[] = [];
     try {
       const state = this.stateFor(i, ring);
-      const inflight = this.inflightFor(i, state);
+      const inflight = this.hasPF(PF.INFLIGHT_SHMFD) ? this.inflight.forRing(i, state, this.table.memory) : null;
       if (inflight !== null) {
         this.device.restoreQueue(i, state, inflight.tracker);
         resubmit = inflight.resubmit;
@@ -687,99 +492,19 @@ export class VhostUserBackend<F> {
     try {
       ring.watch = this.platform.watchKick(
         ring.kick!,
-        () => {
-          if (ring.enabled && !ring.failed) this.guarded(i, () => this.serve(i));
-          this.checkMemoryLoss();
-        },
+        () => this.scheduler.kicked(i),
         (err) => this.ringFailed(i, "kick fd", err),
       );
     } catch (e) {
       this.stopRing(i);
       throw new VhostUserError("BAD_FDS", `ring ${i}: the kick fd cannot be watched: ${errorText(e)}`);
     }
-    // Buffers may already be waiting (reconnect): look once.
-    if (ring.enabled) this.serve(i);
-    this.checkMemoryLoss();
+    this.scheduler.started(i);
   }
 
   /** Busy-poll mode: one pass over every started, enabled ring. Returns how many rings had work. */
   pollAll(): number {
-    let busy = 0;
-    for (let i = 0; i < this.rings.length; i++) {
-      const r = this.rings[i]!;
-      if (r.started && r.enabled && !r.failed && this.device.queueHasAvailable(i)) {
-        this.device.poll(i, this.passBudget);
-        busy++;
-      }
-    }
-    if (busy > 0) this.checkMemoryLoss();
-    return busy;
-  }
-
-  /**
-   * A kick (or a ring start or enable): one bounded pass now, for latency.
-   * If the ring has more, or adaptive polling is on (BackendOptions.pollNs),
-   * kicks are suppressed and the ring continues in deferred passes (step),
-   * one per event-loop turn, so a socket message waits behind at most one
-   * pass per ring, never behind a ring that the driver keeps full.
-   */
-  private serve(i: number): void {
-    const ring = this.rings[i]!;
-    if (ring.scheduled) return;
-    const d = this.device;
-    d.poll(i, this.passBudget);
-    const defer = this.platform.defer;
-    if (defer === undefined) {
-      while (ring.started && ring.enabled && !ring.failed && d.queueHasAvailable(i)) d.poll(i, this.passBudget);
-      return;
-    }
-    // Done, kicks on (a ring restarted from polling state may still have them off): wait for the next kick.
-    if (this.pollMs <= 0 && !d.queueHasAvailable(i) && !d.setQueueNotification(i, { mode: "enable" })) return;
-    d.setQueueNotification(i, { mode: "disable" });
-    ring.pollUntil = this.now() + this.pollMs;
-    this.schedule(i, ring);
-  }
-
-  private schedule(i: number, ring: Vring<F>): void {
-    ring.scheduled = true;
-    const generation = ring.generation;
-    this.platform.defer!(() => {
-      if (this.rings[i] !== ring || ring.generation !== generation) return;
-      ring.scheduled = false;
-      this.guarded(i, () => this.step(i, ring));
-    });
-  }
-
-  /** One deferred pass: work if there is some, else poll until pollUntil, then wait for kicks again. */
-  private step(i: number, ring: Vring<F>): void {
-    const d = this.device;
-    if (!ring.started || !ring.enabled || ring.failed) {
-      // Not ours to serve now; leave the driver kicking so a re-enabled ring is not left waiting.
-      d.setQueueNotification(i, { mode: "enable" });
-      return;
-    }
-    if (d.queueHasAvailable(i)) {
-      d.poll(i, this.passBudget);
-      // Memory lost during the pass stops every ring (and so this one): nothing to continue.
-      if (this.checkMemoryLoss()) return;
-      ring.pollUntil = this.now() + this.pollMs;
-    } else if (this.now() >= ring.pollUntil) {
-      // Re-enable kicks; if buffers slipped in meanwhile, keep polling (§2.7.10: re-check after enabling).
-      if (!d.setQueueNotification(i, { mode: "enable" })) return;
-      d.setQueueNotification(i, { mode: "disable" });
-      ring.pollUntil = this.now() + this.pollMs;
-    }
-    this.schedule(i, ring);
-  }
-
-  /** Runs ring work from an event-loop callback: a host-side failure (e.g. of the port) ends that ring, not the process. */
-  private guarded(i: number, fn: () => void): void {
-    try {
-      fn();
-    } catch (e) {
-      // Guest errors never get here: the device absorbs them (DEVICE_NEEDS_RESET).
-      this.ringFailed(i, "processing", e);
-    }
+    return this.scheduler.pollAll();
   }
 
   /** Stops a ring and returns where it stopped, or null if it was not running. */
@@ -787,15 +512,21 @@ export class VhostUserBackend<F> {
     const ring = this.rings[i]!;
     ring.watch?.stop();
     ring.watch = null;
-    ring.generation++;
-    // Stopped while polling: hand the ring back with kicks enabled, as the next owner expects.
-    if (ring.scheduled) this.device.setQueueNotification(i, { mode: "enable" });
-    ring.scheduled = false;
+    this.scheduler.stopped(i);
     if (!ring.started) return null;
     ring.started = false;
     const state = this.device.stopQueue(i);
-    if (state !== null) ring.base = this.encodeBase(state);
+    if (state !== null) ring.base = encodeRingBase(state);
     return state;
+  }
+
+  /** Installs a prepared memory table; running rings restart on the new memory from where they stopped. */
+  private installMemory(next: PreparedTable): void {
+    const running = this.rings.map((r, i) => (r.started ? i : -1)).filter((i) => i >= 0);
+    for (const i of running) this.stopRing(i);
+    next.install();
+    this.device.attachMemory(next.memory);
+    for (const i of running) this.startRing(i);
   }
 
   private closeRingFds(ring: Vring<F>): void {
@@ -804,106 +535,6 @@ export class VhostUserBackend<F> {
       if (fd !== null) this.platform.close(fd);
       ring[k] = null;
     }
-  }
-
-  private toGuest(uaddr: number, what: string): number {
-    for (const r of this.regions) {
-      if (uaddr >= r.userAddr && uaddr < r.userAddr + r.size) return r.guestAddr + (uaddr - r.userAddr);
-    }
-    throw new VhostUserError("BAD_RING", `${what} at user address 0x${uaddr.toString(16)} is outside the memory table`);
-  }
-
-  /**
-   * Installs a new memory table. Entries that carry `mapped` reuse an
-   * existing mapping; the rest are mapped now. Running rings are restarted on
-   * the new memory from where they stopped. On any error nothing changes.
-   */
-  private replaceMemory(entries: { desc: MemRegionDesc; fd: F; mapped?: MappedRegion<F> }[]): void {
-    if (entries.length > MAX_MEM_SLOTS) throw new VhostUserError("TOO_MANY_REGIONS", `${entries.length} regions`);
-    const fresh: ArrayBuffer[] = [];
-    const next: MappedRegion<F>[] = [];
-    const mem = new GuestMemory();
-    try {
-      for (const { desc: r, fd, mapped } of entries) {
-        if (r.size === 0) throw new VhostUserError("BAD_REGION", "zero-sized memory region");
-        if (r.mmapOffset % 8 !== 0 || r.guestAddr % 8 !== 0)
-          throw new VhostUserError("BAD_REGION", "region offset or address not 8-byte aligned");
-        for (const { desc: q } of entries) {
-          if (q !== r && r.userAddr < q.userAddr + q.size && q.userAddr < r.userAddr + r.size) {
-            throw new VhostUserError("BAD_REGION", `regions overlap in user address space at 0x${r.userAddr.toString(16)}`);
-          }
-        }
-        const region = mapped ?? this.mapRegion(r, fd, fresh);
-        next.push(region);
-        try {
-          mem.addRegion(region.region);
-        } catch (e) {
-          throw new VhostUserError("BAD_REGION", (e as Error).message);
-        }
-      }
-    } catch (e) {
-      for (const b of fresh) this.platform.munmap(b);
-      throw e;
-    }
-    const running = this.rings.map((r, i) => (r.started ? i : -1)).filter((i) => i >= 0);
-    for (const i of running) this.stopRing(i);
-    for (const old of this.regions) {
-      if (!next.includes(old)) {
-        for (const b of old.buffers) this.platform.munmap(b);
-        this.platform.close(old.fd);
-      }
-    }
-    this.regions = next;
-    this.mem = mem;
-    this.device.attachMemory(mem);
-    for (const i of running) this.startRing(i);
-  }
-
-  private unmapAll(): void {
-    for (const r of this.regions) {
-      for (const b of r.buffers) this.platform.munmap(b);
-      this.platform.close(r.fd);
-    }
-    this.regions = [];
-  }
-
-  /**
-   * Maps one region, window by window (see WINDOW_STRIDE), after checking
-   * that its fd really holds every byte the front end claims: a region past
-   * the end of its file would raise SIGBUS on first touch. Every mapping made
-   * is pushed to `made`, so a failure part way can undo them.
-   */
-  private mapRegion(r: MemRegionDesc, fd: F, made: ArrayBuffer[]): MappedRegion<F> {
-    const file = this.checkFileCovers(fd, r.mmapOffset, r.size, `memory region at guest 0x${r.guestAddr.toString(16)}`);
-    const buffers: ArrayBuffer[] = [];
-    const region = new MemoryRegion({
-      gpa: r.guestAddr,
-      size: r.size,
-      map: (start, length) => {
-        const buffer = this.platform.mmap(fd, r.mmapOffset + start, length);
-        made.push(buffer);
-        buffers.push(buffer);
-        return { buffer, offset: 0 };
-      },
-    });
-    const sealed = file.shrinkSealed === null ? "unknown" : file.shrinkSealed ? "yes" : "no";
-    this.log(
-      `vhost-user: memory region guest 0x${r.guestAddr.toString(16)} +0x${r.size.toString(16)} ` +
-        `(user 0x${r.userAddr.toString(16)}, fd offset 0x${r.mmapOffset.toString(16)}, ${buffers.length} window(s)); ` +
-        `sealed against shrinking: ${sealed}`,
-    );
-    return { ...r, fd, buffers, region };
-  }
-
-  private checkFileCovers(fd: F, offset: number, size: number, what: string): { size: number; shrinkSealed: boolean | null } {
-    const file = this.platform.fileInfo(fd);
-    if (offset + size > file.size) {
-      throw new VhostUserError(
-        "BAD_REGION",
-        `${what} needs bytes [0x${offset.toString(16)}, 0x${(offset + size).toString(16)}) of its fd, which holds only 0x${file.size.toString(16)}`,
-      );
-    }
-    return file;
   }
 
   /**
@@ -917,13 +548,8 @@ export class VhostUserBackend<F> {
     const events = this.platform.faultEvents();
     if (events === this.faultEventsSeen) return false;
     this.faultEventsSeen = events;
-    const lost = this.regions.filter((r) => r.buffers.some((b) => this.platform.poisoned(b)));
-    const inflightLost = this.inflight !== null && this.platform.poisoned(this.inflight.buffer);
-    if (lost.length === 0 && !inflightLost) return false;
-    const what = [
-      ...lost.map((r) => `guest 0x${r.guestAddr.toString(16)} +0x${r.size.toString(16)}`),
-      ...(inflightLost ? ["in-flight area"] : []),
-    ];
+    const what = [...this.table.lostRegions(), ...(this.inflight.lost() ? ["in-flight area"] : [])];
+    if (what.length === 0) return false;
     const err = new GuestError("MEMORY_LOST", `memory shrunk under the back end (${what.join(", ")}): the device needs a reset`);
     this.log(`vhost-user: ${err.message}`);
     for (let i = 0; i < this.rings.length; i++) {
@@ -939,24 +565,6 @@ export class VhostUserBackend<F> {
     this.device.hostFault(err);
     return true;
   }
-}
-
-function freshRing<F>(): Vring<F> {
-  return {
-    size: 0,
-    addr: null,
-    base: 0,
-    kick: null,
-    call: null,
-    err: null,
-    watch: null,
-    started: false,
-    enabled: false,
-    failed: false,
-    scheduled: false,
-    generation: 0,
-    pollUntil: 0,
-  };
 }
 
 function errorText(e: unknown): string {

@@ -1,4 +1,4 @@
-import type { VhostUserPlatform } from "../../core/vhost-user/backend.js";
+import type { VhostUserPlatform } from "../../core/vhost-user/platform.js";
 import {
   Fd,
   SEAL,

@@ -1,0 +1,39 @@
+/** What the back end needs from the OS; src/node implements it with the native addon. */
+export interface VhostUserPlatform<F> {
+  /**
+   * Maps [offset, offset + length) of fd shared read-write (offset need not
+   * be page-aligned; length is at most 4 GiB). The mapping must survive the
+   * file shrinking under it (SIGBUS): lost pages read as zeros and
+   * `poisoned` reports them.
+   */
+  mmap(fd: F, offset: number, length: number): ArrayBuffer;
+  munmap(buffer: ArrayBuffer): void;
+  /** The size of the file behind fd and whether it is sealed against shrinking (null: unknown). */
+  fileInfo(fd: F): { size: number; shrinkSealed: boolean | null };
+  /** A counter that moves whenever any mapping lost pages: cheap to read after every pass. */
+  faultEvents(): number;
+  /** Whether this mapping lost pages. */
+  poisoned(buffer: ArrayBuffer): boolean;
+  close(fd: F): void;
+  /**
+   * Calls onKick each time the kick fd is signalled (the platform drains it).
+   * When the fd fails instead (an error, EOF, a read that is not a counter:
+   * the front end passed something that is not an eventfd), the platform
+   * stops watching and calls onError once. Throws if the fd cannot be watched.
+   */
+  watchKick(fd: F, onKick: () => void, onError: (err: Error) => void): { stop(): void };
+  /** Signals an eventfd (used-buffer or error notification); throws if the fd fails. */
+  signal(fd: F): void;
+  /** Sends a message on the back-end request channel; throws if it cannot be sent whole. */
+  sendBackendMessage(fd: F, bytes: Uint8Array): void;
+  /** Creates zero-filled shared memory of `size` bytes (a memfd) and maps it. */
+  createShared(size: number): { fd: F; buffer: ArrayBuffer };
+  /**
+   * Runs fn once, after the event loop has handled the I/O that is pending
+   * now (Node: setImmediate). A ring with more work than one pass continues
+   * this way, so control messages and other rings are never starved
+   * (docs/architecture.md, principle 7). Without it a kick processes
+   * the ring until empty in bounded passes, and there is no adaptive polling.
+   */
+  defer?(fn: () => void): void;
+}
