@@ -4,7 +4,7 @@ import { WINDOW_OVERLAP, WINDOW_STRIDE, type GuestMemory } from "../../src/core/
 import { createRingPair } from "../../src/core/loopback/ring-pair.js";
 import { DescriptorChain, type RingLayout } from "../../src/core/virtio/queue/index.js";
 import { pread, type Fd } from "../../src/node/native.js";
-import { memfd, memfdGuestMemory } from "./raw-frontend.js";
+import { memfd, memfdGuestMemory } from "./vhost-user-raw.js";
 
 // Guest regions of 4 GiB and more, as QEMU sends for a VM with 8 GiB of RAM
 // (q35 puts ~6 GiB above 4 GiB). V8 holds at most 4 GiB in one ArrayBuffer,

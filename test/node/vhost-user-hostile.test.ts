@@ -16,7 +16,7 @@ import {
   encodeVringAddr,
   encodeVringState,
 } from "../../src/core/vhost-user/codec.js";
-import { FLAG_NEED_REPLY, FLAG_REPLY, HEADER_SIZE, PF, Req, VHOST_USER_F_PROTOCOL_FEATURES } from "../../src/core/vhost-user/protocol.js";
+import { HEADER_SIZE, PF, Req, VHOST_USER_F_PROTOCOL_FEATURES } from "../../src/core/vhost-user/protocol.js";
 import { VIRTIO_F_VERSION_1, bit } from "../../src/core/virtio/lifecycle/features.js";
 import {
   Fd,
@@ -33,7 +33,7 @@ import {
 } from "../../src/node/native.js";
 import { BackendReq } from "../../src/core/vhost-user/protocol.js";
 import { VhostUserServer } from "../../src/node/vhost-user/server.js";
-import { GuestRam, RawFrontend, prepareRing, startRing } from "./vhost-user-raw.js";
+import { GuestRam, RawFrontend, prepareRing, startRing, tick } from "./vhost-user-raw.js";
 
 // A hostile front end talks raw vhost-user to an iovirt back end in this process.
 // Every case must end in a clear refusal (a non-zero REPLY_ACK or a dropped
@@ -50,65 +50,8 @@ after(() => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-const tick = (): Promise<void> => new Promise((r) => setTimeout(r, 2));
-
-class RawClient {
-  readonly fd: Fd;
-  constructor() {
-    this.fd = unixSocket();
-    unixConnect(this.fd, path);
-  }
-  send(request: number, payload: Uint8Array = new Uint8Array(0), fds: Fd[] = [], flags = 0): void {
-    sendmsg(this.fd, encodeMessage(request, flags, payload), fds);
-  }
-  sendRaw(bytes: Uint8Array): void {
-    sendmsg(this.fd, bytes);
-  }
-  /** The next reply, or "closed" when the back end dropped us. */
-  async reply(): Promise<{ request: number; flags: number; payload: Uint8Array } | "closed"> {
-    const buf = new Uint8Array(HEADER_SIZE + 512);
-    let have = 0;
-    for (let i = 0; i < 2000; i++) {
-      try {
-        const r = recvmsg(this.fd, buf.subarray(have), 0);
-        if (r.bytes === 0) return "closed";
-        have += r.bytes;
-        if (have >= HEADER_SIZE) {
-          const h = decodeHeader(buf);
-          if (have >= HEADER_SIZE + h.size)
-            return { request: h.request, flags: h.flags, payload: buf.slice(HEADER_SIZE, HEADER_SIZE + h.size) };
-        }
-      } catch (e) {
-        if (e instanceof SysError && e.kind === "disconnected") return "closed";
-        if (!(e instanceof SysError && e.kind === "retry")) throw e;
-      }
-      await tick();
-    }
-    throw new Error("no reply within 4 s");
-  }
-  async ack(request: number, payload?: Uint8Array, fds: Fd[] = []): Promise<number | "closed"> {
-    this.send(request, payload, fds, FLAG_NEED_REPLY);
-    const r = await this.reply();
-    if (r === "closed") return r;
-    assert.equal(r.request, request);
-    assert.ok((r.flags & FLAG_REPLY) !== 0);
-    return Number(new DataView(r.payload.buffer).getBigUint64(0, true));
-  }
-  /** Negotiates protocol features with REPLY_ACK so errors come back as NACKs. */
-  async handshake(): Promise<void> {
-    this.send(Req.GET_FEATURES);
-    const f = await this.reply();
-    assert.notEqual(f, "closed");
-    this.send(Req.SET_PROTOCOL_FEATURES, encodeU64((1n << BigInt(PF.REPLY_ACK)) | (1n << BigInt(PF.MQ))));
-    assert.equal(await this.ack(Req.SET_OWNER), 0);
-  }
-  close(): void {
-    this.fd.close();
-  }
-}
-
 async function serverStillServes(): Promise<void> {
-  const c = new RawClient();
+  const c = new RawFrontend(path);
   try {
     c.send(Req.GET_FEATURES);
     const r = await c.reply();
@@ -135,7 +78,7 @@ test("vhost-user socket is created with mode 0600", () => {
 });
 
 test("a wrong payload size is refused with a NACK and the connection stays", async () => {
-  const c = new RawClient();
+  const c = new RawFrontend(path);
   await c.handshake();
   assert.equal(await c.ack(Req.SET_VRING_NUM, new Uint8Array(4)), 1);
   assert.equal(await c.ack(Req.SET_VRING_NUM, encodeVringState({ index: 0, num: 128 })), 0, "a good request still works");
@@ -144,7 +87,7 @@ test("a wrong payload size is refused with a NACK and the connection stays", asy
 });
 
 test("an unknown request without need_reply drops the connection; the server serves the next", async () => {
-  const c = new RawClient();
+  const c = new RawFrontend(path);
   c.send(999);
   assert.equal(await c.reply(), "closed");
   c.close();
@@ -152,7 +95,7 @@ test("an unknown request without need_reply drops the connection; the server ser
 });
 
 test("a bad header version drops the connection", async () => {
-  const c = new RawClient();
+  const c = new RawFrontend(path);
   const bytes = encodeMessage(Req.GET_FEATURES, 0);
   bytes[4] = 2; // version 2
   c.sendRaw(bytes);
@@ -162,7 +105,7 @@ test("a bad header version drops the connection", async () => {
 });
 
 test("a truncated message (peer closes mid-payload) is dropped cleanly", async () => {
-  const c = new RawClient();
+  const c = new RawFrontend(path);
   const bytes = encodeMessage(Req.SET_VRING_ADDR, 0, new Uint8Array(40));
   c.sendRaw(bytes.subarray(0, HEADER_SIZE + 10));
   c.close();
@@ -170,7 +113,7 @@ test("a truncated message (peer closes mid-payload) is dropped cleanly", async (
 });
 
 test("wrong fd counts are refused: SET_MEM_TABLE without fds, SET_OWNER with one", async () => {
-  const c = new RawClient();
+  const c = new RawFrontend(path);
   await c.handshake();
   const table = encodeMemTable([{ guestAddr: 0, size: 1 << 20, userAddr: 0x7000_0000_0000, mmapOffset: 0 }]);
   assert.equal(await c.ack(Req.SET_MEM_TABLE, table), 1);
@@ -182,7 +125,7 @@ test("wrong fd counts are refused: SET_MEM_TABLE without fds, SET_OWNER with one
 });
 
 test("overlapping and zero-sized memory regions are refused", async () => {
-  const c = new RawClient();
+  const c = new RawFrontend(path);
   await c.handshake();
   const a = memfd(1 << 20);
   const b = memfd(1 << 20);
@@ -200,7 +143,7 @@ test("overlapping and zero-sized memory regions are refused", async () => {
 });
 
 test("ring addresses outside the memory table are refused when the ring starts", async () => {
-  const c = new RawClient();
+  const c = new RawFrontend(path);
   await c.handshake();
   const ua = 0x7000_0000_0000;
   const mem = memfd(1 << 20);
@@ -225,7 +168,7 @@ test("ring addresses outside the memory table are refused when the ring starts",
 });
 
 test("messages in the wrong state are refused: ring size change while running, GET_QUEUE_NUM without MQ", async () => {
-  const c = new RawClient();
+  const c = new RawFrontend(path);
   c.send(Req.SET_PROTOCOL_FEATURES, encodeU64(1n << BigInt(PF.REPLY_ACK)));
   assert.equal(await c.ack(Req.GET_QUEUE_NUM), 1);
   const ua = 0x7000_0000_0000;
@@ -255,9 +198,9 @@ test("messages in the wrong state are refused: ring size change while running, G
 });
 
 test("a second front end is turned away while one is connected", async () => {
-  const a = new RawClient();
+  const a = new RawFrontend(path);
   await a.handshake();
-  const b = new RawClient();
+  const b = new RawFrontend(path);
   b.send(Req.GET_FEATURES);
   assert.equal(await b.reply(), "closed");
   b.close();
@@ -271,7 +214,7 @@ test("every hostile connection ended with an error recorded, none crashed the pr
 });
 
 test("a capacity change reaches the front end as CONFIG_CHANGE_MSG on the back-end channel, and GET_CONFIG shows it", async () => {
-  const c = new RawClient();
+  const c = new RawFrontend(path);
   c.send(Req.SET_PROTOCOL_FEATURES, encodeU64((1n << BigInt(PF.REPLY_ACK)) | (1n << BigInt(PF.CONFIG)) | (1n << BigInt(PF.BACKEND_REQ))));
   const [mine, theirs] = socketpair();
   assert.equal(await c.ack(Req.SET_BACKEND_REQ_FD, new Uint8Array(0), [theirs]), 0);
@@ -302,7 +245,7 @@ test("a capacity change reaches the front end as CONFIG_CHANGE_MSG on the back-e
 });
 
 test("SET_CONFIG to a read-only field is refused even once the device's error log is full", async () => {
-  const c = new RawClient();
+  const c = new RawFrontend(path);
   c.send(Req.SET_PROTOCOL_FEATURES, encodeU64((1n << BigInt(PF.REPLY_ACK)) | (1n << BigInt(PF.CONFIG))));
   // capacity (offset 0) is read-only: each refused byte is one guest error in the device's log.
   const write = encodeConfig({ offset: 0, size: 8, flags: 0, data: new Uint8Array(8).fill(0xff) });

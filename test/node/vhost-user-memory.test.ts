@@ -24,7 +24,7 @@ import type { GuestMemory } from "../../src/core/memory/index.js";
 import { Fd, SEAL, addSeals, eventfd, eventfdWrite, ftruncate } from "../../src/node/native.js";
 import { VhostUserServer } from "../../src/node/vhost-user/server.js";
 import { FileBlockPort } from "../../src/node/file-port.js";
-import { RawClient, memfd, memfdGuestMemory, tick, waitEventfd } from "./raw-frontend.js";
+import { RawFrontend, memfd, memfdGuestMemory, tick, waitEventfd } from "./vhost-user-raw.js";
 
 // The guest memory a front end hands over is untrusted too: regions larger
 // than one ArrayBuffer (an 8 GiB VM), regions their fd does not back, and a
@@ -44,7 +44,7 @@ after(() => {
 });
 
 async function serverStillServes(): Promise<void> {
-  const c = new RawClient(path);
+  const c = new RawFrontend(path);
   try {
     c.send(Req.GET_FEATURES);
     assert.notEqual(await c.reply(), "closed", "a fresh front end must be served");
@@ -58,7 +58,7 @@ const FEATURES = (1n << 32n) | (1n << 30n); // VERSION_1 | VHOST_USER_F_PROTOCOL
 
 /** One running split ring 0 at guest address `ring`, described to the back end by user address. */
 async function startRing(
-  c: RawClient,
+  c: RawFrontend,
   mem: GuestMemory,
   table: MemRegionDesc[],
   ring: number,
@@ -121,7 +121,7 @@ async function request(
 }
 
 test("regions their fd does not back are refused, however far the mmap_offset points; the process lives on", async () => {
-  const c = new RawClient(path);
+  const c = new RawFrontend(path);
   await c.handshake();
   const fd = memfd(1 << 20);
   try {
@@ -144,7 +144,7 @@ test("regions their fd does not back are refused, however far the mmap_offset po
 });
 
 test("an in-flight area its fd does not back is refused", async () => {
-  const c = new RawClient(path);
+  const c = new RawFrontend(path);
   await c.handshake(1n << BigInt(PF.INFLIGHT_SHMFD));
   const need = inflightMmapSize("split", 1, 128);
   const fd = memfd(need);
@@ -160,7 +160,7 @@ test("an in-flight area its fd does not back is refused", async () => {
 });
 
 test("the memory table reports whether each memfd is sealed against shrinking", async () => {
-  const c = new RawClient(path);
+  const c = new RawFrontend(path);
   await c.handshake();
   const sealed = memfd(1 << 20, { allowSealing: true });
   addSeals(sealed, SEAL.SHRINK | SEAL.GROW);
@@ -189,7 +189,7 @@ test("the memory table reports whether each memfd is sealed against shrinking", 
 });
 
 test("an 8 GiB VM's memory table (2 GiB low, 6 GiB above 4 GiB) maps, and a ring above 2^32 across a window boundary serves reads and writes", async () => {
-  const c = new RawClient(path);
+  const c = new RawFrontend(path);
   await c.handshake();
   const fd = memfd(8 * GIB); // sparse: only the pages the test touches are ever allocated
   const layout = [
@@ -224,7 +224,7 @@ test("an 8 GiB VM's memory table (2 GiB low, 6 GiB above 4 GiB) maps, and a ring
 });
 
 test("a memfd shrunk under a running ring: DEVICE_NEEDS_RESET and the error fd, no SIGBUS; the connection and the process live on", async () => {
-  const c = new RawClient(path);
+  const c = new RawFrontend(path);
   await c.handshake();
   const fd = memfd(16 << 20);
   const { mem, unmap } = memfdGuestMemory(fd, [{ gpa: 0, size: 16 << 20, fileOffset: 0 }]);
@@ -259,7 +259,7 @@ test("a write whose data pages the front end took away fails with IOERR and leav
   const port = new FileBlockPort(image);
   const filePath = join(dir, "file.sock");
   const fileServer = new VhostUserServer(filePath, new BlkDevice({ port }));
-  const c = new RawClient(filePath);
+  const c = new RawFrontend(filePath);
   await c.handshake();
   const fd = memfd(16 << 20);
   const { mem, unmap } = memfdGuestMemory(fd, [{ gpa: 0, size: 16 << 20, fileOffset: 0 }]);

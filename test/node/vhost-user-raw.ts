@@ -17,6 +17,7 @@ import type { QueueState } from "../../src/core/virtio/queue/state.js";
 import {
   Fd,
   SysError,
+  eventfdRead,
   ftruncate,
   memfdCreate,
   mmap,
@@ -51,6 +52,11 @@ export class RawFrontend {
 
   send(request: number, payload: Uint8Array = new Uint8Array(0), fds: Fd[] = [], flags = 0): void {
     sendmsg(this.fd, encodeMessage(request, flags, payload), fds);
+  }
+
+  /** Bytes as they are, for messages no codec would produce. */
+  sendRaw(bytes: Uint8Array): void {
+    sendmsg(this.fd, bytes);
   }
 
   /** The next reply, or "closed" when the back end dropped us. */
@@ -202,4 +208,51 @@ export async function startRing(c: RawFrontend, ram: GuestRam, r: RingSetup): Pr
   assert.equal(await c.ack(Req.SET_VRING_KICK, encodeU64(index), [r.kick]), 0, "SET_VRING_KICK");
   assert.equal(await c.ack(Req.SET_VRING_ENABLE, encodeVringState({ index, num: 1 })), 0, "SET_VRING_ENABLE");
   return ring;
+}
+
+export const tick = (): Promise<void> => new Promise((r) => setTimeout(r, 2));
+
+/** Waits until a non-blocking eventfd is signalled; false after ~4 s. */
+export async function waitEventfd(fd: Fd): Promise<boolean> {
+  for (let i = 0; i < 2000; i++) {
+    try {
+      if (eventfdRead(fd) > 0) return true;
+    } catch (e) {
+      if (!(e instanceof SysError && e.kind === "retry")) throw e;
+    }
+    await tick();
+  }
+  return false;
+}
+
+export function memfd(size: number, opts: { allowSealing?: boolean } = {}): Fd {
+  const fd = memfdCreate("iovirt-test", opts);
+  ftruncate(fd, size);
+  return fd;
+}
+
+/**
+ * Guest memory as a front end sees it: regions of one memfd, mapped window by
+ * window (guarded, so a test that shrinks the file survives its own view).
+ */
+export function memfdGuestMemory(
+  fd: Fd,
+  regions: readonly { gpa: number; size: number; fileOffset: number }[],
+): {
+  mem: GuestMemory;
+  unmap: () => void;
+} {
+  const buffers: ArrayBuffer[] = [];
+  const mem = new GuestMemory(
+    regions.map((r) => ({
+      gpa: r.gpa,
+      size: r.size,
+      map: (start: number, length: number) => {
+        const buffer = mmap(fd, length, r.fileOffset + start, "rw", true, { guard: true });
+        buffers.push(buffer);
+        return { buffer, offset: 0 };
+      },
+    })),
+  );
+  return { mem, unmap: () => buffers.forEach((b) => munmap(b)) };
 }
