@@ -6,7 +6,7 @@ import { RamDisk, type BlockPort } from "../../src/core/virtio/devices/blk/port.
 import { createDriverQueue } from "../../src/core/virtio/driver/create.js";
 import { layoutQueue } from "../../src/core/virtio/driver/layout.js";
 import { VhostUserBackend } from "../../src/core/vhost-user/backend.js";
-import type { VhostUserPlatform } from "../../src/core/vhost-user/platform.js";
+import { FakeFd, fakePlatform } from "./fake-platform.js";
 import {
   decodeInflight,
   decodeVringState,
@@ -24,37 +24,6 @@ import { FLAG_NEED_REPLY, PF, Req, VERSION } from "../../src/core/vhost-user/pro
 // requests in flight; back end B gets the same in-flight area (SET_INFLIGHT_FD)
 // and the ring base QEMU sends after a crash (its used idx), resubmits exactly
 // the lost requests, and every request completes once with its data on disk.
-
-class FakeFd {
-  closed = false;
-  constructor(readonly buffer: ArrayBuffer) {}
-}
-
-function platform(kicks: Map<FakeFd, () => void>): VhostUserPlatform<FakeFd> {
-  return {
-    mmap: (fd, offset, length) => {
-      assert.ok(offset === 0 && length <= fd.buffer.byteLength);
-      return fd.buffer;
-    },
-    munmap: () => {},
-    fileInfo: (fd) => ({ size: fd.buffer.byteLength, shrinkSealed: null }),
-    faultEvents: () => 0,
-    poisoned: () => false,
-    close: (fd) => {
-      fd.closed = true;
-    },
-    watchKick: (fd, onKick) => {
-      kicks.set(fd, onKick);
-      return { stop: () => kicks.delete(fd) };
-    },
-    signal: () => {},
-    sendBackendMessage: () => {},
-    createShared: (size) => {
-      const fd = new FakeFd(new ArrayBuffer(size));
-      return { fd, buffer: fd.buffer };
-    },
-  };
-}
 
 /** A port whose writes wait until the test lets them finish. */
 class StallingPort implements BlockPort {
@@ -172,7 +141,7 @@ for (const layout of ["split", "packed"] as const) {
     // Back end A: takes all six, finishes two out of order, then dies.
     const kicksA = new Map<FakeFd, () => void>();
     const portA = new StallingPort(disk);
-    const a = new VhostUserBackend(new BlkDevice({ port: portA, queueSize: QSIZE }), platform(kicksA), { pollNs: 0 });
+    const a = new VhostUserBackend(new BlkDevice({ port: portA, queueSize: QSIZE }), fakePlatform(kicksA), { pollNs: 0 });
     const kickA = connect(a, kicksA, layout === "split" ? 0 : 0x80008000, true, state);
     for (let k = 0; k < 6; k++) submit(k);
     driver.publish();
@@ -189,7 +158,7 @@ for (const layout of ["split", "packed"] as const) {
 
     // Back end B: QEMU reconnects and, after a crash, sends its used idx as the ring base.
     const kicksB = new Map<FakeFd, () => void>();
-    const b = new VhostUserBackend(new BlkDevice({ port: disk, queueSize: QSIZE }), platform(kicksB), { pollNs: 0 });
+    const b = new VhostUserBackend(new BlkDevice({ port: disk, queueSize: QSIZE }), fakePlatform(kicksB), { pollNs: 0 });
     const kickB = connect(b, kicksB, usedIdx >>> 0, false, state);
     assert.equal(drain(), 4, "the four lost requests were resubmitted and completed");
     assert.deepEqual(done.sort(), [0, 1, 2, 3, 4, 5]);

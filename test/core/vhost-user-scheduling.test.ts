@@ -7,17 +7,13 @@ import { createDriverQueue } from "../../src/core/virtio/driver/create.js";
 import { layoutQueue } from "../../src/core/virtio/driver/layout.js";
 import type { DriverQueue } from "../../src/core/virtio/driver/driver-queue.js";
 import { VhostUserBackend, type BackendOptions } from "../../src/core/vhost-user/backend.js";
-import type { VhostUserPlatform } from "../../src/core/vhost-user/platform.js";
+import { FakeFd, fakePlatform } from "./fake-platform.js";
 import { encodeMemTable, encodeU64, encodeVringAddr, encodeVringState } from "../../src/core/vhost-user/codec.js";
 import { FLAG_NEED_REPLY, PF, Req, VERSION } from "../../src/core/vhost-user/protocol.js";
 
 // The back end's poll scheduler (issue 8, defect 8): a kick runs one bounded
 // pass; more work continues in passes the platform defers to its event loop,
 // so the loop can read the socket between them.
-
-class FakeFd {
-  constructor(readonly buffer: ArrayBuffer) {}
-}
 
 const UA = 0x5000_0000;
 const QSIZE = 256;
@@ -41,25 +37,7 @@ function rig(withDefer: boolean, opts: BackendOptions = {}): Rig {
   const mem = new GuestMemory([{ gpa: 0, size: buf.byteLength, buffer: buf }]);
   const kicks = new Map<FakeFd, () => void>();
   const deferred: (() => void)[] = [];
-  const platform: VhostUserPlatform<FakeFd> = {
-    mmap: (fd) => fd.buffer,
-    munmap: () => {},
-    fileInfo: (fd) => ({ size: fd.buffer.byteLength, shrinkSealed: null }),
-    faultEvents: () => 0,
-    poisoned: () => false,
-    close: () => {},
-    watchKick: (fd, onKick) => {
-      kicks.set(fd, onKick);
-      return { stop: () => kicks.delete(fd) };
-    },
-    signal: () => {},
-    sendBackendMessage: () => {},
-    createShared: (size) => {
-      const fd = new FakeFd(new ArrayBuffer(size));
-      return { fd, buffer: fd.buffer };
-    },
-    ...(withDefer ? { defer: (fn: () => void) => void deferred.push(fn) } : {}),
-  };
+  const platform = fakePlatform(kicks, withDefer ? (fn) => void deferred.push(fn) : undefined);
   const clock = { now: 0 };
   const device = new BlkDevice({ port: new RamDisk(1 << 20), queueSize: QSIZE });
   const be = new VhostUserBackend(device, platform, { now: () => clock.now, ...opts });

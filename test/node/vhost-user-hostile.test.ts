@@ -1,11 +1,9 @@
-import { test, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import { mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Worker } from "node:worker_threads";
-import { BlkDevice } from "../../src/core/virtio/devices/blk/device.js";
-import { RamDisk } from "../../src/core/virtio/devices/blk/port.js";
 import {
   VhostUserError,
   decodeHeader,
@@ -16,62 +14,18 @@ import {
   encodeVringAddr,
   encodeVringState,
 } from "../../src/core/vhost-user/codec.js";
-import { HEADER_SIZE, PF, Req, VHOST_USER_F_PROTOCOL_FEATURES } from "../../src/core/vhost-user/protocol.js";
-import { VIRTIO_F_VERSION_1, bit } from "../../src/core/virtio/lifecycle/features.js";
-import {
-  Fd,
-  SysError,
-  eventfd,
-  eventfdWrite,
-  ftruncate,
-  memfdCreate,
-  recvmsg,
-  sendmsg,
-  socketpair,
-  unixConnect,
-  unixSocket,
-} from "../../src/node/native.js";
+import { HEADER_SIZE, PF, Req } from "../../src/core/vhost-user/protocol.js";
+import { bit } from "../../src/core/virtio/lifecycle/features.js";
+import { SysError, eventfd, eventfdWrite, recvmsg, sendmsg, socketpair, unixConnect, unixSocket } from "../../src/node/native.js";
 import { BackendReq } from "../../src/core/vhost-user/protocol.js";
-import { VhostUserServer } from "../../src/node/vhost-user/server.js";
-import { GuestRam, RawFrontend, prepareRing, startRing, tick } from "./vhost-user-raw.js";
+import { GuestRam, RawFrontend, blkServer, memfd, prepareRing, startRing, tick } from "./vhost-user-raw.js";
 
 // A hostile front end talks raw vhost-user to an iovirt back end in this process.
 // Every case must end in a clear refusal (a non-zero REPLY_ACK or a dropped
 // connection) with the server still accepting the next front end.
 
-const dir = mkdtempSync(join(tmpdir(), "iovirt-vu-"));
-const path = join(dir, "blk.sock");
-const disk = new RamDisk(1 << 20);
-const device = new BlkDevice({ port: disk });
 const disconnects: (Error | null)[] = [];
-const server = new VhostUserServer(path, device, { onDisconnect: (e) => disconnects.push(e) });
-after(() => {
-  server.close();
-  rmSync(dir, { recursive: true, force: true });
-});
-
-async function serverStillServes(): Promise<void> {
-  const c = new RawFrontend(path);
-  try {
-    c.send(Req.GET_FEATURES);
-    const r = await c.reply();
-    assert.notEqual(r, "closed", "a fresh front end must be served after a hostile one");
-    if (r !== "closed") {
-      const f = new DataView(r.payload.buffer).getBigUint64(0, true);
-      assert.ok((f & (1n << BigInt(VIRTIO_F_VERSION_1))) !== 0n);
-      assert.ok((f & (1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES))) !== 0n);
-    }
-  } finally {
-    c.close();
-  }
-  for (let i = 0; i < 50 && server.connection !== null; i++) await tick();
-}
-
-function memfd(size: number): Fd {
-  const fd = memfdCreate("hostile");
-  ftruncate(fd, size);
-  return fd;
-}
+const { path, disk, device, stillServes: serverStillServes } = blkServer({ onDisconnect: (e) => disconnects.push(e) });
 
 test("vhost-user socket is created with mode 0600", () => {
   assert.equal(statSync(path).mode & 0o777, 0o600);

@@ -1,10 +1,8 @@
-import { test, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { BlkDevice } from "../../src/core/virtio/devices/blk/device.js";
-import { RamDisk } from "../../src/core/virtio/devices/blk/port.js";
 import { VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT } from "../../src/core/virtio/devices/blk/constants.js";
 import {
   encodeInflight,
@@ -24,7 +22,8 @@ import type { GuestMemory } from "../../src/core/memory/index.js";
 import { Fd, SEAL, addSeals, eventfd, eventfdWrite, ftruncate } from "../../src/node/native.js";
 import { VhostUserServer } from "../../src/node/vhost-user/server.js";
 import { FileBlockPort } from "../../src/node/file-port.js";
-import { RawFrontend, memfd, memfdGuestMemory, tick, waitEventfd } from "./vhost-user-raw.js";
+import { RawFrontend, memfd, memfdGuestMemory, waitEventfd } from "./vhost-user-raw.js";
+import { blkServer } from "./vhost-user-raw.js";
 
 // The guest memory a front end hands over is untrusted too: regions larger
 // than one ArrayBuffer (an 8 GiB VM), regions their fd does not back, and a
@@ -32,27 +31,8 @@ import { RawFrontend, memfd, memfdGuestMemory, tick, waitEventfd } from "./vhost
 
 const GIB = 2 ** 30;
 const UA = 0x7000_0000_0000; // where the "front end" pretends guest RAM sits in its address space
-const dir = mkdtempSync(join(tmpdir(), "iovirt-vu-mem-"));
-const path = join(dir, "blk.sock");
-const disk = new RamDisk(1 << 20);
-const device = new BlkDevice({ port: disk });
 const logs: string[] = [];
-const server = new VhostUserServer(path, device, { log: (l) => logs.push(l) });
-after(() => {
-  server.close();
-  rmSync(dir, { recursive: true, force: true });
-});
-
-async function serverStillServes(): Promise<void> {
-  const c = new RawFrontend(path);
-  try {
-    c.send(Req.GET_FEATURES);
-    assert.notEqual(await c.reply(), "closed", "a fresh front end must be served");
-  } finally {
-    c.close();
-  }
-  for (let i = 0; i < 50 && server.connection !== null; i++) await tick();
-}
+const { path, dir, disk, device, stillServes: serverStillServes } = blkServer({ log: (l) => logs.push(l) });
 
 const FEATURES = (1n << 32n) | (1n << 30n); // VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES
 

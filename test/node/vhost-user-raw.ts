@@ -1,4 +1,11 @@
 import assert from "node:assert/strict";
+import { after } from "node:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { BlkDevice } from "../../src/core/virtio/devices/blk/device.js";
+import { RamDisk } from "../../src/core/virtio/devices/blk/port.js";
+import { VhostUserServer, type ServerOptions } from "../../src/node/vhost-user/server.js";
 import { GuestMemory } from "../../src/core/memory/guest-memory.js";
 import {
   decodeHeader,
@@ -255,4 +262,42 @@ export function memfdGuestMemory(
     })),
   );
   return { mem, unmap: () => buffers.forEach((b) => munmap(b)) };
+}
+
+/** A 1 MiB RAM-disk virtio-blk served in this process on a fresh socket, closed after the file's tests. */
+export function blkServer(opts: ServerOptions = {}): {
+  path: string;
+  dir: string;
+  disk: RamDisk;
+  device: BlkDevice;
+  server: VhostUserServer;
+  /** A fresh front end is served (after a hostile one): GET_FEATURES answers with VERSION_1 and PROTOCOL_FEATURES. */
+  stillServes: () => Promise<void>;
+} {
+  const dir = mkdtempSync(join(tmpdir(), "iovirt-vu-"));
+  const path = join(dir, "blk.sock");
+  const disk = new RamDisk(1 << 20);
+  const device = new BlkDevice({ port: disk });
+  const server = new VhostUserServer(path, device, opts);
+  after(() => {
+    server.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const stillServes = async (): Promise<void> => {
+    const c = new RawFrontend(path);
+    try {
+      c.send(Req.GET_FEATURES);
+      const r = await c.reply();
+      assert.notEqual(r, "closed", "a fresh front end must be served after a hostile one");
+      if (r !== "closed") {
+        const f = new DataView(r.payload.buffer, r.payload.byteOffset).getBigUint64(0, true);
+        assert.ok((f & bit(VIRTIO_F_VERSION_1)) !== 0n);
+        assert.ok((f & bit(VHOST_USER_F_PROTOCOL_FEATURES)) !== 0n);
+      }
+    } finally {
+      c.close();
+    }
+    for (let i = 0; i < 50 && server.connection !== null; i++) await tick();
+  };
+  return { path, dir, disk, device, server, stillServes };
 }
