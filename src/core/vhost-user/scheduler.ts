@@ -117,7 +117,7 @@ export class RingScheduler<F> {
     this.schedule(i, ring);
   }
 
-  /** Runs ring work from an event-loop callback: a host-side failure (e.g. of the port) ends that ring, not the process. */
+  /** Runs ring work from an event-loop callback: a host-side failure (e.g. of the port) ends that ring and nothing else. */
   private guarded(i: number, fn: () => void): void {
     try {
       fn();
