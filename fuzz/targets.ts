@@ -1,0 +1,12 @@
+import { RingTarget } from "./ring/target.js";
+import type { FuzzTarget, FuzzerName } from "./target.js";
+
+/** A fresh instance of the named fuzzer. */
+export function makeTarget(name: FuzzerName): FuzzTarget<unknown> {
+  switch (name) {
+    case "ring":
+      return new RingTarget() as FuzzTarget<unknown>;
+    case "vhost-user":
+      throw new Error("not yet");
+  }
+}
