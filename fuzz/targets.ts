@@ -1,4 +1,5 @@
 import { RingTarget } from "./ring/target.js";
+import { VuTarget } from "./vhost-user/target.js";
 import type { FuzzTarget, FuzzerName } from "./target.js";
 
 /** A fresh instance of the named fuzzer. */
@@ -7,6 +8,6 @@ export function makeTarget(name: FuzzerName): FuzzTarget<unknown> {
     case "ring":
       return new RingTarget() as FuzzTarget<unknown>;
     case "vhost-user":
-      throw new Error("not yet");
+      return new VuTarget() as FuzzTarget<unknown>;
   }
 }
