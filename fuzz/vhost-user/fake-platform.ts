@@ -240,3 +240,20 @@ export class FakePlatform implements VhostUserPlatform<FakeFd> {
     this.problems.push(msg);
   }
 }
+
+/** The fake as a platform with some methods replaced: how tests plant a platform failure or a back-end bug. */
+export function patched(fake: FakePlatform, patch: Partial<VhostUserPlatform<FakeFd>>): VhostUserPlatform<FakeFd> {
+  const base: VhostUserPlatform<FakeFd> = {
+    mmap: fake.mmap.bind(fake),
+    munmap: fake.munmap.bind(fake),
+    fileInfo: fake.fileInfo.bind(fake),
+    faultEvents: fake.faultEvents.bind(fake),
+    poisoned: fake.poisoned.bind(fake),
+    close: fake.close.bind(fake),
+    watchKick: fake.watchKick.bind(fake),
+    signal: fake.signal.bind(fake),
+    sendBackendMessage: fake.sendBackendMessage.bind(fake),
+    createShared: fake.createShared.bind(fake),
+  };
+  return { ...base, ...patch };
+}

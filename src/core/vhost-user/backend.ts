@@ -182,8 +182,16 @@ export class VhostUserBackend<F> {
       if (needAck) return [{ bytes: encodeMessage(h.request, FLAG_REPLY, encodeU64(1)), fds: [] }];
       throw err;
     } finally {
-      if (!kept) for (const fd of fds) this.platform.close(fd);
+      // A request can fail after installing some of its fds (a memory table whose rings then
+      // cannot restart): those are ours now and close() releases them, so close only the rest.
+      if (!kept) for (const fd of fds) if (!this.holds(fd)) this.platform.close(fd);
     }
+  }
+
+  /** Whether `fd` is part of the back end's state (and so released by close()). */
+  private holds(fd: F): boolean {
+    if (fd === this.backendFd || this.table.holds(fd) || this.inflight.holds(fd)) return true;
+    return this.rings.some((r) => r.kick === fd || r.call === fd || r.err === fd);
   }
 
   /** Releases every mapping, fd and watch; the device is reset. */

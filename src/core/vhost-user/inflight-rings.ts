@@ -6,7 +6,7 @@ import { PackedQueue, chainFromDescriptors } from "../virtio/queue/packed.js";
 import { VhostUserError, type InflightDesc } from "./codec.js";
 import { InflightError, PackedInflight, SplitInflight, inflightMmapSize, inflightQueueSlice } from "./inflight/index.js";
 import { checkFileCovers } from "./memory-table.js";
-import type { VhostUserPlatform } from "./platform.js";
+import { platformCall, type VhostUserPlatform } from "./platform.js";
 
 interface InflightArea<F> {
   fd: F;
@@ -42,7 +42,7 @@ export class InflightRings<F> {
     this.checkShape(d);
     // The layout is not negotiated yet: size every queue's region for the larger (packed) form.
     const mmapSize = inflightMmapSize("packed", d.numQueues, d.queueSize);
-    const { fd, buffer } = this.platform.createShared(mmapSize);
+    const { fd, buffer } = platformCall("SHM_FAILED", `in-flight area of ${mmapSize} bytes`, () => this.platform.createShared(mmapSize));
     this.replace({ fd, buffer, numQueues: d.numQueues, queueSize: d.queueSize });
     return { fd, reply: { mmapSize, mmapOffset: 0, numQueues: d.numQueues, queueSize: d.queueSize } };
   }
@@ -54,8 +54,13 @@ export class InflightRings<F> {
       throw new VhostUserError("BAD_VALUE", `in-flight area of ${d.mmapSize} bytes is too small for ${d.numQueues} x ${d.queueSize}`);
     }
     checkFileCovers(this.platform, fd, d.mmapOffset, d.mmapSize, "in-flight area");
-    const buffer = this.platform.mmap(fd, d.mmapOffset, d.mmapSize);
+    const buffer = platformCall("MMAP_FAILED", `mmap of the in-flight area`, () => this.platform.mmap(fd, d.mmapOffset, d.mmapSize));
     this.replace({ fd, buffer, numQueues: d.numQueues, queueSize: d.queueSize });
+  }
+
+  /** Whether the current area is behind `fd`. */
+  holds(fd: F): boolean {
+    return this.area?.fd === fd;
   }
 
   /** Whether the area lost pages (its memfd shrunk under us). */

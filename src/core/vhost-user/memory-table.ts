@@ -1,6 +1,6 @@
 import { GuestMemory, MemoryRegion } from "../memory/guest-memory.js";
 import { VhostUserError, type MemRegionDesc } from "./codec.js";
-import type { VhostUserPlatform } from "./platform.js";
+import { platformCall, type VhostUserPlatform } from "./platform.js";
 import { MAX_MEM_SLOTS } from "./protocol.js";
 
 /** One region of the front end's memory table, mapped. */
@@ -64,6 +64,11 @@ export class MemoryTable<F> {
       if (uaddr >= r.userAddr && uaddr < r.userAddr + r.size) return r.guestAddr + (uaddr - r.userAddr);
     }
     throw new VhostUserError("BAD_RING", `${what} at user address 0x${uaddr.toString(16)} is outside the memory table`);
+  }
+
+  /** Whether a region of the current table holds `fd`. */
+  holds(fd: F): boolean {
+    return this.regions.some((r) => r.fd === fd);
   }
 
   /** The regions that lost pages (a memfd shrunk under us), by name. */
@@ -140,7 +145,7 @@ export class MemoryTable<F> {
       gpa: r.guestAddr,
       size: r.size,
       map: (start, length) => {
-        const buffer = this.platform.mmap(fd, r.mmapOffset + start, length);
+        const buffer = platformCall("MMAP_FAILED", `mmap of ${length} bytes`, () => this.platform.mmap(fd, r.mmapOffset + start, length));
         made.push(buffer);
         buffers.push(buffer);
         return { buffer, offset: 0 };
@@ -164,7 +169,7 @@ export function checkFileCovers<F>(
   size: number,
   what: string,
 ): { size: number; shrinkSealed: boolean | null } {
-  const file = platform.fileInfo(fd);
+  const file = platformCall("FSTAT_FAILED", `fstat of the ${what}'s fd`, () => platform.fileInfo(fd));
   if (offset + size > file.size) {
     throw new VhostUserError(
       "BAD_REGION",

@@ -1,3 +1,5 @@
+import { VhostUserError } from "./codec.js";
+
 /** What the back end needs from the OS; src/node implements it with the native addon. */
 export interface VhostUserPlatform<F> {
   /**
@@ -36,4 +38,18 @@ export interface VhostUserPlatform<F> {
    * the ring until empty in bounded passes, and there is no adaptive polling.
    */
   defer?(fn: () => void): void;
+}
+
+/**
+ * Runs a platform call a request asked for (fstat or mmap of the front
+ * end's fd, the in-flight memfd): the OS refusing it (ENOMEM, ENODEV, ...)
+ * refuses the request with a VhostUserError instead of escaping as the
+ * platform's own error.
+ */
+export function platformCall<T>(code: string, what: string, call: () => T): T {
+  try {
+    return call();
+  } catch (e) {
+    throw new VhostUserError(code, `${what} failed: ${e instanceof Error ? e.message : String(e)}`);
+  }
 }
