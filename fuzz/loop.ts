@@ -31,6 +31,8 @@ export interface LoopResult {
   fuzzer: FuzzerName;
   cases: number;
   seconds: number;
+  /** CPU time the process used meanwhile: on a shared machine, cases per CPU second is the fair rate. */
+  cpuSeconds: number;
   findings: Finding[];
   counters: Record<string, number>;
 }
@@ -40,6 +42,7 @@ const MINIMISE_MS = 10_000;
 /** Runs cases firstSeed, firstSeed + 1, ... for `seconds`; a finding is minimised and reported once per signature. */
 export function fuzzLoop<C>(t: FuzzTarget<C>, o: LoopOptions): LoopResult {
   const start = performance.now();
+  const cpu0 = process.cpuUsage();
   const end = start + o.seconds * 1000;
   const slowMs = o.slowMs ?? 250;
   const seen = new Set<string>();
@@ -70,7 +73,9 @@ export function fuzzLoop<C>(t: FuzzTarget<C>, o: LoopOptions): LoopResult {
   } finally {
     Error.stackTraceLimit = stackLimit;
   }
-  return { fuzzer: t.name, cases, seconds: (performance.now() - start) / 1000, findings, counters: t.counters() };
+  const cpu = process.cpuUsage(cpu0);
+  const cpuSeconds = (cpu.user + cpu.system) / 1e6;
+  return { fuzzer: t.name, cases, seconds: (performance.now() - start) / 1000, cpuSeconds, findings, counters: t.counters() };
 }
 
 /** A slow case is run again; only a second slow run makes it a finding (the machine may just be busy). */

@@ -7,6 +7,12 @@ export class Rng {
   private s: number;
 
   constructor(seed: number) {
+    this.s = 0;
+    this.reseed(seed);
+  }
+
+  /** Starts the sequence for `seed` again (generators reuse one Rng per case). */
+  reseed(seed: number): void {
     // Mix the seed first: xorshift states from consecutive seeds would start out correlated.
     let z = (seed + 0x9e3779b9) | 0;
     z = Math.imul(z ^ (z >>> 16), 0x85ebca6b);

@@ -41,12 +41,13 @@ type MakeTarget = (name: FuzzerName) => FuzzTarget<unknown>;
  * seed it was on, and a fresh worker goes on from the next seed.
  */
 export async function superviseFuzzer(ref: TargetRef, seconds: number, seed: number, o: SuperviseOptions = {}): Promise<LoopResult> {
-  const total: LoopResult = { fuzzer: ref.name, cases: 0, seconds: 0, findings: [], counters: {} };
+  const total: LoopResult = { fuzzer: ref.name, cases: 0, seconds: 0, cpuSeconds: 0, findings: [], counters: {} };
   let next = seed;
   while (seconds - total.seconds > 0.05) {
     const { result, stuck } = await runWorker(ref, seconds - total.seconds, next, o);
     total.cases += result.cases;
     total.seconds += result.seconds;
+    total.cpuSeconds += result.cpuSeconds;
     total.findings.push(...result.findings);
     for (const [k, v] of Object.entries(result.counters)) total.counters[k] = (total.counters[k] ?? 0) + v;
     if (stuck === null) break;
@@ -92,7 +93,8 @@ function runWorker(
       settled = true;
       clearInterval(timer);
       const cases = Atomics.load(progress, PROGRESS.cases);
-      const partial: LoopResult = { fuzzer: ref.name, cases, seconds: (performance.now() - t0) / 1000, findings, counters: {} };
+      const seconds = (performance.now() - t0) / 1000;
+      const partial: LoopResult = { fuzzer: ref.name, cases, seconds, cpuSeconds: seconds, findings, counters: {} };
       const at = Atomics.load(progress, PROGRESS.seed) >>> 0;
       done({ result: result ?? partial, stuck: why === null ? null : { seed: at, message: why } });
       void worker.terminate();

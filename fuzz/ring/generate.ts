@@ -31,7 +31,7 @@ const TWO32 = 0x1_0000_0000;
 
 /** Writes ring cases into one FuzzMemory's image; reused for every case (it keeps scratch space). */
 export class RingGenerator {
-  private r = new Rng(0);
+  private readonly r = new Rng(0);
   private strategy: RingStrategy = "valid";
   private state!: QueueState;
   private features!: RingFeatures;
@@ -41,7 +41,8 @@ export class RingGenerator {
 
   /** Writes the case for `seed` into the (zeroed) image and returns its setup. */
   generate(seed: number): RingSetup {
-    const r = (this.r = new Rng(seed));
+    const r = this.r;
+    r.reseed(seed);
     this.strategy = RING_STRATEGIES[seed % RING_STRATEGIES.length]!;
     const layout: RingLayout = r.chance(0.5) ? "split" : "packed";
     const size = layout === "split" ? 1 << r.int(9) : r.chance(0.8) ? 1 + r.int(32) : 1 + r.int(400);

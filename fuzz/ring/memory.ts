@@ -176,7 +176,10 @@ export class FuzzMemory {
       if (r === undefined) return;
       const stop = Math.min(end, r.end);
       const from = r.off + (at - r.gpa);
-      this.image.set(this.live.subarray(from, from + (stop - at)), from);
+      const n = stop - at;
+      // Most ranges are a used entry or an index: a loop beats allocating a view.
+      if (n <= 64) for (let i = from; i < from + n; i++) this.image[i] = this.live[i]!;
+      else this.image.set(this.live.subarray(from, from + n), from);
       at = stop;
     }
   }

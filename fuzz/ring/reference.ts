@@ -110,24 +110,18 @@ export function stateProblem(mem: FuzzMemory, s: QueueState): string | null {
   const int = (v: number, max: number): boolean => Number.isInteger(v) && v >= 0 && v <= max;
   if (!int(s.size, MAX_SIZE) || s.size === 0) return "queue size";
   if (s.layout === "split" && (s.size & (s.size - 1)) !== 0) return "split size not a power of 2";
-  const idxMax = s.layout === "split" ? 0xffff : s.size - 1;
+  const split = s.layout === "split";
+  const idxMax = split ? 0xffff : s.size - 1;
   if (!int(s.nextAvail, idxMax) || !int(s.nextUsed, idxMax)) return "ring indices";
-  const areas: [number, number, number][] =
-    s.layout === "split"
-      ? [
-          [s.descTable, 16 * s.size, 16],
-          [s.driverArea, 6 + 2 * s.size, 2],
-          [s.deviceArea, 6 + 8 * s.size, 4],
-        ]
-      : [
-          [s.descTable, 16 * s.size, 16],
-          [s.driverArea, 4, 4],
-          [s.deviceArea, 4, 4],
-        ];
-  for (const [gpa, bytes, align] of areas) {
-    if (!int(gpa, Number.MAX_SAFE_INTEGER) || gpa % align !== 0 || mem.offsetOf(gpa, bytes) < 0) return "ring area";
-  }
-  return null;
+  // §2.7 "Virtqueue Part" sizes and alignments for split rings, §2.8.11 for packed.
+  const area = (gpa: number, bytes: number, align: number): boolean =>
+    int(gpa, Number.MAX_SAFE_INTEGER) && gpa % align === 0 && mem.offsetOf(gpa, bytes) >= 0;
+  const ok =
+    area(s.descTable, 16 * s.size, 16) &&
+    (split
+      ? area(s.driverArea, 6 + 2 * s.size, 2) && area(s.deviceArea, 6 + 8 * s.size, 4)
+      : area(s.driverArea, 4, 4) && area(s.deviceArea, 4, 4));
+  return ok ? null : "ring area";
 }
 
 export function createRefQueue(mem: FuzzMemory, s: QueueState, f: RingFeatures): RefQueue {
@@ -265,13 +259,16 @@ class RefSplit extends RefQueue {
   }
 }
 
+const NO_PENDING = { slot: -1, id: 0, len: 0, wrap: false };
+
 /** Packed ring (§2.8). */
 class RefPacked extends RefQueue {
   private pos: number;
   private wrap: boolean;
   private usedPos: number;
   private usedWrap: boolean;
-  private pending: { slot: number; id: number; len: number; wrap: boolean } | null = null;
+  /** The batch's first used descriptor, whose id and flags publishUsed() writes; slot -1 when none. */
+  private pending = NO_PENDING;
 
   constructor(mem: FuzzMemory, s: QueueState, f: RingFeatures) {
     super(mem, s, f);
@@ -362,7 +359,7 @@ class RefPacked extends RefQueue {
     const d = this.s.descTable + 16 * slot;
     // §2.8.7: the device writes id, len and flags of one descriptor per buffer, never the address.
     allow(d + 8, 8);
-    const word = { slot, id, len, wrap: this.usedWrap };
+    const wrap = this.usedWrap;
     this.usedPos += descCount;
     if (this.usedPos >= this.s.size) {
       this.usedPos -= this.s.size;
@@ -371,28 +368,29 @@ class RefPacked extends RefQueue {
     const gotLen = this.mem.u32(d + 8);
     if (gotLen !== len) return `used slot ${slot} len ${gotLen}, expected ${len}`;
     // §2.8.21: the first used descriptor of a batch makes the batch visible, so its id and flags go last.
-    if (this.pending === null) {
-      this.pending = word;
+    if (this.pending.slot < 0) {
+      this.pending = { slot, id, len, wrap };
       return null;
     }
-    return this.checkWord(word);
+    return this.checkWord(slot, id, len, wrap);
   }
 
   published(): string | null {
     const w = this.pending;
-    this.pending = null;
-    return w === null ? null : this.checkWord(w);
+    if (w.slot < 0) return null;
+    this.pending = NO_PENDING;
+    return this.checkWord(w.slot, w.id, w.len, w.wrap);
   }
 
-  private checkWord(w: { slot: number; id: number; len: number; wrap: boolean }): string | null {
-    const d = this.s.descTable + 16 * w.slot;
+  private checkWord(slot: number, wantId: number, len: number, wrap: boolean): string | null {
+    const d = this.s.descTable + 16 * slot;
     const id = this.mem.u16(d + 12);
     const flags = this.mem.u16(d + 14);
-    if (id !== w.id || (flags & (AVAIL | USED)) !== (w.wrap ? AVAIL | USED : 0)) {
-      return `used slot ${w.slot} id ${id} flags 0x${flags.toString(16)}, expected id ${w.id} with wrap ${w.wrap}`;
+    if (id !== wantId || (flags & (AVAIL | USED)) !== (wrap ? AVAIL | USED : 0)) {
+      return `used slot ${slot} id ${id} flags 0x${flags.toString(16)}, expected id ${wantId} with wrap ${wrap}`;
     }
     // The driver ignores len without WRITE; a device that wrote data must say so.
-    return w.len > 0 && (flags & WRITE) === 0 ? `used slot ${w.slot} reports ${w.len} bytes without WRITE` : null;
+    return len > 0 && (flags & WRITE) === 0 ? `used slot ${slot} reports ${len} bytes without WRITE` : null;
   }
 }
 
