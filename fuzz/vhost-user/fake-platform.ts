@@ -205,6 +205,15 @@ export class FakePlatform implements VhostUserPlatform<FakeFd> {
     return this.owned.get(fd)?.closed === false;
   }
 
+  /** How many fds the back end holds open and how many mappings are live right now. */
+  held(): { fds: number; maps: number } {
+    let fds = 0;
+    let maps = 0;
+    for (const o of this.owned.values()) if (!o.closed) fds++;
+    for (const m of this.maps.values()) if (!m.unmapped) maps++;
+    return { fds, maps };
+  }
+
   /** What the back end still holds: open fds, live mappings, running watches. */
   leaks(): string[] {
     const out: string[] = [];

@@ -25,8 +25,10 @@ type StepResult = { closed: string } | { finding: string } | null;
  * Invariants: handle() throws nothing but VhostUserError and kicks and
  * deferred passes throw nothing at all; deferred passes end; replies are
  * well-formed replies carrying fds the back end holds; the fake platform
- * sees no double close, use after close or bad unmap; after close() (and
- * any deferred pass still queued) no fd, mapping or watch is left.
+ * sees no double close, use after close or bad unmap; while connected the
+ * back end holds no more fds and mappings than its state can use; after
+ * close() (and any deferred pass still queued) no fd, mapping or watch is
+ * left.
  */
 export class VuRunner {
   private readonly disk = new RamDisk(1 << 20);
@@ -49,7 +51,7 @@ export class VuRunner {
     let finding: string | null = null;
     for (const [i, step] of c.steps.entries()) {
       const r = this.step(backend, fake, step);
-      const bad = r !== null && "finding" in r ? r.finding : settle(fake);
+      const bad = r !== null && "finding" in r ? r.finding : (settle(fake) ?? overHeld(backend, fake, c.queues));
       if (bad !== null) finding = `step ${i} (${step.kind === "msg" ? reqName(step.request) : step.kind}): ${bad}`;
       else if (r !== null && "closed" in r) outcome = r.closed;
       else if (fatal !== null) outcome = fatal;
@@ -114,6 +116,18 @@ function settle(fake: FakePlatform): string | null {
     return `a deferred pass threw ${describeError(e)}`;
   }
   return fake.problems[0] ?? null;
+}
+
+/**
+ * A leak while connected, which close() would hide: the back end may hold one mapping and
+ * one fd per memory region, the in-flight area's, three fds per ring and the back-end channel.
+ */
+function overHeld(backend: VhostUserBackend<FakeFd>, fake: FakePlatform, queues: number): string | null {
+  const regions = backend.memory.listRegions().length;
+  const { fds, maps } = fake.held();
+  if (maps > regions + 1) return `${maps} mappings live for ${regions} memory regions and an in-flight area`;
+  const most = regions + 1 + 3 * queues + 1;
+  return fds > most ? `${fds} fds open, at most ${most} can be in use` : null;
 }
 
 function openFd(fake: FakePlatform, spec: FdSpec): FakeFd {
