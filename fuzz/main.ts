@@ -23,12 +23,30 @@ interface Options {
   jobs: number;
 }
 
-const USAGE = "usage: fuzz [--seconds S | --hours H] [--seed N] [--only ring|vhost-user] [--jobs J]";
+const USAGE = `usage: npm run fuzz -- [--seconds S | --hours H] [--seed N] [--only ring|vhost-user] [--jobs J]
+
+Replays fuzz/corpus/, then fuzzes the device side of split and packed rings
+(ring) and the vhost-user back end's message handling (vhost-user), splitting
+the time between them. Every case is checked by independent oracles; a
+finding is minimised and saved to fuzz/corpus/<fuzzer>/ (see fuzz/README.md).
+
+  --seconds S   total fuzzing time (default 10)
+  --hours H     the same in hours, for long runs
+  --seed N      first seed (default: from the clock; printed, so a run can be repeated)
+  --only F      one fuzzer: ring or vhost-user
+  --jobs J      J workers per fuzzer on disjoint seeds (one per spare core)
+  --help        this text
+
+Exit status 1 on any finding or failing corpus case.`;
 /** Seeds per job: job j fuzzes seed + j * JOB_SEEDS onwards, far from the others. */
 const JOB_SEEDS = 0x1000_0000;
 
 function parseArgs(argv: readonly string[]): Options {
   const o: Options = { seconds: 10, seed: Date.now() & 0x7fff_ffff, only: FUZZERS, jobs: 1 };
+  if (argv.includes("--help") || argv.includes("-h")) {
+    console.log(USAGE);
+    process.exit(0);
+  }
   for (let i = 0; i < argv.length; i += 2) {
     const a = argv[i]!;
     const v = argv[i + 1] ?? "";
