@@ -100,6 +100,26 @@ async function request(
   return mem.readU8(at + 16 + 4096);
 }
 
+/** A front end whose guest RAM is one memfd laid out as `layout`; everything is released afterwards. */
+async function withGuest(
+  sock: string,
+  layout: { gpa: number; size: number; fileOffset: number }[],
+  body: (g: { c: RawFrontend; mem: GuestMemory; fd: Fd; table: MemRegionDesc[] }) => Promise<void>,
+): Promise<void> {
+  const c = new RawFrontend(sock);
+  await c.handshake();
+  const fd = memfd(Math.max(...layout.map((r) => r.fileOffset + r.size)));
+  const { mem, unmap } = memfdGuestMemory(fd, layout);
+  const table = layout.map((r) => ({ guestAddr: r.gpa, size: r.size, userAddr: UA + r.fileOffset, mmapOffset: r.fileOffset }));
+  try {
+    await body({ c, mem, fd, table });
+  } finally {
+    unmap();
+    fd.close();
+    c.close();
+  }
+}
+
 test("regions their fd does not back are refused, however far the mmap_offset points; the process lives on", async () => {
   const c = new RawFrontend(path);
   await c.handshake();
@@ -169,16 +189,11 @@ test("the memory table reports whether each memfd is sealed against shrinking", 
 });
 
 test("an 8 GiB VM's memory table (2 GiB low, 6 GiB above 4 GiB) maps, and a ring above 2^32 across a window boundary serves reads and writes", async () => {
-  const c = new RawFrontend(path);
-  await c.handshake();
-  const fd = memfd(8 * GIB); // sparse: only the pages the test touches are ever allocated
   const layout = [
     { gpa: 0, size: 2 * GIB, fileOffset: 0 },
     { gpa: 4 * GIB, size: 6 * GIB, fileOffset: 2 * GIB },
-  ];
-  const { mem, unmap } = memfdGuestMemory(fd, layout);
-  const table = layout.map((r) => ({ guestAddr: r.gpa, size: r.size, userAddr: UA + r.fileOffset, mmapOffset: r.fileOffset }));
-  try {
+  ]; // one sparse memfd: only the pages the test touches are ever allocated
+  await withGuest(path, layout, async ({ c, mem, fd, table }) => {
     assert.equal(await c.ack(Req.SET_MEM_TABLE, encodeMemTable(table), [fd]), 1, "one fd for two regions is a malformed message");
     assert.equal(await c.ack(Req.SET_MEM_TABLE, encodeMemTable(table), [fd, fd]), 0);
     const r = await startRing(c, mem, table, 5 * GIB - 4096); // straddles the first 1 GiB window boundary of the high region
@@ -195,21 +210,12 @@ test("an 8 GiB VM's memory table (2 GiB low, 6 GiB above 4 GiB) maps, and a ring
     mem.read(at + 16, back);
     assert.deepEqual(back, pattern, "the back end wrote into guest memory above 4 GiB");
     for (const f of [r.kick, r.call, r.err]) f.close();
-  } finally {
-    unmap();
-    fd.close();
-    c.close();
-  }
+  });
   await serverStillServes();
 });
 
 test("a memfd shrunk under a running ring: DEVICE_NEEDS_RESET and the error fd, no SIGBUS; the connection and the process live on", async () => {
-  const c = new RawFrontend(path);
-  await c.handshake();
-  const fd = memfd(16 << 20);
-  const { mem, unmap } = memfdGuestMemory(fd, [{ gpa: 0, size: 16 << 20, fileOffset: 0 }]);
-  const table = [{ guestAddr: 0, size: 16 << 20, userAddr: UA, mmapOffset: 0 }];
-  try {
+  await withGuest(path, [{ gpa: 0, size: 16 << 20, fileOffset: 0 }], async ({ c, mem, fd, table }) => {
     assert.equal(await c.ack(Req.SET_MEM_TABLE, encodeMemTable(table), [fd]), 0);
     const r = await startRing(c, mem, table, 8 << 20);
     assert.equal(await request(mem, r, 0x10000, VIRTIO_BLK_T_IN, 0), VIRTIO_BLK_S_OK, "the ring works before the shrink");
@@ -224,11 +230,7 @@ test("a memfd shrunk under a running ring: DEVICE_NEEDS_RESET and the error fd, 
     assert.notEqual(device.getStatus() & STATUS_DEVICE_NEEDS_RESET, 0, "the device asks for a reset");
     assert.equal(await c.ack(Req.SET_OWNER), 0, "the connection still answers");
     for (const f of [r.kick, r.call, r.err]) f.close();
-  } finally {
-    unmap();
-    fd.close();
-    c.close();
-  }
+  });
   await serverStillServes();
 });
 
@@ -239,41 +241,30 @@ test("a write whose data pages the front end took away fails with IOERR and leav
   const port = new FileBlockPort(image);
   const filePath = join(dir, "file.sock");
   const fileServer = new VhostUserServer(filePath, new BlkDevice({ port }));
-  const c = new RawFrontend(filePath);
-  await c.handshake();
-  const fd = memfd(16 << 20);
-  const { mem, unmap } = memfdGuestMemory(fd, [{ gpa: 0, size: 16 << 20, fileOffset: 0 }]);
-  const table = [{ guestAddr: 0, size: 16 << 20, userAddr: UA, mmapOffset: 0 }];
   try {
-    assert.equal(await c.ack(Req.SET_MEM_TABLE, encodeMemTable(table), [fd]), 0);
-    const r = await startRing(c, mem, table, 0x10000);
-    // Header and status stay in the first MiB; the data buffer sits at 8 MiB, which the shrink removes.
-    mem.write(0x20000 + 16, new Uint8Array(4096).fill(0x77));
-    ftruncate(fd, 4 << 20);
-    const header = 0x20000;
-    mem.writeU32(header, VIRTIO_BLK_T_OUT);
-    mem.writeU64(header + 8, 16);
-    mem.writeU8(header + 0x1000, 0xff);
-    assert.ok(
-      r.q.add(
-        [
-          { addr: header, len: 16, writable: false },
-          { addr: 8 << 20, len: 4096, writable: false },
-          { addr: header + 0x1000, len: 1, writable: true },
-        ],
-        0,
-      ),
-    );
-    r.q.publish();
-    eventfdWrite(r.kick, 1);
-    assert.ok(await waitEventfd(r.call));
-    assert.equal(mem.readU8(header + 0x1000), VIRTIO_BLK_S_IOERR, "the kernel's copy failed (EFAULT): an I/O error, not zeros on disk");
-    assert.deepEqual(new Uint8Array(readFileSync(image)), before, "the image is unchanged");
-    for (const f of [r.kick, r.call, r.err]) f.close();
+    await withGuest(filePath, [{ gpa: 0, size: 16 << 20, fileOffset: 0 }], async ({ c, mem, fd, table }) => {
+      assert.equal(await c.ack(Req.SET_MEM_TABLE, encodeMemTable(table), [fd]), 0);
+      const r = await startRing(c, mem, table, 0x10000);
+      // Header and status stay in the first MiB; the data buffer sits at 8 MiB, which the shrink removes.
+      ftruncate(fd, 4 << 20);
+      const header = 0x20000;
+      mem.writeU32(header, VIRTIO_BLK_T_OUT);
+      mem.writeU64(header + 8, 16);
+      mem.writeU8(header + 0x1000, 0xff);
+      const segments = [
+        { addr: header, len: 16, writable: false },
+        { addr: 8 << 20, len: 4096, writable: false },
+        { addr: header + 0x1000, len: 1, writable: true },
+      ];
+      assert.ok(r.q.add(segments, 0));
+      r.q.publish();
+      eventfdWrite(r.kick, 1);
+      assert.ok(await waitEventfd(r.call));
+      assert.equal(mem.readU8(header + 0x1000), VIRTIO_BLK_S_IOERR, "the kernel's copy failed (EFAULT): an I/O error, not zeros on disk");
+      assert.deepEqual(new Uint8Array(readFileSync(image)), before, "the image is unchanged");
+      for (const f of [r.kick, r.call, r.err]) f.close();
+    });
   } finally {
-    unmap();
-    fd.close();
-    c.close();
     fileServer.close();
     port.close();
   }
