@@ -554,12 +554,18 @@ static napi_value js_address_of(napi_env env, napi_callback_info info) {
  * Slots are written only under guard_lock on a JS thread and read without
  * locks by the handler, which may run on any thread: `start` is published
  * last and withdrawn first. */
-#define GUARD_SLOTS 1024
+#define GUARD_SLOTS 16384 /* one per mapping: 16 TiB of guest RAM in 1 GiB windows */
+/* Pages of one mapping replaced one by one before the rest of it is replaced
+ * in one go: each lone replacement splits the mapping, and a front end that
+ * makes us touch many scattered lost pages would otherwise exhaust
+ * vm.max_map_count, after which the guard could not help. */
+#define GUARD_PAGE_CAP 64
 
 typedef struct {
   _Atomic uintptr_t start; /* 0 = free */
   _Atomic uintptr_t end;
   _Atomic int poisoned;
+  _Atomic unsigned replaced; /* pages replaced one by one */
 } guard_slot_t;
 
 static guard_slot_t guard_slots[GUARD_SLOTS];
@@ -571,25 +577,32 @@ static uintptr_t guard_page_mask;
 
 static void guard_sigbus(int sig, siginfo_t *si, void *uc) {
   uintptr_t a = (uintptr_t)si->si_addr;
-  for (int i = 0; i < GUARD_SLOTS; i++) {
+  /* si_code <= 0: sent by kill() or sigqueue(), not a fault; si_addr means nothing then. */
+  for (int i = 0; si->si_code > 0 && i < GUARD_SLOTS; i++) {
     uintptr_t start = atomic_load(&guard_slots[i].start);
     uintptr_t end = atomic_load(&guard_slots[i].end);
     if (start == 0 || a < start || a >= end) continue;
     uintptr_t page = a & guard_page_mask;
-    void *r = mmap((void *)page, (size_t)(~guard_page_mask + 1), PROT_READ | PROT_WRITE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    size_t len = (size_t)(~guard_page_mask + 1);
+    if (atomic_fetch_add(&guard_slots[i].replaced, 1) >= GUARD_PAGE_CAP) len = end - page;
+    void *r = mmap((void *)page, len, PROT_READ | PROT_WRITE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (r == MAP_FAILED) break;
     atomic_store(&guard_slots[i].poisoned, 1);
     atomic_fetch_add(&guard_events, 1);
     return;
   }
-  /* Not ours: behave as if we were never installed. */
+  /* Not ours: what would have happened without us. */
   if ((guard_previous.sa_flags & SA_SIGINFO) != 0 && guard_previous.sa_sigaction != NULL) {
     guard_previous.sa_sigaction(sig, si, uc);
-  } else if (guard_previous.sa_handler != SIG_DFL && guard_previous.sa_handler != SIG_IGN) {
+  } else if (guard_previous.sa_handler == SIG_IGN) {
+    return;
+  } else if (guard_previous.sa_handler != SIG_DFL) {
     guard_previous.sa_handler(sig);
   } else {
-    /* Returning re-executes the access, which faults again under the default action. */
+    /* The default action, terminate: for a fault, returning re-executes the access, which
+     * faults again; a sent signal is raised again and delivered when we return. */
     signal(SIGBUS, SIG_DFL);
+    if (si->si_code <= 0) raise(SIGBUS);
   }
 }
 
@@ -612,6 +625,7 @@ static int guard_register(uintptr_t start, uintptr_t end) {
       if (atomic_load(&guard_slots[i].start) != 0) continue;
       atomic_store(&guard_slots[i].end, end);
       atomic_store(&guard_slots[i].poisoned, 0);
+      atomic_store(&guard_slots[i].replaced, 0);
       atomic_store(&guard_slots[i].start, start);
       slot = i;
       break;

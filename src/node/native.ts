@@ -142,9 +142,12 @@ export type Prot = "r" | "rw";
 export interface MmapOptions {
   /**
    * Survive SIGBUS on this mapping: a page the file no longer backs (a memfd
-   * shrunk by its owner) is replaced, with every later page of the mapping,
-   * by zero pages instead of killing the process; {@link mappingPoisoned}
-   * then says so. For memory that another process controls.
+   * shrunk by its owner) that user space touches is replaced by a zero page
+   * instead of killing the process, and {@link mappingPoisoned} then says so.
+   * After 64 such pages the rest of the mapping is replaced in one go (each
+   * lone page costs the process a kernel memory map entry). Pages not
+   * replaced still fail the kernel's own copies (pread/pwrite) with EFAULT.
+   * For memory that another process controls.
    */
   guard?: boolean;
 }

@@ -726,3 +726,33 @@ test("getSeals reads memfd seals; addSeals adds them", () => {
     plain.close();
   }
 });
+
+test("the SIGBUS guard survives a front end that makes us touch tens of thousands of scattered lost pages", async () => {
+  // Each lone replaced page splits the mapping; without a cap, vm.max_map_count (65530) runs out and SIGBUS kills us.
+  const r = await runChild(
+    `import * as n from ${JSON.stringify(NATIVE_URL)};
+    const ps = n.getpagesize(), pages = 1 << 17;
+    const fd = n.memfdCreate("scatter"); n.ftruncate(fd, pages * ps);
+    const m = n.mmap(fd, pages * ps, 0, "rw", true, { guard: true });
+    n.ftruncate(fd, 0);
+    const u8 = new Uint8Array(m);
+    let sum = 0;
+    for (let p = 0; p < pages; p += 2) sum += u8[p * ps];
+    console.log(sum, n.mappingPoisoned(m));`,
+    60000,
+  );
+  assert.equal(r.signal, null, r.stderr);
+  assert.equal(r.stdout.trim(), "0 true");
+});
+
+test("a SIGBUS sent with kill() still terminates a process whose guard is installed", async () => {
+  const r = await runChild(
+    `import * as n from ${JSON.stringify(NATIVE_URL)};
+    const fd = n.memfdCreate("g"); n.ftruncate(fd, 4096);
+    n.mmap(fd, 4096, 0, "rw", true, { guard: true });
+    process.kill(process.pid, "SIGBUS");
+    setTimeout(() => console.log("survived"), 500);`,
+    10000,
+  );
+  assert.equal(r.signal, "SIGBUS", r.stdout);
+});
