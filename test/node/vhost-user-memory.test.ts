@@ -229,6 +229,9 @@ test("a memfd shrunk under a running ring: DEVICE_NEEDS_RESET and the error fd, 
     );
     assert.notEqual(device.getStatus() & STATUS_DEVICE_NEEDS_RESET, 0, "the device asks for a reset");
     assert.equal(await c.ack(Req.SET_OWNER), 0, "the connection still answers");
+    const again = eventfd(0, { nonblock: true });
+    assert.equal(await c.ack(Req.SET_VRING_KICK, encodeU64(0), [again]), 1, "no ring starts again on memory that lost pages");
+    again.close();
     for (const f of [r.kick, r.call, r.err]) f.close();
   });
   await serverStillServes();
@@ -268,4 +271,30 @@ test("a write whose data pages the front end took away fails with IOERR and leav
     fileServer.close();
     port.close();
   }
+});
+
+test("a RAM-disk write whose data page is lost in the middle of the pass fails with IOERR, not OK with zeros", async () => {
+  await withGuest(path, [{ gpa: 0, size: 16 << 20, fileOffset: 0 }], async ({ c, mem, fd, table }) => {
+    assert.equal(await c.ack(Req.SET_MEM_TABLE, encodeMemTable(table), [fd]), 0);
+    const r = await startRing(c, mem, table, 0x10000);
+    // Ring, header and status stay in the first MiB; only the data page at 8 MiB goes, and the
+    // first touch of it is the RAM disk's own copy.
+    ftruncate(fd, 4 << 20);
+    const header = 0x20000;
+    mem.writeU32(header, VIRTIO_BLK_T_OUT);
+    mem.writeU64(header + 8, 24);
+    mem.writeU8(header + 0x1000, 0xff);
+    const segments = [
+      { addr: header, len: 16, writable: false },
+      { addr: 8 << 20, len: 4096, writable: false },
+      { addr: header + 0x1000, len: 1, writable: true },
+    ];
+    assert.ok(r.q.add(segments, 0));
+    r.q.publish();
+    eventfdWrite(r.kick, 1);
+    assert.ok(await waitEventfd(r.call));
+    assert.equal(mem.readU8(header + 0x1000), VIRTIO_BLK_S_IOERR, "the write failed: what it read was zeros, not the guest's data");
+    for (const f of [r.kick, r.call, r.err]) f.close();
+  });
+  await serverStillServes();
 });

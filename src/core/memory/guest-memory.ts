@@ -159,6 +159,13 @@ export function windowCount(size: number): number {
 export class GuestMemory {
   private regions: MemoryRegion[] = [];
   private last: MemoryWindow | undefined;
+  /**
+   * Set by a host whose memory can vanish under it (a vhost-user front end
+   * shrinking a memfd): true means the memory is lost, and data transfers
+   * (forEachView) fail with MEMORY_LOST instead of moving zeros where the
+   * guest's data was. It is asked once per transfer, so it must be cheap.
+   */
+  lossCheck: (() => boolean) | null = null;
 
   constructor(regions: Iterable<RegionOptions | MemoryRegion> = []) {
     for (const r of regions) this.addRegion(r);
@@ -356,6 +363,7 @@ export class GuestMemory {
    * crossed (usually one). `done` is the byte offset of the view in the range.
    */
   forEachView(gpa: number, length: number, fn: (view: Uint8Array, done: number) => void): void {
+    this.checkLoss(gpa, length);
     let done = 0;
     while (done < length) {
       const r = this.regionAt(gpa + done, length - done);
@@ -363,6 +371,14 @@ export class GuestMemory {
       const n = Math.min(length - done, r.size - off);
       fn(r.u8.subarray(off, off + n), done);
       done += n;
+    }
+    // Lost during the transfer (its first touch of a lost page): what moved was zeros, so it failed.
+    this.checkLoss(gpa, length);
+  }
+
+  private checkLoss(gpa: number, length: number): void {
+    if (this.lossCheck !== null && this.lossCheck()) {
+      throw new GuestError("MEMORY_LOST", `guest memory [${hex(gpa)}, +${length}) is no longer backed by its owner`);
     }
   }
 

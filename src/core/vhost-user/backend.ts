@@ -110,7 +110,11 @@ export class VhostUserBackend<F> {
   private readonly scheduler: RingScheduler<F>;
   private backendFd: F | null = null;
   private status = 0;
-  private faultEventsSeen = 0;
+  /** The platform's fault counter when memoryLost was last worked out (-1: work it out again). */
+  private faultEventsSeen = -1;
+  private memoryLost = false;
+  /** The loss was reported and the rings stopped (checkMemoryLoss). */
+  private lossHandled = false;
   private readonly busyPoll: boolean;
   private readonly onFatal: ((err: VhostUserError) => void) | null;
 
@@ -133,7 +137,7 @@ export class VhostUserBackend<F> {
       afterPass: () => this.checkMemoryLoss(),
       failed: (i, e) => this.ringFailed(i, "processing", e),
     });
-    device.attachMemory(this.table.memory);
+    this.attach(this.table.memory);
     device.events = {
       ...device.events,
       usedBuffer: (q) => {
@@ -367,11 +371,13 @@ export class VhostUserBackend<F> {
       case Req.GET_INFLIGHT_FD: {
         this.requirePF(h, PF.INFLIGHT_SHMFD);
         const { fd, reply } = this.inflight.create(decodeInflight(h.request, p));
+        this.faultEventsSeen = -1; // a new area: whether memory is lost is worked out again
         return { reply: encodeInflight(reply), replyFds: [fd], keptFds: false };
       }
       case Req.SET_INFLIGHT_FD: {
         this.requirePF(h, PF.INFLIGHT_SHMFD);
         this.inflight.adopt(decodeInflight(h.request, p), fds[0]!);
+        this.faultEventsSeen = -1;
         return { keptFds: true };
       }
       case Req.SET_STATUS:
@@ -474,6 +480,12 @@ export class VhostUserBackend<F> {
   private startRing(i: number): void {
     const ring = this.rings[i]!;
     if (!this.featuresSet) throw new VhostUserError("WRONG_STATE", `ring ${i} started before SET_FEATURES`);
+    if (this.lostMemory()) {
+      throw new VhostUserError(
+        "MEMORY_LOST",
+        `ring ${i}: guest memory lost pages (a memfd shrunk under the back end); send a new memory table`,
+      );
+    }
     let resubmit: ((q: number) => void)[] = [];
     try {
       const state = this.stateFor(i, ring);
@@ -528,12 +540,33 @@ export class VhostUserBackend<F> {
     return state;
   }
 
+  /**
+   * Whether memory this connection relies on lost pages. Cheap unless the
+   * platform's process-wide fault counter moved since the last answer.
+   */
+  private lostMemory(): boolean {
+    const events = this.platform.faultEvents();
+    if (events !== this.faultEventsSeen) {
+      this.faultEventsSeen = events;
+      this.memoryLost = this.table.lostRegions().length > 0 || this.inflight.lost();
+      if (!this.memoryLost) this.lossHandled = false;
+    }
+    return this.memoryLost;
+  }
+
+  /** Gives the device new memory whose data transfers stop as soon as pages are lost (see GuestMemory.lossCheck). */
+  private attach(mem: GuestMemory): void {
+    mem.lossCheck = () => this.lostMemory();
+    this.faultEventsSeen = -1;
+    this.device.attachMemory(mem);
+  }
+
   /** Installs a prepared memory table; running rings restart on the new memory from where they stopped. */
   private installMemory(next: PreparedTable): void {
     const running = this.rings.map((r, i) => (r.started ? i : -1)).filter((i) => i >= 0);
     for (const i of running) this.stopRing(i);
     next.install();
-    this.device.attachMemory(next.memory);
+    this.attach(next.memory);
     for (const i of running) this.startRing(i);
   }
 
@@ -553,11 +586,10 @@ export class VhostUserBackend<F> {
    * connection stays so the front end can reset or reconnect.
    */
   checkMemoryLoss(): boolean {
-    const events = this.platform.faultEvents();
-    if (events === this.faultEventsSeen) return false;
-    this.faultEventsSeen = events;
+    if (!this.lostMemory()) return false;
+    if (this.lossHandled) return true;
+    this.lossHandled = true;
     const what = [...this.table.lostRegions(), ...(this.inflight.lost() ? ["in-flight area"] : [])];
-    if (what.length === 0) return false;
     const err = new GuestError("MEMORY_LOST", `memory shrunk under the back end (${what.join(", ")}): the device needs a reset`);
     this.log(`vhost-user: ${err.message}`);
     for (let i = 0; i < this.rings.length; i++) {
