@@ -407,3 +407,23 @@ test("replies waiting beyond the byte bound drop the front end before the drain 
   assert.equal(r.code, "SLOW_PEER", String(r.message));
   assert.match(String(r.message), /bytes of replies are waiting/);
 });
+
+test("a front end that hangs up with replies still queued is noticed at once: its reconnect is served, not turned away", async () => {
+  const a = new RawFrontend(path);
+  const request = encodeMessage(Req.GET_FEATURES, 0);
+  // Flood without reading until the back end stops taking requests (its replies fill our receive buffer).
+  for (let stuck = 0; stuck < 50;) {
+    try {
+      sendmsg(a.fd, request);
+      stuck = 0;
+    } catch (e) {
+      if (!(e instanceof SysError && e.kind === "retry")) throw e;
+      stuck++;
+      await tick();
+    }
+  }
+  a.close();
+  const started = performance.now();
+  await serverStillServes(); // fails if the new front end is refused as "a second front end"
+  assert.ok(performance.now() - started < 2000, "served before any drain timeout could have dropped the old one");
+});

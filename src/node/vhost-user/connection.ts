@@ -92,6 +92,9 @@ export class VhostUserConnection {
 
   /** Processes whatever the peer already sent (e.g. a hang-up); true if still open afterwards. */
   pump(): boolean {
+    // Replies still waiting: try them first, so a front end that hung up is noticed (EPIPE) and not
+    // mistaken for one that is merely slow, which would turn its reconnect away until the drain timeout.
+    if (this.out.length > 0) this.onWritable();
     this.onReadable();
     return !this.closed;
   }
