@@ -1,4 +1,4 @@
-import type { VhostUserPlatform } from "../../src/core/vhost-user/platform.js";
+import type { FileInfo, VhostUserPlatform } from "../../src/core/vhost-user/platform.js";
 
 export type FdKind = "memfd" | "eventfd" | "socket" | "pipe";
 
@@ -96,9 +96,10 @@ export class FakePlatform implements VhostUserPlatform<FakeFd> {
     return this.map(fd, offset, length);
   }
 
-  fileInfo(fd: FakeFd): { size: number; shrinkSealed: boolean | null } {
+  fileInfo(fd: FakeFd): FileInfo {
     this.use(fd, "fileInfo");
-    return { size: fd.data?.length ?? 0, shrinkSealed: fd.data === null ? null : false };
+    // Eventfds and sockets are not regular files; they cannot be mapped either (map() refuses them).
+    return { size: fd.data?.length ?? 0, regular: fd.data !== null, shrinkSealed: fd.data === null ? null : false };
   }
 
   faultEvents(): number {

@@ -19,7 +19,7 @@ export function fakePlatform(kicks: Map<FakeFd, () => void>, defer?: (fn: () => 
       return fd.buffer;
     },
     munmap: () => {},
-    fileInfo: (fd) => ({ size: fd.buffer.byteLength, shrinkSealed: null }),
+    fileInfo: (fd) => ({ size: fd.buffer.byteLength, regular: true, shrinkSealed: null }),
     faultEvents: () => 0,
     poisoned: () => false,
     close: (fd) => {

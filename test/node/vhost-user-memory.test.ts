@@ -19,7 +19,7 @@ import { layoutQueue } from "../../src/core/virtio/driver/layout.js";
 import { createDriverQueue } from "../../src/core/virtio/driver/create.js";
 import type { DriverQueue } from "../../src/core/virtio/driver/driver-queue.js";
 import type { GuestMemory } from "../../src/core/memory/index.js";
-import { Fd, SEAL, addSeals, eventfd, eventfdWrite, ftruncate } from "../../src/node/native.js";
+import { Fd, SEAL, addSeals, eventfd, eventfdWrite, ftruncate, open } from "../../src/node/native.js";
 import { VhostUserServer } from "../../src/node/vhost-user/server.js";
 import { FileBlockPort } from "../../src/node/file-port.js";
 import { RawFrontend, memfd, memfdGuestMemory, waitEventfd } from "./vhost-user-raw.js";
@@ -138,6 +138,21 @@ test("regions their fd does not back are refused, however far the mmap_offset po
     assert.equal(await c.ack(Req.SET_MEM_TABLE, exact, [fd]), 0, "a region the fd backs exactly is fine");
   } finally {
     fd.close();
+    c.close();
+  }
+  await serverStillServes();
+});
+
+test("a device fd (fstat size 0, like device-dax) is not refused for its size: the kernel sizes the mapping", async () => {
+  const c = new RawFrontend(path);
+  await c.handshake();
+  const dev = open("/dev/zero", "rw"); // a character device that can be mapped shared
+  try {
+    const table = encodeMemTable([{ guestAddr: 0, size: 1 << 20, userAddr: UA, mmapOffset: 0 }]);
+    assert.equal(await c.ack(Req.SET_MEM_TABLE, table, [dev]), 0);
+    assert.ok(logs.some((l) => l.includes("memory region guest 0x0 +0x100000")));
+  } finally {
+    dev.close();
     c.close();
   }
   await serverStillServes();

@@ -1,6 +1,6 @@
 import { GuestMemory, MemoryRegion } from "../memory/guest-memory.js";
 import { VhostUserError, type MemRegionDesc } from "./codec.js";
-import { platformCall, type VhostUserPlatform } from "./platform.js";
+import { platformCall, type FileInfo, type VhostUserPlatform } from "./platform.js";
 import { MAX_MEM_SLOTS } from "./protocol.js";
 
 /** One region of the front end's memory table, mapped. */
@@ -162,15 +162,10 @@ export class MemoryTable<F> {
 }
 
 /** Refuses a range of fd that the file behind it does not hold (it would raise SIGBUS when touched). */
-export function checkFileCovers<F>(
-  platform: VhostUserPlatform<F>,
-  fd: F,
-  offset: number,
-  size: number,
-  what: string,
-): { size: number; shrinkSealed: boolean | null } {
+export function checkFileCovers<F>(platform: VhostUserPlatform<F>, fd: F, offset: number, size: number, what: string): FileInfo {
   const file = platformCall("FSTAT_FAILED", `fstat of the ${what}'s fd`, () => platform.fileInfo(fd));
-  if (offset + size > file.size) {
+  // Only a regular file's size says what it backs; a device (device-dax) reports 0 and is sized by its driver.
+  if (file.regular && offset + size > file.size) {
     throw new VhostUserError(
       "BAD_REGION",
       `${what} needs bytes [0x${offset.toString(16)}, 0x${(offset + size).toString(16)}) of its fd, which holds only 0x${file.size.toString(16)}`,

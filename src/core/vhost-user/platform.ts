@@ -1,5 +1,11 @@
 import { VhostUserError } from "./codec.js";
 
+export interface FileInfo {
+  size: number;
+  regular: boolean;
+  shrinkSealed: boolean | null;
+}
+
 /** What the back end needs from the OS; src/node implements it with the native addon. */
 export interface VhostUserPlatform<F> {
   /**
@@ -10,8 +16,12 @@ export interface VhostUserPlatform<F> {
    */
   mmap(fd: F, offset: number, length: number): ArrayBuffer;
   munmap(buffer: ArrayBuffer): void;
-  /** The size of the file behind fd and whether it is sealed against shrinking (null: unknown). */
-  fileInfo(fd: F): { size: number; shrinkSealed: boolean | null };
+  /**
+   * What fstat says of the file behind fd: its size, whether it is a regular
+   * file (a device such as device-dax reports size 0), and whether it is
+   * sealed against shrinking (null: cannot tell).
+   */
+  fileInfo(fd: F): FileInfo;
   /** A counter that moves whenever any mapping lost pages: cheap to read after every pass. */
   faultEvents(): number;
   /** Whether this mapping lost pages. */

@@ -24,7 +24,10 @@ export const nodePlatform: VhostUserPlatform<Fd> = {
   },
   fileInfo(fd) {
     const seals = getSeals(fd);
-    return { size: fstat(fd).size, shrinkSealed: seals === null ? null : (seals & SEAL.SHRINK) !== 0 };
+    const st = fstat(fd);
+    const S_IFMT = 0o170000;
+    const S_IFREG = 0o100000;
+    return { size: st.size, regular: (st.mode & S_IFMT) === S_IFREG, shrinkSealed: seals === null ? null : (seals & SEAL.SHRINK) !== 0 };
   },
   faultEvents: guardEvents,
   poisoned: mappingPoisoned,
