@@ -724,7 +724,7 @@ static napi_value js_mmap(napi_env env, napi_callback_info info) {
       int err = errno;
       mapping_release(m);
       free(m);
-      return throw_errno(env, "sigaction", err);
+      return throw_errno(env, "mmap (SIGBUS guard: handler or slots)", err);
     }
   }
 
