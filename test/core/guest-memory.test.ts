@@ -33,16 +33,16 @@ describe("GuestMemory region lookup", () => {
     );
   });
 
-  test("regionFor() finds the region that holds the whole range, and undefined otherwise", () => {
+  test("windowFor() finds the window that holds the whole range, and undefined otherwise", () => {
     const { mem } = threeRegions();
-    assert.equal(mem.regionFor(0x1000, 0x1000)?.gpa, 0x1000);
-    assert.equal(mem.regionFor(0x2ff0, 0x10)?.gpa, 0x2000);
-    assert.equal(mem.regionFor(0x10010, 4)?.gpa, 0x10000);
+    assert.equal(mem.windowFor(0x1000, 0x1000)?.gpa, 0x1000);
+    assert.equal(mem.windowFor(0x2ff0, 0x10)?.gpa, 0x2000);
+    assert.equal(mem.windowFor(0x10010, 4)?.gpa, 0x10000);
     // a range that straddles two regions is not inside one region
-    assert.equal(mem.regionFor(0x1ffc, 8), undefined);
-    assert.equal(mem.regionFor(0x0, 4), undefined);
-    assert.equal(mem.regionFor(0x3000, 1), undefined);
-    assert.equal(mem.regionFor(0x1000, -1), undefined);
+    assert.equal(mem.windowFor(0x1ffc, 8), undefined);
+    assert.equal(mem.windowFor(0x0, 4), undefined);
+    assert.equal(mem.windowFor(0x3000, 1), undefined);
+    assert.equal(mem.windowFor(0x1000, -1), undefined);
     assert.equal(mem.check(0x1000, 4), true);
     assert.equal(mem.check(0x1ffe, 4), false);
   });
@@ -50,7 +50,7 @@ describe("GuestMemory region lookup", () => {
   test("region() of a miss is a MemoryAccessError carrying the address and length", () => {
     const { mem } = threeRegions();
     try {
-      mem.region(0x5000, 7);
+      mem.windowOf(0x5000, 7);
       assert.fail("expected a throw");
     } catch (e) {
       assert.ok(e instanceof MemoryAccessError);
@@ -64,7 +64,7 @@ describe("GuestMemory region lookup", () => {
     const { mem } = threeRegions();
     assert.equal(mem.readU8(0x1fff), 0xaa); // warms the cache with region A
     assertOutOfRange(() => mem.readU32(0x1ffe));
-    assert.equal(mem.regionFor(0x1ffe, 4), undefined);
+    assert.equal(mem.windowFor(0x1ffe, 4), undefined);
   });
 
   test("removeRegion() makes its addresses unreachable, including through the cache", () => {

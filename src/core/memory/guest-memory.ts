@@ -112,17 +112,9 @@ export class MemoryRegion {
     if (!Number.isSafeInteger(opts.gpa + opts.size)) throw new RangeError("region end beyond 2^53");
     const { buffer, map } = opts;
     if ((buffer === undefined) === (map === undefined)) throw new RangeError("a region needs exactly one of buffer and map");
-    let backing: (start: number, length: number) => WindowBacking;
-    if (buffer !== undefined) {
-      const offset = opts.offset ?? 0;
-      if (!Number.isInteger(offset) || offset < 0 || offset % 8 !== 0) {
-        throw new RangeError(`region offset ${offset} must be a non-negative multiple of 8`);
-      }
-      if (offset + opts.size > buffer.byteLength) {
-        throw new RangeError(`region [${offset}, +${opts.size}) exceeds its buffer of ${buffer.byteLength} bytes`);
-      }
-      backing = (start) => ({ buffer, offset: offset + start });
-    } else backing = map!;
+    // Each window checks its own offset and bounds; for one buffer, the last window reaches its end.
+    const offset = opts.offset ?? 0;
+    const backing = map ?? ((start: number) => ({ buffer: buffer!, offset: offset + start }));
     this.gpa = opts.gpa;
     this.size = opts.size;
     this.end = opts.gpa + opts.size;
@@ -210,7 +202,7 @@ export class GuestMemory {
    * guest memory, or (only for accesses longer than WINDOW_OVERLAP) spread
    * over two windows or regions.
    */
-  regionFor(gpa: number, length: number): MemoryWindow | undefined {
+  windowFor(gpa: number, length: number): MemoryWindow | undefined {
     const last = this.last;
     if (last !== undefined && gpa >= last.gpa && gpa + length <= last.end && length >= 0) return last;
     const r = this.regionHolding(gpa);
@@ -221,9 +213,9 @@ export class GuestMemory {
     return w;
   }
 
-  /** Like regionFor, but a miss is a MemoryAccessError. */
-  region(gpa: number, length: number): MemoryWindow {
-    const r = this.regionFor(gpa, length);
+  /** Like windowFor, but a miss is a MemoryAccessError. */
+  windowOf(gpa: number, length: number): MemoryWindow {
+    const r = this.windowFor(gpa, length);
     if (r === undefined) throw new MemoryAccessError(gpa, length);
     return r;
   }
@@ -233,7 +225,7 @@ export class GuestMemory {
    * adjacent regions (a guest buffer may legally straddle two of them).
    */
   covers(gpa: number, length: number): boolean {
-    if (this.regionFor(gpa, length) !== undefined) return true;
+    if (this.windowFor(gpa, length) !== undefined) return true;
     let at = gpa;
     const end = gpa + length;
     if (!(length > 0) || !Number.isSafeInteger(end)) return false;
@@ -246,7 +238,7 @@ export class GuestMemory {
 
   /** True when [gpa, gpa + length) lies inside one region. */
   check(gpa: number, length: number): boolean {
-    return this.regionFor(gpa, length) !== undefined;
+    return this.windowFor(gpa, length) !== undefined;
   }
 
   /**
@@ -255,37 +247,37 @@ export class GuestMemory {
    * error: callers that need that split their access per region.
    */
   slice(gpa: number, length: number): Uint8Array {
-    const r = this.region(gpa, length);
+    const r = this.windowOf(gpa, length);
     const off = gpa - r.gpa;
     return r.u8.subarray(off, off + length);
   }
 
   readU8(gpa: number): number {
-    const r = this.region(gpa, 1);
+    const r = this.windowOf(gpa, 1);
     return r.u8[gpa - r.gpa]!;
   }
   writeU8(gpa: number, value: number): void {
-    const r = this.region(gpa, 1);
+    const r = this.windowOf(gpa, 1);
     r.u8[gpa - r.gpa] = value;
   }
   readU16(gpa: number): number {
-    const r = this.region(gpa, 2);
+    const r = this.windowOf(gpa, 2);
     const off = gpa - r.gpa;
     return (off & 1) === 0 ? r.u16[off >>> 1]! : r.view.getUint16(off, true);
   }
   writeU16(gpa: number, value: number): void {
-    const r = this.region(gpa, 2);
+    const r = this.windowOf(gpa, 2);
     const off = gpa - r.gpa;
     if ((off & 1) === 0) r.u16[off >>> 1] = value;
     else r.view.setUint16(off, value, true);
   }
   readU32(gpa: number): number {
-    const r = this.region(gpa, 4);
+    const r = this.windowOf(gpa, 4);
     const off = gpa - r.gpa;
     return (off & 3) === 0 ? r.u32[off >>> 2]! : r.view.getUint32(off, true);
   }
   writeU32(gpa: number, value: number): void {
-    const r = this.region(gpa, 4);
+    const r = this.windowOf(gpa, 4);
     const off = gpa - r.gpa;
     if ((off & 3) === 0) r.u32[off >>> 2] = value;
     else r.view.setUint32(off, value, true);
@@ -300,7 +292,7 @@ export class GuestMemory {
   writeU64(gpa: number, value: number): void {
     if (!Number.isSafeInteger(value) || value < 0) throw new RangeError(`u64 value ${value} is not a safe integer`);
     // One lookup for all 8 bytes: a refused write changes nothing, and a u64 never straddles regions.
-    const r = this.region(gpa, 8);
+    const r = this.windowOf(gpa, 8);
     const off = gpa - r.gpa;
     r.view.setUint32(off, value >>> 0, true);
     r.view.setUint32(off + 4, Math.floor(value / 0x1_0000_0000), true);
@@ -311,7 +303,7 @@ export class GuestMemory {
   }
 
   private u64Halves(gpa: number): [number, number] {
-    const r = this.region(gpa, 8);
+    const r = this.windowOf(gpa, 8);
     const off = gpa - r.gpa;
     return [r.view.getUint32(off, true), r.view.getUint32(off + 4, true)];
   }
@@ -322,13 +314,13 @@ export class GuestMemory {
    * virtio 1.2 §2.7.13 and §2.8.21 ask for around idx and flags publication.
    */
   loadU16Acquire(gpa: number): number {
-    const r = this.region(gpa, 2);
+    const r = this.windowOf(gpa, 2);
     const off = gpa - r.gpa;
     if ((off & 1) !== 0) throw new MemoryAccessError(gpa, 2);
     return Atomics.load(r.u16, off >>> 1);
   }
   storeU16Release(gpa: number, value: number): void {
-    const r = this.region(gpa, 2);
+    const r = this.windowOf(gpa, 2);
     const off = gpa - r.gpa;
     if ((off & 1) !== 0) throw new MemoryAccessError(gpa, 2);
     Atomics.store(r.u16, off >>> 1, value);
@@ -338,7 +330,7 @@ export class GuestMemory {
   read(gpa: number, dst: Uint8Array): void {
     let done = 0;
     while (done < dst.length) {
-      const r = this.regionAt(gpa + done, dst.length - done);
+      const r = this.windowHolding(gpa + done, dst.length - done);
       const off = gpa + done - r.gpa;
       const n = Math.min(dst.length - done, r.size - off);
       dst.set(r.u8.subarray(off, off + n), done);
@@ -350,7 +342,7 @@ export class GuestMemory {
   write(gpa: number, src: Uint8Array): void {
     let done = 0;
     while (done < src.length) {
-      const r = this.regionAt(gpa + done, src.length - done);
+      const r = this.windowHolding(gpa + done, src.length - done);
       const off = gpa + done - r.gpa;
       const n = Math.min(src.length - done, r.size - off);
       r.u8.set(src.subarray(done, done + n), off);
@@ -366,7 +358,7 @@ export class GuestMemory {
     this.checkLoss(gpa, length);
     let done = 0;
     while (done < length) {
-      const r = this.regionAt(gpa + done, length - done);
+      const r = this.windowHolding(gpa + done, length - done);
       const off = gpa + done - r.gpa;
       const n = Math.min(length - done, r.size - off);
       fn(r.u8.subarray(off, off + n), done);
@@ -385,7 +377,7 @@ export class GuestMemory {
   fill(gpa: number, length: number, value: number): void {
     let done = 0;
     while (done < length) {
-      const r = this.regionAt(gpa + done, length - done);
+      const r = this.windowHolding(gpa + done, length - done);
       const off = gpa + done - r.gpa;
       const n = Math.min(length - done, r.size - off);
       r.u8.fill(value, off, off + n);
@@ -394,7 +386,7 @@ export class GuestMemory {
   }
 
   /** The window holding the byte at gpa, for copies that walk a range; the access of `length` begins there. */
-  private regionAt(gpa: number, length: number): MemoryWindow {
+  private windowHolding(gpa: number, length: number): MemoryWindow {
     const r = this.regionHolding(gpa);
     if (r === undefined) throw new MemoryAccessError(gpa, length);
     return r.windowAt(gpa);

@@ -15,7 +15,7 @@ export function indirectTable(mem: GuestMemory, addr: number, len: number): { u3
     throw new QueueError("INDIRECT_BAD_LENGTH", `indirect table length ${len} is not a non-zero multiple of 16`);
   if (len / 16 > MAX_QUEUE_SIZE)
     throw new QueueError("INDIRECT_BAD_LENGTH", `indirect table of ${len / 16} entries exceeds ${MAX_QUEUE_SIZE}`);
-  const region = mem.regionFor(addr, len);
+  const region = mem.windowFor(addr, len);
   if (region === undefined) {
     if (!mem.covers(addr, len))
       throw new QueueError("BUFFER_ADDRESS", `indirect table [0x${addr.toString(16)}, +${len}) is outside guest memory`);

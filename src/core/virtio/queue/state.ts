@@ -133,7 +133,7 @@ export function ringViews(mem: GuestMemory, state: QueueState, eventIdx: boolean
 
 function ringView(mem: GuestMemory, gpa: number, bytes: number, align: number, what: string): RingView {
   if (gpa % align !== 0) throw new QueueError("RING_ADDRESS", `${what} at 0x${gpa.toString(16)} is not ${align}-byte aligned`);
-  const w = mem.regionFor(gpa, bytes);
+  const w = mem.windowFor(gpa, bytes);
   if (w === undefined) {
     throw new QueueError("RING_ADDRESS", `${what} [0x${gpa.toString(16)}, +${bytes}) is not inside guest memory`);
   }
