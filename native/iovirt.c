@@ -655,11 +655,13 @@ typedef struct {
   bool owned_by_buffer;
 } mapping_t;
 
-static void mapping_release(mapping_t *m) {
-  if (m->unmapped) return;
+/* Unmaps once (and stops guarding); returns munmap's errno, 0 on success or when already done. */
+static int mapping_release(mapping_t *m) {
+  if (m->unmapped) return 0;
   guard_unregister(m->guard);
-  munmap(m->addr, m->len);
+  m->guard = -1;
   m->unmapped = true;
+  return munmap(m->addr, m->len) < 0 ? errno : 0;
 }
 
 /* Node runs external-buffer finalizers on the JS thread, so the flags need
@@ -823,10 +825,8 @@ static napi_value js_munmap(napi_env env, napi_callback_info info) {
     return throw_arg(env, false, "buffer", "must be an ArrayBuffer returned by mmap()");
   }
   mapping_t *m = m_ptr;
-  guard_unregister(m->guard);
-  m->guard = -1;
-  if (munmap(m->addr, m->len) < 0) return throw_errno(env, "munmap", errno);
-  m->unmapped = true;
+  int err = mapping_release(m);
+  if (err != 0) return throw_errno(env, "munmap", err);
   /* Order matters: drop the wrap first so no later call can reach a record
    * the finalizer may free once the detach releases the backing store. */
   void *ignored;
