@@ -141,17 +141,15 @@ export class RawFrontend {
 /** memfd-backed guest memory mapped in this process, handed to the back end as one region. */
 export class GuestRam {
   readonly fd: Fd;
-  readonly buffer: ArrayBuffer;
   readonly mem: GuestMemory;
   /** Where the "front end process" pretends the region is mapped (only used for translation). */
   readonly userAddr = 0x7000_0000_0000;
   private next = 0x1000;
+  private readonly unmap: () => void;
 
   constructor(readonly size: number) {
-    this.fd = memfdCreate("iovirt-test-ram");
-    ftruncate(this.fd, size);
-    this.buffer = mmap(this.fd, size, 0, "rw", true);
-    this.mem = new GuestMemory([{ gpa: 0, size, buffer: this.buffer }]);
+    this.fd = memfd(size);
+    ({ mem: this.mem, unmap: this.unmap } = memfdGuestMemory(this.fd, [{ gpa: 0, size, fileOffset: 0 }]));
   }
 
   alloc(bytes: number, align = 16): number {
@@ -166,7 +164,7 @@ export class GuestRam {
   }
 
   close(): void {
-    munmap(this.buffer);
+    this.unmap();
     this.fd.close();
   }
 }
