@@ -1,3 +1,5 @@
+import { IovirtUsageError } from "../../../errors.js";
+
 /**
  * What virtio-blk needs from storage (docs/architecture.md, principle 5). Offsets and
  * lengths are bytes and always inside [0, sizeBytes); the device checks that.
@@ -20,6 +22,8 @@ export interface BlockPort {
 /**
  * A sparse in-memory disk: 64 KiB chunks allocated on first write, so a
  * "1 TiB" disk costs only what is written. Reads of holes return zeroes.
+ * A read-only disk refuses write, discard and writeZeroes with
+ * IovirtUsageError READ_ONLY (the device already fails such requests).
  */
 export class RamDisk implements BlockPort {
   sizeBytes: number;
@@ -39,7 +43,7 @@ export class RamDisk implements BlockPort {
   /** Grows or shrinks the disk; data beyond a new, smaller end is dropped. */
   resize(sizeBytes: number): void {
     if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % 512 !== 0) throw new RangeError(`disk size ${sizeBytes}`);
-    if (sizeBytes < this.sizeBytes) this.writeZeroes(sizeBytes, this.sizeBytes - sizeBytes, true);
+    if (sizeBytes < this.sizeBytes) this.zero(sizeBytes, this.sizeBytes - sizeBytes, true);
     this.sizeBytes = sizeBytes;
   }
 
@@ -55,6 +59,7 @@ export class RamDisk implements BlockPort {
   }
 
   write(offset: number, src: Uint8Array): void {
+    this.writable();
     this.span(offset, src.length, (_c, at, n, done, idx) => this.chunk(idx).set(src.subarray(done, done + n), at));
   }
 
@@ -67,6 +72,15 @@ export class RamDisk implements BlockPort {
   }
 
   writeZeroes(offset: number, length: number, unmap: boolean): void {
+    this.writable();
+    this.zero(offset, length, unmap);
+  }
+
+  private writable(): void {
+    if (this.readOnly) throw new IovirtUsageError("READ_ONLY", "write to a read-only RamDisk");
+  }
+
+  private zero(offset: number, length: number, unmap: boolean): void {
     this.span(offset, length, (chunk, at, n, _done, idx) => {
       if (chunk === undefined) return;
       if (unmap && n === RamDisk.CHUNK) this.chunks.delete(idx);
