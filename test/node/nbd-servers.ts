@@ -65,7 +65,8 @@ async function start(what: string, cmd: string, args: string[], where: Where, ex
     child,
     stderr: () => err,
     stop: async () => {
-      await stopChild(child);
+      // stopChild waits for 'exit', which a child that already died (a test killed it) will not emit again.
+      if (child.exitCode === null && child.signalCode === null) await stopChild(child);
     },
   };
 }
