@@ -3,6 +3,9 @@ import assert from "node:assert/strict";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { createBlkPair } from "../../src/core/loopback/index.js";
+import { hasFeature } from "../../src/core/virtio/lifecycle/features.js";
+import { VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES } from "../../src/core/virtio/devices/blk/constants.js";
 import { NbdBlockPort, NbdError, formatNbdAddress, parseNbdUrl, type NbdAddress } from "../../src/node/nbd/index.js";
 import { assertBytes, pattern } from "./block-port-conformance.js";
 import { NBD, startFakeServer, type FakeConn, type FakeOptions, type FakeRequest, type FakeServer } from "./nbd-fake-server.js";
@@ -144,6 +147,30 @@ describe("NbdBlockPort against real servers", () => {
     const later = await nbdRejects(port.read(0, new Uint8Array(512)), "NBD_DISCONNECTED", "a read after the drop");
     assert.equal(later.reconnectable, true);
     await within(port.close(), 5000, "close() after the drop");
+  });
+
+  test("virtio-blk over an NBD export: a driver's requests reach the server", async () => {
+    const server = await startNbdkit(dir, "virtio", ["memory", "16M"]);
+    cleanups.push(() => server.stop());
+    const port = await NbdBlockPort.connect(server.url);
+    const p = createBlkPair({ port, memoryBytes: 16 << 20 });
+    assert.equal(p.driver.capacity, (16 << 20) / 512);
+    assert.ok(hasFeature(p.driver.negotiated, VIRTIO_BLK_F_DISCARD) && hasFeature(p.driver.negotiated, VIRTIO_BLK_F_WRITE_ZEROES));
+    const writes = Array.from({ length: 16 }, (_, i) => pattern(4096 * (1 + (i % 4)), 40 + i));
+    await Promise.all(writes.map(async (d, i) => p.driver.write(i * 64, d)));
+    await p.driver.flush();
+    const reads = await Promise.all(writes.map(async (d, i) => p.driver.read(i * 64, d.length / 512)));
+    reads.forEach((r, i) => assertBytes(r, writes[i]!, `request ${i}`));
+    await p.driver.writeZeroes(0, 8, false);
+    await p.driver.discard(64, 8);
+    assertBytes(await p.driver.read(0, 8), new Uint8Array(4096), "zeroed sectors");
+    // The server holds the data: a second connection sees it.
+    const other = await NbdBlockPort.connect(server.url);
+    const b = new Uint8Array(writes[5]!.length);
+    await other.read(5 * 64 * 512, b);
+    assertBytes(b, writes[5]!, "data seen over another connection");
+    await other.close();
+    await port.close();
   });
 
   test("a server that enforces block sizes reports them", async () => {
