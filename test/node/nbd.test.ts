@@ -8,6 +8,8 @@ import { hasFeature } from "../../src/core/virtio/lifecycle/features.js";
 import { VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES } from "../../src/core/virtio/devices/blk/constants.js";
 import { NbdBlockPort, NbdError, formatNbdAddress, parseNbdUrl, type NbdAddress } from "../../src/node/nbd/index.js";
 import { assertBytes, pattern } from "./block-port-conformance.js";
+import { Coverage } from "../../src/node/nbd/coverage.js";
+import { SocketReader } from "../../src/node/nbd/reader.js";
 import { NBD, startFakeServer, type FakeConn, type FakeOptions, type FakeRequest, type FakeServer } from "./nbd-fake-server.js";
 import { startNbdkit, startQemuNbd } from "./nbd-servers.js";
 
@@ -111,6 +113,85 @@ describe("parseNbdUrl", () => {
 
   test("NbdBlockPort.connect rejects a bad URL with NBD_BAD_URL", async () => {
     await nbdRejects(NbdBlockPort.connect("nbd+unix:///x"), "NBD_BAD_URL", "connect");
+  });
+});
+
+describe("framing", () => {
+  /**
+   * Plays Node's socket with `onread`: the buffer for a read is asked for
+   * when the socket is created and after each read; a read fills up to
+   * `bytes.length` of it and is reported to the callback.
+   */
+  function fakeSocket(r: SocketReader): (bytes: Uint8Array) => Uint8Array {
+    const gen = (): Uint8Array => (typeof r.onread.buffer === "function" ? r.onread.buffer() : r.onread.buffer);
+    let next = gen();
+    return (bytes) => {
+      const buf = next;
+      const n = Math.min(buf.length, bytes.length);
+      buf.set(bytes.subarray(0, n));
+      r.onread.callback(n, buf);
+      next = gen();
+      return buf;
+    };
+  }
+
+  test("SocketReader delivers pieces split across reads and several pieces in one read", () => {
+    const r = new SocketReader();
+    const arrive = fakeSocket(r);
+    const got: number[][] = [];
+    const a = new Uint8Array(3);
+    const b = new Uint8Array(5);
+    r.expect(a, () => {
+      got.push([...a]);
+      r.expect(b, () => got.push([...b]));
+    });
+    arrive(Uint8Array.of(1, 2));
+    arrive(Uint8Array.of(3, 4, 5, 6, 7, 8));
+    assert.deepEqual(got, [
+      [1, 2, 3],
+      [4, 5, 6, 7, 8],
+    ]);
+  });
+
+  test("SocketReader keeps early bytes until they are asked for", async () => {
+    const r = new SocketReader();
+    fakeSocket(r)(Uint8Array.of(9, 8, 7, 6));
+    assert.deepEqual([...(await r.readExact(3))], [9, 8, 7]);
+    assert.deepEqual([...(await r.readExact(1))], [6]);
+  });
+
+  test("SocketReader hands a large target to the socket itself, and only its unfilled rest", () => {
+    const r = new SocketReader();
+    const arrive = fakeSocket(r);
+    const dst = new Uint8Array(new SharedArrayBuffer(100_000));
+    let full = false;
+    r.expect(dst, () => (full = true));
+    const data = pattern(dst.length, 5);
+    const first = arrive(data.subarray(0, 1000)); // this read's buffer was chosen before expect()
+    assert.notEqual(first.buffer, dst.buffer);
+    const second = arrive(data.subarray(1000));
+    assert.equal(second.buffer, dst.buffer, "the second read went straight into the destination");
+    assert.equal(second.byteOffset, 1000);
+    assert.equal(second.length, dst.length - 1000);
+    assert.ok(full);
+    assertBytes(dst, data, "destination");
+  });
+
+  test("Coverage accepts chunks in any order and refuses overlap and scattering", () => {
+    const c = new Coverage(100, 3);
+    assert.equal(c.add(50, 60), "ok");
+    assert.equal(c.add(0, 10), "ok");
+    assert.equal(c.add(9, 12), "overlap");
+    assert.equal(c.add(55, 70), "overlap");
+    assert.equal(c.add(40, 51), "overlap");
+    assert.equal(c.add(80, 90), "ok");
+    assert.equal(c.add(20, 30), "fragmented", "a fourth separate run");
+    assert.equal(c.add(10, 50), "ok", "joins two runs");
+    assert.equal(c.add(60, 80), "ok");
+    assert.equal(c.complete, false);
+    assert.equal(c.add(90, 100), "ok");
+    assert.equal(c.complete, true);
+    assert.equal(c.covered, 100);
   });
 });
 
