@@ -1,5 +1,6 @@
 import { once } from "node:events";
 import { connect as netConnect, type Socket } from "node:net";
+import { IovirtUsageError } from "../../core/errors.js";
 import { Coverage } from "./coverage.js";
 import { NbdError, errnoCode } from "./errors.js";
 import { negotiate, type NbdExportInfo } from "./handshake.js";
@@ -230,24 +231,27 @@ export class NbdClient {
 
   /** NBD_CMD_FLUSH; only when the server set NBD_FLAG_SEND_FLUSH. */
   flush(): Promise<void> {
-    if ((this.info.transmissionFlags & NBD_FLAG_SEND_FLUSH) === 0)
-      return Promise.reject(new RangeError("the server does not support NBD_CMD_FLUSH"));
-    return this.submit(NBD_CMD_FLUSH, 0, 0, 0, null, null);
+    return this.optional(NBD_FLAG_SEND_FLUSH, NBD_CMD_FLUSH, 0, 0, 0);
   }
 
   /** NBD_CMD_TRIM; only when the server set NBD_FLAG_SEND_TRIM. */
   trim(offset: number, length: number): Promise<void> {
-    if ((this.info.transmissionFlags & NBD_FLAG_SEND_TRIM) === 0)
-      return Promise.reject(new RangeError("the server does not support NBD_CMD_TRIM"));
-    return this.submit(NBD_CMD_TRIM, 0, offset, length, null, null);
+    return this.optional(NBD_FLAG_SEND_TRIM, NBD_CMD_TRIM, 0, offset, length);
   }
 
   /** NBD_CMD_WRITE_ZEROES; `noHole` sets NBD_CMD_FLAG_NO_HOLE (the range stays allocated). */
   writeZeroes(offset: number, length: number, noHole: boolean): Promise<void> {
-    if ((this.info.transmissionFlags & NBD_FLAG_SEND_WRITE_ZEROES) === 0) {
-      return Promise.reject(new RangeError("the server does not support NBD_CMD_WRITE_ZEROES"));
+    return this.optional(NBD_FLAG_SEND_WRITE_ZEROES, NBD_CMD_WRITE_ZEROES, noHole ? NBD_CMD_FLAG_NO_HOLE : 0, offset, length);
+  }
+
+  /** proto.md: a client MUST NOT use a command whose transmission flag the server did not set. */
+  private optional(flag: number, type: number, flags: number, offset: number, length: number): Promise<void> {
+    if ((this.info.transmissionFlags & flag) === 0) {
+      return Promise.reject(
+        new IovirtUsageError("NBD_UNSUPPORTED_COMMAND", `${this.where}: the server does not support ${commandName(type)}`),
+      );
     }
-    return this.submit(NBD_CMD_WRITE_ZEROES, noHole ? NBD_CMD_FLAG_NO_HOLE : 0, offset, length, null, null);
+    return this.submit(type, flags, offset, length, null, null);
   }
 
   /**
