@@ -555,6 +555,24 @@ describe("NbdBlockPort against a scripted server", () => {
     assert.equal(await port.closed, null);
   });
 
+  test("close() lets a read-modify-write in progress finish", async () => {
+    const s = await fake({
+      blockSizes: [4096, 4096, 65536],
+      onRequest: (r, c) => (r.type === NBD.CMD_READ ? setTimeout(() => c.serve(r), 50) : c.serve(r)),
+    });
+    const port = await NbdBlockPort.connect(s.url);
+    const write = port.write(512, pattern(512, 16)); // inside a 4 KiB block: READ, then WRITE
+    const closing = port.close();
+    await nbdRejects(port.write(8192, new Uint8Array(4096)), "NBD_CLOSED", "a write after close()");
+    await within(write, 5000, "the read-modify-write");
+    await within(closing, 5000, "close()");
+    assert.deepEqual(
+      s.requests.map((r) => r.type),
+      [NBD.CMD_READ, NBD.CMD_WRITE, NBD.CMD_DISC],
+    );
+    assertBytes(s.disk.subarray(512, 1024), pattern(512, 16), "the data reached the server");
+  });
+
   test("ESHUTDOWN from the server leads to a soft disconnect", async () => {
     const s = await fake({ onRequest: (r, c) => (r.type === NBD.CMD_READ ? c.simple(r.handle, NBD.ESHUTDOWN) : c.serve(r)) });
     const port = await NbdBlockPort.connect(s.url);

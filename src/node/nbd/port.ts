@@ -47,7 +47,9 @@ export class NbdBlockPort implements BlockPort {
   declare readonly discard?: (offset: number, length: number) => Promise<void>;
   declare readonly writeZeroes?: (offset: number, length: number, unmap: boolean) => Promise<void>;
   private readonly client: NbdClient;
+  /** Blocks under read-modify-write: the last operation queued on each. */
   private readonly locks = new Map<number, Promise<void>>();
+  private closing: Promise<void> | null = null;
 
   /** Connects to `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`. */
   static async connect(url: string, opts: NbdConnectOptions = {}): Promise<NbdBlockPort> {
@@ -134,16 +136,27 @@ export class NbdBlockPort implements BlockPort {
 
   /** NBD_CMD_FLUSH; a server without NBD_FLAG_SEND_FLUSH has no volatile cache to flush, so this resolves. */
   flush(): Promise<void> {
+    const bad = this.check("flush", 0, 0);
+    if (bad !== null) return Promise.reject(bad);
     if ((this.info.transmissionFlags & NBD_FLAG_SEND_FLUSH) === 0) return Promise.resolve();
     return this.client.flush();
   }
 
-  /** NBD_CMD_DISC after requests in flight are answered; idempotent. */
+  /**
+   * New requests fail at once; those in flight finish (a read-modify-write
+   * is two NBD requests, and is not cut in half); then NBD_CMD_DISC.
+   * Idempotent.
+   */
   close(): Promise<void> {
-    return this.client.close();
+    this.closing ??= (async () => {
+      while (this.locks.size > 0) await Promise.all(this.locks.values());
+      await this.client.close();
+    })();
+    return this.closing;
   }
 
   private check(what: string, offset: number, length: number): Error | null {
+    if (this.closing !== null) return new NbdError("NBD_CLOSED", `${this.url}: the port is closed`);
     if (!(
       Number.isSafeInteger(offset) &&
       offset >= 0 &&
