@@ -73,8 +73,9 @@ export class NbdBlockPort implements BlockPort {
     // Whole sectors, and whole server blocks so that the last block can be read as one.
     const unit = Math.max(512, this.blockSize);
     this.sizeBytes = info.size - (info.size % unit);
-    if (this.sizeBytes === 0)
+    if (this.sizeBytes === 0) {
       throw new NbdError("NBD_EXPORT_TOO_SMALL", `${this.url}: export of ${info.size} bytes holds no whole ${unit}-byte block`);
+    }
     const flags = info.transmissionFlags;
     this.readOnly = opts.readOnly === true || (flags & NBD_FLAG_READ_ONLY) !== 0;
     if (!this.readOnly && (flags & NBD_FLAG_SEND_TRIM) !== 0) {
@@ -111,6 +112,7 @@ export class NbdBlockPort implements BlockPort {
   read(offset: number, dst: Uint8Array): Promise<void> {
     const bad = this.check("read", offset, dst.length);
     if (bad !== null) return Promise.reject(bad);
+    if (this.oneRequest(offset, dst.length)) return this.client.read(offset, dst);
     const view = (from: number, n: number): Uint8Array => dst.subarray(from - offset, from - offset + n);
     return this.spans(
       offset,
@@ -124,6 +126,7 @@ export class NbdBlockPort implements BlockPort {
   write(offset: number, src: Uint8Array): Promise<void> {
     const bad = this.check("write", offset, src.length) ?? this.writable();
     if (bad !== null) return Promise.reject(bad);
+    if (this.oneRequest(offset, src.length)) return this.client.write(offset, src);
     const view = (from: number, n: number): Uint8Array => src.subarray(from - offset, from - offset + n);
     return this.spans(
       offset,
@@ -134,7 +137,10 @@ export class NbdBlockPort implements BlockPort {
     );
   }
 
-  /** NBD_CMD_FLUSH; a server without NBD_FLAG_SEND_FLUSH has no volatile cache to flush, so this resolves. */
+  /**
+   * NBD_CMD_FLUSH. Without NBD_FLAG_SEND_FLUSH the protocol offers no way to
+   * flush (such a server is expected to write through), so this resolves.
+   */
   flush(): Promise<void> {
     const bad = this.check("flush", 0, 0);
     if (bad !== null) return Promise.reject(bad);
@@ -167,6 +173,11 @@ export class NbdBlockPort implements BlockPort {
       return new RangeError(`${what} [${offset}, +${length}) outside the disk (${this.sizeBytes} bytes)`);
     }
     return null;
+  }
+
+  /** The common case, sent as is: aligned to the server's blocks and within its maximum payload. */
+  private oneRequest(offset: number, length: number): boolean {
+    return length > 0 && length <= this.maxRequestBytes && offset % this.blockSize === 0 && length % this.blockSize === 0;
   }
 
   private writable(): Error | null {
