@@ -433,7 +433,7 @@ describe("NbdBlockPort against a scripted server", () => {
       (async () => {
         while (s.options.at(-1) !== NBD.OPT_ABORT) await new Promise((r) => setTimeout(r, 10));
       })(),
-      2000,
+      5000,
       "NBD_OPT_ABORT",
     );
   });

@@ -192,7 +192,7 @@ export async function negotiate(io: HandshakeIo, exportName: string, log: (line:
       // Any other error: the server only sends simple replies.
 
       io.write(encodeOption(NBD_OPT_GO, encodeGo(name, [NBD_INFO_BLOCK_SIZE])));
-      let export_: [number, number] | null = null;
+      let exported: [number, number] | null = null;
       let bs: [number, number, number] | null = null;
       for (;;) {
         const g = await optionReply(io, NBD_OPT_GO);
@@ -202,16 +202,16 @@ export async function negotiate(io: HandshakeIo, exportName: string, log: (line:
           const info = v.getUint16(0);
           if (info === NBD_INFO_EXPORT) {
             if (g.data.length !== 12) throw protocol(`NBD_INFO_EXPORT of ${g.data.length} bytes`);
-            export_ = [readU64(v, 2), v.getUint16(10)];
+            exported = [readU64(v, 2), v.getUint16(10)];
           } else if (info === NBD_INFO_BLOCK_SIZE) {
             if (g.data.length !== 14) throw protocol(`NBD_INFO_BLOCK_SIZE of ${g.data.length} bytes`);
             bs = [v.getUint32(2), v.getUint32(6), v.getUint32(10)];
             checkBlockSizes(...bs);
           } // proto.md: the client MUST ignore information types it does not know.
         } else if (g.type === NBD_REP_ACK) {
-          if (export_ === null) throw protocol("NBD_OPT_GO succeeded without NBD_INFO_EXPORT");
+          if (exported === null) throw protocol("NBD_OPT_GO succeeded without NBD_INFO_EXPORT");
           log(`nbd: NBD_OPT_GO accepted; structured replies ${structured ? "on" : "off"}`);
-          return exportInfo(exportName, export_[0], export_[1], structured, "go", bs);
+          return exportInfo(exportName, exported[0], exported[1], structured, "go", bs);
         } else if (g.type === NBD_REP_ERR_UNSUP) {
           log("nbd: the server does not know NBD_OPT_GO; falling back to NBD_OPT_EXPORT_NAME");
           break;
