@@ -254,6 +254,21 @@ describe("NbdBlockPort against real servers", () => {
     await port.close();
   });
 
+  test("a plain newstyle server (no options, trailing zeroes) is used through NBD_OPT_EXPORT_NAME", async () => {
+    // --mask-handshake=0 withdraws NBD_FLAG_FIXED_NEWSTYLE and NBD_FLAG_NO_ZEROES.
+    const server = await startNbdkit(dir, "plain", ["--mask-handshake=0", "memory", "4M"]);
+    cleanups.push(() => server.stop());
+    const port = await NbdBlockPort.connect(server.url);
+    assert.equal(port.info.via, "export-name");
+    assert.equal(port.info.structuredReplies, false);
+    assert.equal(port.sizeBytes, 4 << 20);
+    await port.write(4096, pattern(8192, 20));
+    const b = new Uint8Array(8192);
+    await port.read(4096, b);
+    assertBytes(b, pattern(8192, 20), "data");
+    await port.close();
+  });
+
   test("a server that enforces block sizes reports them", async () => {
     const server = await startNbdkit(dir, "sizes", [
       "--filter=blocksize-policy",
