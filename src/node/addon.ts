@@ -69,7 +69,7 @@ export interface RawAddon {
   aioReap(handle: RawAioHandle, out: Int32Array): number;
   aioClose(handle: RawAioHandle): void;
   dioAlign(fd: number): { memory: number; offset: number };
-  tryRw(fd: number, buffers: readonly ArrayBufferView[], offset: number, write: boolean): number;
+  tryRw(fd: number, buffers: ArrayBufferView | readonly ArrayBufferView[], offset: number, write: boolean): number;
 }
 
 /** Opaque engine handle from aioCreate(). */

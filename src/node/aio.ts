@@ -279,13 +279,17 @@ export class AsyncIo {
 /**
  * preadv2/pwritev2 with RWF_NOWAIT: transfers what can be done without
  * waiting for a disk (data in the page cache) and returns the bytes moved,
- * or 0 when nothing could be; the caller sends the rest through AsyncIo.
+ * or -errno: -EAGAIN when nothing could be, -EOPNOTSUPP when the file system
+ * cannot tell (ext4 buffered writes). The caller sends the rest through AsyncIo.
  */
 export function tryTransfer(fd: FdLike, offset: number, bufs: Uint8Array[], write: boolean): number {
-  if (bufs.length > MAX_IOV) return 0;
-  const n = addon().tryRw(rawFd(fd), bufs, offset, write);
-  return n > 0 ? n : 0;
+  if (bufs.length > MAX_IOV) return -EAGAIN;
+  // One view goes as itself: reading it out of an array costs the addon more than the read.
+  return addon().tryRw(rawFd(fd), bufs.length === 1 ? bufs[0]! : bufs, offset, write);
 }
+
+export const EAGAIN = constants.errno.EAGAIN;
+export const EOPNOTSUPP = constants.errno.EOPNOTSUPP;
 
 /** The views left after the first `n` bytes. */
 export function dropFront(bufs: Uint8Array[], n: number): Uint8Array[] {

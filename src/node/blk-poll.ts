@@ -30,13 +30,13 @@ type FromWorker =
 
 /** Main-thread side: listens on `path` and feeds connections to one polling worker. */
 export class BlkPollServer {
-  private readonly listenFd: Fd;
-  private readonly watcher: Watcher;
+  private listenFd: Fd | null = null;
+  private watcher: Watcher | null = null;
   private readonly worker: Worker;
   private busy = false;
   private readonly log: (line: string) => void;
   /** Resolves with a description of the storage once the worker opened it; rejects if it could not. */
-  readonly ready: Promise<string>;
+  ready: Promise<string>;
 
   constructor(path: string, spec: BlkSpec, log: (line: string) => void) {
     this.log = log;
@@ -56,19 +56,30 @@ export class BlkPollServer {
       }
     });
     this.worker.on("error", (e) => log(`poll worker failed: ${e.message}`));
-    try {
-      this.listenFd = listenUnix(path);
-    } catch (e) {
-      void this.worker.terminate();
-      throw e;
-    }
-    this.watcher = watch(this.listenFd, "r", () => this.accept());
+    // Listen only once the storage is open: a path that cannot be served never gets a socket.
+    this.ready = this.ready.then(
+      (description) => {
+        try {
+          const fd = listenUnix(path);
+          this.listenFd = fd;
+          this.watcher = watch(fd, "r", () => this.accept());
+        } catch (e) {
+          void this.worker.terminate();
+          throw e;
+        }
+        return description;
+      },
+      async (e: unknown) => {
+        await this.worker.terminate();
+        throw e;
+      },
+    );
   }
 
   /** Stops accepting, lets the worker close its connection and port, and waits for it. */
   async close(): Promise<string> {
-    this.watcher.stop();
-    this.listenFd.close();
+    this.watcher?.stop();
+    this.listenFd?.close();
     const stats = new Promise<string>((resolve) => {
       this.worker.on("message", (m: FromWorker) => {
         if (m.type === "stopped") resolve(m.stats);
@@ -81,7 +92,7 @@ export class BlkPollServer {
   }
 
   private accept(): void {
-    acceptAll(this.listenFd, (fd) => {
+    acceptAll(this.listenFd!, (fd) => {
       if (this.busy) {
         this.log("vhost-user: refusing a second front end while one is connected");
         fd.close();

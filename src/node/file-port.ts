@@ -1,5 +1,5 @@
 import type { BlockPort } from "../core/virtio/devices/blk/port.js";
-import { AsyncIo, FALLOC, dropFront, tryTransfer, type AioCallback } from "./aio.js";
+import { AsyncIo, EOPNOTSUPP, FALLOC, dropFront, tryTransfer, type AioCallback } from "./aio.js";
 import { SysError } from "./errors.js";
 import { Fd, addressOf, dioAlign, fallocate, fdatasync, fstat, open, pread, pwrite, type FdLike } from "./native.js";
 
@@ -58,7 +58,7 @@ export class FileBlockPort implements BlockPort {
   private readonly bases = new WeakMap<ArrayBufferLike, number>();
   /** Reads, and writes too when they need no sync, try the page cache without waiting first. */
   private readonly nowaitReads: boolean;
-  private readonly nowaitWrites: boolean;
+  private nowaitWrites: boolean;
 
   constructor(path: string, opts: FileBlockPortOptions = {}) {
     this.path = path;
@@ -66,7 +66,7 @@ export class FileBlockPort implements BlockPort {
     this.cache = opts.cache ?? "writeback";
     const direct = this.cache === "none" || this.cache === "directsync";
     const dsync = this.cache === "writethrough" || this.cache === "directsync";
-    this.fd = open(path, this.readOnly ? "r" : "rw", 0o666, { direct, dsync });
+    this.fd = openImage(path, this.readOnly, direct, dsync);
     try {
       const size = fstat(this.fd).size;
       this.sizeBytes = size - (size % SECTOR);
@@ -111,6 +111,7 @@ export class FileBlockPort implements BlockPort {
   writev(offset: number, srcs: Uint8Array[]): void | Promise<void> {
     if (this.nowaitWrites && this.gate.idle) {
       const n = tryTransfer(this.fd, offset, srcs, true);
+      if (n === -EOPNOTSUPP) this.nowaitWrites = false; // the file system cannot say: stop asking
       if (n > 0) {
         srcs = dropFront(srcs, n);
         if (srcs.length === 0) return;
@@ -203,6 +204,19 @@ export class FileBlockPort implements BlockPort {
         this.io.write(this.fd, start, buf, end);
       });
     }, done);
+  }
+}
+
+function openImage(path: string, readOnly: boolean, direct: boolean, dsync: boolean): Fd {
+  try {
+    return open(path, readOnly ? "r" : "rw", 0o666, { direct, dsync });
+  } catch (e) {
+    if (!(e instanceof SysError)) throw e;
+    const why =
+      direct && e.code === "EINVAL"
+        ? "its file system does not support O_DIRECT (tmpfs, for one); use --cache writeback, or put the image on a disk"
+        : e.message;
+    throw new Error(`cannot open image ${path}: ${why}`, { cause: e });
   }
 }
 
