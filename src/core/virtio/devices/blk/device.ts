@@ -158,6 +158,7 @@ export class BlkDevice extends VirtioDevice {
   private handle(index: number, q: DeviceQueue, chain: DescriptorChain, inOrder: boolean): void {
     const epoch = this.epoch;
     const mem = this.memory;
+    this.begin(index);
     if (chain.writableBytes < 1) {
       // No room for the status byte: nothing can be reported, so return the buffer empty.
       this.report(new GuestError("BLK_NO_STATUS", "request without a writable status byte"), index);
