@@ -56,6 +56,30 @@ interface Op {
   cb: AioCallback;
 }
 
+/** Operations in flight over every engine in this thread, and work waiting for that count to reach zero. */
+let inFlightEverywhere = 0;
+const whenIdle: (() => void)[] = [];
+
+/**
+ * Runs `fn` once no AsyncIo engine of this thread has an operation in flight
+ * (at once if none has). Guest memory is unmapped this way: the kernel may
+ * still copy into a buffer of a request whose connection is gone, and the
+ * address must not be mapped to something else by then.
+ */
+export function afterIoInFlight(fn: () => void): void {
+  if (inFlightEverywhere === 0) fn();
+  else whenIdle.push(fn);
+}
+
+function ioStarted(): void {
+  inFlightEverywhere++;
+}
+
+function ioEnded(n = 1): void {
+  inFlightEverywhere -= n;
+  if (inFlightEverywhere === 0) for (const fn of whenIdle.splice(0)) fn();
+}
+
 export class AsyncIo {
   readonly engine: AioEngine;
   /** errno name of the failed io_uring_setup when the thread pool stands in for it. */
@@ -165,7 +189,9 @@ export class AsyncIo {
     if (this.closed) return;
     this.closed = true;
     this.watcher?.stop();
-    addon().aioClose(this.handle);
+    addon().aioClose(this.handle); // returns once the pool's threads stopped; io_uring cancels or finishes in the kernel
+    if (this.inFlight > 0) ioEnded(this.inFlight);
+    this.inFlight = 0;
     this.notifyFd?.close();
     this.slots.fill(null);
     this.waiting.length = 0;
@@ -232,6 +258,7 @@ export class AsyncIo {
       return;
     }
     this.slots[slot] = o;
+    ioStarted();
     if (this.inFlight++ === 0) this.watcher?.ref();
     this.prepared++;
     if (!this.submitQueued) {
@@ -244,6 +271,7 @@ export class AsyncIo {
     const o = this.slots[slot];
     if (o === null || o === undefined) return;
     this.slots[slot] = null;
+    ioEnded();
     if (--this.inFlight === 0) this.watcher?.unref();
     if (res < 0) {
       this.release(slot);
