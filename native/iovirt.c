@@ -402,7 +402,8 @@ static napi_value js_ftruncate(napi_env env, napi_callback_info info) {
 }
 
 static napi_value js_open(napi_env env, napi_callback_info info) {
-  GET_ARGS(3);
+  GET_ARGS(4);
+  bool direct, dsync;
   char path[PATH_MAX];
   char flags_s[16];
   int64_t mode = 0666;
@@ -419,6 +420,9 @@ static napi_value js_open(napi_env env, napi_callback_info info) {
     flags = O_RDWR | O_CREAT;
   else
     return throw_arg(env, true, "flags", "must be 'r', 'rw' or 'rw+create'");
+  if (!opt_flag(env, argv[3], "direct", &direct) || !opt_flag(env, argv[3], "dsync", &dsync)) return NULL;
+  if (direct) flags |= O_DIRECT;
+  if (dsync) flags |= O_DSYNC;
   int fd = open(path, flags | O_CLOEXEC, (mode_t)mode);
   if (fd < 0) return throw_errno(env, "open", errno);
   return make_fd(env, fd);
@@ -1318,6 +1322,541 @@ fail:
 }
 
 /* ------------------------------------------------------------------------ */
+/* Asynchronous file I/O: io_uring, or a thread pool where it is missing     */
+/* ------------------------------------------------------------------------ */
+
+/* One submission/completion interface with two engines.  The caller prepares
+ * operations in numbered slots (0..capacity-1, at most one operation per
+ * slot in flight), submits them, and later reaps (slot, result) pairs, where
+ * a result is a byte count or -errno.  Completions are announced on an
+ * eventfd the caller owns (libuv watches it), or the caller simply reaps in
+ * a polling loop.
+ *
+ *   io_uring  raw io_uring_setup/io_uring_enter on rings mapped here; no
+ *             liburing, so the addon builds wherever the kernel UAPI headers
+ *             are present and nothing new needs installing.
+ *   threads   a fixed pool of pthreads running preadv/pwritev/fdatasync/
+ *             fallocate, for kernels without io_uring or processes whose
+ *             seccomp profile or io_uring_disabled sysctl forbids it.
+ *
+ * Buffers are caller memory (guest RAM views): the caller keeps them alive
+ * until the slot's completion is reaped. */
+
+#include <linux/io_uring.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+
+enum { AIO_READ = 0, AIO_WRITE = 1, AIO_FSYNC = 2, AIO_FALLOCATE = 3 };
+#define AIO_INLINE_IOV 4
+#define AIO_MAX_IOV 1024 /* IOV_MAX on Linux */
+#define AIO_MAX_CAPACITY 4096
+#define AIO_MAX_THREADS 64
+
+typedef struct {
+  uint8_t op;
+  int fd;
+  int mode;       /* fallocate mode; fsync: 1 = data only */
+  uint64_t off;
+  uint64_t len;   /* fallocate length */
+  struct iovec inl[AIO_INLINE_IOV];
+  struct iovec *iov; /* inl, or heap memory for longer vectors */
+  int iovcnt;
+  bool busy; /* prepared and not yet reaped: its iovecs may be in use */
+} aio_slot_t;
+
+typedef struct {
+  bool uring;
+  bool destroyed;
+  unsigned capacity;
+  int efd; /* completion eventfd (not owned), or -1 */
+  aio_slot_t *slots;
+  /* io_uring */
+  int ring_fd;
+  void *sq_map, *cq_map;
+  size_t sq_map_len, cq_map_len;
+  struct io_uring_sqe *sqes;
+  size_t sqes_len;
+  _Atomic unsigned *sq_tail;
+  unsigned *sq_array, sq_mask, sq_tail_local, unsubmitted;
+  _Atomic unsigned *cq_head, *cq_tail;
+  unsigned cq_mask;
+  struct io_uring_cqe *cqes;
+  /* thread pool */
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  uint32_t *staged, staged_n;      /* prepared, not yet submitted */
+  uint32_t *todo, todo_head, todo_n; /* submitted, not yet picked up */
+  int32_t *done;                    /* (slot, result) pairs */
+  uint32_t done_head, done_n;
+  pthread_t threads[AIO_MAX_THREADS];
+  unsigned nthreads;
+  bool stopping;
+} aio_t;
+
+static void aio_slot_clear(aio_slot_t *s) {
+  if (s->iov != NULL && s->iov != s->inl) free(s->iov);
+  s->iov = NULL;
+  s->iovcnt = 0;
+}
+
+/* Runs one operation to the end in a pool thread: short transfers continue
+ * (a read stops early only at end of file, like the kernel's own result). */
+static int32_t aio_execute(aio_slot_t *s) {
+  if (s->op == AIO_FSYNC) return (s->mode ? fdatasync(s->fd) : fsync(s->fd)) < 0 ? -errno : 0;
+  if (s->op == AIO_FALLOCATE)
+    return fallocate(s->fd, s->mode, (off_t)s->off, (off_t)s->len) < 0 ? -errno : 0;
+  struct iovec *iov = s->iov;
+  int cnt = s->iovcnt;
+  uint64_t done = 0;
+  while (cnt > 0) {
+    ssize_t n = s->op == AIO_READ ? preadv(s->fd, iov, cnt, (off_t)(s->off + done))
+                                  : pwritev(s->fd, iov, cnt, (off_t)(s->off + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return done > 0 ? (int32_t)done : -errno;
+    }
+    if (n == 0) break;
+    done += (uint64_t)n;
+    while (cnt > 0 && (size_t)n >= iov->iov_len) {
+      n -= (ssize_t)iov->iov_len;
+      iov++;
+      cnt--;
+    }
+    if (cnt > 0) {
+      iov->iov_base = (char *)iov->iov_base + n;
+      iov->iov_len -= (size_t)n;
+    }
+  }
+  return (int32_t)done;
+}
+
+static void *aio_thread(void *arg) {
+  aio_t *a = arg;
+  pthread_mutex_lock(&a->mu);
+  for (;;) {
+    while (a->todo_n == 0 && !a->stopping) pthread_cond_wait(&a->cv, &a->mu);
+    if (a->todo_n == 0) break;
+    uint32_t slot = a->todo[a->todo_head];
+    a->todo_head = (a->todo_head + 1) % a->capacity;
+    a->todo_n--;
+    pthread_mutex_unlock(&a->mu);
+    int32_t res = aio_execute(&a->slots[slot]);
+    pthread_mutex_lock(&a->mu);
+    uint32_t at = (a->done_head + a->done_n) % a->capacity;
+    a->done[2 * at] = (int32_t)slot;
+    a->done[2 * at + 1] = res;
+    a->done_n++;
+    if (a->efd >= 0) {
+      uint64_t one = 1;
+      ssize_t w = write(a->efd, &one, sizeof one);
+      (void)w; /* the counter cannot overflow with this few writes */
+    }
+  }
+  pthread_mutex_unlock(&a->mu);
+  return NULL;
+}
+
+static int aio_uring_setup(aio_t *a, unsigned entries) {
+  struct io_uring_params p;
+  memset(&p, 0, sizeof p);
+  /* Twice as many completion entries as operations in flight: the
+   * completion ring can never overflow. */
+  p.flags = IORING_SETUP_CQSIZE;
+  p.cq_entries = entries * 2;
+  int fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+  if (fd < 0) return errno;
+  a->ring_fd = fd;
+  a->sq_map_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+  a->cq_map_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+  bool single = (p.features & IORING_FEAT_SINGLE_MMAP) != 0;
+  if (single) {
+    if (a->cq_map_len > a->sq_map_len) a->sq_map_len = a->cq_map_len;
+    a->cq_map_len = a->sq_map_len;
+  }
+  a->sq_map = mmap(NULL, a->sq_map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQ_RING);
+  if (a->sq_map == MAP_FAILED) goto fail;
+  a->cq_map = single ? a->sq_map
+                     : mmap(NULL, a->cq_map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_CQ_RING);
+  if (a->cq_map == MAP_FAILED) goto fail;
+  a->sqes_len = p.sq_entries * sizeof(struct io_uring_sqe);
+  a->sqes = mmap(NULL, a->sqes_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQES);
+  if (a->sqes == MAP_FAILED) goto fail;
+  char *sq = a->sq_map, *cq = a->cq_map;
+  a->sq_tail = (_Atomic unsigned *)(sq + p.sq_off.tail);
+  a->sq_mask = *(unsigned *)(sq + p.sq_off.ring_mask);
+  a->sq_array = (unsigned *)(sq + p.sq_off.array);
+  a->sq_tail_local = atomic_load_explicit(a->sq_tail, memory_order_relaxed);
+  a->cq_head = (_Atomic unsigned *)(cq + p.cq_off.head);
+  a->cq_tail = (_Atomic unsigned *)(cq + p.cq_off.tail);
+  a->cq_mask = *(unsigned *)(cq + p.cq_off.ring_mask);
+  a->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+  if (a->efd >= 0 && syscall(__NR_io_uring_register, fd, IORING_REGISTER_EVENTFD, &a->efd, 1) < 0) goto fail;
+  return 0;
+fail: {
+  int err = errno;
+  if (a->sqes != NULL && a->sqes != MAP_FAILED) munmap(a->sqes, a->sqes_len);
+  if (a->cq_map != NULL && a->cq_map != MAP_FAILED && a->cq_map != a->sq_map) munmap(a->cq_map, a->cq_map_len);
+  if (a->sq_map != NULL && a->sq_map != MAP_FAILED) munmap(a->sq_map, a->sq_map_len);
+  a->sqes = NULL;
+  a->sq_map = a->cq_map = NULL;
+  close(fd);
+  a->ring_fd = -1;
+  return err;
+}
+}
+
+static int aio_pool_setup(aio_t *a, unsigned threads) {
+  a->staged = calloc(a->capacity, sizeof *a->staged);
+  a->todo = calloc(a->capacity, sizeof *a->todo);
+  a->done = calloc(2 * (size_t)a->capacity, sizeof *a->done);
+  if (a->staged == NULL || a->todo == NULL || a->done == NULL) return ENOMEM;
+  pthread_mutex_init(&a->mu, NULL);
+  pthread_cond_init(&a->cv, NULL);
+  for (unsigned i = 0; i < threads; i++) {
+    int err = pthread_create(&a->threads[i], NULL, aio_thread, a);
+    if (err != 0) return a->nthreads > 0 ? 0 : err;
+    a->nthreads++;
+  }
+  return 0;
+}
+
+/* Stops the engine.  io_uring: closing the ring cancels or finishes what is
+ * in flight.  Pool: the threads finish the queue and exit. */
+static void aio_destroy(aio_t *a) {
+  if (a->destroyed) return;
+  a->destroyed = true;
+  if (a->uring) {
+    if (a->sqes != NULL) munmap(a->sqes, a->sqes_len);
+    if (a->cq_map != NULL && a->cq_map != a->sq_map) munmap(a->cq_map, a->cq_map_len);
+    if (a->sq_map != NULL) munmap(a->sq_map, a->sq_map_len);
+    if (a->ring_fd >= 0) close(a->ring_fd);
+  } else if (a->nthreads > 0) {
+    pthread_mutex_lock(&a->mu);
+    a->stopping = true;
+    pthread_cond_broadcast(&a->cv);
+    pthread_mutex_unlock(&a->mu);
+    for (unsigned i = 0; i < a->nthreads; i++) pthread_join(a->threads[i], NULL);
+  }
+  for (unsigned i = 0; i < a->capacity; i++) aio_slot_clear(&a->slots[i]);
+}
+
+static void aio_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  aio_t *a = data;
+  aio_destroy(a);
+  free(a->slots);
+  free(a->staged);
+  free(a->todo);
+  free(a->done);
+  free(a);
+}
+
+/* aioCreate(entries, engine: "auto" | "io_uring" | "threads", eventfd | -1, threads)
+ *   -> { handle, engine, uringError } */
+static napi_value js_aio_create(napi_env env, napi_callback_info info) {
+  GET_ARGS(4);
+  int64_t entries, efd, threads;
+  char engine[16];
+  if (!arg_int(env, argv[0], "entries", 1, AIO_MAX_CAPACITY, &entries) ||
+      !arg_cstring(env, argv[1], "engine", engine, sizeof engine) ||
+      !arg_int(env, argv[2], "eventfd", -1, INT_MAX, &efd) ||
+      !arg_int(env, argv[3], "threads", 1, AIO_MAX_THREADS, &threads))
+    return NULL;
+  bool want_uring = strcmp(engine, "auto") == 0 || strcmp(engine, "io_uring") == 0;
+  bool want_pool = strcmp(engine, "auto") == 0 || strcmp(engine, "threads") == 0;
+  if (!want_uring && !want_pool) return throw_arg(env, true, "engine", "must be 'auto', 'io_uring' or 'threads'");
+  aio_t *a = calloc(1, sizeof *a);
+  if (a == NULL) return throw_errno(env, "aioCreate", ENOMEM);
+  a->ring_fd = -1;
+  a->efd = (int)efd;
+  /* io_uring rounds the ring up to a power of two; use exactly that many slots. */
+  unsigned cap = 1;
+  while (cap < (unsigned)entries) cap <<= 1;
+  a->capacity = cap;
+  a->slots = calloc(cap, sizeof *a->slots);
+  if (a->slots == NULL) {
+    free(a);
+    return throw_errno(env, "aioCreate", ENOMEM);
+  }
+  int uring_err = ENOSYS;
+  if (want_uring) {
+    uring_err = aio_uring_setup(a, cap);
+    a->uring = uring_err == 0;
+  }
+  if (!a->uring) {
+    if (!want_pool) {
+      aio_finalize(env, a, NULL);
+      return throw_errno(env, "io_uring_setup", uring_err);
+    }
+    int err = aio_pool_setup(a, (unsigned)threads);
+    if (err != 0) {
+      aio_finalize(env, a, NULL);
+      return throw_errno(env, "pthread_create", err);
+    }
+  }
+  napi_value obj, handle;
+  if (napi_create_external(env, a, aio_finalize, NULL, &handle) != napi_ok) {
+    aio_finalize(env, a, NULL);
+    throw_napi_failure(env, "napi_create_external");
+    return NULL;
+  }
+  NAPI_CALL(env, napi_create_object(env, &obj));
+  NAPI_CALL(env, napi_set_named_property(env, obj, "handle", handle));
+  set_named_property_str(env, obj, "engine", a->uring ? "io_uring" : "threads");
+  set_named_property_int(env, obj, "capacity", cap);
+  if (!a->uring && want_uring) set_named_property_str(env, obj, "uringError", errno_name(uring_err));
+  return obj;
+}
+
+static aio_t *aio_of(napi_env env, napi_value v) {
+  void *p = NULL;
+  if (!is_type(env, v, napi_external) || napi_get_value_external(env, v, &p) != napi_ok || p == NULL) {
+    throw_arg(env, false, "handle", "must be a handle from aioCreate()");
+    return NULL;
+  }
+  aio_t *a = p;
+  if (a->destroyed) {
+    napi_throw_error(env, "ERR_IOVIRT_AIO_CLOSED", "asynchronous I/O engine used after close");
+    return NULL;
+  }
+  return a;
+}
+
+/* Collects the buffers of a read or write: one view or an array of views. */
+static bool aio_buffers(napi_env env, napi_value v, aio_slot_t *s) {
+  bool is_array = false;
+  NAPI_CALL_BOOL(env, napi_is_array(env, v, &is_array));
+  uint32_t n = 1;
+  if (is_array) NAPI_CALL_BOOL(env, napi_get_array_length(env, v, &n));
+  if (n == 0 || n > AIO_MAX_IOV) {
+    throw_arg(env, true, "buffers", "must hold 1 to 1024 views");
+    return false;
+  }
+  struct iovec *iov = n <= AIO_INLINE_IOV ? s->inl : malloc(n * sizeof *iov);
+  if (iov == NULL) {
+    throw_errno(env, "aioPrep", ENOMEM);
+    return false;
+  }
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value item = v;
+    if (is_array && napi_get_element(env, v, i, &item) != napi_ok) {
+      if (iov != s->inl) free(iov);
+      throw_napi_failure(env, "napi_get_element");
+      return false;
+    }
+    void *data;
+    size_t len;
+    if (!arg_bytes(env, item, "buffers", &data, &len)) {
+      if (iov != s->inl) free(iov);
+      return false;
+    }
+    iov[i].iov_base = data;
+    iov[i].iov_len = len;
+  }
+  s->iov = iov;
+  s->iovcnt = (int)n;
+  return true;
+}
+
+/* aioPrep(handle, slot, op, fd, offset, buffers | length, mode) */
+static napi_value js_aio_prep(napi_env env, napi_callback_info info) {
+  GET_ARGS(7);
+  aio_t *a = aio_of(env, argv[0]);
+  if (a == NULL) return NULL;
+  int64_t slot, op, mode = 0;
+  int fd;
+  off_t off;
+  if (!arg_int(env, argv[1], "slot", 0, a->capacity - 1, &slot) || !arg_int(env, argv[2], "op", 0, 3, &op) ||
+      !arg_fd(env, argv[3], "fd", &fd) || !arg_off(env, argv[4], "offset", &off))
+    return NULL;
+  if (!is_type(env, argv[6], napi_undefined) && !arg_int(env, argv[6], "mode", 0, INT_MAX, &mode)) return NULL;
+  aio_slot_t *s = &a->slots[slot];
+  if (s->busy) return throw_arg(env, true, "slot", "is still in flight (reap its completion first)");
+  aio_slot_clear(s);
+  s->op = (uint8_t)op;
+  s->fd = fd;
+  s->off = (uint64_t)off;
+  s->mode = (int)mode;
+  s->len = 0;
+  if (op == AIO_READ || op == AIO_WRITE) {
+    if (!aio_buffers(env, argv[5], s)) return NULL;
+  } else if (op == AIO_FALLOCATE) {
+    off_t len;
+    if (!arg_off(env, argv[5], "length", &len)) return NULL;
+    s->len = (uint64_t)len;
+  }
+  if (a->uring) {
+    unsigned idx = a->sq_tail_local & a->sq_mask;
+    struct io_uring_sqe *sqe = &a->sqes[idx];
+    memset(sqe, 0, sizeof *sqe);
+    sqe->fd = fd;
+    sqe->user_data = (uint64_t)slot;
+    sqe->off = (uint64_t)off;
+    switch (op) {
+      case AIO_READ:
+      case AIO_WRITE:
+        sqe->opcode = op == AIO_READ ? IORING_OP_READV : IORING_OP_WRITEV;
+        sqe->addr = (uint64_t)(uintptr_t)s->iov;
+        sqe->len = (uint32_t)s->iovcnt;
+        break;
+      case AIO_FSYNC:
+        sqe->opcode = IORING_OP_FSYNC;
+        sqe->fsync_flags = mode ? IORING_FSYNC_DATASYNC : 0;
+        break;
+      default: /* fallocate: length travels in addr, mode in len */
+        sqe->opcode = IORING_OP_FALLOCATE;
+        sqe->addr = s->len;
+        sqe->len = (uint32_t)mode;
+        break;
+    }
+    a->sq_array[idx] = idx;
+    a->sq_tail_local++;
+    a->unsubmitted++;
+  } else {
+    a->staged[a->staged_n++] = (uint32_t)slot; /* busy slots bound staged_n by capacity */
+  }
+  s->busy = true;
+  return make_undefined(env);
+}
+
+/* aioSubmit(handle) -> operations handed to the kernel or the pool. */
+static napi_value js_aio_submit(napi_env env, napi_callback_info info) {
+  GET_ARGS(1);
+  aio_t *a = aio_of(env, argv[0]);
+  if (a == NULL) return NULL;
+  unsigned submitted = 0;
+  if (a->uring) {
+    atomic_store_explicit(a->sq_tail, a->sq_tail_local, memory_order_release);
+    while (a->unsubmitted > 0) {
+      int n = (int)syscall(__NR_io_uring_enter, a->ring_fd, a->unsubmitted, 0, 0, NULL, 0);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        /* EAGAIN/EBUSY: the kernel keeps the rest queued; the next submit retries. */
+        if (errno == EAGAIN || errno == EBUSY) break;
+        return throw_errno(env, "io_uring_enter", errno);
+      }
+      a->unsubmitted -= (unsigned)n;
+      submitted += (unsigned)n;
+      if (n == 0) break;
+    }
+  } else if (a->staged_n > 0) {
+    pthread_mutex_lock(&a->mu);
+    for (uint32_t i = 0; i < a->staged_n; i++) {
+      a->todo[(a->todo_head + a->todo_n) % a->capacity] = a->staged[i];
+      a->todo_n++;
+    }
+    submitted = a->staged_n;
+    a->staged_n = 0;
+    pthread_cond_broadcast(&a->cv);
+    pthread_mutex_unlock(&a->mu);
+  }
+  return make_number(env, submitted);
+}
+
+/* aioReap(handle, Int32Array out) -> completions written as (slot, result) pairs. */
+static napi_value js_aio_reap(napi_env env, napi_callback_info info) {
+  GET_ARGS(2);
+  aio_t *a = aio_of(env, argv[0]);
+  if (a == NULL) return NULL;
+  bool is_ta = false;
+  napi_typedarray_type type;
+  size_t count = 0;
+  void *data = NULL;
+  NAPI_CALL(env, napi_is_typedarray(env, argv[1], &is_ta));
+  if (is_ta) NAPI_CALL(env, napi_get_typedarray_info(env, argv[1], &type, &count, &data, NULL, NULL));
+  if (!is_ta || type != napi_int32_array) return throw_arg(env, false, "out", "must be an Int32Array");
+  int32_t *out = data;
+  size_t max = count / 2, n = 0;
+  if (a->uring) {
+    unsigned head = atomic_load_explicit(a->cq_head, memory_order_relaxed);
+    unsigned tail = atomic_load_explicit(a->cq_tail, memory_order_acquire);
+    while (head != tail && n < max) {
+      struct io_uring_cqe *cqe = &a->cqes[head & a->cq_mask];
+      uint32_t slot = (uint32_t)cqe->user_data;
+      out[2 * n] = (int32_t)slot;
+      out[2 * n + 1] = cqe->res;
+      if (slot < a->capacity) {
+        aio_slot_clear(&a->slots[slot]);
+        a->slots[slot].busy = false;
+      }
+      head++;
+      n++;
+    }
+    atomic_store_explicit(a->cq_head, head, memory_order_release);
+  } else {
+    pthread_mutex_lock(&a->mu);
+    while (a->done_n > 0 && n < max) {
+      out[2 * n] = a->done[2 * a->done_head];
+      out[2 * n + 1] = a->done[2 * a->done_head + 1];
+      aio_slot_clear(&a->slots[out[2 * n]]);
+      a->slots[out[2 * n]].busy = false;
+      a->done_head = (a->done_head + 1) % a->capacity;
+      a->done_n--;
+      n++;
+    }
+    pthread_mutex_unlock(&a->mu);
+  }
+  return make_number(env, (double)n);
+}
+
+static napi_value js_aio_close(napi_env env, napi_callback_info info) {
+  GET_ARGS(1);
+  void *p = NULL;
+  if (!is_type(env, argv[0], napi_external) || napi_get_value_external(env, argv[0], &p) != napi_ok || p == NULL)
+    return throw_arg(env, false, "handle", "must be a handle from aioCreate()");
+  aio_destroy(p);
+  return make_undefined(env);
+}
+
+/* tryRw(fd, buffers, offset, write) -> bytes, or -errno: preadv2/pwritev2 with
+ * RWF_NOWAIT, the fast path for data already in the page cache.  -EAGAIN
+ * means it would block; the caller then goes through aio.  Errors are
+ * returned, not thrown: EAGAIN is the expected outcome on a cache miss. */
+static napi_value js_try_rw(napi_env env, napi_callback_info info) {
+  GET_ARGS(4);
+  int fd;
+  off_t off;
+  bool write = false;
+  aio_slot_t s;
+  memset(&s, 0, sizeof s);
+  if (!arg_fd(env, argv[0], "fd", &fd) || !arg_off(env, argv[2], "offset", &off)) return NULL;
+  if (!is_type(env, argv[3], napi_boolean)) return throw_arg(env, false, "write", "must be a boolean");
+  NAPI_CALL(env, napi_get_value_bool(env, argv[3], &write));
+  if (!aio_buffers(env, argv[1], &s)) return NULL;
+  ssize_t n;
+  do {
+    n = write ? pwritev2(fd, s.iov, s.iovcnt, off, RWF_NOWAIT) : preadv2(fd, s.iov, s.iovcnt, off, RWF_NOWAIT);
+  } while (n < 0 && errno == EINTR);
+  int err = errno;
+  aio_slot_clear(&s);
+  return make_number(env, n < 0 ? -(double)err : (double)n);
+}
+
+/* dioAlign(fd) -> { memory, offset }: O_DIRECT alignment (statx STATX_DIOALIGN,
+ * Linux 6.1); zeroes when the file system does not say or does not support it. */
+static napi_value js_dio_align(napi_env env, napi_callback_info info) {
+  GET_ARGS(1);
+  int fd;
+  if (!arg_fd(env, argv[0], "fd", &fd)) return NULL;
+  struct statx stx;
+  memset(&stx, 0, sizeof stx);
+  unsigned mem = 0, off = 0;
+#ifdef STATX_DIOALIGN
+  if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) < 0) return throw_errno(env, "statx", errno);
+  if (stx.stx_mask & STATX_DIOALIGN) {
+    mem = stx.stx_dio_mem_align;
+    off = stx.stx_dio_offset_align;
+  }
+#endif
+  napi_value obj;
+  NAPI_CALL(env, napi_create_object(env, &obj));
+  set_named_property_int(env, obj, "memory", mem);
+  set_named_property_int(env, obj, "offset", off);
+  return obj;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Module registration                                                       */
 /* ------------------------------------------------------------------------ */
 
@@ -1357,6 +1896,13 @@ static napi_value init(napi_env env, napi_value exports) {
       {"socketpair", js_socketpair},
       {"sendmsg", js_sendmsg},
       {"recvmsg", js_recvmsg},
+      {"aioCreate", js_aio_create},
+      {"aioPrep", js_aio_prep},
+      {"aioSubmit", js_aio_submit},
+      {"aioReap", js_aio_reap},
+      {"aioClose", js_aio_close},
+      {"dioAlign", js_dio_align},
+      {"tryRw", js_try_rw},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value f;

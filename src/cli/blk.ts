@@ -1,8 +1,8 @@
 import { existsSync } from "node:fs";
 import { ArgReader, UsageError, parseOrExplain } from "./args.js";
 import { BlkDevice } from "../core/virtio/devices/blk/device.js";
-import { RamDisk, type BlockPort } from "../core/virtio/devices/blk/port.js";
-import { FileBlockPort } from "../node/file-port.js";
+import { CACHE_MODES } from "../node/file-port.js";
+import { openStorage, type StorageSpec } from "../node/storage.js";
 import { VhostUserServer, connectBackend } from "../node/vhost-user/server.js";
 import { isMessageTrace } from "../node/vhost-user/connection.js";
 import { BlkPollServer, type BlkSpec } from "../node/blk-poll.js";
@@ -18,6 +18,16 @@ Usage:
   --image FILE       raw image file (reads/writes go straight between the file and guest memory)
   --size SIZE        sparse in-memory disk instead of a file: bytes, or with K/M/G/T suffix
   --readonly         refuse writes (VIRTIO_BLK_F_RO)
+  --cache MODE       host caching of --image, as QEMU's cache= (default writeback):
+                       writeback     page cache; guest FLUSH = fdatasync
+                       none          O_DIRECT, no page cache; guest FLUSH = fdatasync
+                       writethrough  page cache; every write stable on completion (O_DSYNC)
+                       directsync    O_DIRECT and O_DSYNC
+                       unsafe        page cache; guest FLUSH ignored (scratch disks only)
+  --direct           same as --cache none. Requests O_DIRECT cannot take as they are
+                     (unaligned buffers or offsets) are bounced, not refused
+  --aio ENGINE       auto (default: io_uring, else a thread pool), io_uring, threads, or
+                     sync (each request blocks the thread; the old behaviour)
   --queues N         request queues offered, 1-256 (default 64). QEMU's vhost-user-blk-pci
                      asks for one per vCPU unless given num-queues=N, and refuses a back end
                      that offers fewer; a queue costs nothing until the front end starts it
@@ -65,6 +75,7 @@ interface BlkArgs {
   serial: string;
   verbose: boolean;
   poll: boolean;
+  storage: StorageSpec;
 }
 
 /**
@@ -78,7 +89,16 @@ export const DEFAULT_QUEUES = 64;
 const MAX_QUEUES = 256;
 
 function parse(args: string[]): BlkArgs | "help" {
-  const o: BlkArgs = { readonly: false, queues: DEFAULT_QUEUES, queueSize: 256, serial: "iovirt", verbose: false, poll: false };
+  const o: BlkArgs = {
+    readonly: false,
+    queues: DEFAULT_QUEUES,
+    queueSize: 256,
+    serial: "iovirt",
+    verbose: false,
+    poll: false,
+    storage: { readOnly: false, cache: "writeback", aio: "auto" },
+  };
+  let cacheGiven: string | null = null;
   let queuesGiven = false;
   const r = new ArgReader(args);
   while (r.next()) {
@@ -97,6 +117,19 @@ function parse(args: string[]): BlkArgs | "help" {
         break;
       case "--readonly":
         o.readonly = true;
+        break;
+      case "--cache":
+        if (cacheGiven !== null && cacheGiven !== "none") throw new UsageError(`--cache given twice`);
+        o.storage.cache = r.oneOf(CACHE_MODES);
+        cacheGiven = o.storage.cache;
+        break;
+      case "--direct":
+        if (cacheGiven !== null && cacheGiven !== "none") throw new UsageError(`--direct contradicts --cache ${cacheGiven}`);
+        o.storage.cache = "none";
+        cacheGiven = "none";
+        break;
+      case "--aio":
+        o.storage.aio = r.oneOf(["auto", "io_uring", "threads", "sync"] as const);
         break;
       case "--queues":
         o.queues = r.int(1, MAX_QUEUES);
@@ -126,7 +159,11 @@ function parse(args: string[]): BlkArgs | "help" {
   if (o.poll && o.socket === undefined) throw new UsageError("--poll needs --socket");
   if (o.image !== undefined && !existsSync(o.image))
     throw new UsageError(`image ${o.image} does not exist (create one with: truncate -s 1G ${o.image})`);
+  if (cacheGiven !== null && o.image === undefined) throw new UsageError("--cache and --direct apply to --image only");
   o.queuesGiven = queuesGiven;
+  o.storage.readOnly = o.readonly;
+  if (o.image !== undefined) o.storage.image = o.image;
+  if (o.size !== undefined) o.storage.size = o.size;
   return o;
 }
 
@@ -136,7 +173,6 @@ export async function blkMain(args: string[]): Promise<number> {
   const log = (s: string): void => {
     process.stderr.write(`${new Date().toISOString()} ${s}\n`);
   };
-  const what = o.image ?? `${o.size! / 2 ** 20} MiB in memory`;
   const qemuHelp = (sock: string): void => {
     process.stdout.write(
       `QEMU options:\n  -object memory-backend-memfd,id=mem,size=<guest RAM>,share=on -numa node,memdev=mem \\\n` +
@@ -152,18 +188,18 @@ export async function blkMain(args: string[]): Promise<number> {
     process.once("SIGTERM", () => stop("SIGTERM"));
   });
   if (o.poll) {
-    const spec: BlkSpec = { readOnly: o.readonly, queues: o.queues, queueSize: o.queueSize, serial: o.serial, verbose: o.verbose };
-    if (o.image !== undefined) spec.image = o.image;
-    if (o.size !== undefined) spec.size = o.size;
+    const spec: BlkSpec = { storage: o.storage, queues: o.queues, queueSize: o.queueSize, serial: o.serial, verbose: o.verbose };
     const server = new BlkPollServer(o.socket!, spec, log);
+    const what = await server.ready;
     log(`serving virtio-blk (${what}${o.readonly ? ", read-only" : ""}, ${queuesText(o.queues)}, busy-poll worker) on ${o.socket}`);
     qemuHelp(o.socket!);
     await signalled;
     log(`done: ${await server.close()}`);
     return 0;
   }
-  const port: BlockPort & { close?(): void } =
-    o.image !== undefined ? new FileBlockPort(o.image, { readOnly: o.readonly }) : new RamDisk(o.size!, { readOnly: o.readonly });
+  const storage = openStorage(o.storage);
+  const what = storage.description;
+  const port = storage.port;
   const device = new BlkDevice({ port, numQueues: o.queues, queueSize: o.queueSize, serial: o.serial, readOnly: o.readonly });
   device.events.guestError = (err, q) => log(`guest error${q === null ? "" : ` on queue ${q}`}: ${err.code}: ${err.message}`);
   const opts = {
@@ -182,7 +218,7 @@ export async function blkMain(args: string[]): Promise<number> {
   }
   await signalled;
   server?.close();
-  port.close?.();
+  storage.close();
   log(`done: ${JSON.stringify(device.stats)}`);
   return 0;
 }

@@ -24,7 +24,7 @@ export interface RawAddon {
   memfdCreate(name: string, flags?: { allowSealing?: boolean; hugetlb?: boolean }): number;
   mlock(buffer: ArrayBuffer): void;
   ftruncate(fd: number, size: number | bigint): void;
-  open(path: string, flags: string, mode?: number): number;
+  open(path: string, flags: string, mode?: number, opts?: { direct?: boolean; dsync?: boolean }): number;
   fstat(fd: number): { size: number; mode: number };
   fdatasync(fd: number): void;
   fallocate(
@@ -55,6 +55,31 @@ export interface RawAddon {
   socketpair(): [number, number];
   sendmsg(fd: number, data: ArrayBufferView, fds: number[]): number;
   recvmsg(fd: number, buffer: ArrayBufferView, maxFds: number): { bytes: number; fds: number[] };
+  aioCreate(entries: number, engine: string, eventfd: number, threads: number): RawAio;
+  aioPrep(
+    handle: RawAioHandle,
+    slot: number,
+    op: number,
+    fd: number,
+    offset: number | bigint,
+    buffers: ArrayBufferView | readonly ArrayBufferView[] | number | undefined,
+    mode?: number,
+  ): void;
+  aioSubmit(handle: RawAioHandle): number;
+  aioReap(handle: RawAioHandle, out: Int32Array): number;
+  aioClose(handle: RawAioHandle): void;
+  dioAlign(fd: number): { memory: number; offset: number };
+  tryRw(fd: number, buffers: ArrayBufferView | readonly ArrayBufferView[], offset: number, write: boolean): number;
+}
+
+/** Opaque engine handle from aioCreate(). */
+export type RawAioHandle = { readonly __aio: unique symbol };
+export interface RawAio {
+  handle: RawAioHandle;
+  engine: "io_uring" | "threads";
+  capacity: number;
+  /** Why io_uring was not used (an errno name), when the pool stands in for it. */
+  uringError?: string;
 }
 
 const ADDON_PATH = join("build", "Release", "iovirt_native.node");

@@ -11,6 +11,7 @@ import {
 } from "../core/virtio/devices/blk/constants.js";
 import { VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, features } from "../core/virtio/lifecycle/features.js";
 import { VhostUserFrontend } from "./vhost-user/frontend.js";
+import type { SectorPattern } from "./blk-pattern.js";
 import type { DriverQueue } from "../core/virtio/driver/driver-queue.js";
 
 export type RwMode = "randread" | "randwrite" | "read" | "write";
@@ -24,6 +25,12 @@ export interface BlkLoadOptions {
   packed?: boolean;
   /** Area of the disk to use, from sector 0 (default: the whole disk). */
   spanBytes?: number;
+  /**
+   * The pattern the disk holds: every read is checked against it (a sector
+   * that does not name itself counts in `mismatches`), and writes carry it,
+   * so the disk keeps holding it. Without one, reads are not checked.
+   */
+  pattern?: SectorPattern;
 }
 
 export interface BlkLoadResult {
@@ -32,6 +39,10 @@ export interface BlkLoadResult {
   iodepth: number;
   ios: number;
   errors: number;
+  /** Sectors read that did not hold the pattern (0 without `pattern`). */
+  mismatches: number;
+  /** What the first of them held instead. */
+  firstMismatch?: string;
   seconds: number;
   iops: number;
   mbPerSecond: number;
@@ -73,11 +84,20 @@ export async function runBlkLoad(o: BlkLoadOptions): Promise<BlkLoadResult> {
     const random = o.rw === "randread" || o.rw === "randwrite";
     const hdr = new Float64Array(o.iodepth);
     const data = new Float64Array(o.iodepth);
+    /** Each slot's data buffer, validated once (DESIGN.md principle 1), for the pattern's checks. */
+    const views: Uint8Array[] = [];
+    const pattern = o.pattern;
     for (let s = 0; s < o.iodepth; s++) {
       hdr[s] = fe.dma.alloc(32, 16);
       data[s] = fe.dma.alloc(o.bs, 4096);
-      mem.fill(data[s]!, o.bs, (s * 37 + 1) & 0xff);
+      views.push(mem.slice(data[s]!, o.bs));
+      if (pattern !== undefined) pattern.fill(views[s]!, 0);
+      else mem.fill(data[s]!, o.bs, (s * 37 + 1) & 0xff);
     }
+    const sectorOf = new Float64Array(o.iodepth);
+    const sectorsPerBlock = o.bs / SECTOR_SIZE;
+    let mismatches = 0;
+    let firstMismatch: string | null = null;
     const started = new Float64Array(o.iodepth);
     const latencies: number[] = [];
     let seq = 0;
@@ -93,10 +113,18 @@ export async function runBlkLoad(o: BlkLoadOptions): Promise<BlkLoadResult> {
         rng ^= rng << 5;
         block = (rng >>> 0) % blocks;
       } else block = seq++ % blocks;
+      const sector = block * sectorsPerBlock;
+      if (pattern !== undefined) {
+        // A write carries what its sectors should hold; a read buffer loses
+        // its old contents, so a request completed without data cannot pass.
+        if (write) pattern.stamp(views[s]!, sector);
+        else pattern.poison(views[s]!);
+        sectorOf[s] = sector;
+      }
       const h = hdr[s]!;
       mem.writeU32(h, write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN);
       mem.writeU32(h + 4, 0);
-      mem.writeU64(h + 8, (block * o.bs) / SECTOR_SIZE);
+      mem.writeU64(h + 8, sector);
       mem.writeU8(h + BLK_REQ_HEADER, 0xff);
       const ok = q.add(
         [
@@ -119,6 +147,13 @@ export async function runBlkLoad(o: BlkLoadOptions): Promise<BlkLoadResult> {
       inflight--;
       latencies.push(performance.now() - started[s]!);
       if (mem.readU8(hdr[s]! + BLK_REQ_HEADER) !== VIRTIO_BLK_S_OK) errors++;
+      else if (pattern !== undefined && !write) {
+        const bad = pattern.check(views[s]!, sectorOf[s]!);
+        if (bad > 0) {
+          mismatches += bad;
+          firstMismatch ??= pattern.describe(views[s]!, sectorOf[s]!);
+        }
+      }
       if (!stop) submit(s);
     };
     fe.onCall(0, () => {
@@ -148,6 +183,8 @@ export async function runBlkLoad(o: BlkLoadOptions): Promise<BlkLoadResult> {
       iodepth: o.iodepth,
       ios,
       errors,
+      mismatches,
+      ...(firstMismatch !== null ? { firstMismatch } : {}),
       seconds: elapsed,
       iops: Math.round(ios / elapsed),
       mbPerSecond: Math.round(((ios * o.bs) / elapsed / 1e6) * 10) / 10,

@@ -7,16 +7,13 @@
  */
 import { Worker, isMainThread, parentPort, workerData } from "node:worker_threads";
 import { BlkDevice } from "../core/virtio/devices/blk/device.js";
-import { RamDisk, type BlockPort } from "../core/virtio/devices/blk/port.js";
-import { FileBlockPort } from "./file-port.js";
+import { openStorage, type StorageSpec } from "./storage.js";
 import { Fd, watch, type Watcher } from "./native.js";
 import { acceptAll, listenUnix } from "./native-util.js";
 import { VhostUserConnection, isMessageTrace } from "./vhost-user/connection.js";
 
 export interface BlkSpec {
-  image?: string;
-  size?: number;
-  readOnly: boolean;
+  storage: StorageSpec;
   queues: number;
   queueSize: number;
   serial: string;
@@ -24,19 +21,33 @@ export interface BlkSpec {
 }
 
 type ToWorker = { type: "conn"; fd: number } | { type: "stop" };
-type FromWorker = { type: "closed"; error: string | null } | { type: "log"; line: string } | { type: "stopped"; stats: string };
+type FromWorker =
+  | { type: "ready"; description: string }
+  | { type: "failed"; error: string }
+  | { type: "closed"; error: string | null }
+  | { type: "log"; line: string }
+  | { type: "stopped"; stats: string };
 
 /** Main-thread side: listens on `path` and feeds connections to one polling worker. */
 export class BlkPollServer {
-  private readonly listenFd: Fd;
-  private readonly watcher: Watcher;
+  private listenFd: Fd | null = null;
+  private watcher: Watcher | null = null;
   private readonly worker: Worker;
   private busy = false;
   private readonly log: (line: string) => void;
+  /** Resolves with a description of the storage once the worker opened it; rejects if it could not. */
+  ready: Promise<string>;
 
   constructor(path: string, spec: BlkSpec, log: (line: string) => void) {
     this.log = log;
     this.worker = new Worker(new URL(import.meta.url), { workerData: spec });
+    this.ready = new Promise<string>((resolve, reject) => {
+      this.worker.on("message", (m: FromWorker) => {
+        if (m.type === "ready") resolve(m.description);
+        else if (m.type === "failed") reject(new Error(m.error));
+      });
+      this.worker.on("error", reject);
+    });
     this.worker.on("message", (m: FromWorker) => {
       if (m.type === "log") log(m.line);
       else if (m.type === "closed") {
@@ -45,19 +56,30 @@ export class BlkPollServer {
       }
     });
     this.worker.on("error", (e) => log(`poll worker failed: ${e.message}`));
-    try {
-      this.listenFd = listenUnix(path);
-    } catch (e) {
-      void this.worker.terminate();
-      throw e;
-    }
-    this.watcher = watch(this.listenFd, "r", () => this.accept());
+    // Listen only once the storage is open: a path that cannot be served never gets a socket.
+    this.ready = this.ready.then(
+      (description) => {
+        try {
+          const fd = listenUnix(path);
+          this.listenFd = fd;
+          this.watcher = watch(fd, "r", () => this.accept());
+        } catch (e) {
+          void this.worker.terminate();
+          throw e;
+        }
+        return description;
+      },
+      async (e: unknown) => {
+        await this.worker.terminate();
+        throw e;
+      },
+    );
   }
 
   /** Stops accepting, lets the worker close its connection and port, and waits for it. */
   async close(): Promise<string> {
-    this.watcher.stop();
-    this.listenFd.close();
+    this.watcher?.stop();
+    this.listenFd?.close();
     const stats = new Promise<string>((resolve) => {
       this.worker.on("message", (m: FromWorker) => {
         if (m.type === "stopped") resolve(m.stats);
@@ -70,7 +92,7 @@ export class BlkPollServer {
   }
 
   private accept(): void {
-    acceptAll(this.listenFd, (fd) => {
+    acceptAll(this.listenFd!, (fd) => {
       if (this.busy) {
         this.log("vhost-user: refusing a second front end while one is connected");
         fd.close();
@@ -85,26 +107,38 @@ export class BlkPollServer {
 
 function workerMain(): void {
   const spec = workerData as BlkSpec;
-  const port = (
-    spec.image !== undefined
-      ? new FileBlockPort(spec.image, { readOnly: spec.readOnly })
-      : new RamDisk(spec.size!, { readOnly: spec.readOnly })
-  ) as BlockPort & {
-    close?(): void;
-  };
-  const device = new BlkDevice({ port, numQueues: spec.queues, queueSize: spec.queueSize, serial: spec.serial, readOnly: spec.readOnly });
   const post = (m: FromWorker): void => parentPort!.postMessage(m);
+  let storage;
+  try {
+    // Completions are reaped by the polling loop itself: no eventfd wake-ups on the data path.
+    storage = openStorage(spec.storage, "poll");
+  } catch (e) {
+    post({ type: "failed", error: (e as Error).message });
+    return;
+  }
+  post({ type: "ready", description: storage.description });
+  const device = new BlkDevice({
+    port: storage.port,
+    numQueues: spec.queues,
+    queueSize: spec.queueSize,
+    serial: spec.serial,
+    readOnly: spec.storage.readOnly,
+  });
   device.events.guestError = (err, q) =>
     post({ type: "log", line: `guest error${q === null ? "" : ` on queue ${q}`}: ${err.code}: ${err.message}` });
   let conn: VhostUserConnection | null = null;
   let stopping = false;
-  const spin = (): void => {
+  const spin = async (): Promise<void> => {
     if (conn === null || conn.isClosed) return;
     // Poll for ~1 ms, then let the event loop run control messages. Each pollAll() pass takes at
     // most BackendOptions.passBudget buffers per ring, so a slice overruns 1 ms by one bounded pass.
+    // Between passes, finished file I/O is reaped and its completions (promise reactions) run.
     const end = performance.now() + 1;
-    while (performance.now() < end) conn.backend.pollAll();
-    setImmediate(spin);
+    while (performance.now() < end && conn !== null) {
+      conn.backend.pollAll();
+      if (storage.poll() > 0) await null;
+    }
+    setImmediate(() => void spin());
   };
   parentPort!.on("message", (m: ToWorker) => {
     if (m.type === "conn") {
@@ -116,14 +150,14 @@ function workerMain(): void {
           if (!stopping) post({ type: "closed", error: err === null ? null : err.message });
         },
       });
-      setImmediate(spin);
+      setImmediate(() => void spin());
     } else {
       stopping = true;
       conn?.close();
-      port.close?.();
+      storage.close();
       post({ type: "stopped", stats: JSON.stringify(device.stats) });
     }
   });
 }
 
-if (!isMainThread && (workerData as BlkSpec | undefined)?.queues !== undefined) workerMain();
+if (!isMainThread && (workerData as BlkSpec | undefined)?.storage !== undefined) workerMain();

@@ -72,9 +72,25 @@ export function ftruncate(fd: FdLike, size: Size): void {
 /** `r` = O_RDONLY, `rw` = O_RDWR, `rw+create` = O_RDWR|O_CREAT. */
 export type OpenFlags = "r" | "rw" | "rw+create";
 
+export interface OpenOptions {
+  /** O_DIRECT: bypass the page cache; buffers, offsets and lengths must be aligned ({@link dioAlign}). */
+  direct?: boolean;
+  /** O_DSYNC: each write is stable when it completes (QEMU's writethrough). */
+  dsync?: boolean;
+}
+
 /** open(2) with O_CLOEXEC; `mode` (default 0o666, minus umask) for creation. */
-export function open(path: string, flags: OpenFlags, mode = 0o666): Fd {
-  return adopt(() => addon().open(path, flags, mode));
+export function open(path: string, flags: OpenFlags, mode = 0o666, opts: OpenOptions = {}): Fd {
+  return adopt(() => addon().open(path, flags, mode, opts));
+}
+
+/**
+ * O_DIRECT alignment of an open file from statx(STATX_DIOALIGN) (Linux 6.1+):
+ * buffer addresses must be multiples of `memory`, file offsets and lengths
+ * multiples of `offset`. Zeroes when the kernel or file system does not say.
+ */
+export function dioAlign(fd: FdLike): { memory: number; offset: number } {
+  return sys(() => addon().dioAlign(rawFd(fd)));
 }
 
 export interface FdStat {

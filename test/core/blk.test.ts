@@ -402,6 +402,65 @@ describe("virtio-blk multiqueue and ports", () => {
     assert.deepEqual(order, [5, 4, 3, 2, 1, 0]);
   });
 
+  /** Records, at each flush, which writes the port had finished; writes finish only when released. */
+  class FlushProbe implements BlockPort {
+    readonly inner = new RamDisk(DISK);
+    readonly sizeBytes = DISK;
+    readonly finished: number[] = [];
+    readonly flushSaw: number[][] = [];
+    readonly pendingWrites: (() => void)[] = [];
+    write(offset: number, src: Uint8Array): Promise<void> {
+      const copy = src.slice();
+      return new Promise((resolve) =>
+        this.pendingWrites.push(() => {
+          this.inner.write(offset, copy);
+          this.finished.push(offset / 512);
+          resolve();
+        }),
+      );
+    }
+    read(offset: number, dst: Uint8Array): void {
+      this.inner.read(offset, dst);
+    }
+    flush(): void {
+      this.flushSaw.push([...this.finished]);
+    }
+  }
+
+  for (const packed of [false, true]) {
+    test(`a FLUSH does not reach the port before the writes submitted ahead of it finish (${packed ? "packed" : "split"})`, T, async () => {
+      const port = new FlushProbe();
+      const p = createBlkPair({ port, driver: { preferPacked: packed } });
+      const order: string[] = [];
+      const w1 = p.driver.write(8, pattern(512, 1)).then(() => order.push("w8"));
+      const w2 = p.driver.write(16, pattern(512, 2)).then(() => order.push("w16"));
+      const fl = p.driver.flush().then(() => order.push("flush"));
+      await new Promise((r) => setTimeout(r, 10));
+      assert.equal(port.pendingWrites.length, 2, "both writes reached the port");
+      assert.deepEqual(port.flushSaw, [], "the flush waits while the writes are in flight");
+      port.pendingWrites.pop()!(); // finish out of order: the second write first
+      await new Promise((r) => setTimeout(r, 5));
+      assert.deepEqual(port.flushSaw, [], "one write is still in flight");
+      port.pendingWrites.pop()!();
+      await Promise.all([w1, w2, fl]);
+      assert.deepEqual(port.flushSaw, [[16, 8]], "the flush ran once, after both writes");
+      assert.equal(order[2], "flush", "and completed after them");
+    });
+  }
+
+  test("a FLUSH with no write in flight goes straight to the port; a finished write is not waited for again", T, async () => {
+    const port = new FlushProbe();
+    const p = createBlkPair({ port });
+    await p.driver.flush();
+    assert.deepEqual(port.flushSaw, [[]]);
+    const w = p.driver.write(24, pattern(512, 3));
+    await new Promise((r) => setTimeout(r, 5));
+    port.pendingWrites.pop()!();
+    await w;
+    await p.driver.flush();
+    assert.deepEqual(port.flushSaw, [[], [24]]);
+  });
+
   test("a device reset while a request is in flight drops its completion", T, async () => {
     const port = new SlowDisk(DISK, () => 5);
     const p = createBlkPair({ port, driver: { preferPacked: false } });

@@ -1,7 +1,7 @@
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -9,6 +9,7 @@ import { decodeU64Bits } from "../../src/core/vhost-user/codec.js";
 import { Req } from "../../src/core/vhost-user/protocol.js";
 import { stopChild, waitForPath } from "../../tools/child.js";
 import { RawFrontend } from "./vhost-user-raw.js";
+import { scratchDir } from "./scratch.js";
 
 // `iovirt blk` as a user starts it: QEMU's vhost-user-blk-pci asks for one
 // queue per vCPU by default and refuses a back end that offers fewer.
@@ -57,4 +58,57 @@ test("iovirt blk --help explains the default queue count", () => {
   const h = spawnSync(process.execPath, [cli, "blk", "--help"], { encoding: "utf8" });
   assert.equal(h.status, 0);
   assert.match(h.stdout, /--queues N\s+.*default 64/);
+});
+
+/** Starts `iovirt blk` with `extra`, waits for its socket and returns its start-up log; stops it. */
+async function startupLog(extra: string[]): Promise<string> {
+  const sock = join(dir, `log-${extra.join("").replace(/[^a-z]/g, "")}.sock`);
+  const child = spawn(process.execPath, [cli, "blk", "--socket", sock, ...extra], { stdio: ["ignore", "ignore", "pipe"] });
+  let stderr = "";
+  child.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
+  try {
+    await waitForPath(sock, child, "iovirt blk");
+    for (let i = 0; i < 200 && !stderr.includes("serving"); i++) await new Promise((r) => setTimeout(r, 10));
+    return stderr;
+  } finally {
+    assert.equal(await stopChild(child), 0, stderr);
+  }
+}
+
+test("iovirt blk says at start which cache mode and I/O engine serve the image", async () => {
+  const image = join(scratchDir(), `iovirt-cli-${process.pid}.img`);
+  writeFileSync(image, new Uint8Array(1 << 20));
+  try {
+    assert.match(await startupLog(["--image", image]), /cache=writeback, I\/O: (io_uring|thread pool)/);
+    assert.match(await startupLog(["--image", image, "--direct"]), /cache=none, O_DIRECT alignment \d+\/\d+, I\/O: (io_uring|thread pool)/);
+    assert.match(await startupLog(["--image", image, "--aio", "threads"]), /I\/O: thread pool/);
+    assert.match(await startupLog(["--image", image, "--aio", "sync", "--cache", "writethrough"]), /cache=writethrough, I\/O: blocking/);
+    assert.match(await startupLog(["--image", image, "--direct", "--poll"]), /cache=none, O_DIRECT.*busy-poll worker/);
+  } finally {
+    rmSync(image, { force: true });
+  }
+});
+
+test("iovirt blk refuses contradictory or meaningless storage options with a clear message", () => {
+  const run = (args: string[]): { status: number | null; stderr: string } =>
+    spawnSync(process.execPath, [cli, "blk", "--socket", join(dir, "never.sock"), ...args], { encoding: "utf8" });
+  const image = join(scratchDir(), `iovirt-cli-bad-${process.pid}.img`);
+  writeFileSync(image, new Uint8Array(65536));
+  try {
+    for (const [args, msg] of [
+      [["--size", "1M", "--direct"], /--cache and --direct apply to --image only/],
+      [["--image", image, "--cache", "fast"], /--cache.*writeback.*none/],
+      [["--image", image, "--cache", "writeback", "--direct"], /--direct contradicts --cache writeback/],
+      [["--image", image, "--aio", "libaio"], /--aio/],
+    ] as [string[], RegExp][]) {
+      const r = run(args);
+      assert.equal(r.status, 2, `${args.join(" ")}: usage error exit code`);
+      assert.match(r.stderr, msg, args.join(" "));
+    }
+  } finally {
+    rmSync(image, { force: true });
+  }
+  const h = spawnSync(process.execPath, [cli, "blk", "--help"], { encoding: "utf8" });
+  for (const flag of ["--cache MODE", "--direct", "--aio ENGINE", "writethrough", "directsync", "unsafe"])
+    assert.ok(h.stdout.includes(flag), flag);
 });

@@ -153,6 +153,19 @@ export class VhostUserBackend<F> {
     };
   }
 
+  /**
+   * A reply that waits for in-flight requests (GET_VRING_BASE drains its
+   * ring first). While one is pending the owner must not pass further
+   * messages to {@link handle}; the reply arrives through this hook.
+   */
+  onDeferredReply: ((out: OutMessage<F>[]) => void) | null = null;
+  private deferred = false;
+
+  /** True while a reply waits for requests to finish: do not read further messages yet. */
+  get replyPending(): boolean {
+    return this.deferred;
+  }
+
   /** Virtio features offered to the front end: the device's plus PROTOCOL_FEATURES. */
   get offeredFeatures(): bigint {
     return this.device.offeredFeatures | bit(VHOST_USER_F_PROTOCOL_FEATURES);
@@ -178,6 +191,7 @@ export class VhostUserBackend<F> {
       }
       const r = this.dispatch(h, payload, fds);
       kept = r.keptFds;
+      if (r.deferred === true) return [];
       if (r.reply !== undefined) return [{ bytes: encodeMessage(h.request, FLAG_REPLY, r.reply), fds: r.replyFds ?? [] }];
       return needAck ? [{ bytes: encodeMessage(h.request, FLAG_REPLY, encodeU64(0)), fds: [] }] : [];
     } catch (e) {
@@ -200,6 +214,7 @@ export class VhostUserBackend<F> {
 
   /** Releases every mapping, fd and watch; the device is reset. */
   close(): void {
+    this.deferred = false;
     for (let i = 0; i < this.rings.length; i++) this.stopRing(i);
     for (const ring of this.rings) this.closeRingFds(ring);
     this.table.close();
@@ -209,7 +224,7 @@ export class VhostUserBackend<F> {
     this.device.hostReset();
   }
 
-  private dispatch(h: Header, p: Uint8Array, fds: F[]): { reply?: Uint8Array; replyFds?: F[]; keptFds: boolean } {
+  private dispatch(h: Header, p: Uint8Array, fds: F[]): { reply?: Uint8Array; replyFds?: F[]; keptFds: boolean; deferred?: boolean } {
     const done = { keptFds: false };
     switch (h.request) {
       case Req.GET_FEATURES:
@@ -296,12 +311,31 @@ export class VhostUserBackend<F> {
       case Req.GET_VRING_BASE: {
         const s = decodeVringState(h.request, p);
         const ring = this.ring(h, s.index);
-        const state = this.stopRing(s.index);
-        // The front end owns the ring again; the kick fd is no longer ours to watch.
-        if (ring.kick !== null) this.platform.close(ring.kick);
-        ring.kick = null;
-        const num = state === null ? ring.base : encodeRingBase(state);
-        return { reply: encodeVringState({ index: s.index, num }), keptFds: false };
+        const stop = (): Uint8Array => {
+          const state = this.stopRing(s.index);
+          // The front end owns the ring again; the kick fd is no longer ours to watch.
+          if (ring.kick !== null) this.platform.close(ring.kick);
+          ring.kick = null;
+          const num = state === null ? ring.base : encodeRingBase(state);
+          return encodeVringState({ index: s.index, num });
+        };
+        if (!ring.started || this.device.queueOutstanding(s.index) === 0) return { reply: stop(), keptFds: false };
+        // Requests are still in the storage's hands. The front end expects a stopped ring to be
+        // drained (vhost-user.rst, "Ring states"; QEMU's vhost_virtqueue_stop): take no more
+        // buffers, let those in flight complete into the used ring, then stop and reply.
+        ring.watch?.stop();
+        ring.watch = null;
+        this.scheduler.stopped(s.index);
+        this.deferred = true;
+        this.log(
+          `vhost-user: ring ${s.index}: waiting for ${this.device.queueOutstanding(s.index)} request(s) in flight before stopping it`,
+        );
+        this.device.drainQueue(s.index, () => {
+          this.deferred = false;
+          const out = [{ bytes: encodeMessage(h.request, FLAG_REPLY, stop()), fds: [] as F[] }];
+          this.onDeferredReply?.(out);
+        });
+        return { deferred: true, keptFds: false };
       }
       case Req.SET_VRING_KICK:
       case Req.SET_VRING_CALL:

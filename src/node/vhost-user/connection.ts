@@ -6,6 +6,8 @@ import { Fd, SysError, recvmsg, sendmsg, watch, type Watcher } from "../native.j
 import { nodePlatform } from "./platform.js";
 
 const TRACE_PREFIX = "vhost-user: <- ";
+/** Messages a front end may send while a reply it is owed waits for in-flight requests. */
+const MAX_HELD = 64;
 
 /** True for the per-message trace lines (worth printing only when asked to be verbose); the rest are events. */
 export function isMessageTrace(line: string): boolean {
@@ -55,6 +57,8 @@ export class VhostUserConnection {
   private have = 0;
   private header: Header | null = null;
   private fds: Fd[] = [];
+  /** Messages read while a reply waits for in-flight requests (see VhostUserBackend.replyPending). */
+  private readonly held: { h: Header; payload: Uint8Array; fds: Fd[] }[] = [];
   private closed = false;
 
   constructor(sock: Fd, device: VirtioDevice, opts: ConnectionOptions = {}) {
@@ -67,6 +71,20 @@ export class VhostUserConnection {
       onFatal: (err) => queueMicrotask(() => this.fail(err)),
     });
     this.watcher = watch(sock, "r", () => this.onReadable());
+    this.backend.onDeferredReply = (out) => {
+      if (this.closed) return;
+      for (const m of out) this.queue(m.bytes, m.fds);
+      try {
+        // Then the messages that arrived meanwhile, in order, unless one of them defers again.
+        while (this.held.length > 0 && !this.backend.replyPending && !this.closed) {
+          const m = this.held.shift()!;
+          this.deliver(m.h, m.payload, m.fds);
+        }
+        if (this.out.length > 0) this.flushOutput();
+      } catch (e) {
+        this.fail(e instanceof Error ? e : new Error(String(e)));
+      }
+    };
   }
 
   get isClosed(): boolean {
@@ -82,6 +100,7 @@ export class VhostUserConnection {
     this.out.length = 0;
     for (const fd of this.fds) fd.close();
     this.fds = [];
+    for (const m of this.held.splice(0)) for (const fd of m.fds) fd.close();
     try {
       this.backend.close();
     } finally {
@@ -149,10 +168,27 @@ export class VhostUserConnection {
       this.have = 0;
       this.fds = [];
       this.opts.log?.(`${TRACE_PREFIX}${reqName(h.request)} (${h.size} bytes, ${fds.length} fds)`);
-      for (const out of this.backend.handle(h, payload, fds)) this.queue(out.bytes, out.fds);
+      this.deliver(h, payload, fds);
       if (this.out.length > 0) this.flushOutput();
     }
     return true;
+  }
+
+  /**
+   * Hands a message to the back end, or holds it while an earlier reply waits
+   * for requests in flight: reading goes on (so a hang-up is noticed), but
+   * messages are handled in order once that reply is out.
+   */
+  private deliver(h: Header, payload: Uint8Array, fds: Fd[]): void {
+    if (this.backend.replyPending || this.held.length > 0) {
+      if (this.held.length >= MAX_HELD) {
+        for (const fd of fds) fd.close();
+        throw new VhostUserError("FLOOD", `${MAX_HELD} messages sent while a reply was still due`, true);
+      }
+      this.held.push({ h, payload, fds });
+      return;
+    }
+    for (const out of this.backend.handle(h, payload, fds)) this.queue(out.bytes, out.fds);
   }
 
   private queue(bytes: Uint8Array, fds: Fd[]): void {

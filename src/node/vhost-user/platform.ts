@@ -1,4 +1,5 @@
 import type { VhostUserPlatform } from "../../core/vhost-user/platform.js";
+import { afterIoInFlight } from "../aio.js";
 import {
   Fd,
   SEAL,
@@ -32,7 +33,8 @@ export const nodePlatform: VhostUserPlatform<Fd> = {
   faultEvents: guardEvents,
   poisoned: mappingPoisoned,
   munmap(buffer) {
-    munmap(buffer);
+    // Requests of a connection that just ended may still be in the kernel, writing into this memory.
+    afterIoInFlight(() => munmap(buffer));
   },
   close(fd) {
     fd.close();

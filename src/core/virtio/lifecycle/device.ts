@@ -89,6 +89,12 @@ export abstract class VirtioDevice {
   private generation = 0;
   private readonly regs: QueueRegisters[];
   private readonly live: (DeviceQueue | null)[];
+  /** Per queue: requests begun ({@link begin}) whose completion has not been published. */
+  private readonly outstanding: number[];
+  /** Per queue: no new buffers are taken (a drain is under way). */
+  private readonly paused: boolean[];
+  /** Per queue: called once the queue has nothing outstanding. */
+  private readonly drained: ((() => void) | null)[];
   /** Bumped on every reset so completions of requests from before it are dropped. */
   protected epoch = 0;
   events: DeviceEvents = {};
@@ -105,6 +111,9 @@ export abstract class VirtioDevice {
     this.configView = new DataView(this.config.buffer);
     this.regs = Array.from({ length: opts.numQueues }, () => freshRegs(opts.maxQueueSize));
     this.live = new Array<DeviceQueue | null>(opts.numQueues).fill(null);
+    this.outstanding = new Array<number>(opts.numQueues).fill(0);
+    this.paused = new Array<boolean>(opts.numQueues).fill(false);
+    this.drained = new Array<(() => void) | null>(opts.numQueues).fill(null);
   }
 
   /** The memory the device reaches (guest RAM, or an IOMMU view of it). Set by the host before DRIVER_OK. */
@@ -298,6 +307,20 @@ export abstract class VirtioDevice {
     queue.pushUsed(id, len, descCount);
     queue.publishUsed();
     if (queue.needsNotification()) this.events.usedBuffer?.(index);
+    if (this.outstanding[index]! > 0 && --this.outstanding[index]! === 0) {
+      const done = this.drained[index];
+      this.drained[index] = null;
+      done?.();
+    }
+  }
+
+  /**
+   * Devices whose requests may complete later (asynchronous storage) call
+   * this when they take one; {@link complete} ends it. It lets the host
+   * drain a queue ({@link drainQueue}) before taking it offline.
+   */
+  protected begin(index: number): void {
+    this.outstanding[index]!++;
   }
 
   /** Call after changing config space: bumps the generation and notifies (§2.5.1). */
@@ -357,6 +380,9 @@ export abstract class VirtioDevice {
     for (let i = 0; i < this.regs.length; i++) {
       this.regs[i] = freshRegs(this.regs[i]!.maxSize);
       this.live[i] = null;
+      this.outstanding[i] = 0;
+      this.paused[i] = false;
+      this.drained[i] = null;
     }
     this.onReset();
   }
@@ -383,6 +409,7 @@ export abstract class VirtioDevice {
   }
 
   private runQueue(i: number, q: DeviceQueue, budget = Infinity): void {
+    if (this.paused[i]) return;
     try {
       this.processQueue(i, q, budget);
     } catch (e) {
@@ -397,6 +424,9 @@ export abstract class VirtioDevice {
     if (i < 0 || i >= this.numQueues) throw new RangeError(`queue ${i}`);
     const q = createDeviceQueue(this.mem, state, ringFeatures(this.negotiated));
     this.live[i] = tracker === undefined ? q : new TrackedQueue(q, tracker);
+    this.outstanding[i] = 0;
+    this.paused[i] = false;
+    this.drained[i] = null;
   }
 
   /**
@@ -464,8 +494,28 @@ export abstract class VirtioDevice {
     this.needsReset(err, null);
   }
 
+  /** Host side: requests taken from queue `i` and not yet completed. */
+  queueOutstanding(i: number): number {
+    return this.live[i] === null ? 0 : (this.outstanding[i] ?? 0);
+  }
+
+  /**
+   * Host side: stop taking buffers from queue `i` and call `done` once every
+   * request already taken has completed (at once when none is outstanding).
+   * vhost-user GET_VRING_BASE drains a ring this way before it stops it.
+   * {@link stopQueue} or a reset ends the drain without calling `done`.
+   */
+  drainQueue(i: number, done: () => void): void {
+    this.paused[i] = true;
+    if (this.queueOutstanding(i) === 0) done();
+    else this.drained[i] = done;
+  }
+
   /** Host side: take a queue offline and return where it stopped (vhost-user GET_VRING_BASE). */
   stopQueue(i: number): QueueState | null {
+    this.paused[i] = false;
+    this.outstanding[i] = 0;
+    this.drained[i] = null;
     const q = this.live[i];
     if (q === undefined || q === null) return null;
     this.live[i] = null;

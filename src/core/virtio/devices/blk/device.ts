@@ -74,6 +74,8 @@ export class BlkDevice extends VirtioDevice {
   private readonly hdr32 = new Uint32Array(BLK_REQ_HEADER / 4);
   private readonly hdr8 = new Uint8Array(this.hdr32.buffer);
   private readonly statusByte = new Uint8Array(1);
+  /** Writes (OUT, DISCARD, WRITE_ZEROES) whose port work has not finished: a FLUSH waits for them. */
+  private readonly writesInFlight = new Set<Promise<unknown>>();
   /** Requests completed, by status; for stats and tests. */
   readonly stats = { ok: 0, ioerr: 0, unsupp: 0, bytesRead: 0, bytesWritten: 0 };
 
@@ -156,6 +158,7 @@ export class BlkDevice extends VirtioDevice {
   private handle(index: number, q: DeviceQueue, chain: DescriptorChain, inOrder: boolean): void {
     const epoch = this.epoch;
     const mem = this.memory;
+    this.begin(index);
     if (chain.writableBytes < 1) {
       // No room for the status byte: nothing can be reported, so return the buffer empty.
       this.report(new GuestError("BLK_NO_STATUS", "request without a writable status byte"), index);
@@ -191,10 +194,30 @@ export class BlkDevice extends VirtioDevice {
     }
     if (work === undefined) return finish(VIRTIO_BLK_S_OK, written);
     if (inOrder) this.busy[index] = true;
+    if (this.hdr32[0] !== VIRTIO_BLK_T_IN && this.hdr32[0] !== VIRTIO_BLK_T_FLUSH) this.trackWrite(work);
     work.then(
       () => finish(VIRTIO_BLK_S_OK, written),
       () => finish(VIRTIO_BLK_S_IOERR, 0),
     );
+  }
+
+  /**
+   * §5.2.6.2: a FLUSH makes stable the data of every write that completed
+   * before it. Writes still in flight when it arrives are waited for as well
+   * (their completion may already be on its way to the guest), so a flush
+   * never overtakes a write the driver issued before it.
+   */
+  private flushAfterWrites(): void | Promise<void> {
+    if (this.writesInFlight.size === 0) return this.port.flush();
+    return Promise.allSettled([...this.writesInFlight]).then(() => this.port.flush());
+  }
+
+  private trackWrite(work: Promise<void>): void {
+    const tracked: Promise<boolean> = work.then(
+      () => this.writesInFlight.delete(tracked),
+      () => this.writesInFlight.delete(tracked),
+    );
+    this.writesInFlight.add(tracked);
   }
 
   /** Validates a request and starts its I/O. A number is an immediate status. */
@@ -223,7 +246,7 @@ export class BlkDevice extends VirtioDevice {
         return { work: this.transfer(chain, false, sector * SECTOR_SIZE, len), written: 0 };
       }
       case VIRTIO_BLK_T_FLUSH:
-        return { work: this.port.flush(), written: 0 };
+        return { work: this.flushAfterWrites(), written: 0 };
       case VIRTIO_BLK_T_GET_ID: {
         const room = Math.min(chain.writableBytes - 1, BLK_ID_BYTES);
         const id = new Uint8Array(BLK_ID_BYTES);
@@ -267,14 +290,21 @@ export class BlkDevice extends VirtioDevice {
     return { work: results.length > 0 ? Promise.all(results).then(() => undefined) : undefined, written: 0 };
   }
 
-  /** Moves `len` bytes between the port and the chain's data segments, region by region, without copies. */
+  /** Moves `len` bytes between the port and the chain's data segments, without copies. */
   private transfer(chain: DescriptorChain, toGuest: boolean, offset: number, len: number): void | Promise<void> {
     const mem = this.memory;
+    const port = this.port;
+    const vectored = toGuest ? port.readv : port.writev;
+    if (vectored !== undefined) {
+      const views: Uint8Array[] = [];
+      chain.forEachPiece(toGuest, toGuest ? 0 : BLK_REQ_HEADER, len, (gpa, n) => mem.forEachView(gpa, n, (view) => views.push(view)));
+      return vectored.call(port, offset, views);
+    }
     let pending: Promise<void>[] | null = null;
     let pos = offset;
     chain.forEachPiece(toGuest, toGuest ? 0 : BLK_REQ_HEADER, len, (gpa, n) => {
       mem.forEachView(gpa, n, (view) => {
-        const r = toGuest ? this.port.read(pos, view) : this.port.write(pos, view);
+        const r = toGuest ? port.read(pos, view) : port.write(pos, view);
         if (r !== undefined) (pending ??= []).push(r);
         pos += view.length;
       });

@@ -11,6 +11,12 @@ export interface BlockPort {
   /** Fill dst (a view of guest memory: no copy needed) from offset. */
   read(offset: number, dst: Uint8Array): void | Promise<void>;
   write(offset: number, src: Uint8Array): void | Promise<void>;
+  /**
+   * Optional vectored forms: one request's guest buffers, in order, as one
+   * transfer (one preadv/pwritev instead of one call per buffer).
+   */
+  readv?(offset: number, dsts: Uint8Array[]): void | Promise<void>;
+  writev?(offset: number, srcs: Uint8Array[]): void | Promise<void>;
   /** Make completed writes stable (fdatasync for a file). */
   flush(): void | Promise<void>;
   /** Deallocate; later reads may return anything (§5.2.6.2). Optional. */

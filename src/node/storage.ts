@@ -1,0 +1,57 @@
+/**
+ * Opens the storage behind `iovirt blk` from its command-line description:
+ * a raw image file (with a cache mode and an I/O engine) or a sparse
+ * in-memory disk. One place, so the event-loop server and the busy-polling
+ * worker serve exactly the same thing.
+ */
+import { RamDisk, type BlockPort } from "../core/virtio/devices/blk/port.js";
+import { AsyncIo, type AioEngine } from "./aio.js";
+import { FileBlockPort, type CacheMode } from "./file-port.js";
+
+export type AioChoice = "auto" | AioEngine | "sync";
+
+export interface StorageSpec {
+  image?: string;
+  size?: number;
+  readOnly: boolean;
+  cache: CacheMode;
+  /** `sync` blocks the thread on every request (pread/pwrite); the others are AsyncIo engines. */
+  aio: AioChoice;
+}
+
+export interface Storage {
+  port: BlockPort;
+  /** One line for the start-up log: what is served and how. */
+  description: string;
+  /** Dispatches finished I/O now (for a polling loop); returns how many completed. */
+  poll(): number;
+  close(): void;
+}
+
+/**
+ * `notify: "poll"` leaves completions to {@link Storage.poll} (a busy-polling
+ * worker reaps them itself); `eventfd` lets libuv deliver them.
+ */
+export function openStorage(spec: StorageSpec, notify: "eventfd" | "poll" = "eventfd"): Storage {
+  if (spec.image === undefined) {
+    const port = new RamDisk(spec.size!, { readOnly: spec.readOnly });
+    return { port, description: `${spec.size! / 2 ** 20} MiB in memory`, poll: () => 0, close: () => undefined };
+  }
+  const aio = spec.aio === "sync" ? null : new AsyncIo({ engine: spec.aio, notify });
+  try {
+    const port = new FileBlockPort(spec.image, { readOnly: spec.readOnly, cache: spec.cache, ...(aio === null ? {} : { aio }) });
+    const align = port.align === null ? "" : `, O_DIRECT alignment ${port.align.memory}/${port.align.offset}`;
+    return {
+      port,
+      description: `${spec.image}, cache=${spec.cache}${align}, I/O: ${aio === null ? "blocking pread/pwrite" : aio.describe()}`,
+      poll: () => (aio === null ? 0 : (aio.submit(), aio.poll())),
+      close: () => {
+        aio?.close();
+        port.close();
+      },
+    };
+  } catch (e) {
+    aio?.close();
+    throw e;
+  }
+}
