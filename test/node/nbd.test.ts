@@ -324,6 +324,37 @@ describe("NbdBlockPort against a scripted server", () => {
     await port.close();
   });
 
+  test("readv and writev are one request each; chunks crossing buffer boundaries land in order", async () => {
+    const s = await fake({
+      onRequest: (r, c) => {
+        if (r.type !== NBD.CMD_READ) return c.serve(r);
+        // Out of order, each chunk straddling buffer boundaries, a hole among them.
+        c.data(r.handle, r.offset + 3000, s.disk.subarray(r.offset + 3000, r.offset + r.length), false);
+        c.hole(r.handle, r.offset, 1000, false);
+        c.data(r.handle, r.offset + 1000, s.disk.subarray(r.offset + 1000, r.offset + 3000), true);
+      },
+    });
+    const port = await NbdBlockPort.connect(s.url);
+    const data = pattern(4096, 30);
+    data.fill(0, 0, 1000); // what the hole stands for
+    const sizes = [512, 700, 0, 1500, 1384];
+    let at = 0;
+    const srcs = sizes.map((n) => data.subarray(at, (at += n)));
+    await port.writev(8192, srcs);
+    const dsts = sizes.map((n) => new Uint8Array(n).fill(0xff));
+    await port.readv(8192, dsts);
+    at = 0;
+    for (const [i, d] of dsts.entries()) assertBytes(d, data.subarray(at, (at += d.length)), `buffer ${i}`);
+    assert.deepEqual(
+      s.requests.map((r) => [r.type, r.offset, r.length]),
+      [
+        [NBD.CMD_WRITE, 8192, 4096],
+        [NBD.CMD_READ, 8192, 4096],
+      ],
+    );
+    await port.close();
+  });
+
   const lies: [string, (req: FakeRequest, conn: FakeConn) => void][] = [
     [
       "a data chunk running past the end of its request",

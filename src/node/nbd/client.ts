@@ -53,6 +53,14 @@ const ARENA_BYTES = REQUEST_BYTES * 256;
 const U32 = 0x1_0000_0000;
 
 type Shutdown = "client" | "server";
+/** One buffer, or a request's buffers in order (readv/writev). */
+type Buffers = Uint8Array | readonly Uint8Array[];
+
+function totalLength(bufs: readonly Uint8Array[]): number {
+  let n = 0;
+  for (const b of bufs) n += b.length;
+  return n;
+}
 
 class Pending {
   error: NbdError | null = null;
@@ -61,8 +69,8 @@ class Pending {
     readonly type: number,
     readonly offset: number,
     readonly length: number,
-    /** READ only: where the data goes (a view of guest memory). */
-    readonly dst: Uint8Array | null,
+    /** READ only: where the data goes (views of guest memory), one buffer or several in order. */
+    readonly dst: Buffers | null,
     /** Structured READ only. */
     readonly coverage: Coverage | null,
     readonly resolve: () => void,
@@ -123,11 +131,15 @@ export class NbdClient {
   private curType = 0;
   private curLength = 0;
   private errPayload = new Uint8Array(0);
+  /** The views a chunk of a vectored READ lands in, and which one is being filled. */
+  private readonly chunkPieces: Uint8Array[] = [];
+  private pieceAt = 0;
   // Bound once so that framing allocates no closures per message.
   private readonly onHead = (): void => this.head();
   private readonly onStructured = (): void => this.structured();
   private readonly onDataOffset = (): void => this.dataOffset();
   private readonly onChunkData = (): void => this.chunkDone();
+  private readonly onPiece = (): void => this.nextPiece();
   private readonly onHole = (): void => this.hole();
   private readonly onErrorPayload = (): void => this.errorChunk();
   private readonly uncork = (): void => {
@@ -224,9 +236,19 @@ export class NbdClient {
     return this.submit(NBD_CMD_READ, 0, offset, dst.length, dst, null);
   }
 
+  /** One NBD_CMD_READ filling `dsts` in order. */
+  readv(offset: number, dsts: readonly Uint8Array[]): Promise<void> {
+    return this.submit(NBD_CMD_READ, 0, offset, totalLength(dsts), dsts, null);
+  }
+
   /** NBD_CMD_WRITE; `src` is sent as is (no copy) and must not change until the promise settles. */
   write(offset: number, src: Uint8Array): Promise<void> {
     return this.submit(NBD_CMD_WRITE, 0, offset, src.length, null, src);
+  }
+
+  /** One NBD_CMD_WRITE of `srcs` in order (sent as they are, like write()). */
+  writev(offset: number, srcs: readonly Uint8Array[]): Promise<void> {
+    return this.submit(NBD_CMD_WRITE, 0, offset, totalLength(srcs), null, srcs);
   }
 
   /** NBD_CMD_FLUSH; only when the server set NBD_FLAG_SEND_FLUSH. */
@@ -301,14 +323,7 @@ export class NbdClient {
     }
   }
 
-  private submit(
-    type: number,
-    flags: number,
-    offset: number,
-    length: number,
-    dst: Uint8Array | null,
-    payload: Uint8Array | null,
-  ): Promise<void> {
+  private submit(type: number, flags: number, offset: number, length: number, dst: Buffers | null, payload: Buffers | null): Promise<void> {
     if (this.failure !== null || this.shutdown !== null) return Promise.reject(this.refusal());
     const ranged = type !== NBD_CMD_FLUSH;
     if (
@@ -340,7 +355,8 @@ export class NbdClient {
         process.nextTick(this.uncork);
       }
       this.socket.write(this.arena.subarray(at, at + REQUEST_BYTES));
-      if (payload !== null) this.socket.write(payload);
+      if (payload instanceof Uint8Array) this.socket.write(payload);
+      else if (payload !== null) for (const b of payload) if (b.length > 0) this.socket.write(b);
     });
   }
 
@@ -408,7 +424,7 @@ export class NbdClient {
       // proto.md: once structured replies are agreed, a READ never gets a simple reply
       // with data; without them, exactly `length` bytes follow.
       if (this.info.structuredReplies) return this.violation(`simple reply with data to ${p.describe()}`);
-      return this.reader.expect(p.dst!, this.onChunkData);
+      return this.receive(p, 0, p.length);
     }
     this.chunkDone();
   }
@@ -470,8 +486,44 @@ export class NbdClient {
     const n = this.curLength - 8;
     const rel = this.place(p, readU64(this.fixedView, 0), n, "data chunk");
     if (rel < 0) return;
-    // Straight into the caller's buffer: only the validated window is handed to the reader.
-    this.reader.expect(p.dst!.subarray(rel, rel + n), this.onChunkData);
+    // Straight into the caller's buffers: only the validated window is handed to the reader.
+    this.receive(p, rel, n);
+  }
+
+  /** Receives [rel, +n) of the request's buffers from the reader, then ends the chunk. */
+  private receive(p: Pending, rel: number, n: number): void {
+    const d = p.dst!;
+    if (d instanceof Uint8Array) return this.reader.expect(d.subarray(rel, rel + n), this.onChunkData);
+    this.pieces(p, rel, n);
+    this.pieceAt = 0;
+    this.reader.expect(this.chunkPieces[0]!, this.onPiece);
+  }
+
+  private nextPiece(): void {
+    if (++this.pieceAt < this.chunkPieces.length) this.reader.expect(this.chunkPieces[this.pieceAt]!, this.onPiece);
+    else this.chunkDone();
+  }
+
+  /**
+   * Sets chunkPieces to the views of [rel, +n) across the request's buffers
+   * (empty ones skipped). A linear walk: a request has at most a queue's worth
+   * of buffers, and servers send one or a few chunks per READ.
+   */
+  private pieces(p: Pending, rel: number, n: number): void {
+    const out = this.chunkPieces;
+    out.length = 0;
+    const d = p.dst!;
+    if (d instanceof Uint8Array) {
+      out.push(d.subarray(rel, rel + n));
+      return;
+    }
+    let start = 0;
+    for (const b of d) {
+      const end = start + b.length;
+      if (b.length > 0 && end > rel && start < rel + n) out.push(b.subarray(Math.max(rel, start) - start, Math.min(rel + n, end) - start));
+      if (end >= rel + n) break;
+      start = end;
+    }
   }
 
   private hole(): void {
@@ -480,7 +532,8 @@ export class NbdClient {
     if (n === 0) return this.violation(`empty hole chunk for ${p.describe()}`);
     const rel = this.place(p, readU64(this.fixedView, 0), n, "hole chunk");
     if (rel < 0) return;
-    p.dst!.fill(0, rel, rel + n);
+    this.pieces(p, rel, n);
+    for (const v of this.chunkPieces) v.fill(0);
     this.chunkDone();
   }
 

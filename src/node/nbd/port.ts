@@ -138,6 +138,29 @@ export class NbdBlockPort implements BlockPort {
   }
 
   /**
+   * A request's buffers as one NBD_CMD_READ when it is aligned and fits the
+   * maximum payload (virtio-blk passes a chain's guest pages this way), so
+   * a 1 MiB guest read is one request, not 256. Otherwise each buffer is
+   * read on its own, with splitting and alignment as in read().
+   */
+  readv(offset: number, dsts: Uint8Array[]): Promise<void> {
+    const total = sum(dsts);
+    const bad = this.check("read", offset, total);
+    if (bad !== null) return Promise.reject(bad);
+    if (this.oneRequest(offset, total)) return this.client.readv(offset, dsts);
+    return this.each(offset, dsts, (at, b) => this.read(at, b));
+  }
+
+  /** The write side of readv(). */
+  writev(offset: number, srcs: Uint8Array[]): Promise<void> {
+    const total = sum(srcs);
+    const bad = this.check("write", offset, total) ?? this.writable();
+    if (bad !== null) return Promise.reject(bad);
+    if (this.oneRequest(offset, total)) return this.client.writev(offset, srcs);
+    return this.each(offset, srcs, (at, b) => this.write(at, b));
+  }
+
+  /**
    * NBD_CMD_FLUSH. Without NBD_FLAG_SEND_FLUSH the protocol offers no way to
    * flush (such a server is expected to write through), so this resolves.
    */
@@ -173,6 +196,16 @@ export class NbdBlockPort implements BlockPort {
       return new RangeError(`${what} [${offset}, +${length}) outside the disk (${this.sizeBytes} bytes)`);
     }
     return null;
+  }
+
+  private each(offset: number, bufs: Uint8Array[], op: (at: number, b: Uint8Array) => Promise<void>): Promise<void> {
+    const work: Promise<void>[] = [];
+    let at = offset;
+    for (const b of bufs) {
+      if (b.length > 0) work.push(op(at, b));
+      at += b.length;
+    }
+    return Promise.all(work).then(() => undefined);
   }
 
   /** The common case, sent as is: aligned to the server's blocks and within its maximum payload. */
@@ -270,4 +303,10 @@ export class NbdBlockPort implements BlockPort {
       (block, from, n) => this.modify(block, from, n, null),
     );
   }
+}
+
+function sum(bufs: readonly Uint8Array[]): number {
+  let n = 0;
+  for (const b of bufs) n += b.length;
+  return n;
 }
