@@ -158,6 +158,52 @@ export function blockPortConformance(name: string, open: () => Promise<OpenedPor
       });
     });
 
+    test("readv and writev move a request's scattered buffers in order", async (t: TestContext) => {
+      await withPort(open, async (port) => {
+        if (port.readv === undefined && port.writev === undefined) {
+          t.skip("the port has no vectored forms");
+          return;
+        }
+        const base = 10 * MiB + 128 * KiB;
+        const total = 146 * 512;
+        const data = pattern(total, 80);
+        const bg = pattern(total + 2 * GUARD, 81);
+        await port.write(base - GUARD, bg);
+        // Views at odd offsets of their own buffers, plain and shared, cut where sectors are not.
+        const cut = (sizes: number[], fill: (v: Uint8Array, at: number) => void): Uint8Array[] => {
+          let at = 0;
+          return sizes.map((n, i) => {
+            const buf = new Uint8Array(i % 2 === 0 ? new ArrayBuffer(n + 8) : new SharedArrayBuffer(n + 8)).fill(0xa5);
+            const v = buf.subarray(3, 3 + n);
+            fill(v, at);
+            at += n;
+            return v;
+          });
+        };
+        const srcs = cut([512, 3584, 4096, 65536, 1000, 24], (v, at) => v.set(data.subarray(at, at + v.length)));
+        if (port.writev !== undefined) await port.writev(base, srcs);
+        else for (const [i, v] of srcs.entries()) await port.write(base + srcs.slice(0, i).reduce((n, x) => n + x.length, 0), v);
+        const got = await readBack(port, base - GUARD, total + 2 * GUARD);
+        assertBytes(got.subarray(0, GUARD), bg.subarray(0, GUARD), "bytes before");
+        assertBytes(got.subarray(GUARD, GUARD + total), data, "data written");
+        assertBytes(got.subarray(GUARD + total), bg.subarray(GUARD + total), "bytes after");
+        if (port.readv !== undefined) {
+          const dsts = cut([4096, 100, 412, 0, 70144], () => {});
+          await port.readv(base, dsts);
+          let at = 0;
+          for (const [i, v] of dsts.entries()) {
+            assertBytes(v, data.subarray(at, at + v.length), `buffer ${i} of readv`);
+            const whole = new Uint8Array(v.buffer, v.byteOffset - 3, v.length + 8);
+            assert.ok(
+              whole.subarray(0, 3).every((b) => b === 0xa5) && whole.subarray(3 + v.length).every((b) => b === 0xa5),
+              `bytes around buffer ${i}`,
+            );
+            at += v.length;
+          }
+        }
+      });
+    });
+
     test("many operations started at once all complete correctly", async () => {
       await withPort(open, async (port) => {
         const base = 8 * MiB;

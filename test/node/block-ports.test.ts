@@ -4,13 +4,14 @@ import { closeSync, mkdtempSync, openSync, rmSync, ftruncateSync } from "node:fs
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { RamDisk } from "../../src/core/virtio/devices/blk/port.js";
-import { FileBlockPort } from "../../src/node/file-port.js";
+import { AsyncIo } from "../../src/node/aio.js";
+import { FileBlockPort, type FileBlockPortOptions } from "../../src/node/file-port.js";
 import { NbdBlockPort, type NbdConnectOptions } from "../../src/node/nbd/index.js";
 import { blockPortConformance, type OpenedPort } from "./block-port-conformance.js";
 import { startNbdkit, startQemuNbd, type NbdServer } from "./nbd-servers.js";
 
 // Every BlockPort in the tree against one suite: the in-memory disk, raw
-// files, and NBD exports served by qemu-nbd (raw and qcow2) and nbdkit
+// files (blocking, io_uring, O_DIRECT through the thread pool), and NBD exports served by qemu-nbd (raw and qcow2) and nbdkit
 // (memory and file plugins; Unix sockets and TCP; structured and simple
 // replies; a server that enforces 4 KiB blocks and 64 KiB requests).
 
@@ -63,16 +64,29 @@ blockPortConformance("RamDisk", () => Promise.resolve({ port: new RamDisk(SIZE),
   openReadOnly: () => Promise.resolve({ port: new RamDisk(SIZE, { readOnly: true }), close: () => {} }),
 });
 
-const rawFile = sparseFile("file-port.img");
-function openFile(readOnly: boolean): Promise<OpenedPort> {
-  const port = new FileBlockPort(rawFile, { readOnly });
-  return Promise.resolve({ port, close: () => port.close(), reopen: () => openFile(readOnly) });
+const engines = new Map<string, AsyncIo>();
+after(() => engines.forEach((e) => e.close()));
+function engine(name: "io_uring" | "threads"): AsyncIo {
+  let e = engines.get(name);
+  if (e === undefined) engines.set(name, (e = new AsyncIo({ engine: name })));
+  return e;
 }
-blockPortConformance("FileBlockPort (raw file)", () => openFile(false), {
-  discard: true,
-  writeZeroes: true,
-  openReadOnly: () => openFile(true),
-});
+
+function fileTarget(name: string, file: string, opts: () => FileBlockPortOptions): void {
+  const openFile = (readOnly: boolean): Promise<OpenedPort> => {
+    const port = new FileBlockPort(file, { ...opts(), readOnly });
+    return Promise.resolve({ port, close: () => port.close(), reopen: () => openFile(readOnly) });
+  };
+  blockPortConformance(name, () => openFile(false), { discard: true, writeZeroes: true, openReadOnly: () => openFile(true) });
+}
+fileTarget("FileBlockPort (raw file, blocking)", sparseFile("file-port.img"), () => ({}));
+fileTarget("FileBlockPort (io_uring, page cache)", sparseFile("file-uring.img"), () => ({ aio: engine("io_uring") }));
+// 4 KiB O_DIRECT alignment forced: sectors and odd views go through bouncing and read-modify-write.
+fileTarget("FileBlockPort (thread pool, O_DIRECT, 4 KiB alignment)", sparseFile("file-direct.img"), () => ({
+  cache: "none",
+  aio: engine("threads"),
+  align: { memory: 4096, offset: 4096 },
+}));
 
 nbdTarget(
   "NbdBlockPort: qemu-nbd, raw, O_DIRECT, named export, Unix socket",
