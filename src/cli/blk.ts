@@ -3,6 +3,7 @@ import { ArgReader, UsageError, parseOrExplain } from "./args.js";
 import { BlkDevice } from "../core/virtio/devices/blk/device.js";
 import { CACHE_MODES } from "../node/file-port.js";
 import { openStorage, type StorageSpec } from "../node/storage.js";
+import { parseNbdUrl } from "../node/nbd/index.js";
 import { VhostUserServer, connectBackend } from "../node/vhost-user/server.js";
 import { isMessageTrace } from "../node/vhost-user/connection.js";
 import { BlkPollServer, type BlkSpec } from "../node/blk-poll.js";
@@ -10,12 +11,15 @@ import { BlkPollServer, type BlkSpec } from "../node/blk-poll.js";
 const HELP = `iovirt blk — serve a virtio-blk device over vhost-user
 
 Usage:
-  iovirt blk --socket PATH (--image FILE | --size SIZE) [options]
-  iovirt blk --connect PATH (--image FILE | --size SIZE) [options]
+  iovirt blk --socket PATH (--image FILE | --nbd URL | --size SIZE) [options]
+  iovirt blk --connect PATH (--image FILE | --nbd URL | --size SIZE) [options]
 
   --socket PATH      listen on a Unix socket (created with mode 0600); QEMU connects to it
   --connect PATH     connect to a front end that listens (QEMU -chardev socket,server=on)
   --image FILE       raw image file (reads/writes go straight between the file and guest memory)
+  --nbd URL          an NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.
+                     Serves qcow2 and other formats through qemu-nbd (qemu-nbd -f qcow2 -k PATH
+                     img.qcow2), or any NBD server's storage (nbdkit, nbd-server)
   --size SIZE        sparse in-memory disk instead of a file: bytes, or with K/M/G/T suffix
   --readonly         refuse writes (VIRTIO_BLK_F_RO)
   --cache MODE       host caching of --image, as QEMU's cache= (default writeback):
@@ -66,6 +70,7 @@ interface BlkArgs {
   socket?: string;
   connect?: string;
   image?: string;
+  nbd?: string;
   size?: number;
   readonly: boolean;
   queues: number;
@@ -99,6 +104,7 @@ function parse(args: string[]): BlkArgs | "help" {
     storage: { readOnly: false, cache: "writeback", aio: "auto" },
   };
   let cacheGiven: string | null = null;
+  let aioGiven = false;
   let queuesGiven = false;
   const r = new ArgReader(args);
   while (r.next()) {
@@ -111,6 +117,9 @@ function parse(args: string[]): BlkArgs | "help" {
         break;
       case "--image":
         o.image = r.value();
+        break;
+      case "--nbd":
+        o.nbd = r.value();
         break;
       case "--size":
         o.size = sizeArg(r);
@@ -130,6 +139,7 @@ function parse(args: string[]): BlkArgs | "help" {
         break;
       case "--aio":
         o.storage.aio = r.oneOf(["auto", "io_uring", "threads", "sync"] as const);
+        aioGiven = true;
         break;
       case "--queues":
         o.queues = r.int(1, MAX_QUEUES);
@@ -155,15 +165,25 @@ function parse(args: string[]): BlkArgs | "help" {
     }
   }
   if ((o.socket === undefined) === (o.connect === undefined)) throw new UsageError("give exactly one of --socket and --connect");
-  if ((o.image === undefined) === (o.size === undefined)) throw new UsageError("give exactly one of --image and --size");
+  if ([o.image, o.nbd, o.size].filter((x) => x !== undefined).length !== 1)
+    throw new UsageError("give exactly one of --image, --nbd and --size");
+  if (o.nbd !== undefined) {
+    try {
+      parseNbdUrl(o.nbd);
+    } catch (e) {
+      throw new UsageError(`--nbd: ${(e as Error).message}`);
+    }
+  }
   if (o.poll && o.socket === undefined) throw new UsageError("--poll needs --socket");
   if (o.image !== undefined && !existsSync(o.image))
     throw new UsageError(`image ${o.image} does not exist (create one with: truncate -s 1G ${o.image})`);
   if (cacheGiven !== null && o.image === undefined) throw new UsageError("--cache and --direct apply to --image only");
+  if (aioGiven && o.image === undefined) throw new UsageError("--aio applies to --image only");
   o.queuesGiven = queuesGiven;
   o.storage.readOnly = o.readonly;
   if (o.image !== undefined) o.storage.image = o.image;
   if (o.size !== undefined) o.storage.size = o.size;
+  if (o.nbd !== undefined) o.storage.nbd = o.nbd;
   return o;
 }
 
@@ -197,10 +217,17 @@ export async function blkMain(args: string[]): Promise<number> {
     log(`done: ${await server.close()}`);
     return 0;
   }
-  const storage = openStorage(o.storage);
+  const storage = await openStorage(o.storage, "eventfd", log);
   const what = storage.description;
   const port = storage.port;
-  const device = new BlkDevice({ port, numQueues: o.queues, queueSize: o.queueSize, serial: o.serial, readOnly: o.readonly });
+  const device = new BlkDevice({
+    port,
+    numQueues: o.queues,
+    queueSize: o.queueSize,
+    serial: o.serial,
+    readOnly: o.readonly,
+    blockSize: storage.blockSize,
+  });
   device.events.guestError = (err, q) => log(`guest error${q === null ? "" : ` on queue ${q}`}: ${err.code}: ${err.message}`);
   const opts = {
     log: (s: string) => (o.verbose || !isMessageTrace(s) ? log(s) : undefined),
@@ -218,7 +245,7 @@ export async function blkMain(args: string[]): Promise<number> {
   }
   await signalled;
   server?.close();
-  storage.close();
+  await storage.close();
   log(`done: ${JSON.stringify(device.stats)}`);
   return 0;
 }

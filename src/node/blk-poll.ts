@@ -105,13 +105,13 @@ export class BlkPollServer {
   }
 }
 
-function workerMain(): void {
+async function workerMain(): Promise<void> {
   const spec = workerData as BlkSpec;
   const post = (m: FromWorker): void => parentPort!.postMessage(m);
   let storage;
   try {
-    // Completions are reaped by the polling loop itself: no eventfd wake-ups on the data path.
-    storage = openStorage(spec.storage, "poll");
+    // File completions are reaped by the polling loop itself: no eventfd wake-ups on the data path.
+    storage = await openStorage(spec.storage, "poll", (line) => post({ type: "log", line }));
   } catch (e) {
     post({ type: "failed", error: (e as Error).message });
     return;
@@ -123,6 +123,7 @@ function workerMain(): void {
     queueSize: spec.queueSize,
     serial: spec.serial,
     readOnly: spec.storage.readOnly,
+    blockSize: storage.blockSize,
   });
   device.events.guestError = (err, q) =>
     post({ type: "log", line: `guest error${q === null ? "" : ` on queue ${q}`}: ${err.code}: ${err.message}` });
@@ -154,10 +155,9 @@ function workerMain(): void {
     } else {
       stopping = true;
       conn?.close();
-      storage.close();
-      post({ type: "stopped", stats: JSON.stringify(device.stats) });
+      void Promise.resolve(storage.close()).finally(() => post({ type: "stopped", stats: JSON.stringify(device.stats) }));
     }
   });
 }
 
-if (!isMainThread && (workerData as BlkSpec | undefined)?.storage !== undefined) workerMain();
+if (!isMainThread && (workerData as BlkSpec | undefined)?.storage !== undefined) void workerMain();

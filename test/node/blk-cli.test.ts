@@ -112,3 +112,28 @@ test("iovirt blk refuses contradictory or meaningless storage options with a cle
   for (const flag of ["--cache MODE", "--direct", "--aio ENGINE", "writethrough", "directsync", "unsafe"])
     assert.ok(h.stdout.includes(flag), flag);
 });
+
+test("iovirt blk --nbd serves an NBD export (qemu-nbd here) and names what the server agreed to", async () => {
+  const image = join(scratchDir(), `iovirt-cli-nbd-${process.pid}.img`);
+  const nbdSock = join(dir, "nbd.sock");
+  writeFileSync(image, new Uint8Array(1 << 20));
+  const nbd = spawn("qemu-nbd", ["-f", "raw", "-k", nbdSock, "-t", image], { stdio: ["ignore", "ignore", "pipe"] });
+  try {
+    await waitForPath(nbdSock, nbd, "qemu-nbd");
+    const log = await startupLog(["--nbd", `nbd+unix:///?socket=${nbdSock}`]);
+    assert.match(log, /serving virtio-blk \(nbd\+unix:\/\/\/\?socket=.*nbd\.sock \(NBD, 1048576 bytes, structured replies/);
+  } finally {
+    await stopChild(nbd);
+    rmSync(image, { force: true });
+  }
+  const bad = spawnSync(process.execPath, [cli, "blk", "--socket", join(dir, "never.sock"), "--nbd", "nbd://host/x", "--direct"], {
+    encoding: "utf8",
+  });
+  assert.equal(bad.status, 2);
+  assert.match(bad.stderr, /--cache and --direct apply to --image only/);
+  const url = spawnSync(process.execPath, [cli, "blk", "--socket", join(dir, "never.sock"), "--nbd", "nbd+unix:///x"], {
+    encoding: "utf8",
+  });
+  assert.equal(url.status, 2);
+  assert.match(url.stderr, /--nbd: .*socket/);
+});
