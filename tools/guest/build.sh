@@ -448,6 +448,7 @@ cat >"$ROOT/scripts/blk-fs.sh" <<'FS_EOF'
 # Markers for the host:
 #   fs-file <path> <size> <md5>   once per file, before any device is touched
 #   fs-manifest <md5>             md5 of the "md5sum" listing of all files
+#   fs-dev <dev> size=<bytes> queues=<blk-mq hardware queues the driver set up>
 #   fs-step <dev> <step>          progress: mkfs mount write umount fsck remount verify
 #   fs-ok <dev> <manifest md5>    the device passed every step
 #   fs-error <dev> <step>: ...    a step failed (followed by RESULT FAIL)
@@ -507,6 +508,7 @@ for dev in $DEVS; do
     sleep 0.1; i=$((i + 1))
   done
   mkdir -p "$mnt"
+  say "fs-dev $dev size=$(blockdev --getsize64 "$dev") queues=$(ls "/sys/block/${dev##*/}/mq" 2>/dev/null | wc -l)"
   say "fs-step $dev mkfs uptime=$(up)"
   /sbin/mke2fs -F -q -t "$FS" "$dev" >"$out" 2>&1 || step_fail "$dev" mkfs "mke2fs -t $FS exit $?" "$out"
   say "fs-step $dev mount uptime=$(up)"
