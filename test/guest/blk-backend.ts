@@ -15,7 +15,12 @@ export interface BlkBackend {
   log: () => string;
 }
 
-/** Starts `iovirt blk --socket SOCK --image IMAGE ...args` and waits for its socket. */
+/**
+ * Starts `iovirt blk --socket SOCK --image IMAGE ...args` and waits for its
+ * socket and its start-up line ("serving virtio-blk (...)": the socket can
+ * exist before that line has come through the pipe). If it fails to start,
+ * it is killed and the error carries its log.
+ */
 export async function startBlkBackend(sock: string, image: string, args: readonly string[] = []): Promise<BlkBackend> {
   let err = "";
   const child = spawn(process.execPath, [cli, "blk", "--socket", sock, "--image", image, ...args], {
@@ -24,7 +29,14 @@ export async function startBlkBackend(sock: string, image: string, args: readonl
   child.stderr!.on("data", (d: Buffer) => (err += d.toString()));
   try {
     await waitForPath(sock, child, "iovirt blk");
+    const deadline = Date.now() + 5000;
+    while (!err.includes("serving virtio-blk")) {
+      if (child.exitCode !== null) throw new Error(`iovirt blk exited with code ${child.exitCode}`);
+      if (Date.now() > deadline) throw new Error("iovirt blk did not log its start-up line within 5 s");
+      await new Promise((r) => setTimeout(r, 10));
+    }
   } catch (e) {
+    child.kill("SIGKILL");
     throw new Error(`${(e as Error).message}\n${err}`);
   }
   return { child, pid: child.pid!, log: () => err };
