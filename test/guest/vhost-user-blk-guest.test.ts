@@ -1,21 +1,19 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { bootGuest, guestPaths, markerValue, type GuestPaths } from "../../tools/guest/run.js";
 import { guestPattern } from "../../tools/guest/pattern.js";
-import { readFileRange, stopChild, waitForPath } from "../../tools/child.js";
+import { readFileRange, stopChild } from "../../tools/child.js";
+import { startBlkBackend, type BlkBackend } from "./blk-backend.js";
 
 // A real Linux guest (Debian's kernel, its virtio_blk driver, busybox) under
 // QEMU/TCG, attached with vhost-user-blk-pci to `iovirt blk` in another process.
 
 const MIB = 4;
 const IMAGE_BYTES = 64 << 20;
-const cli = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
 const dir = mkdtempSync(join(tmpdir(), "iovirt-guest-"));
 const md5 = (b: Uint8Array): string => createHash("md5").update(b).digest("hex");
 const expected = guestPattern(MIB);
@@ -26,31 +24,8 @@ before(async () => {
 });
 after(() => rmSync(dir, { recursive: true, force: true }));
 
-async function startBackend(
-  sock: string,
-  image: string,
-  queues: number | null,
-  poll: boolean,
-): Promise<{ child: ChildProcess; log: () => string }> {
-  let err = "";
-  const args = [
-    cli,
-    "blk",
-    "--socket",
-    sock,
-    "--image",
-    image,
-    ...(queues === null ? [] : ["--queues", String(queues)]),
-    ...(poll ? ["--poll"] : []),
-  ];
-  const child = spawn(process.execPath, args, { stdio: ["ignore", "ignore", "pipe"] });
-  child.stderr!.on("data", (d: Buffer) => (err += d.toString()));
-  try {
-    await waitForPath(sock, child, "iovirt blk");
-  } catch (e) {
-    throw new Error(`${(e as Error).message}\n${err}`);
-  }
-  return { child, log: () => err };
+function startBackend(sock: string, image: string, queues: number | null, poll: boolean): Promise<BlkBackend> {
+  return startBlkBackend(sock, image, [...(queues === null ? [] : ["--queues", String(queues)]), ...(poll ? ["--poll"] : [])]);
 }
 
 // queues null: `iovirt blk` and QEMU both left at their defaults (QEMU then asks for one queue per vCPU).

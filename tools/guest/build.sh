@@ -15,10 +15,11 @@
 # Everything else goes to stderr.
 #
 # Guest contract (kernel command line; parsed by /init from /proc/cmdline):
-#   iovirt.script=<name>   run /scripts/<name>.sh (blk-pattern, blk-random, hostroot); none: just report and power off
+#   iovirt.script=<name>   run /scripts/<name>.sh (blk-pattern, blk-random, blk-fs, hostroot); none: just report and power off
 #   iovirt.mode=guest-writes|guest-reads   (blk-pattern, default guest-writes)
 #   iovirt.mib=<N>         MiB to write/read (blk-pattern, default 4)
-#   iovirt.dev=<path>      block device (blk-pattern, default /dev/vda); blk-random: a comma-separated list
+#   iovirt.dev=<path>      block device (blk-pattern, default /dev/vda); blk-random, blk-fs: a comma-separated list
+#   iovirt.fs=ext4|ext2    file system blk-fs makes on every device (default ext4)
 #   iovirt.verify=pattern  guest-reads only: also compare what was read with the pattern
 #   iovirt.timeout=<sec>   guest-side watchdog: force power off after <sec> seconds
 #   iovirt.modules=a,b,c   modules /init loads (default virtio_pci,virtio_blk)
@@ -169,8 +170,12 @@ while IFS= read -r -d '' f; do
 done < <(find "$KMOD" -type f \( -name '*.ko.xz' -o -name '*.ko.gz' -o -name '*.ko.zst' \) -print0)
 run_depmod "$STAGE/kpkg" "$KVER"
 
+# ext4 (which also mounts ext2 here: CONFIG_EXT4_USE_FOR_EXT2) is a module in Debian's kernel.
+# Its metadata checksums need the crypto API's crc32c, which modules.dep does not list
+# (it is looked up by name); crc32c_generic because crc32c-intel needs SSE4.2, which
+# QEMU's default TCG CPU lacks.
 WANT_MODULES=(virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk
-  9p 9pnet_virtio vfio vfio_iommu_type1 vfio_pci uio_pci_generic)
+  9p 9pnet_virtio vfio vfio_iommu_type1 vfio_pci uio_pci_generic ext4 crc32c_generic)
 # modules.dep: "kernel/x/y.ko: dep1.ko dep2.ko". Collect the transitive closure.
 declare -A need=()
 queue=()
@@ -209,10 +214,39 @@ cp "$BUSYBOX" "$ROOT/bin/busybox"
 chmod 0755 "$ROOT/bin/busybox"
 APPLETS=(sh ash cat echo printf awk dd md5sum sync sleep mount umount mkdir ls rm
   modprobe insmod lsmod poweroff reboot uname dmesg head tail grep sed cut tr seq
-  test '[' true false date stat hexdump blockdev wc cmp tee setsid cttyhack kill chroot)
+  test '[' true false date stat hexdump blockdev wc cmp tee setsid cttyhack kill chroot cp)
 for a in "${APPLETS[@]}"; do ln -sf busybox "$ROOT/bin/$a"; done
 for a in modprobe insmod lsmod poweroff reboot; do ln -sf ../bin/busybox "$ROOT/sbin/$a"; done
 echo "$KVER" >"$ROOT/etc/iovirt-kernel-version"
+# e2fsprogs looks a device's mount status up in /etc/mtab.
+ln -sf /proc/self/mounts "$ROOT/etc/mtab"
+
+# ---------------------------------------------------------------- e2fsprogs
+# busybox has a mke2fs of its own but no e2fsck: take the host's (Debian's
+# e2fsprogs, priority required) with the shared libraries and the loader ldd
+# names, each at the path it has on the host, where the loader looks.
+command -v ldd >/dev/null || die "ldd not found (Debian package libc-bin)"
+copy_elf() { # <host binary> <path in the guest>
+  local lib
+  mkdir -p "$ROOT$(dirname "$2")"
+  cp -L "$1" "$ROOT$2"
+  # "libx.so.N => /path (0x...)" and "/lib64/ld-linux-x86-64.so.2 (0x...)"; not linux-vdso.
+  while IFS= read -r lib; do
+    if [[ ! -e "$ROOT$lib" ]]; then
+      mkdir -p "$ROOT$(dirname "$lib")"
+      cp -L "$lib" "$ROOT$lib"
+    fi
+  done < <(ldd "$1" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
+}
+for b in mke2fs e2fsck; do
+  host=""
+  for d in /sbin /usr/sbin; do
+    if [[ -x "$d/$b" ]]; then host="$d/$b"; break; fi
+  done
+  [[ -n "$host" ]] || die "$b not found in /sbin or /usr/sbin (Debian package e2fsprogs)"
+  copy_elf "$host" "/sbin/$b"
+done
+log "e2fsprogs: $("$host" -V 2>&1 | head -n1)"
 
 cat >"$ROOT/init" <<'INIT_EOF'
 #!/bin/sh
@@ -402,6 +436,113 @@ done
 say "RESULT PASS"
 RANDOM_EOF
 chmod 0755 "$ROOT/scripts/blk-random.sh"
+
+cat >"$ROOT/scripts/blk-fs.sh" <<'FS_EOF'
+#!/bin/sh
+# blk-fs: a file system on every device in iovirt.dev (comma-separated), made
+# by e2fsprogs' mke2fs (iovirt.fs=ext4, the default, or ext2). On each: mount,
+# copy in the same files of random data (sizes that are and are not multiples
+# of 4 KiB, in nested directories, about 4 MiB), sync, unmount; e2fsck -fn must
+# find nothing to fix; drop the caches, mount again and compare every file's
+# md5 with the original's; unmount.
+# Markers for the host:
+#   fs-file <path> <size> <md5>   once per file, before any device is touched
+#   fs-manifest <md5>             md5 of the "md5sum" listing of all files
+#   fs-dev <dev> size=<bytes> queues=<blk-mq hardware queues the driver set up>
+#   fs-step <dev> <step>          progress: mkfs mount write umount fsck remount verify
+#   fs-ok <dev> <manifest md5>    the device passed every step
+#   fs-error <dev> <step>: ...    a step failed (followed by RESULT FAIL)
+# Exit status 0 = PASS.
+say() { echo "IOVIRT-GUEST: $*"; }
+fail() { say "error: $*"; say "RESULT FAIL"; exit 1; }
+# Stops at the first failing step: its output, prefixed, then the marker.
+step_fail() { # <dev> <step> <text> <output file>
+  [ -s "$4" ] && tail -n 20 "$4" | sed "s#^#IOVIRT-GUEST: $2: #"
+  say "fs-error $1 $2: $3"
+  say "RESULT FAIL"
+  exit 1
+}
+up() { cut -d' ' -f1 /proc/uptime; }
+FS="${IOVIRT_FS:-ext4}"
+DEVS="$(echo "${IOVIRT_DEV:-/dev/vda}" | tr ',' ' ')"
+case "$FS" in ext4|ext2) ;; *) fail "bad iovirt.fs=$FS (ext4 or ext2)" ;; esac
+say "blk-fs fs=$FS devs=$DEVS"
+# By path: busybox sh would run its own mke2fs applet for a bare "mke2fs".
+for t in mke2fs e2fsck; do
+  [ -x /sbin/$t ] || fail "/sbin/$t (e2fsprogs) is not in this initramfs"
+done
+say "fs-tools $(/sbin/e2fsck -V 2>&1 | head -n1)"
+
+# ext4 is a module; it also mounts ext2. Metadata checksums need crc32c loaded.
+# Loaded before mke2fs, which then leaves inode tables to the kernel to zero
+# (lazy_itable_init) instead of writing them all.
+for m in crc32c_generic ext4; do
+  modprobe "$m" 2>/tmp/modprobe.err || step_fail - modprobe "modprobe $m failed" /tmp/modprobe.err
+done
+
+SRC=/tmp/fs-src
+mkdir -p "$SRC/sub/deep" || fail "mkdir $SRC"
+# path:size. 4096 = one block; 1 and 4095 and 12289 straddle block ends.
+FILES="a.bin:1 b.bin:4095 c.bin:4096 d.bin:12289 sub/e.bin:65636 sub/f.bin:1000000 sub/deep/g.bin:2097665 h.bin:1048576"
+NAMES=""
+for f in $FILES; do
+  name="${f%%:*}"; size="${f#*:}"
+  head -c "$size" /dev/urandom >"$SRC/$name" || fail "cannot make $name"
+  got="$(stat -c %s "$SRC/$name")"
+  [ "$got" = "$size" ] || fail "$name has $got bytes, not $size"
+  say "fs-file $name $size $(md5sum "$SRC/$name" | cut -d' ' -f1)"
+  NAMES="$NAMES $name"
+done
+(cd "$SRC" && md5sum $NAMES) >/tmp/fs-manifest || fail "md5sum of the files failed"
+MANIFEST="$(md5sum /tmp/fs-manifest | cut -d' ' -f1)"
+say "fs-manifest $MANIFEST"
+
+n=0
+for dev in $DEVS; do
+  n=$((n + 1))
+  mnt="/mnt/fs$n"
+  out="/tmp/fs-out$n"
+  i=0
+  while [ ! -b "$dev" ]; do
+    [ $i -ge 100 ] && step_fail "$dev" wait "$dev did not appear within 10 s" /dev/null
+    sleep 0.1; i=$((i + 1))
+  done
+  mkdir -p "$mnt"
+  say "fs-dev $dev size=$(blockdev --getsize64 "$dev") queues=$(ls "/sys/block/${dev##*/}/mq" 2>/dev/null | wc -l)"
+  say "fs-step $dev mkfs uptime=$(up)"
+  /sbin/mke2fs -F -q -t "$FS" "$dev" >"$out" 2>&1 || step_fail "$dev" mkfs "mke2fs -t $FS exit $?" "$out"
+  say "fs-step $dev mount uptime=$(up)"
+  mount -t "$FS" "$dev" "$mnt" >"$out" 2>&1 || step_fail "$dev" mount "mount exit $?" "$out"
+  say "fs-step $dev write uptime=$(up)"
+  (cd "$SRC" && for name in $NAMES; do
+    case "$name" in */*) mkdir -p "$mnt/${name%/*}" || exit 1 ;; esac
+    cp "$name" "$mnt/$name" || exit 1
+  done) >"$out" 2>&1 || step_fail "$dev" write "copying the files failed" "$out"
+  sync
+  say "fs-step $dev umount uptime=$(up)"
+  umount "$mnt" >"$out" 2>&1 || step_fail "$dev" umount "umount exit $?" "$out"
+  say "fs-step $dev fsck uptime=$(up)"
+  # -n: open read-only and answer no; exit 0 only when there was nothing to fix.
+  /sbin/e2fsck -f -n "$dev" >"$out" 2>&1 || step_fail "$dev" fsck "e2fsck -fn exit $?" "$out"
+  # Whatever the block device's page cache still holds must not answer the reads.
+  sync
+  echo 3 >/proc/sys/vm/drop_caches
+  say "fs-step $dev remount uptime=$(up)"
+  mount -t "$FS" "$dev" "$mnt" >"$out" 2>&1 || step_fail "$dev" remount "mount exit $?" "$out"
+  say "fs-step $dev verify uptime=$(up)"
+  (cd "$mnt" && md5sum $NAMES) >/tmp/fs-check 2>"$out" || step_fail "$dev" verify "md5sum in $mnt failed" "$out"
+  if ! cmp -s /tmp/fs-manifest /tmp/fs-check; then
+    # Name the files that differ.
+    awk 'NR == FNR { want[$2] = $1; next } want[$2] != $1 { print "differs: " $2 " " $1 " (want " want[$2] ")" }' \
+      /tmp/fs-manifest /tmp/fs-check >"$out"
+    step_fail "$dev" verify "file contents differ after remount" "$out"
+  fi
+  umount "$mnt" >"$out" 2>&1 || step_fail "$dev" umount "final umount exit $?" "$out"
+  say "fs-ok $dev $MANIFEST"
+done
+say "RESULT PASS"
+FS_EOF
+chmod 0755 "$ROOT/scripts/blk-fs.sh"
 
 cat >"$ROOT/scripts/hostroot.sh" <<'HOSTROOT_EOF'
 #!/bin/sh
