@@ -16,14 +16,16 @@ export interface BlkBackend {
 }
 
 /**
- * Starts `iovirt blk --socket SOCK --image IMAGE ...args` and waits for its
+ * Starts `iovirt blk --socket SOCK --image IMAGE ...args` (or `--nbd URL` for
+ * a source of `{ nbd: URL }`) and waits for its
  * socket and its start-up line ("serving virtio-blk (...)": the socket can
  * exist before that line has come through the pipe). If it fails to start,
  * it is killed and the error carries its log.
  */
-export async function startBlkBackend(sock: string, image: string, args: readonly string[] = []): Promise<BlkBackend> {
+export async function startBlkBackend(sock: string, source: string | { nbd: string }, args: readonly string[] = []): Promise<BlkBackend> {
   let err = "";
-  const child = spawn(process.execPath, [cli, "blk", "--socket", sock, "--image", image, ...args], {
+  const from = typeof source === "string" ? ["--image", source] : ["--nbd", source.nbd];
+  const child = spawn(process.execPath, [cli, "blk", "--socket", sock, ...from, ...args], {
     stdio: ["ignore", "ignore", "pipe"],
   });
   child.stderr!.on("data", (d: Buffer) => (err += d.toString()));

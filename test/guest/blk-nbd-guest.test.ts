@@ -5,16 +5,15 @@ import { createHash } from "node:crypto";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { bootGuest, guestPaths, markerValue, type GuestPaths } from "../../tools/guest/run.js";
 import { guestPattern } from "../../tools/guest/pattern.js";
 import { readFileRange, stopChild, waitForPath } from "../../tools/child.js";
+import { startBlkBackend, type BlkBackend } from "./blk-backend.js";
 
 // A Linux guest on `iovirt blk --nbd`, backed by qemu-nbd serving a qcow2
 // image: iovirt serves an image format it does not implement, through NBD.
 
 const MIB = 8;
-const cli = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
 const dir = mkdtempSync(join(tmpdir(), "iovirt-nbd-guest-"));
 const md5 = (b: Uint8Array): string => createHash("md5").update(b).digest("hex");
 let paths: GuestPaths;
@@ -24,9 +23,9 @@ before(async () => {
 });
 after(() => rmSync(dir, { recursive: true, force: true }));
 
-function started(cmd: string, args: string[]): { child: ChildProcess; log: () => string } {
+function qemuNbd(args: string[]): { child: ChildProcess; log: () => string } {
   let err = "";
-  const child = spawn(cmd, args, { stdio: ["ignore", "ignore", "pipe"] });
+  const child = spawn("qemu-nbd", args, { stdio: ["ignore", "ignore", "pipe"] });
   child.stderr!.on("data", (d: Buffer) => (err += d.toString()));
   return { child, log: () => err };
 }
@@ -43,13 +42,12 @@ test(
     assert.equal(create.status, 0, create.stderr);
     const want = guestPattern(MIB);
 
-    const nbd = started("qemu-nbd", ["-f", "qcow2", "-k", nbdSock, "-t", "--discard=unmap", qcow2]);
-    let be: { child: ChildProcess; log: () => string } | null = null;
+    const nbd = qemuNbd(["-f", "qcow2", "-k", nbdSock, "-t", "--discard=unmap", qcow2]);
+    let be: BlkBackend | null = null;
     let output = "";
     try {
       await waitForPath(nbdSock, nbd.child, "qemu-nbd");
-      be = started(process.execPath, [cli, "blk", "--socket", sock, "--nbd", `nbd+unix:///?socket=${nbdSock}`, "--queues", "1"]);
-      await waitForPath(sock, be.child, "iovirt blk");
+      be = await startBlkBackend(sock, { nbd: `nbd+unix:///?socket=${nbdSock}` }, ["--queues", "1"]);
       const r = await bootGuest({
         ...paths,
         sharedMemory: true,
