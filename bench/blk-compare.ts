@@ -337,6 +337,9 @@ function dropCaches(): string | null {
 // ---- back ends ----------------------------------------------------------
 
 /** `iovirt blk` refused an option this bench uses: the case is skipped, not failed. */
+/** A back end still running this long after SIGTERM is killed (and the run says so). */
+const STOP_GRACE_MS = 10_000;
+
 class Unsupported extends Error {
   override name = "Unsupported";
 }
@@ -396,7 +399,9 @@ async function measure(c: CaseName, w: Workload, server: ServerName, ctx: Ctx): 
     if (r.errors > 0) throw new Error(`${r.errors} I/O errors from ${name}\n${s.stderr().trim()}`);
     return r.iops;
   } finally {
-    await stopChild(s.child);
+    const t = Date.now();
+    await stopChild(s.child, STOP_GRACE_MS);
+    if (Date.now() - t >= STOP_GRACE_MS) ctx.notes.add(`${what} did not exit within ${STOP_GRACE_MS} ms of SIGTERM and was killed`);
     if (w.rw === "randwrite" || w.rw === "write") syncImage(ctx.target.image);
   }
 }

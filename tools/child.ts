@@ -11,12 +11,21 @@ export async function waitForPath(path: string, child: ChildProcess, what: strin
   }
 }
 
-/** SIGTERM, then the exit code (null when killed by a signal). */
-export async function stopChild(child: ChildProcess): Promise<number | null> {
-  if (child.exitCode !== null) return child.exitCode;
+/**
+ * SIGTERM, then the exit code (null when killed by a signal). With
+ * `killAfterMs`, a child still running that long after SIGTERM gets SIGKILL.
+ */
+export async function stopChild(child: ChildProcess, killAfterMs?: number): Promise<number | null> {
+  if (child.exitCode !== null || child.signalCode !== null) return child.exitCode;
   const done = new Promise<number | null>((r) => child.once("exit", (code) => r(code)));
   child.kill("SIGTERM");
-  return done;
+  if (killAfterMs === undefined) return done;
+  const timer = setTimeout(() => child.kill("SIGKILL"), killAfterMs);
+  try {
+    return await done;
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /** `n` bytes of a file from `offset` (an image file, checked from the host side). */
