@@ -41,6 +41,7 @@ export interface RawAddon {
   munmap(buffer: ArrayBuffer): void;
   mappingPoisoned(buffer: ArrayBuffer): boolean;
   guardEvents(): number;
+  guardCounter(): ArrayBuffer;
   getSeals(fd: number): number;
   addSeals(fd: number, seals: number): void;
   eventfd(initval: number, flags?: { nonblock?: boolean; semaphore?: boolean }): number;
