@@ -1471,9 +1471,13 @@ static int aio_uring_setup(aio_t *a, unsigned entries) {
   memset(&p, 0, sizeof p);
   /* Twice as many completion entries as operations in flight: the
    * completion ring can never overflow. */
-  p.flags = IORING_SETUP_CQSIZE;
+  p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_COOP_TASKRUN;
   p.cq_entries = entries * 2;
   int fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+  if (fd < 0 && errno == EINVAL) {
+    p.flags = IORING_SETUP_CQSIZE;
+    fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+  }
   if (fd < 0) return errno;
   a->ring_fd = fd;
   a->sq_map_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
