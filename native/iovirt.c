@@ -1387,6 +1387,7 @@ typedef struct {
   struct io_uring_sqe *sqes;
   size_t sqes_len;
   _Atomic unsigned *sq_tail;
+  _Atomic unsigned *sq_flags;
   unsigned *sq_array, sq_mask, sq_tail_local, unsubmitted;
   _Atomic unsigned *cq_head, *cq_tail;
   unsigned cq_mask;
@@ -1471,7 +1472,11 @@ static int aio_uring_setup(aio_t *a, unsigned entries) {
   memset(&p, 0, sizeof p);
   /* Twice as many completion entries as operations in flight: the
    * completion ring can never overflow. */
-  p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_COOP_TASKRUN;
+  /* COOP_TASKRUN: a completion does not interrupt the thread; it is posted
+   * when the thread next enters the kernel.  TASKRUN_FLAG says when one is
+   * waiting, so aioReap can enter the kernel for it: a polling loop that
+   * makes no system calls would otherwise never see it. */
+  p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
   p.cq_entries = entries * 2;
   int fd = (int)syscall(__NR_io_uring_setup, entries, &p);
   if (fd < 0 && errno == EINVAL) {
@@ -1497,6 +1502,7 @@ static int aio_uring_setup(aio_t *a, unsigned entries) {
   if (a->sqes == MAP_FAILED) goto fail;
   char *sq = a->sq_map, *cq = a->cq_map;
   a->sq_tail = (_Atomic unsigned *)(sq + p.sq_off.tail);
+  a->sq_flags = (p.flags & IORING_SETUP_TASKRUN_FLAG) ? (_Atomic unsigned *)(sq + p.sq_off.flags) : NULL;
   a->sq_mask = *(unsigned *)(sq + p.sq_off.ring_mask);
   a->sq_array = (unsigned *)(sq + p.sq_off.array);
   a->sq_tail_local = atomic_load_explicit(a->sq_tail, memory_order_relaxed);
@@ -1783,6 +1789,8 @@ static napi_value js_aio_reap(napi_env env, napi_callback_info info) {
   int32_t *out = data;
   size_t max = count / 2, n = 0;
   if (a->uring) {
+    if (a->sq_flags != NULL && (atomic_load_explicit(a->sq_flags, memory_order_relaxed) & IORING_SQ_TASKRUN))
+      syscall(__NR_io_uring_enter, a->ring_fd, 0, 0, IORING_ENTER_GETEVENTS, NULL, 0); /* post waiting completions */
     unsigned head = atomic_load_explicit(a->cq_head, memory_order_relaxed);
     unsigned tail = atomic_load_explicit(a->cq_tail, memory_order_acquire);
     while (head != tail && n < max) {

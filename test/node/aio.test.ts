@@ -152,3 +152,20 @@ test("AsyncIo in poll mode completes only when polled (a busy-polling worker rea
     fd.close();
   }
 });
+
+test("AsyncIo in poll mode: a loop that never yields to the event loop still sees its completions", () => {
+  // io_uring posts completions lazily (COOP_TASKRUN); poll() must enter the kernel when one waits.
+  const aio = new AsyncIo({ notify: "poll" });
+  const { fd } = file("busy.img", 65536, 4);
+  try {
+    let got = -1;
+    aio.read(fd, 4096, new Uint8Array(4096), (_e, n) => (got = n));
+    aio.submit();
+    const t0 = performance.now();
+    while (got === -1 && performance.now() - t0 < 3000) aio.poll();
+    assert.equal(got, 4096, "completed without the loop making a system call of its own");
+  } finally {
+    aio.close();
+    fd.close();
+  }
+});
