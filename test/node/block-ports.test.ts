@@ -53,6 +53,8 @@ function nbdTarget(name: string, server: () => Promise<NbdServer>, readOnlyServe
   blockPortConformance(name, () => openNbd(server), {
     discard: true,
     writeZeroes: true,
+    vectored: true,
+    persistent: true,
     // Without a read-only server, the client's own readOnly option is what is tested.
     openReadOnly: () => (readOnlyServer === undefined ? openNbd(server, { readOnly: true }) : openNbd(readOnlyServer)),
   });
@@ -61,6 +63,8 @@ function nbdTarget(name: string, server: () => Promise<NbdServer>, readOnlyServe
 blockPortConformance("RamDisk", () => Promise.resolve({ port: new RamDisk(SIZE), close: () => {} }), {
   discard: true,
   writeZeroes: true,
+  vectored: false, // one read() per guest buffer
+  persistent: false, // the data lives and dies with the object
   openReadOnly: () => Promise.resolve({ port: new RamDisk(SIZE, { readOnly: true }), close: () => {} }),
 });
 
@@ -77,7 +81,13 @@ function fileTarget(name: string, file: string, opts: () => FileBlockPortOptions
     const port = new FileBlockPort(file, { ...opts(), readOnly });
     return Promise.resolve({ port, close: () => port.close(), reopen: () => openFile(readOnly) });
   };
-  blockPortConformance(name, () => openFile(false), { discard: true, writeZeroes: true, openReadOnly: () => openFile(true) });
+  blockPortConformance(name, () => openFile(false), {
+    discard: true,
+    writeZeroes: true,
+    vectored: true,
+    persistent: true,
+    openReadOnly: () => openFile(true),
+  });
 }
 fileTarget("FileBlockPort (raw file, blocking)", sparseFile("file-port.img"), () => ({}));
 fileTarget("FileBlockPort (io_uring, page cache)", sparseFile("file-uring.img"), () => ({ aio: engine("io_uring") }));
