@@ -230,31 +230,8 @@ interface IoEngine {
 
 /** Blocking pread/pwrite: each call finishes (and calls back) before it returns. */
 const SYNC_IO: IoEngine = {
-  read(fd, offset, bufs, cb) {
-    let pos = offset;
-    for (const b of Array.isArray(bufs) ? bufs : [bufs]) {
-      for (let done = 0; done < b.length;) {
-        const n = syscall(() => pread(fd, b.subarray(done), pos));
-        if (n instanceof Error) return cb(n, 0);
-        if (n === 0) return cb(null, pos - offset); // end of file
-        done += n;
-        pos += n;
-      }
-    }
-    cb(null, pos - offset);
-  },
-  write(fd, offset, bufs, cb) {
-    let pos = offset;
-    for (const b of Array.isArray(bufs) ? bufs : [bufs]) {
-      for (let done = 0; done < b.length;) {
-        const n = syscall(() => pwrite(fd, b.subarray(done), pos));
-        if (n instanceof Error) return cb(n, 0);
-        done += n;
-        pos += n;
-      }
-    }
-    cb(null, pos - offset);
-  },
+  read: (fd, offset, bufs, cb) => blockingTransfer(fd, offset, bufs, false, cb),
+  write: (fd, offset, bufs, cb) => blockingTransfer(fd, offset, bufs, true, cb),
   fsync(fd, _dataOnly, cb) {
     const r = syscall(() => fdatasync(fd));
     cb(r instanceof Error ? r : null, 0);
@@ -275,6 +252,21 @@ const SYNC_IO: IoEngine = {
     cb(r instanceof Error ? r : null, 0);
   },
 };
+
+/** pread/pwrite loops over the views; a read stops at end of file. */
+function blockingTransfer(fd: FdLike, offset: number, bufs: Uint8Array | Uint8Array[], write: boolean, cb: AioCallback): void {
+  let pos = offset;
+  for (const b of Array.isArray(bufs) ? bufs : [bufs]) {
+    for (let done = 0; done < b.length;) {
+      const n = syscall(() => (write ? pwrite(fd, b.subarray(done), pos) : pread(fd, b.subarray(done), pos)));
+      if (n instanceof Error) return cb(n, 0);
+      if (n === 0) return write ? cb(new SysError("EIO", 5, "pwrite (wrote nothing)"), 0) : cb(null, pos - offset);
+      done += n;
+      pos += n;
+    }
+  }
+  cb(null, pos - offset);
+}
 
 function syscall<T>(f: () => T): T | SysError {
   try {
