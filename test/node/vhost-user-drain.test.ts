@@ -6,7 +6,8 @@ import { join } from "node:path";
 import { BlkDevice } from "../../src/core/virtio/devices/blk/device.js";
 import { RamDisk, type BlockPort } from "../../src/core/virtio/devices/blk/port.js";
 import { VIRTIO_BLK_T_OUT } from "../../src/core/virtio/devices/blk/constants.js";
-import { Req } from "../../src/core/vhost-user/protocol.js";
+import { PF, Req } from "../../src/core/vhost-user/protocol.js";
+import { bit } from "../../src/core/virtio/lifecycle/features.js";
 import { decodeVringState, encodeVringState } from "../../src/core/vhost-user/codec.js";
 import { VhostUserServer } from "../../src/node/vhost-user/server.js";
 import { eventfd, eventfdWrite } from "../../src/node/native.js";
@@ -87,7 +88,7 @@ for (const order of ["in order", "out of order"] as const) {
       c.send(Req.GET_VRING_BASE, encodeVringState({ index: 0, num: 0 }));
       c.send(Req.GET_FEATURES); // must not be answered before GET_VRING_BASE
       await assert.rejects(c.reply(150), /no reply/, "no answer while writes are in flight");
-      assert.ok(logs.some((l) => /ring 0: waiting for 3 request\(s\) in flight/.test(l)));
+      assert.ok(logs.some((l) => /ring\(s\) 0: waiting for 3 request\(s\) in flight/.test(l)));
 
       const release = order === "in order" ? port.held.splice(0) : port.held.splice(0).reverse();
       for (const r of release) r();
@@ -149,6 +150,38 @@ test("a front end that disconnects while GET_VRING_BASE waits leaves nothing beh
       d.close();
     }
   } finally {
+    kick.close();
+    call.close();
+    ram.close();
+    server.close();
+  }
+});
+
+test("RESET_DEVICE waits for the requests in flight before it resets and acks (no read lands in a reset guest's memory)", async () => {
+  const port = new HeldWrites();
+  const path = join(dir, "drain-reset.sock");
+  const device = new BlkDevice({ port });
+  const server = new VhostUserServer(path, device, {});
+  const c = new RawFrontend(path);
+  const ram = new GuestRam(1 << 20);
+  const kick = eventfd(0, { nonblock: true });
+  const call = eventfd(0, { nonblock: true });
+  try {
+    await c.handshake(bit(PF.RESET_DEVICE));
+    const ring = await startRing(c, ram, { size: 16, kick, call });
+    const statuses = submitWrites(ram, ring, kick);
+    for (let i = 0; i < 500 && port.held.length < 3; i++) await tick();
+    assert.equal(port.held.length, 3);
+    const acked = c.ack(Req.RESET_DEVICE);
+    const early = await Promise.race([acked.then(() => "acked"), new Promise((r) => setTimeout(() => r("waiting"), 150))]);
+    assert.equal(early, "waiting", "no ack while requests are in flight");
+    assert.ok(device.queueState(0) !== null, "the device is not reset yet");
+    for (const r of port.held.splice(0)) r();
+    assert.equal(await acked, 0, "acked once they completed");
+    for (const st of statuses) assert.equal(ram.mem.readU8(st), 0, "each request completed (status OK) before the reset");
+    assert.equal(device.queueState(0), null, "then the device was reset");
+  } finally {
+    c.close();
     kick.close();
     call.close();
     ram.close();

@@ -212,6 +212,47 @@ export class VhostUserBackend<F> {
     return this.rings.some((r) => r.kick === fd || r.call === fd || r.err === fd);
   }
 
+  /**
+   * When requests taken from `indices` are still in flight: stops taking
+   * buffers from those rings, and once every one of them has completed into
+   * its used ring, runs `then` and sends what it returns. Returns false (and
+   * does nothing) when none is in flight. Meanwhile {@link replyPending} holds
+   * the owner's later messages back, so they keep their order.
+   */
+  private afterDrain(indices: number[], then: () => OutMessage<F>[]): boolean {
+    const busy = indices.filter((i) => this.rings[i]!.started && this.device.queueOutstanding(i) > 0);
+    if (busy.length === 0) return false;
+    let left = busy.length;
+    let total = 0;
+    for (const i of busy) {
+      const ring = this.rings[i]!;
+      ring.watch?.stop();
+      ring.watch = null;
+      this.scheduler.stopped(i);
+      total += this.device.queueOutstanding(i);
+    }
+    this.deferred = true;
+    this.log(`vhost-user: ring(s) ${busy.join(", ")}: waiting for ${total} request(s) in flight first`);
+    for (const i of busy) {
+      this.device.drainQueue(i, () => {
+        if (--left > 0) return;
+        this.deferred = false;
+        this.onDeferredReply?.(then());
+      });
+    }
+    return true;
+  }
+
+  private ringIndices(): number[] {
+    return this.rings.map((_, i) => i);
+  }
+
+  /** The REPLY_ACK a deferred request owes, if it asked for one. */
+  private ackLater(h: Header): OutMessage<F>[] {
+    const needAck = (h.flags & FLAG_NEED_REPLY) !== 0 && this.hasPF(PF.REPLY_ACK);
+    return needAck ? [{ bytes: encodeMessage(h.request, FLAG_REPLY, encodeU64(0)), fds: [] }] : [];
+  }
+
   /** Releases every mapping, fd and watch; the device is reset. */
   close(): void {
     this.deferred = false;
@@ -255,20 +296,29 @@ export class VhostUserBackend<F> {
       case Req.SET_OWNER:
         this.noPayload(h, p);
         return done;
-      case Req.RESET_OWNER:
+      case Req.RESET_OWNER: {
         // Deprecated: treated as "disable all rings", as the protocol recommends.
-        for (let i = 0; i < this.rings.length; i++) this.stopRing(i);
+        const stopAll = (): void => this.rings.forEach((_, i) => this.stopRing(i));
+        if (this.afterDrain(this.ringIndices(), () => (stopAll(), this.ackLater(h)))) return { deferred: true, keptFds: false };
+        stopAll();
         return done;
-      case Req.RESET_DEVICE:
+      }
+      case Req.RESET_DEVICE: {
         this.requirePF(h, PF.RESET_DEVICE);
-        for (let i = 0; i < this.rings.length; i++) this.stopRing(i);
-        for (const r of this.rings) this.closeRingFds(r);
-        this.rings.forEach((_, i) => (this.rings[i] = freshRing<F>()));
-        this.device.hostReset();
-        this.features = 0n;
-        this.featuresSet = false;
-        this.status = 0;
+        const reset = (): void => {
+          for (let i = 0; i < this.rings.length; i++) this.stopRing(i);
+          for (const r of this.rings) this.closeRingFds(r);
+          this.rings.forEach((_, i) => (this.rings[i] = freshRing<F>()));
+          this.device.hostReset();
+          this.features = 0n;
+          this.featuresSet = false;
+          this.status = 0;
+        };
+        // A read finishing after the reset would write into buffers the driver may already reuse.
+        if (this.afterDrain(this.ringIndices(), () => (reset(), this.ackLater(h)))) return { deferred: true, keptFds: false };
+        reset();
         return done;
+      }
       case Req.GET_QUEUE_NUM:
         this.requirePF(h, PF.MQ);
         return { reply: encodeU64(this.device.numQueues), keptFds: false };
@@ -319,23 +369,12 @@ export class VhostUserBackend<F> {
           const num = state === null ? ring.base : encodeRingBase(state);
           return encodeVringState({ index: s.index, num });
         };
-        if (!ring.started || this.device.queueOutstanding(s.index) === 0) return { reply: stop(), keptFds: false };
-        // Requests are still in the storage's hands. The front end expects a stopped ring to be
+        // Requests may still be in the storage's hands. The front end expects a stopped ring to be
         // drained (vhost-user.rst, "Ring states"; QEMU's vhost_virtqueue_stop): take no more
         // buffers, let those in flight complete into the used ring, then stop and reply.
-        ring.watch?.stop();
-        ring.watch = null;
-        this.scheduler.stopped(s.index);
-        this.deferred = true;
-        this.log(
-          `vhost-user: ring ${s.index}: waiting for ${this.device.queueOutstanding(s.index)} request(s) in flight before stopping it`,
-        );
-        this.device.drainQueue(s.index, () => {
-          this.deferred = false;
-          const out = [{ bytes: encodeMessage(h.request, FLAG_REPLY, stop()), fds: [] as F[] }];
-          this.onDeferredReply?.(out);
-        });
-        return { deferred: true, keptFds: false };
+        const reply = (): OutMessage<F>[] => [{ bytes: encodeMessage(h.request, FLAG_REPLY, stop()), fds: [] }];
+        if (this.afterDrain([s.index], reply)) return { deferred: true, keptFds: false };
+        return { reply: stop(), keptFds: false };
       }
       case Req.SET_VRING_KICK:
       case Req.SET_VRING_CALL:
