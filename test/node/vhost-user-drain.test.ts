@@ -68,23 +68,53 @@ function submitWrites(ram: GuestRam, ring: Ring, kick: ReturnType<typeof eventfd
   return statuses;
 }
 
+interface Held {
+  port: HeldWrites;
+  device: BlkDevice;
+  server: VhostUserServer;
+  path: string;
+  logs: string[];
+  c: RawFrontend;
+  ram: GuestRam;
+  ring: Ring;
+  /** The status bytes of the three writes, which are in the storage's hands. */
+  statuses: number[];
+}
+
+/**
+ * A back end on writes that wait for the test, a front end with one running
+ * ring, and three writes submitted and held in flight; everything is released
+ * after `body`.
+ */
+async function withHeldWrites(name: string, extraPF: bigint, body: (h: Held) => Promise<void>): Promise<void> {
+  const port = new HeldWrites();
+  const device = new BlkDevice({ port });
+  const path = join(dir, `${name}.sock`);
+  const logs: string[] = [];
+  const server = new VhostUserServer(path, device, { log: (l) => logs.push(l) });
+  const c = new RawFrontend(path);
+  const ram = new GuestRam(1 << 20);
+  const kick = eventfd(0, { nonblock: true });
+  const call = eventfd(0, { nonblock: true });
+  try {
+    await c.handshake(extraPF);
+    const ring = await startRing(c, ram, { size: 16, kick, call });
+    const statuses = submitWrites(ram, ring, kick);
+    for (let i = 0; i < 500 && port.held.length < 3; i++) await tick();
+    assert.equal(port.held.length, 3, "all three writes reached the storage");
+    await body({ port, device, server, path, logs, c, ram, ring, statuses });
+  } finally {
+    c.close();
+    kick.close();
+    call.close();
+    ram.close();
+    server.close();
+  }
+}
+
 for (const order of ["in order", "out of order"] as const) {
   test(`GET_VRING_BASE answers only after the requests in flight completed into the used ring (${order})`, async () => {
-    const port = new HeldWrites();
-    const path = join(dir, `drain-${order.replace(/ /g, "")}.sock`);
-    const logs: string[] = [];
-    const server = new VhostUserServer(path, new BlkDevice({ port }), { log: (l) => logs.push(l) });
-    const c = new RawFrontend(path);
-    const ram = new GuestRam(1 << 20);
-    const kick = eventfd(0, { nonblock: true });
-    const call = eventfd(0, { nonblock: true });
-    try {
-      await c.handshake();
-      const ring = await startRing(c, ram, { size: 16, kick, call });
-      const statuses = submitWrites(ram, ring, kick);
-      for (let i = 0; i < 500 && port.held.length < 3; i++) await tick();
-      assert.equal(port.held.length, 3, "all three writes reached the storage");
-
+    await withHeldWrites(`drain-${order.replace(/ /g, "")}`, 0n, async ({ port, logs, c, ram, ring, statuses }) => {
       c.send(Req.GET_VRING_BASE, encodeVringState({ index: 0, num: 0 }));
       c.send(Req.GET_FEATURES); // must not be answered before GET_VRING_BASE
       await assert.rejects(c.reply(150), /no reply/, "no answer while writes are in flight");
@@ -111,30 +141,12 @@ for (const order of ["in order", "out of order"] as const) {
       const back = new Uint8Array(512);
       port.inner.read(2 * 512, back);
       assert.ok(back.every((b) => b === 0x42));
-    } finally {
-      c.close();
-      kick.close();
-      call.close();
-      ram.close();
-      server.close();
-    }
+    });
   });
 }
 
 test("a front end that disconnects while GET_VRING_BASE waits leaves nothing behind, and the next one is served", async () => {
-  const port = new HeldWrites();
-  const path = join(dir, "drain-gone.sock");
-  const device = new BlkDevice({ port });
-  const server = new VhostUserServer(path, device, {});
-  const ram = new GuestRam(1 << 20);
-  const kick = eventfd(0, { nonblock: true });
-  const call = eventfd(0, { nonblock: true });
-  try {
-    const c = new RawFrontend(path);
-    await c.handshake();
-    const ring = await startRing(c, ram, { size: 16, kick, call });
-    submitWrites(ram, ring, kick);
-    for (let i = 0; i < 500 && port.held.length < 3; i++) await tick();
+  await withHeldWrites("drain-gone", 0n, async ({ port, server, path, c }) => {
     c.send(Req.GET_VRING_BASE, encodeVringState({ index: 0, num: 0 }));
     await tick();
     c.close();
@@ -149,29 +161,11 @@ test("a front end that disconnects while GET_VRING_BASE waits leaves nothing beh
     } finally {
       d.close();
     }
-  } finally {
-    kick.close();
-    call.close();
-    ram.close();
-    server.close();
-  }
+  });
 });
 
 test("RESET_DEVICE waits for the requests in flight before it resets and acks (no read lands in a reset guest's memory)", async () => {
-  const port = new HeldWrites();
-  const path = join(dir, "drain-reset.sock");
-  const device = new BlkDevice({ port });
-  const server = new VhostUserServer(path, device, {});
-  const c = new RawFrontend(path);
-  const ram = new GuestRam(1 << 20);
-  const kick = eventfd(0, { nonblock: true });
-  const call = eventfd(0, { nonblock: true });
-  try {
-    await c.handshake(bit(PF.RESET_DEVICE));
-    const ring = await startRing(c, ram, { size: 16, kick, call });
-    const statuses = submitWrites(ram, ring, kick);
-    for (let i = 0; i < 500 && port.held.length < 3; i++) await tick();
-    assert.equal(port.held.length, 3);
+  await withHeldWrites("drain-reset", bit(PF.RESET_DEVICE), async ({ port, device, c, ram, statuses }) => {
     const acked = c.ack(Req.RESET_DEVICE);
     const early = await Promise.race([acked.then(() => "acked"), new Promise((r) => setTimeout(() => r("waiting"), 150))]);
     assert.equal(early, "waiting", "no ack while requests are in flight");
@@ -180,11 +174,5 @@ test("RESET_DEVICE waits for the requests in flight before it resets and acks (n
     assert.equal(await acked, 0, "acked once they completed");
     for (const st of statuses) assert.equal(ram.mem.readU8(st), 0, "each request completed (status OK) before the reset");
     assert.equal(device.queueState(0), null, "then the device was reset");
-  } finally {
-    c.close();
-    kick.close();
-    call.close();
-    ram.close();
-    server.close();
-  }
+  });
 });
