@@ -9,12 +9,11 @@ import {
   VIRTQ_USED_F_NO_NOTIFY,
   encodeNotificationData,
   needEvent,
-  validateQueueState,
   type NotificationMode,
   type QueueState,
   type RingFeatures,
 } from "../queue/index.js";
-import { ringViews } from "../queue/state.js";
+import { SplitRing } from "../queue/split-ring.js";
 import { hi32, wrapIndex, type AddOptions, type DriverQueue, type Segment } from "./driver-queue.js";
 
 /**
@@ -24,20 +23,7 @@ import { hi32, wrapIndex, type AddOptions, type DriverQueue, type Segment } from
  * the table, which the device could scribble on). FIFO order means that with
  * IN_ORDER the driver naturally uses descriptors in ring order (§2.7.5).
  */
-export class SplitDriverQueue<T = unknown> implements DriverQueue<T> {
-  readonly layout = "split" as const;
-  readonly size: number;
-  private readonly mask: number;
-  private readonly mem: GuestMemory;
-  private readonly features: RingFeatures;
-  private readonly desc32: Uint32Array;
-  private readonly descBase: number;
-  private readonly avail16: Uint16Array;
-  private readonly availBase: number;
-  private readonly used16: Uint16Array;
-  private readonly usedBase16: number;
-  private readonly used32: Uint32Array;
-  private readonly usedRing32: number;
+export class SplitDriverQueue<T = unknown> extends SplitRing implements DriverQueue<T> {
   private readonly nextFree: Uint16Array;
   private freeHead = 0;
   private freeTail: number;
@@ -59,21 +45,7 @@ export class SplitDriverQueue<T = unknown> implements DriverQueue<T> {
   private mode: NotificationMode["mode"] = "enable";
 
   constructor(mem: GuestMemory, state: QueueState, features: RingFeatures) {
-    validateQueueState(state);
-    if (state.layout !== "split") throw new IovirtUsageError("WRONG_LAYOUT", "SplitDriverQueue needs a split layout");
-    const { desc, driver, device } = ringViews(mem, state, features.eventIdx);
-    this.mem = mem;
-    this.features = features;
-    this.size = state.size;
-    this.mask = state.size - 1;
-    this.desc32 = desc.u32;
-    this.descBase = desc.base32;
-    this.avail16 = driver.u16;
-    this.availBase = driver.base16;
-    this.used16 = device.u16;
-    this.usedBase16 = device.base16;
-    this.used32 = device.u32;
-    this.usedRing32 = device.base32 + 1; // used.ring[0] follows flags and idx
+    super(mem, state, features, "SplitDriverQueue");
     const n = state.size;
     this.nextFree = new Uint16Array(n);
     for (let i = 0; i < n; i++) this.nextFree[i] = (i + 1) % n;

@@ -12,7 +12,8 @@ import {
 } from "./constants.js";
 import { QueueError } from "./errors.js";
 import { indirectTable } from "./indirect.js";
-import { ringViews, validateQueueState, type QueueState, type RingFeatures } from "./state.js";
+import { SplitRing } from "./split-ring.js";
+import type { QueueState, RingFeatures } from "./state.js";
 import type { DeviceQueue } from "./device-queue.js";
 
 /**
@@ -23,22 +24,9 @@ import type { DeviceQueue } from "./device-queue.js";
  * typed arrays directly (docs/architecture.md, principle 1: a validated view). Every
  * value read from the rings is still treated as hostile.
  */
-export class SplitQueue implements DeviceQueue {
-  readonly layout = "split" as const;
-  readonly size: number;
-  private readonly mask: number;
-  private readonly mem: GuestMemory;
-  private readonly features: RingFeatures;
+export class SplitQueue extends SplitRing implements DeviceQueue {
   private readonly state0: QueueState;
   // desc table as u32 words: [addr_lo, addr_hi, len, flags | next << 16]
-  private readonly desc32: Uint32Array;
-  private readonly descBase: number;
-  private readonly avail16: Uint16Array;
-  private readonly availBase: number; // u16 index of avail.flags
-  private readonly used16: Uint16Array;
-  private readonly usedBase16: number; // u16 index of used.flags
-  private readonly used32: Uint32Array;
-  private readonly usedRing32: number; // u32 index of used.ring[0]
   private nextAvail: number;
   private nextUsed: number;
   private shadowAvail: number;
@@ -48,22 +36,8 @@ export class SplitQueue implements DeviceQueue {
   private isBroken = false;
 
   constructor(mem: GuestMemory, state: QueueState, features: RingFeatures) {
-    validateQueueState(state);
-    if (state.layout !== "split") throw new IovirtUsageError("WRONG_LAYOUT", "SplitQueue needs a split layout state");
-    const { desc, driver, device } = ringViews(mem, state, features.eventIdx);
-    this.mem = mem;
-    this.features = features;
+    super(mem, state, features, "SplitQueue");
     this.state0 = { ...state };
-    this.size = state.size;
-    this.mask = state.size - 1;
-    this.desc32 = desc.u32;
-    this.descBase = desc.base32;
-    this.avail16 = driver.u16;
-    this.availBase = driver.base16;
-    this.used16 = device.u16;
-    this.usedBase16 = device.base16;
-    this.used32 = device.u32;
-    this.usedRing32 = device.base32 + 1; // used.ring[0] follows flags and idx
     this.nextAvail = state.nextAvail;
     this.nextUsed = state.nextUsed;
     this.shadowAvail = state.nextAvail;
