@@ -175,6 +175,10 @@ function parse(args: string[]): BlkArgs | "help" {
     }
   }
   if (o.poll && o.socket === undefined) throw new UsageError("--poll needs --socket");
+  // NBD replies arrive on a socket the event loop reads, which the polling worker runs only between
+  // 1 ms slices: every request would wait for one.
+  if (o.poll && o.nbd !== undefined)
+    throw new UsageError("--poll does not suit --nbd (NBD replies come through the event loop); leave --poll out");
   if (o.image !== undefined && !existsSync(o.image))
     throw new UsageError(`image ${o.image} does not exist (create one with: truncate -s 1G ${o.image})`);
   if (cacheGiven !== null && o.image === undefined) throw new UsageError("--cache and --direct apply to --image only");

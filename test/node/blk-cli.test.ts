@@ -137,3 +137,11 @@ test("iovirt blk --nbd serves an NBD export (qemu-nbd here) and names what the s
   assert.equal(url.status, 2);
   assert.match(url.stderr, /--nbd: .*socket/);
 });
+
+test("iovirt blk refuses --poll with --nbd, saying why", () => {
+  const r = spawnSync(process.execPath, [cli, "blk", "--socket", join(dir, "never.sock"), "--nbd", "nbd://127.0.0.1/", "--poll"], {
+    encoding: "utf8",
+  });
+  assert.equal(r.status, 2);
+  assert.match(r.stderr, /--poll does not suit --nbd/);
+});
