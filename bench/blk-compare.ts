@@ -54,8 +54,9 @@ Workloads: 4 KiB randread at queue depth 1 and 32, 4 KiB randwrite at 32, 128 Ki
 sequential read and write at 8 (cached, direct); 4 KiB randread and randwrite at 32 (nbd).
 One queue, split ring. Each measurement starts a fresh back end; the order of the three back
 ends reverses from one measurement to the next, so slow drift on a shared machine cancels.
-The image holds a pattern in which each 512-byte sector names itself; every read is checked
-and writes write what the sector holds, so any wrong data fails the bench.
+The image holds a pattern in which each 512-byte sector names itself; every read is checked.
+Writes carry the pattern under a seed of their own, and afterwards every block a write was
+acknowledged for is checked on the image file (then restored), so lost writes fail the bench too.
 `;
 
 type CaseName = "cached" | "direct" | "nbd";
@@ -389,21 +390,71 @@ async function measure(c: CaseName, w: Workload, server: ServerName, ctx: Ctx): 
   const { cmd, args } = launch(server, c, ctx.target, sock);
   const what = server === "iovirt" ? "iovirt blk" : `qemu-storage-daemon (${LABEL[server]})`;
   const s = await start(what, cmd, args, sock);
+  const writes = w.rw === "randwrite" || w.rw === "write";
+  // Writes carry a pattern of their own seed, so the image shows afterwards whether they really landed.
+  const fresh = writes ? new SectorPattern((ctx.pattern.seed + 1 + Math.floor(Math.random() * 0xffff)) >>> 0) : undefined;
+  let written: Uint8Array | undefined;
+  let iops: number;
+  const name = `${LABEL[server]}, ${c} ${w.rw} ${w.bs / KIB}k iodepth ${w.iodepth}`;
   try {
-    const r = await runBlkLoad({ socket: sock, rw: w.rw, bs: w.bs, iodepth: w.iodepth, seconds: ctx.seconds, pattern: ctx.pattern });
-    const name = `${LABEL[server]}, ${c} ${w.rw} ${w.bs / KIB}k iodepth ${w.iodepth}`;
+    const r = await runBlkLoad({
+      socket: sock,
+      rw: w.rw,
+      bs: w.bs,
+      iodepth: w.iodepth,
+      seconds: ctx.seconds,
+      pattern: ctx.pattern,
+      ...(fresh !== undefined ? { writePattern: fresh } : {}),
+    });
+    written = r.written;
     if (r.mismatches > 0)
       throw new Error(
         `WRONG DATA from ${name}: ${r.mismatches} sectors read do not hold the image's pattern; first: ${r.firstMismatch ?? "?"}`,
       );
     if (r.errors > 0) throw new Error(`${r.errors} I/O errors from ${name}\n${s.stderr().trim()}`);
-    return r.iops;
+    iops = r.iops;
   } finally {
     const t = Date.now();
     await stopChild(s.child, STOP_GRACE_MS);
     if (Date.now() - t >= STOP_GRACE_MS) ctx.notes.add(`${what} did not exit within ${STOP_GRACE_MS} ms of SIGTERM and was killed`);
-    if (w.rw === "randwrite" || w.rw === "write") syncImage(ctx.target.image);
+    if (writes) syncImage(ctx.target.image);
   }
+  if (fresh !== undefined) {
+    if (written === undefined) throw new Error(`${name}: the load did not report which blocks it wrote`);
+    checkAndRestoreWrites(ctx, fresh, written, w.bs, name);
+  }
+  return iops;
+}
+
+/**
+ * Every block a write completed on must hold that write's pattern on the
+ * image (a back end that acknowledges writes it never made fails here);
+ * then those blocks get the image's own pattern back, for the reads after.
+ */
+function checkAndRestoreWrites(ctx: Ctx, fresh: SectorPattern, written: Uint8Array, bs: number, name: string): void {
+  const buf = new Uint8Array(bs);
+  const per = bs / SECTOR_BYTES;
+  const fd = openSync(ctx.target.image, "r+");
+  let bad = 0;
+  let first: string | null = null;
+  try {
+    for (let b = 0; b < written.length; b++) {
+      if (written[b] === 0) continue;
+      readSync(fd, buf, 0, bs, b * bs);
+      const wrong = fresh.checkFull(buf, b * per);
+      if (wrong > 0) {
+        bad += wrong;
+        first ??= fresh.describe(buf, b * per);
+      }
+      ctx.pattern.fill(buf, b * per);
+      writeSync(fd, buf, 0, bs, b * bs);
+    }
+    fdatasyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  if (bad > 0)
+    throw new Error(`WRITES LOST by ${name}: ${bad} sectors acknowledged as written do not hold what was written; first: ${first ?? "?"}`);
 }
 
 /** Starts and stops iovirt blk once: an option it does not know skips the case before any measurement. */

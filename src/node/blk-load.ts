@@ -31,6 +31,11 @@ export interface BlkLoadOptions {
    * so the disk keeps holding it. Without one, reads are not checked.
    */
   pattern?: SectorPattern;
+  /**
+   * Writes carry this pattern instead of `pattern`, so what they put on the
+   * disk can be told from what was there (see `written`).
+   */
+  writePattern?: SectorPattern;
 }
 
 export interface BlkLoadResult {
@@ -43,6 +48,8 @@ export interface BlkLoadResult {
   mismatches: number;
   /** What the first of them held instead. */
   firstMismatch?: string;
+  /** With `writePattern`: per block of `bs` bytes, 1 where a write completed OK (the block holds writePattern). */
+  written?: Uint8Array;
   seconds: number;
   iops: number;
   mbPerSecond: number;
@@ -86,7 +93,9 @@ export async function runBlkLoad(o: BlkLoadOptions): Promise<BlkLoadResult> {
     const data = new Float64Array(o.iodepth);
     /** Each slot's data buffer, validated once (DESIGN.md principle 1), for the pattern's checks. */
     const views: Uint8Array[] = [];
-    const pattern = o.pattern;
+    const pattern = write ? (o.writePattern ?? o.pattern) : o.pattern;
+    const written = write && o.writePattern !== undefined ? new Uint8Array(blocks) : undefined;
+    const blockOf = new Float64Array(o.iodepth);
     for (let s = 0; s < o.iodepth; s++) {
       hdr[s] = fe.dma.alloc(32, 16);
       data[s] = fe.dma.alloc(o.bs, 4096);
@@ -114,6 +123,7 @@ export async function runBlkLoad(o: BlkLoadOptions): Promise<BlkLoadResult> {
         block = (rng >>> 0) % blocks;
       } else block = seq++ % blocks;
       const sector = block * sectorsPerBlock;
+      blockOf[s] = block;
       if (pattern !== undefined) {
         // A write carries what its sectors should hold; a read buffer loses
         // its old contents, so a request completed without data cannot pass.
@@ -147,6 +157,7 @@ export async function runBlkLoad(o: BlkLoadOptions): Promise<BlkLoadResult> {
       inflight--;
       latencies.push(performance.now() - started[s]!);
       if (mem.readU8(hdr[s]! + BLK_REQ_HEADER) !== VIRTIO_BLK_S_OK) errors++;
+      else if (written !== undefined) written[blockOf[s]!] = 1;
       else if (pattern !== undefined && !write) {
         const bad = pattern.check(views[s]!, sectorOf[s]!);
         if (bad > 0) {
@@ -184,6 +195,7 @@ export async function runBlkLoad(o: BlkLoadOptions): Promise<BlkLoadResult> {
       ios,
       errors,
       mismatches,
+      ...(written !== undefined ? { written } : {}),
       ...(firstMismatch !== null ? { firstMismatch } : {}),
       seconds: elapsed,
       iops: Math.round(ios / elapsed),
