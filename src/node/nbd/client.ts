@@ -3,7 +3,7 @@ import { connect as netConnect, type Socket } from "node:net";
 import { IovirtUsageError } from "../../core/errors.js";
 import { Coverage } from "./coverage.js";
 import { NbdError, errnoCode } from "./errors.js";
-import { negotiate, type NbdExportInfo } from "./handshake.js";
+import { negotiate, serverText, type NbdExportInfo } from "./handshake.js";
 import {
   NBD_CMD_DISC,
   NBD_CMD_FLUSH,
@@ -29,6 +29,7 @@ import {
   commandName,
   encodeRequest,
   readU64,
+  U32,
 } from "./protocol.js";
 import { SocketReader } from "./reader.js";
 import { formatNbdAddress, type NbdAddress } from "./url.js";
@@ -50,13 +51,13 @@ const NBD_ESHUTDOWN = 108;
 const MAX_ERROR_CHUNK = 8192;
 /** Request headers are carved from slabs of this size: no allocation per request beyond a view. */
 const ARENA_BYTES = REQUEST_BYTES * 256;
-const U32 = 0x1_0000_0000;
 
 type Shutdown = "client" | "server";
 /** One buffer, or a request's buffers in order (readv/writev). */
 type Buffers = Uint8Array | readonly Uint8Array[];
 
-function totalLength(bufs: readonly Uint8Array[]): number {
+/** Bytes in a request's buffers. */
+export function totalLength(bufs: readonly Uint8Array[]): number {
   let n = 0;
   for (const b of bufs) n += b.length;
   return n;
@@ -554,7 +555,7 @@ export class NbdClient {
         return this.violation(`error offset ${off} outside ${p.describe()}`);
       at = ` at ${off}`;
     }
-    const text = new TextDecoder().decode(b.subarray(6, 6 + msgLen)).replace(/[\u0000-\u001f\u007f]/g, "?"); // eslint-disable-line no-control-regex
+    const text = serverText(b.subarray(6, 6 + msgLen));
     p.error ??= this.serverError(p, errno, `${at}${text === "" ? "" : `: ${text}`}`);
     this.chunkDone();
   }

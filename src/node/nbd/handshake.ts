@@ -99,7 +99,7 @@ function protocol(message: string): NbdError {
 }
 
 /** A server string for a message: valid UTF-8 or not, without control characters, not too long. */
-function serverText(data: Uint8Array): string {
+export function serverText(data: Uint8Array): string {
   const s = new TextDecoder("utf-8", { fatal: false }).decode(data.subarray(0, 512));
   // eslint-disable-next-line no-control-regex
   return s.replace(/[\u0000-\u001f\u007f]/g, "?");

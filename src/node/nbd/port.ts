@@ -1,5 +1,5 @@
 import type { BlockPort } from "../../core/virtio/devices/blk/port.js";
-import { NbdClient, type NbdClientOptions } from "./client.js";
+import { NbdClient, totalLength, type NbdClientOptions } from "./client.js";
 import { NbdError } from "./errors.js";
 import type { NbdExportInfo } from "./handshake.js";
 import { NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES } from "./protocol.js";
@@ -144,7 +144,7 @@ export class NbdBlockPort implements BlockPort {
    * read on its own, with splitting and alignment as in read().
    */
   readv(offset: number, dsts: Uint8Array[]): Promise<void> {
-    const total = sum(dsts);
+    const total = totalLength(dsts);
     const bad = this.check("read", offset, total);
     if (bad !== null) return Promise.reject(bad);
     if (this.oneRequest(offset, total)) return this.client.readv(offset, dsts);
@@ -153,7 +153,7 @@ export class NbdBlockPort implements BlockPort {
 
   /** The write side of readv(). */
   writev(offset: number, srcs: Uint8Array[]): Promise<void> {
-    const total = sum(srcs);
+    const total = totalLength(srcs);
     const bad = this.check("write", offset, total) ?? this.writable();
     if (bad !== null) return Promise.reject(bad);
     if (this.oneRequest(offset, total)) return this.client.writev(offset, srcs);
@@ -303,10 +303,4 @@ export class NbdBlockPort implements BlockPort {
       (block, from, n) => this.modify(block, from, n, null),
     );
   }
-}
-
-function sum(bufs: readonly Uint8Array[]): number {
-  let n = 0;
-  for (const b of bufs) n += b.length;
-  return n;
 }

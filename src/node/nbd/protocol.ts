@@ -3,6 +3,7 @@
  * Everything on the wire is big-endian; 64-bit fields travel as two u32
  * halves so no BigInt is needed on the hot path (DESIGN.md, principle 8).
  */
+import { combineU64 } from "../../core/memory/guest-memory.js";
 
 /** "NBDMAGIC", the first 8 bytes from every server. */
 export const NBDMAGIC_HI = 0x4e42444d;
@@ -28,16 +29,10 @@ export const NBD_FLAG_NO_ZEROES = 1 << 1;
 export const NBD_FLAG_C_FIXED_NEWSTYLE = 1 << 0;
 export const NBD_FLAG_C_NO_ZEROES = 1 << 1;
 
-/** Transmission flags (16 bits, per export). */
-export const NBD_FLAG_HAS_FLAGS = 1 << 0;
 export const NBD_FLAG_READ_ONLY = 1 << 1;
 export const NBD_FLAG_SEND_FLUSH = 1 << 2;
-export const NBD_FLAG_SEND_FUA = 1 << 3;
-export const NBD_FLAG_ROTATIONAL = 1 << 4;
 export const NBD_FLAG_SEND_TRIM = 1 << 5;
 export const NBD_FLAG_SEND_WRITE_ZEROES = 1 << 6;
-export const NBD_FLAG_SEND_DF = 1 << 7;
-export const NBD_FLAG_CAN_MULTI_CONN = 1 << 8;
 
 export const NBD_OPT_EXPORT_NAME = 1;
 export const NBD_OPT_ABORT = 2;
@@ -74,10 +69,8 @@ export const NBD_REPLY_FLAG_DONE = 1 << 0;
 export const NBD_REPLY_TYPE_NONE = 0;
 export const NBD_REPLY_TYPE_OFFSET_DATA = 1;
 export const NBD_REPLY_TYPE_OFFSET_HOLE = 2;
-export const NBD_REPLY_TYPE_BLOCK_STATUS = 5;
 /** Error chunk types have bit 15 set. */
 export const NBD_REPLY_TYPE_ERROR_BIT = 1 << 15;
-export const NBD_REPLY_TYPE_ERROR = NBD_REPLY_TYPE_ERROR_BIT + 1;
 export const NBD_REPLY_TYPE_ERROR_OFFSET = NBD_REPLY_TYPE_ERROR_BIT + 2;
 
 /** Sizes of the fixed parts. */
@@ -100,7 +93,8 @@ export const DEFAULT_MAX_PAYLOAD = 1 << 25;
 /** The largest minimum block size the spec allows (2^16). */
 export const MAX_MIN_BLOCK_SIZE = 1 << 16;
 
-const U32 = 0x1_0000_0000;
+/** 2^32: the high half of a 64-bit wire field. */
+export const U32 = 0x1_0000_0000;
 
 /**
  * Writes a transmission request header (proto.md, "Request message") at
@@ -154,9 +148,7 @@ export function encodeGo(exportName: Uint8Array, infos: readonly number[]): Uint
  * more (never a valid offset or size here).
  */
 export function readU64(view: DataView, at: number): number {
-  const hi = view.getUint32(at);
-  const lo = view.getUint32(at + 4);
-  return hi >= 0x200000 ? -1 : hi * U32 + lo;
+  return combineU64(view.getUint32(at + 4), view.getUint32(at));
 }
 
 /** Names for messages and logs. */
