@@ -24,6 +24,16 @@ export interface DeviceQueue {
   popInto(chain: DescriptorChain): boolean;
   /** Allocating convenience form of popInto. */
   pop(): DescriptorChain | null;
+  /**
+   * Makes the last `buffers` popped buffers available again, unused; `descs`
+   * is the sum of their chains' descCount (the ring slots they took, packed).
+   * For a device that needs several buffers for one request and finds too
+   * few (virtio-net with MRG_RXBUF, virtio 1.2 §5.1.6.4): it gives them back
+   * and waits for more, as if it had never looked. Only buffers popped since
+   * the last pushUsed may be given back. Absent where a pop cannot be undone
+   * (a TrackedQueue: the in-flight record already holds them).
+   */
+  unpop?(buffers: number, descs: number): void;
   /** Returns a buffer: `id` is chain.head, `len` the bytes written, `descCount` chain.descCount (packed). */
   pushUsed(id: number, len: number, descCount?: number): void;
   /** IN_ORDER only: one used entry for a batch ending with buffer `lastId`. */

@@ -130,6 +130,16 @@ export class PackedQueue implements DeviceQueue {
     return true;
   }
 
+  unpop(_buffers: number, descs: number): void {
+    if (!(Number.isInteger(descs) && descs >= 0 && descs <= this.size)) throw new RangeError(`unpop of ${descs} descriptors`);
+    // Available descriptors stay as the driver wrote them until the device marks them used (§2.8.7).
+    this.nextAvail -= descs;
+    if (this.nextAvail < 0) {
+      this.nextAvail += this.size;
+      this.availWrap = !this.availWrap;
+    }
+  }
+
   /**
    * The ring descriptors, as the driver wrote them, of the buffer popped
    * last: `count` (its chain's descCount) slots from where it began. vhost-user

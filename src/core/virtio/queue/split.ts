@@ -88,6 +88,12 @@ export class SplitQueue extends SplitRing implements DeviceQueue {
     return true;
   }
 
+  unpop(buffers: number, _descs: number): void {
+    if (!(Number.isInteger(buffers) && buffers >= 0 && buffers <= this.size)) throw new RangeError(`unpop of ${buffers} buffers`);
+    // The avail ring entries are unchanged (the driver may not touch them before they are used, §2.7.13).
+    this.nextAvail = (this.nextAvail - buffers) & 0xffff;
+  }
+
   /** Puts the chain whose head is `id` into the used ring; visible to the driver after publishUsed(). */
   pushUsed(id: number, len: number): void {
     if (!(id >= 0 && id < this.size)) throw new RangeError(`used id ${id} out of range [0, ${this.size})`);
