@@ -323,10 +323,15 @@ export abstract class VirtioDevice {
     this.outstanding[index]!++;
   }
 
-  /** Call after changing config space: bumps the generation and notifies (§2.5.1). */
-  protected configChanged(): void {
+  /**
+   * Call after changing config space: bumps the generation (§2.5.1) and,
+   * unless `notify` is false, sends a configuration change notification
+   * (§2.5). A change the driver asked for itself (virtio-net's
+   * VIRTIO_NET_CTRL_MAC_ADDR_SET) needs the new generation but no notification.
+   */
+  protected configChanged(notify = true): void {
     this.generation = (this.generation + 1) >>> 0;
-    this.events.configChange?.();
+    if (notify) this.events.configChange?.();
   }
 
   /** Marks the device DEVICE_NEEDS_RESET (§2.1.2) for an unrecoverable guest error on one queue. */
@@ -478,6 +483,39 @@ export abstract class VirtioDevice {
     this.status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
     return null;
   }
+
+  /**
+   * Host side, vhost-user: what GET_QUEUE_NUM reports. Queues, except for
+   * devices whose front ends count something else (virtio-net: queue pairs,
+   * which is what QEMU's net/vhost-user.c and DPDK compare it with).
+   */
+  get hostQueueNum(): number {
+    return this.numQueues;
+  }
+
+  /**
+   * Host side, vhost-user: ring `i` was enabled or disabled (SET_VRING_ENABLE,
+   * or all rings at once on SET_FEATURES without PROTOCOL_FEATURES). The back
+   * end does not serve a disabled ring; a device that takes work from
+   * elsewhere (virtio-net receiving from its port) must also not put any in
+   * it ("Ring states": a disabled receive ring gets no new packets).
+   * Transports never call this: their queues count as enabled.
+   */
+  hostQueueEnabled(_i: number, _enabled: boolean): void {}
+
+  /**
+   * Host side, vhost-user SEND_RARP (protocol feature RARP): announce `mac`
+   * on the network after a migration, for a guest that cannot do it itself.
+   * Devices that can, define it; the back end offers the feature only then.
+   */
+  hostSendRarp?(mac: Uint8Array): void;
+
+  /**
+   * Host side, vhost-user NET_SET_MTU (protocol feature MTU): the MTU the
+   * front end shows the guest. Returns a reason to refuse it. Devices that
+   * can, define it; the back end offers the feature only then.
+   */
+  hostSetMtu?(mtu: number): string | null;
 
   /** Host side: full reset (vhost-user RESET_DEVICE, reconnect). */
   hostReset(): void {
