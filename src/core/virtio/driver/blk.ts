@@ -58,7 +58,9 @@ interface Request {
   resolve: (r: { status: number; len: number }) => void;
 }
 
-export interface BlkDriverOptions extends Partial<Pick<DriverInitOptions, "preferPacked" | "queueSize" | "queues">> {
+export interface BlkDriverOptions extends Partial<Pick<DriverInitOptions, "preferPacked" | "queueSize">> {
+  /** Request queues to set up with VIRTIO_BLK_F_MQ (default 1), at most num_queues. */
+  queues?: number;
   /** Feature bits to leave out of the negotiation (e.g. EVENT_IDX, to test both paths). */
   without?: bigint;
   /** Put multi-segment requests into indirect tables when negotiated (default true). */

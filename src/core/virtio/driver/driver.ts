@@ -27,12 +27,22 @@ import type { DriverTransport } from "./transport.js";
 export interface DriverInitOptions {
   /** Feature bits the driver understands; negotiated = offered & wanted. VERSION_1 is always wanted. */
   wanted: bigint;
+  /**
+   * Device-specific rules applied to offered & wanted before it is written
+   * (§2.2.1: a driver does not accept a feature whose requirement it does
+   * not accept).
+   */
+  adjust?: (accepted: bigint) => bigint;
   /** Bits without which the driver gives up (sets FAILED). */
   required?: bigint;
   /** Prefer the packed layout when the device offers it (default true). */
   preferPacked?: boolean;
-  /** Number of queues to set up (default: all the device offers). */
-  queues?: number;
+  /**
+   * Number of queues to set up (default: all the device offers), or a
+   * function of the negotiated features that says it (virtio-net: the
+   * control queue's index depends on VIRTIO_NET_F_MQ, §5.1.2).
+   */
+  queues?: number | ((negotiated: bigint) => number);
   /** Queue size cap (default 256); the device maximum is honoured. Split sizes are rounded down to a power of 2. */
   queueSize?: number;
   /** Device-specific setup between FEATURES_OK and DRIVER_OK (§3.1.1 step 7), e.g. reading config. */
@@ -86,6 +96,7 @@ export class VirtioDriver {
     const wanted = opts.wanted | bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_ACCESS_PLATFORM);
     let accept = offered & wanted;
     if (opts.preferPacked === false) accept &= ~bit(VIRTIO_F_RING_PACKED);
+    if (opts.adjust !== undefined) accept = opts.adjust(accept) & offered & wanted;
     const required = (opts.required ?? 0n) | bit(VIRTIO_F_VERSION_1);
     if ((accept & required) !== required) {
       t.setStatus(t.getStatus() | STATUS_FAILED);
@@ -103,7 +114,8 @@ export class VirtioDriver {
     this.layout = hasFeature(accept, VIRTIO_F_RING_PACKED) ? "packed" : "split";
     try {
       // Step 7: device-specific setup, including virtqueues.
-      const n = Math.min(opts.queues ?? t.numQueues(), t.numQueues());
+      const wantQueues = typeof opts.queues === "function" ? opts.queues(accept) : opts.queues;
+      const n = Math.min(wantQueues ?? t.numQueues(), t.numQueues());
       if (n < 1) throw new DriverInitError("NO_QUEUES", "device offers no queues");
       for (let i = 0; i < n; i++) this.setupQueue(i, opts.queueSize ?? 256);
       opts.setup?.(accept);
