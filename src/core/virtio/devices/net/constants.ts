@@ -2,9 +2,11 @@
 export const VIRTIO_ID_NET = 1;
 
 /**
- * Feature bits (§5.1.3). iovirt's device and driver implement only MTU, MAC
- * and STATUS; the rest are named so that offers can be described and so that
- * tests can show they are never negotiated.
+ * Feature bits (§5.1.3). NetDevice implements the checksum and TCP
+ * segmentation offloads both ways, MRG_RXBUF, the control queue with receive
+ * filtering, VLAN filtering, MAC address setting, announcements and
+ * multiqueue; UFO/USO, RSS, hash reports and the rest are named so that
+ * offers can be described.
  */
 export const VIRTIO_NET_F_CSUM = 0;
 export const VIRTIO_NET_F_GUEST_CSUM = 1;
@@ -24,6 +26,7 @@ export const VIRTIO_NET_F_STATUS = 16;
 export const VIRTIO_NET_F_CTRL_VQ = 17;
 export const VIRTIO_NET_F_CTRL_RX = 18;
 export const VIRTIO_NET_F_CTRL_VLAN = 19;
+export const VIRTIO_NET_F_CTRL_RX_EXTRA = 20;
 export const VIRTIO_NET_F_GUEST_ANNOUNCE = 21;
 export const VIRTIO_NET_F_MQ = 22;
 export const VIRTIO_NET_F_CTRL_MAC_ADDR = 23;
@@ -78,6 +81,52 @@ export const NET_MIN_RX_BUFFER = NET_HDR_SIZE + ETH_MAX_FRAME;
 /** Bytes of struct virtio_net_config up to and including mtu (§5.1.4). */
 export const NET_CONFIG_SIZE = 12;
 
+/**
+ * The largest packet with segmentation offload: "the maximum size of a TCP or
+ * UDP packet, plus the 14 byte ethernet header" (virtio 1.2 §5.1.6.3). Without
+ * MRG_RXBUF a driver that negotiated GUEST_TSO4/6 posts receive buffers of at
+ * least this plus the 12-byte header (§5.1.6.3.1).
+ */
+export const NET_MAX_GSO_PACKET = 65550;
+/** max_virtqueue_pairs bounds (§5.1.4.1) and VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN/MAX (§5.1.6.5.5). */
+export const NET_VQ_PAIRS_MIN = 1;
+export const NET_VQ_PAIRS_MAX = 0x8000;
+
+/** struct virtio_net_ctrl ack values (§5.1.6.5). */
+export const VIRTIO_NET_OK = 0;
+export const VIRTIO_NET_ERR = 1;
+/** Control classes and their commands (§5.1.6.5.1 - §5.1.6.5.6). */
+export const VIRTIO_NET_CTRL_RX = 0;
+export const VIRTIO_NET_CTRL_RX_PROMISC = 0;
+export const VIRTIO_NET_CTRL_RX_ALLMULTI = 1;
+export const VIRTIO_NET_CTRL_RX_ALLUNI = 2;
+export const VIRTIO_NET_CTRL_RX_NOMULTI = 3;
+export const VIRTIO_NET_CTRL_RX_NOUNI = 4;
+export const VIRTIO_NET_CTRL_RX_NOBCAST = 5;
+export const VIRTIO_NET_CTRL_MAC = 1;
+export const VIRTIO_NET_CTRL_MAC_TABLE_SET = 0;
+export const VIRTIO_NET_CTRL_MAC_ADDR_SET = 1;
+export const VIRTIO_NET_CTRL_VLAN = 2;
+export const VIRTIO_NET_CTRL_VLAN_ADD = 0;
+export const VIRTIO_NET_CTRL_VLAN_DEL = 1;
+export const VIRTIO_NET_CTRL_ANNOUNCE = 3;
+export const VIRTIO_NET_CTRL_ANNOUNCE_ACK = 0;
+export const VIRTIO_NET_CTRL_MQ = 4;
+export const VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET = 0;
+export const VIRTIO_NET_CTRL_MQ_RSS_CONFIG = 1;
+export const VIRTIO_NET_CTRL_MQ_HASH_CONFIG = 2;
+export const VIRTIO_NET_CTRL_GUEST_OFFLOADS = 5;
+/** VLAN ids are 12 bits (IEEE 802.1Q). */
+export const VLAN_VID_COUNT = 4096;
+/** EtherTypes the device looks at. */
+export const ETH_P_IP = 0x0800;
+export const ETH_P_IPV6 = 0x86dd;
+export const ETH_P_8021Q = 0x8100;
+export const ETH_P_8021AD = 0x88a8;
+export const ETH_P_RARP = 0x8035;
+/** Shortest Ethernet frame without FCS; shorter ones are padded. */
+export const ETH_ZLEN = 60;
+
 export const NET_FEATURE_NAMES: Readonly<Record<number, string>> = {
   [VIRTIO_NET_F_CSUM]: "NET_CSUM",
   [VIRTIO_NET_F_GUEST_CSUM]: "NET_GUEST_CSUM",
@@ -97,6 +146,7 @@ export const NET_FEATURE_NAMES: Readonly<Record<number, string>> = {
   [VIRTIO_NET_F_CTRL_VQ]: "NET_CTRL_VQ",
   [VIRTIO_NET_F_CTRL_RX]: "NET_CTRL_RX",
   [VIRTIO_NET_F_CTRL_VLAN]: "NET_CTRL_VLAN",
+  [VIRTIO_NET_F_CTRL_RX_EXTRA]: "NET_CTRL_RX_EXTRA",
   [VIRTIO_NET_F_GUEST_ANNOUNCE]: "NET_GUEST_ANNOUNCE",
   [VIRTIO_NET_F_MQ]: "NET_MQ",
   [VIRTIO_NET_F_CTRL_MAC_ADDR]: "NET_CTRL_MAC_ADDR",

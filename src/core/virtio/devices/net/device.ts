@@ -1,6 +1,9 @@
 import { GuestError } from "../../../errors.js";
+import { PLAIN_HDR, plainHdr, type NetHdr } from "../../../net/hdr.js";
+import { ALL_OFFLOADS, NO_OFFLOADS, type DropReason, type Offloads } from "../../../net/offloads.js";
 import { DescriptorChain, type DeviceQueue } from "../../queue/index.js";
 import { VirtioDevice } from "../../lifecycle/device.js";
+import { STATUS_DRIVER_OK } from "../../lifecycle/status.js";
 import {
   VIRTIO_F_EVENT_IDX,
   VIRTIO_F_INDIRECT_DESC,
@@ -11,24 +14,52 @@ import {
   features,
   hasFeature,
 } from "../../lifecycle/features.js";
+import { exceedsOffloads, fitToReceiver, txCheck } from "./checks.js";
 import {
   ETH_HLEN,
   NET_CFG,
   NET_CONFIG_SIZE,
   NET_HDR,
   NET_HDR_SIZE,
+  NET_MAX_GSO_PACKET,
   NET_MTU_MAX,
   NET_MTU_MIN,
-  NET_RX_QUEUE,
-  NET_TX_QUEUE,
+  NET_VQ_PAIRS_MAX,
   VIRTIO_ID_NET,
+  VIRTIO_NET_ERR,
+  VIRTIO_NET_F_CSUM,
+  VIRTIO_NET_F_CTRL_MAC_ADDR,
+  VIRTIO_NET_F_CTRL_RX,
+  VIRTIO_NET_F_CTRL_RX_EXTRA,
+  VIRTIO_NET_F_CTRL_VLAN,
+  VIRTIO_NET_F_CTRL_VQ,
+  VIRTIO_NET_F_GUEST_ANNOUNCE,
+  VIRTIO_NET_F_GUEST_CSUM,
+  VIRTIO_NET_F_GUEST_ECN,
+  VIRTIO_NET_F_GUEST_TSO4,
+  VIRTIO_NET_F_GUEST_TSO6,
+  VIRTIO_NET_F_HOST_ECN,
+  VIRTIO_NET_F_HOST_TSO4,
+  VIRTIO_NET_F_HOST_TSO6,
   VIRTIO_NET_F_MAC,
+  VIRTIO_NET_F_MQ,
+  VIRTIO_NET_F_MRG_RXBUF,
   VIRTIO_NET_F_MTU,
   VIRTIO_NET_F_STATUS,
+  VIRTIO_NET_HDR_F_DATA_VALID,
+  VIRTIO_NET_HDR_F_NEEDS_CSUM,
+  VIRTIO_NET_HDR_GSO_ECN,
+  VIRTIO_NET_S_ANNOUNCE,
   VIRTIO_NET_S_LINK_UP,
   VLAN_HLEN,
 } from "./constants.js";
+import { controlCommand, type ControlTarget } from "./control.js";
+import { pruneNetFeatures, unmetNetDependency } from "./features.js";
+import { RxFilter } from "./filter.js";
+import { PendingPackets } from "./pending.js";
 import type { PacketPort } from "./port.js";
+import { rarpFrame } from "./rarp.js";
+import { flowHash } from "./steering.js";
 
 export interface NetDeviceOptions {
   port: PacketPort;
@@ -38,94 +69,247 @@ export interface NetDeviceOptions {
   mtu?: number;
   /** Initial link state (VIRTIO_NET_S_LINK_UP); default up. */
   linkUp?: boolean;
+  /** Largest ring size of every queue; default 256. */
   queueSize?: number;
+  /**
+   * Receive/transmit queue pairs, 1..0x7fff (default 1): queues rx0, tx0,
+   * rx1, tx1, ..., then the control queue (§5.1.2). max_virtqueue_pairs in
+   * config; VIRTIO_NET_F_MQ is offered when there is more than one pair and
+   * a control queue.
+   */
+  queuePairs?: number;
+  /**
+   * Offer VIRTIO_NET_F_CTRL_VQ and what needs it (default true). vhost-user
+   * back ends set false: QEMU and DPDK's virtio-user run the control queue
+   * themselves and never hand it over; the front end then says which pairs
+   * carry traffic by enabling their rings (hostQueueEnabled).
+   */
+  controlQueue?: boolean;
   /** Offer VIRTIO_F_IN_ORDER. Default false. */
   inOrder?: boolean;
-  /** Frames kept while the driver has no receive buffer posted; default 256. Beyond that they are dropped. */
+  /** Packets kept per receive queue while the driver has no buffer posted; default 256. Beyond that they are dropped. */
   maxPending?: number;
-  /** Feature bits to withhold from the offer. */
+  /** Bytes kept per receive queue the same way; default 4 MiB. */
+  maxPendingBytes?: number;
+  /** Feature bits to withhold from the offer (features that need a withheld one go too). */
   withhold?: bigint;
+}
+
+/** What NetDevice counts. Drop maps are keyed by DropReason (src/core/net/offloads.ts). */
+export interface NetDeviceStats {
+  /** Packets handed to the driver and their frame bytes. */
+  rxFrames: number;
+  rxBytes: number;
+  /** Packets from the port that did not reach the driver, by reason. */
+  rxDrops: Record<string, number>;
+  /** The sum of rxDrops. */
+  rxDropped: number;
+  /** Packets the guest sent that reached the port, and their frame bytes. */
+  txFrames: number;
+  txBytes: number;
+  /** Transmit buffers that did not reach the port, by reason. */
+  txDrops: Record<string, number>;
+  /** The sum of txDrops. */
+  txDropped: number;
+  /** Control commands answered VIRTIO_NET_OK and VIRTIO_NET_ERR. */
+  ctrlOk: number;
+  ctrlErr: number;
 }
 
 /** Payload size a driver must be ready for when it did not negotiate VIRTIO_NET_F_MTU (§5.1.6.3). */
 const DEFAULT_MTU = 1500;
+/**
+ * The longest frame with segmentation offload either way: 65535 bytes of IP
+ * packet, the Ethernet header and one 802.1Q tag. Linux never builds a
+ * larger one (its GSO limit is 64 KiB with headers).
+ */
+const GSO_MAX_FRAME = 0xffff + ETH_HLEN + VLAN_HLEN;
+/** Longest control command (class, command, data) read; a MAC table of 10000 entries fits. */
+const CTRL_MAX_BYTES = 65536;
+const STATION_MAC = [0x02, 0, 0, 0, 0, 0x02] as const;
 
-/** deliverFrom() results. No receive buffer available (or the queue just broke): */
-const RX_NO_BUFFER = 0;
-const RX_DELIVERED = 1;
-/** A buffer was consumed but the frame did not fit it. */
-const RX_DROPPED = 2;
-type RxResult = typeof RX_NO_BUFFER | typeof RX_DELIVERED | typeof RX_DROPPED;
+type MutableControl = { -readonly [K in keyof ControlTarget]: ControlTarget[K] };
+
+/** deliver(): no buffer for the packet yet; it may wait. */
+const WAIT = 0;
+type DeliverResult = DropReason | null | typeof WAIT;
 
 /**
- * virtio-net (virtio 1.2 §5.1) without offloads over a PacketPort: one
- * receiveq/transmitq pair (§5.1.2), every buffer carries a 12-byte
- * virtio_net_hdr (§5.1.6). A malformed transmit or receive buffer is
- * reported and returned unused while the queue keeps serving; only ring
- * violations take a queue offline (docs/architecture.md, principle 3).
+ * virtio-net (virtio 1.2 §5.1) over a PacketPort.
  *
- * Frame sizes: the "low level ethernet header" that §5.1.4.1 adds to the MTU
- * is taken to be 14 bytes plus one optional 802.1Q tag. A received frame up
- * to MTU + 14 must fit every receive buffer (§5.1.4.2, §5.1.6.3.1), so a
+ * Queues: rx/tx pairs and, unless `controlQueue` is false, a control queue
+ * (index 2N with MQ, else 2: §5.1.2). Packets carry their offload state as
+ * a NetHdr both ways: a transmitted packet is checked against the HOST_*
+ * offloads the driver negotiated (txCheck) and counted as dropped by reason
+ * when it breaks them; a received one that asks for GUEST_* offloads the
+ * driver lacks is resolved in software (fitToReceiver) before it may pass
+ * (§5.1.6.4.1). With MRG_RXBUF a packet spreads over as many receive
+ * buffers as it needs (§5.1.6.4); without it, over one. Receive steering
+ * with MQ follows the queue a flow was last sent on, else a symmetric flow
+ * hash (§5.1.6.5.5). The control queue drives the receive filter, the MAC
+ * address, VLAN filtering, announcements and the number of queue pairs.
+ *
+ * A malformed buffer or command is counted (and a driver's own fault
+ * reported) while the queue keeps serving; only ring violations take a
+ * queue offline (docs/architecture.md, principle 3). Frames waiting for
+ * receive buffers are bounded per queue in number and bytes.
+ *
+ * Frame sizes: the "low level ethernet header" that §5.1.4.1 adds to the
+ * MTU is taken to be 14 bytes plus one optional 802.1Q tag. A received frame
+ * up to MTU + 14 must fit every receive buffer (§5.1.4.2, §5.1.6.3.1), so a
  * smaller buffer is the driver's error; a tagged frame up to MTU + 18 is
- * delivered when the buffer holds it and otherwise dropped without blame;
- * anything longer never reaches the ring.
+ * delivered when the buffer holds it and otherwise dropped without blame.
  */
 export class NetDevice extends VirtioDevice {
   readonly deviceId = VIRTIO_ID_NET;
   readonly port: PacketPort;
-  readonly stats = { rxFrames: 0, txFrames: 0, rxDropped: 0, txErrors: 0 };
+  readonly queuePairs: number;
+  readonly controlQueue: boolean;
+  readonly stats: NetDeviceStats = {
+    rxFrames: 0,
+    rxBytes: 0,
+    rxDrops: {},
+    rxDropped: 0,
+    txFrames: 0,
+    txBytes: 0,
+    txDrops: {},
+    txDropped: 0,
+    ctrlOk: 0,
+    ctrlErr: 0,
+  };
   private readonly mtu: number;
-  private readonly maxTxFrame: number;
-  /** Longest received frame every conforming receive buffer holds; set with the negotiated features. */
-  private rxFit = DEFAULT_MTU + ETH_HLEN;
-  /** Longest received frame the device passes to the driver at all (§5.1.4.1). */
-  private rxMax = DEFAULT_MTU + ETH_HLEN + VLAN_HLEN;
-  /** Frames waiting for receive buffers: a ring of maxPending slots. */
-  private readonly pending: (Uint8Array | null)[];
-  private pendingHead = 0;
-  private pendingCount = 0;
+  private readonly stationMac: Uint8Array;
+  /** NET_SET_MTU over vhost-user: the MTU the front end shows the guest, when it said. */
+  private hostMtu: number | null = null;
+  private readonly maxPending: number;
+  private readonly maxPendingBytes: number;
+
+  // ---- from the negotiated features (applyFeatures); defaults are "none negotiated" ----
+  private mrg = false;
+  private acceptsNow: Readonly<Offloads> = NO_OFFLOADS;
+  private hostAllowed: Readonly<Offloads> = NO_OFFLOADS;
+  /** Longest received frame every conforming receive buffer holds without and with segmentation. */
+  private rxPlainFit = DEFAULT_MTU + ETH_HLEN;
+  private rxGsoFit = 0;
+  /** Longest received frame without segmentation passed to the driver at all (§5.1.4.1). */
+  private rxPlainMax = DEFAULT_MTU + ETH_HLEN + VLAN_HLEN;
+  private txPlainMax: number;
+  /** Queue pairs the negotiated device has; the control queue's index, or -1. */
+  private dataPairs = 1;
+  private ctrlIndex = -1;
+
+  // ---- state the driver changes at run time, back to its start on reset ----
+  /** Pairs VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET enabled (§5.1.6.5.5). */
+  private activePairs = 1;
+  private readonly filter = new RxFilter();
+  private readonly control: MutableControl;
+  /** The station address inside config space (mac is its first field). */
+  private readonly macView: Uint8Array;
+  /** Per queue, for vhost-user: whether the front end enabled the ring. */
+  private readonly hostEnabled: Uint8Array;
+  /** Receive steering: flow hash (low 8 bits) -> pair + 1 the flow was last sent on; 0 for none. */
+  private readonly flowTable = new Uint16Array(256);
+  private readonly pending: (PendingPackets | null)[];
+  private carrier = false;
+
+  // ---- per-packet scratch, allocated once ----
   private readonly rxChain = new DescriptorChain();
+  private readonly rxFirst = new DescriptorChain();
   private readonly txChain = new DescriptorChain();
-  /** virtio_net_hdr for received frames: no offloads, num_buffers = 1 (§5.1.6.3.2, §5.1.6.4). */
-  private readonly rxHdr = new Uint8Array(NET_HDR_SIZE);
+  private readonly ctrlChain = new DescriptorChain();
+  private readonly rxHdrBytes = new Uint8Array(NET_HDR_SIZE);
+  private readonly rxHdrView = new DataView(this.rxHdrBytes.buffer);
+  private readonly txHdrBytes = new Uint8Array(NET_HDR_SIZE);
+  private readonly txHdrView = new DataView(this.txHdrBytes.buffer);
+  private readonly txHdr: NetHdr = plainHdr();
+  /** MRG_RXBUF: the buffers one packet took (id, bytes written, ring slots). */
+  private readonly usedIds: Uint32Array;
+  private readonly usedLens: Uint32Array;
+  private readonly usedDescs: Uint32Array;
+  private rxPushed = false;
+  private ctrlBuf = new Uint8Array(256);
+  private readonly ackByte = new Uint8Array(1);
+  private readonly emit = (frame: Uint8Array, hdr: Readonly<NetHdr>): DropReason | null => this.enqueue(frame, hdr);
 
   constructor(opts: NetDeviceOptions) {
     const mtu = opts.mtu ?? DEFAULT_MTU;
     // §5.1.4.1: mtu lies in 68..65535.
     if (!(Number.isInteger(mtu) && mtu >= NET_MTU_MIN && mtu <= NET_MTU_MAX)) throw new RangeError(`mtu ${mtu}`);
-    const mac = opts.mac ?? new Uint8Array([0x02, 0, 0, 0, 0, 0x02]);
+    const mac = opts.mac ?? new Uint8Array(STATION_MAC);
     if (mac.length !== 6) throw new RangeError(`mac of ${mac.length} bytes`);
     const maxPending = opts.maxPending ?? 256;
     if (!(Number.isInteger(maxPending) && maxPending >= 0)) throw new RangeError(`maxPending ${maxPending}`);
+    const maxPendingBytes = opts.maxPendingBytes ?? 4 << 20;
+    if (!(Number.isInteger(maxPendingBytes) && maxPendingBytes >= 0)) throw new RangeError(`maxPendingBytes ${maxPendingBytes}`);
+    const pairs = opts.queuePairs ?? 1;
+    const controlQueue = opts.controlQueue ?? true;
+    // §5.1.4.1 allows 0x8000 pairs; with the control queue that would be one queue more than 16 bits number.
+    if (!(Number.isInteger(pairs) && pairs >= 1 && pairs < NET_VQ_PAIRS_MAX)) throw new RangeError(`queuePairs ${pairs}`);
     let offer = features(
       VIRTIO_NET_F_MAC,
       VIRTIO_NET_F_STATUS,
       VIRTIO_NET_F_MTU,
+      VIRTIO_NET_F_MRG_RXBUF,
+      VIRTIO_NET_F_CSUM,
+      VIRTIO_NET_F_GUEST_CSUM,
+      VIRTIO_NET_F_HOST_TSO4,
+      VIRTIO_NET_F_HOST_TSO6,
+      VIRTIO_NET_F_HOST_ECN,
+      VIRTIO_NET_F_GUEST_TSO4,
+      VIRTIO_NET_F_GUEST_TSO6,
+      VIRTIO_NET_F_GUEST_ECN,
       VIRTIO_F_INDIRECT_DESC,
       VIRTIO_F_EVENT_IDX,
       VIRTIO_F_RING_PACKED,
       VIRTIO_F_RING_RESET,
       VIRTIO_F_NOTIFICATION_DATA,
     );
+    if (controlQueue) {
+      offer |= features(
+        VIRTIO_NET_F_CTRL_VQ,
+        VIRTIO_NET_F_CTRL_RX,
+        VIRTIO_NET_F_CTRL_RX_EXTRA,
+        VIRTIO_NET_F_CTRL_VLAN,
+        VIRTIO_NET_F_GUEST_ANNOUNCE,
+        VIRTIO_NET_F_CTRL_MAC_ADDR,
+      );
+      if (pairs > 1) offer |= features(VIRTIO_NET_F_MQ);
+    }
     if (opts.inOrder === true) offer |= features(VIRTIO_F_IN_ORDER);
-    offer &= ~(opts.withhold ?? 0n);
-    super({ numQueues: 2, maxQueueSize: opts.queueSize ?? 256, configSize: NET_CONFIG_SIZE, features: offer });
+    offer = pruneNetFeatures(offer & ~(opts.withhold ?? 0n));
+    const queueSize = opts.queueSize ?? 256;
+    super({ numQueues: 2 * pairs + (controlQueue ? 1 : 0), maxQueueSize: queueSize, configSize: NET_CONFIG_SIZE, features: offer });
     this.port = opts.port;
+    this.queuePairs = pairs;
+    this.controlQueue = controlQueue;
     this.mtu = mtu;
-    this.pending = new Array<Uint8Array | null>(maxPending).fill(null);
-    // §5.1.4.1: frames up to mtu + header must be forwarded; be lenient about one VLAN tag.
-    this.maxTxFrame = Math.max(DEFAULT_MTU, mtu) + ETH_HLEN + VLAN_HLEN;
-    this.rxHdr[NET_HDR.num_buffers] = 1;
+    this.stationMac = new Uint8Array(mac);
+    this.maxPending = maxPending;
+    this.maxPendingBytes = maxPendingBytes;
+    this.txPlainMax = Math.max(DEFAULT_MTU, mtu) + ETH_HLEN + VLAN_HLEN;
+    this.hostEnabled = new Uint8Array(this.numQueues).fill(1);
+    this.pending = new Array<PendingPackets | null>(pairs).fill(null);
+    this.usedIds = new Uint32Array(queueSize);
+    this.usedLens = new Uint32Array(queueSize);
+    this.usedDescs = new Uint32Array(queueSize);
     this.config.set(mac, NET_CFG.mac);
     this.configView.setUint16(NET_CFG.status, opts.linkUp === false ? 0 : VIRTIO_NET_S_LINK_UP, true);
-    this.configView.setUint16(NET_CFG.max_virtqueue_pairs, 1, true);
+    this.configView.setUint16(NET_CFG.max_virtqueue_pairs, pairs, true);
     this.configView.setUint16(NET_CFG.mtu, mtu, true);
-    this.port.attach((frame) => this.receive(frame));
+    this.control = this.controlTarget();
+    this.macView = this.config.subarray(NET_CFG.mac, NET_CFG.mac + 6);
+    this.port.attach((frame, hdr) => this.receive(frame, hdr));
   }
+
+  // ---- host API ----
 
   get linkUp(): boolean {
     return (this.configView.getUint16(NET_CFG.status, true) & VIRTIO_NET_S_LINK_UP) !== 0;
+  }
+
+  /** Whether packets flow: the link is up and a driver is live (what the port's linkChanged reports). */
+  get carrierUp(): boolean {
+    return this.carrier;
   }
 
   /** Changes the link state and raises a configuration change notification (§5.1.4, §2.5). */
@@ -134,163 +318,573 @@ export class NetDevice extends VirtioDevice {
     const s = this.configView.getUint16(NET_CFG.status, true);
     this.configView.setUint16(NET_CFG.status, up ? s | VIRTIO_NET_S_LINK_UP : s & ~VIRTIO_NET_S_LINK_UP, true);
     this.configChanged();
-  }
-
-  /** Frames waiting for a receive buffer. */
-  get pendingFrames(): number {
-    return this.pendingCount;
-  }
-
-  /** Longest frame the device currently passes to the driver (depends on whether VIRTIO_NET_F_MTU was negotiated). */
-  get maxReceiveFrame(): number {
-    return this.rxMax;
+    this.updateCarrier();
   }
 
   /**
-   * A frame from the port: into the next receive buffer, or kept (up to
-   * maxPending, oldest delivered first) until the driver posts one. Returns
-   * false when the frame was dropped.
+   * Asks the driver to announce itself (after a migration): sets
+   * VIRTIO_NET_S_ANNOUNCE and raises a configuration change (§5.1.6.5.4).
+   * Returns false, changing nothing, when the driver did not negotiate
+   * VIRTIO_NET_F_GUEST_ANNOUNCE; then the host announces the address itself
+   * (sendRarp).
    */
-  receive(frame: Uint8Array): boolean {
-    let q = this.liveQueue(NET_RX_QUEUE);
-    // No driver, or the receive queue is out of service; or a frame §5.1.4.1 forbids passing on.
-    if (q === null || frame.length > this.rxMax) {
-      this.stats.rxDropped++;
-      return false;
-    }
-    if (this.pendingCount > 0) {
-      this.flushPending(q); // buffers may have been posted without a notification yet
-      q = this.liveQueue(NET_RX_QUEUE);
-      if (q === null) {
-        this.stats.rxDropped++;
-        return false;
-      }
-    }
-    if (this.pendingCount === 0) {
-      const r = this.deliverFrom(q, frame);
-      if (r !== RX_NO_BUFFER) return r === RX_DELIVERED;
-      if (this.liveQueue(NET_RX_QUEUE) === null) {
-        this.stats.rxDropped++;
-        return false;
-      }
-    }
-    if (this.pendingCount >= this.pending.length) {
-      this.stats.rxDropped++;
-      return false;
-    }
-    const n = this.pending.length;
-    const tail = this.pendingHead + this.pendingCount;
-    this.pending[tail >= n ? tail - n : tail] = frame.slice();
-    this.pendingCount++;
+  announce(): boolean {
+    if (!hasFeature(this.features, VIRTIO_NET_F_GUEST_ANNOUNCE)) return false;
+    const s = this.configView.getUint16(NET_CFG.status, true);
+    this.configView.setUint16(NET_CFG.status, s | VIRTIO_NET_S_ANNOUNCE, true);
+    this.configChanged();
     return true;
   }
 
-  /**
-   * The last check on every feature set the device accepts (FEATURES_OK and
-   * hostSetFeatures), so the receive limits follow it: with VIRTIO_NET_F_MTU
-   * the driver sized its buffers for mtu (§5.1.4.2), otherwise for 1500 (§5.1.6.3).
-   */
-  protected override validateFeatures(driverFeatures: bigint): string | null {
-    this.setRxLimits(hasFeature(driverFeatures, VIRTIO_NET_F_MTU) ? this.mtu : DEFAULT_MTU);
+  /** VIRTIO_NET_S_ANNOUNCE: an announcement was asked for and not yet acknowledged. */
+  get announcing(): boolean {
+    return (this.configView.getUint16(NET_CFG.status, true) & VIRTIO_NET_S_ANNOUNCE) !== 0;
+  }
+
+  /** Sends a RARP broadcast from `mac` to the port, so that switches learn where it lives (vhost-user SEND_RARP). */
+  sendRarp(mac: Uint8Array): void {
+    this.port.transmit(rarpFrame(mac), PLAIN_HDR);
+  }
+
+  override hostSendRarp(mac: Uint8Array): void {
+    this.sendRarp(mac);
+  }
+
+  /** vhost-user NET_SET_MTU: the front end shows the guest `mtu`; frame limits follow it. */
+  override hostSetMtu(mtu: number): string | null {
+    if (!(Number.isInteger(mtu) && mtu >= NET_MTU_MIN && mtu <= NET_MTU_MAX)) return `mtu ${mtu} outside ${NET_MTU_MIN}..${NET_MTU_MAX}`;
+    this.hostMtu = mtu;
+    this.applyFeatures(this.features);
     return null;
   }
 
-  protected override onReset(): void {
-    this.clearPending();
-    this.setRxLimits(DEFAULT_MTU);
+  /** The current station address: config mac, changed by VIRTIO_NET_CTRL_MAC_ADDR_SET. */
+  get mac(): Uint8Array {
+    return this.config.slice(NET_CFG.mac, NET_CFG.mac + 6);
   }
 
-  protected override onQueueReset(i: number): void {
-    if (i === NET_RX_QUEUE) this.clearPending();
+  /** What the driver accepts without software help (its GUEST_* features); NO_OFFLOADS before negotiation. */
+  get accepts(): Readonly<Offloads> {
+    return this.acceptsNow;
   }
 
-  protected override processQueue(index: number, q: DeviceQueue, budget: number): void {
-    if (index === NET_TX_QUEUE) this.transmit(q, budget);
-    else if (index === NET_RX_QUEUE) this.flushPending(q);
+  /** Longest frame without segmentation the device passes to the driver (mtu + 18 with VIRTIO_NET_F_MTU, else 1518). */
+  get maxReceiveFrame(): number {
+    return this.rxPlainMax;
   }
 
-  private setRxLimits(mtu: number): void {
-    this.rxFit = mtu + ETH_HLEN;
-    this.rxMax = mtu + ETH_HLEN + VLAN_HLEN;
+  /** Queue pairs receive traffic may use now (VQ_PAIRS_SET; all pairs without a control queue). */
+  get queuePairsInUse(): number {
+    return this.controlQueue ? this.activePairs : this.queuePairs;
   }
 
-  private clearPending(): void {
-    this.pending.fill(null);
-    this.pendingHead = 0;
-    this.pendingCount = 0;
+  /** Packets waiting for a receive buffer, over all receive queues. */
+  get pendingFrames(): number {
+    let n = 0;
+    for (const p of this.pending) n += p?.count ?? 0;
+    return n;
   }
 
-  /** New receive buffers: hand over frames that were waiting, oldest first. */
-  private flushPending(q: DeviceQueue): void {
-    const n = this.pending.length;
-    while (this.pendingCount > 0) {
-      const frame = this.pending[this.pendingHead]!;
-      if (this.deliverFrom(q, frame) === RX_NO_BUFFER) return;
-      this.pending[this.pendingHead] = null;
-      this.pendingHead = this.pendingHead + 1 === n ? 0 : this.pendingHead + 1;
-      this.pendingCount--;
-    }
+  /** The receive filter's MAC table size, for tests and stats. */
+  get macTableSize(): { unicast: number; multicast: number } {
+    return this.filter.tableSize;
+  }
+
+  /** Whether the receive filter is promiscuous (it starts so; VIRTIO_NET_CTRL_RX_PROMISC changes it). */
+  get promiscuous(): boolean {
+    return this.filter.promisc;
+  }
+
+  /** Whether VLAN `vid` is in the VLAN filter table. */
+  hasVlan(vid: number): boolean {
+    return this.filter.hasVlan(vid);
+  }
+
+  override get hostQueueNum(): number {
+    return this.queuePairs;
+  }
+
+  override hostQueueEnabled(i: number, enabled: boolean): void {
+    if (!(i >= 0 && i < this.numQueues)) return;
+    this.hostEnabled[i] = enabled ? 1 : 0;
+    // "Ring states": a disabled receive ring gets no new packets, so those waiting for it go.
+    if (!enabled && (i & 1) === 0 && i >> 1 < this.queuePairs) this.dropPending(i >> 1);
+  }
+
+  override hostSetFeatures(f: bigint): string | null {
+    const bad = super.hostSetFeatures(f);
+    if (bad === null) this.updateCarrier();
+    return bad;
   }
 
   /**
-   * Puts one frame into the next receive buffer as header + frame in a
-   * single buffer (§5.1.6.3.2: one buffer per packet without MRG_RXBUF).
+   * A packet from the port: checked, filtered, fitted to what the driver
+   * accepts, steered to a receive queue, and written into its buffers or
+   * kept (bounded) until the driver posts some. Returns null when the packet
+   * was taken, else why it was dropped (also counted in stats.rxDrops).
    */
-  private deliverFrom(q: DeviceQueue, frame: Uint8Array): RxResult {
-    const chain = this.rxChain;
-    const epoch = this.epoch;
-    try {
-      if (!q.popInto(chain)) return RX_NO_BUFFER;
-    } catch (e) {
-      if (!(e instanceof GuestError)) throw e;
-      this.needsReset(e, NET_RX_QUEUE);
-      return RX_NO_BUFFER;
+  receive(frame: Uint8Array, hdr: Readonly<NetHdr>): DropReason | null {
+    if (!this.carrier) return this.rxDrop("link-down");
+    // The port's header is checked for consistency only; what the driver accepts is decided below.
+    const bad = txCheck(frame, hdr, ALL_OFFLOADS);
+    if (bad !== null) return this.rxDrop(bad);
+    const gso = (hdr.gsoType & ~VIRTIO_NET_HDR_GSO_ECN) !== 0;
+    // §5.1.4.1: nothing longer than the MTU allows passes without segmentation.
+    if (frame.length > (gso ? GSO_MAX_FRAME : this.rxPlainMax)) return this.rxDrop("too-long");
+    if (!this.filter.accepts(frame, this.macView)) return this.rxDrop("filtered");
+    if (exceedsOffloads(hdr, this.acceptsNow)) {
+      const r = fitToReceiver(frame, hdr, this.acceptsNow, this.rxPlainMax, this.emit);
+      return r === null ? null : this.rxDrop(r);
     }
-    const total = NET_HDR_SIZE + frame.length;
-    if (chain.readableBytes !== 0 || chain.writableBytes < total) {
-      this.stats.rxDropped++;
-      // A buffer too small for a frame a conforming driver must accept is the driver's fault (§5.1.6.3.1).
-      if (chain.readableBytes !== 0 || frame.length <= this.rxFit) {
-        const why = chain.readableBytes !== 0 ? "receive buffer has device-readable segments" : "receive buffer too small";
-        this.report(new GuestError("NET_RX_BUFFER", `${why}: ${chain.writableBytes} writable bytes for ${total}`), NET_RX_QUEUE);
-      }
-      this.complete(q, NET_RX_QUEUE, chain.head, 0, chain.descCount, epoch);
-      return RX_DROPPED;
-    }
-    const mem = this.memory;
-    chain.write(mem, this.rxHdr);
-    chain.write(mem, frame, NET_HDR_SIZE);
-    this.stats.rxFrames++;
-    this.complete(q, NET_RX_QUEUE, chain.head, total, chain.descCount, epoch);
-    return RX_DELIVERED;
+    return this.enqueue(frame, hdr);
   }
 
-  /** §5.1.6.2: each transmit buffer is a virtio_net_hdr followed by the frame. */
-  private transmit(q: DeviceQueue, budget: number): void {
-    const chain = this.txChain;
-    const mem = this.memory;
-    for (let n = 0; n < budget && q.popInto(chain); n++) {
-      const epoch = this.epoch;
-      const len = chain.readableBytes - NET_HDR_SIZE;
-      if (len < 0) {
-        this.stats.txErrors++;
-        this.report(new GuestError("NET_TX_SHORT", `transmit buffer of ${chain.readableBytes} bytes has no virtio_net_hdr`), NET_TX_QUEUE);
-      } else if (len > this.maxTxFrame) {
-        this.stats.txErrors++;
-        this.report(new GuestError("NET_TX_TOO_LONG", `transmit frame of ${len} bytes exceeds ${this.maxTxFrame}`), NET_TX_QUEUE);
-      } else {
-        // No offloads were negotiated, so the header carries nothing to act on (§5.1.6.2.2).
-        const frame = new Uint8Array(len);
-        chain.read(mem, frame, NET_HDR_SIZE);
-        this.stats.txFrames++;
-        try {
-          this.port.transmit(frame);
-        } catch {
-          this.stats.txErrors++; // a failing host port loses the frame, as a wire would; the guest is not at fault
-        }
-      }
-      // Transmit buffers are only read: used length 0 (§2.7.8).
-      this.complete(q, NET_TX_QUEUE, chain.head, 0, chain.descCount, epoch);
+  // ---- VirtioDevice hooks ----
+
+  /**
+   * The last check on every feature set the device accepts (FEATURES_OK and
+   * hostSetFeatures): dependencies (§5.1.3.1), then the state that follows
+   * from the set. Applying the same set again changes nothing, so a vhost-user
+   * front end that repeats SET_FEATURES per queue pair disturbs no ring.
+   */
+  protected override validateFeatures(f: bigint): string | null {
+    const unmet = unmetNetDependency(f);
+    if (unmet !== null) return `feature ${unmet} without the feature it depends on (virtio 1.2 §5.1.3.1)`;
+    this.applyFeatures(f);
+    return null;
+  }
+
+  protected override onActivate(): void {
+    this.updateCarrier();
+  }
+
+  protected override onReset(): void {
+    for (let p = 0; p < this.queuePairs; p++) this.dropPending(p);
+    this.activePairs = 1;
+    this.flowTable.fill(0);
+    this.filter.reset(false);
+    // The address VIRTIO_NET_CTRL_MAC_ADDR_SET changed and an unacknowledged announcement end with the driver.
+    this.config.set(this.stationMac, NET_CFG.mac);
+    const s = this.configView.getUint16(NET_CFG.status, true);
+    this.configView.setUint16(NET_CFG.status, s & ~VIRTIO_NET_S_ANNOUNCE, true);
+    this.applyFeatures(0n);
+    this.updateCarrier();
+  }
+
+  protected override onQueueReset(i: number): void {
+    if ((i & 1) === 0 && i >> 1 < this.queuePairs && i !== this.ctrlIndex) this.dropPending(i >> 1);
+  }
+
+  protected override processQueue(index: number, q: DeviceQueue, budget: number): void {
+    if (index === this.ctrlIndex) return this.runControl(q, budget);
+    const pair = index >> 1;
+    if (pair >= this.dataPairs) return; // a queue the negotiated device does not have
+    if ((index & 1) === 1) this.transmit(pair, index, q, budget);
+    else this.flushPending(pair, index, q);
+  }
+
+  // ---- features ----
+
+  private applyFeatures(f: bigint): void {
+    const has = (b: number): boolean => hasFeature(f, b);
+    this.mrg = has(VIRTIO_NET_F_MRG_RXBUF);
+    const accepts: Offloads = {
+      csum: has(VIRTIO_NET_F_GUEST_CSUM),
+      tso4: has(VIRTIO_NET_F_GUEST_TSO4),
+      tso6: has(VIRTIO_NET_F_GUEST_TSO6),
+      ecn: has(VIRTIO_NET_F_GUEST_ECN),
+      uso: false,
+    };
+    this.hostAllowed = Object.freeze({
+      csum: has(VIRTIO_NET_F_CSUM),
+      tso4: has(VIRTIO_NET_F_HOST_TSO4),
+      tso6: has(VIRTIO_NET_F_HOST_TSO6),
+      ecn: has(VIRTIO_NET_F_HOST_ECN),
+      uso: false,
+    });
+    const mtu = this.hostMtu ?? this.mtu;
+    // §5.1.4.2: with VIRTIO_NET_F_MTU the driver sized its buffers for mtu, otherwise for 1500 (§5.1.6.3).
+    const rxMtu = has(VIRTIO_NET_F_MTU) ? mtu : DEFAULT_MTU;
+    this.rxPlainFit = rxMtu + ETH_HLEN;
+    this.rxPlainMax = rxMtu + ETH_HLEN + VLAN_HLEN;
+    // §5.1.6.3.1: without MRG_RXBUF, a driver taking TSO packets posts buffers that hold the largest one.
+    this.rxGsoFit = !this.mrg && (accepts.tso4 || accepts.tso6) ? NET_MAX_GSO_PACKET : 0;
+    this.txPlainMax = Math.max(DEFAULT_MTU, mtu) + ETH_HLEN + VLAN_HLEN;
+    const mq = has(VIRTIO_NET_F_MQ);
+    this.dataPairs = this.controlQueue && !mq ? 1 : this.queuePairs;
+    this.ctrlIndex = has(VIRTIO_NET_F_CTRL_VQ) ? 2 * this.dataPairs : -1;
+    this.filter.vlanFiltering = has(VIRTIO_NET_F_CTRL_VLAN);
+    const c = this.control;
+    c.ctrlRx = has(VIRTIO_NET_F_CTRL_RX);
+    c.ctrlRxExtra = has(VIRTIO_NET_F_CTRL_RX_EXTRA);
+    c.ctrlVlan = has(VIRTIO_NET_F_CTRL_VLAN);
+    c.ctrlMacAddr = has(VIRTIO_NET_F_CTRL_MAC_ADDR);
+    c.guestAnnounce = has(VIRTIO_NET_F_GUEST_ANNOUNCE);
+    c.maxQueuePairs = mq ? this.queuePairs : 0;
+    const old = this.acceptsNow;
+    if (old.csum !== accepts.csum || old.tso4 !== accepts.tso4 || old.tso6 !== accepts.tso6 || old.ecn !== accepts.ecn) {
+      this.acceptsNow = Object.freeze(accepts);
+      this.port.offloadsChanged?.(this.acceptsNow);
     }
+  }
+
+  private updateCarrier(): void {
+    const up = this.linkUp && (this.getStatus() & STATUS_DRIVER_OK) !== 0;
+    if (up === this.carrier) return;
+    this.carrier = up;
+    this.port.linkChanged?.(up);
+  }
+
+  // ---- receive ----
+
+  private rxDrop(r: DropReason, n = 1): DropReason {
+    this.stats.rxDrops[r] = (this.stats.rxDrops[r] ?? 0) + n;
+    this.stats.rxDropped += n;
+    return r;
+  }
+
+  private dropPending(pair: number): void {
+    const n = this.pending[pair]?.clear() ?? 0;
+    if (n > 0) this.rxDrop("no-buffer", n);
+  }
+
+  /** The rx/tx pair `frame` goes to, among those in use whose receive queue runs; -1 when none does. */
+  private pickPair(frame: Uint8Array): number {
+    const limit = this.controlQueue ? this.activePairs : this.queuePairs;
+    if (limit === 1) return this.rxUsable(0) ? 0 : -1;
+    const h = flowHash(frame);
+    // §5.1.6.5.5: a flow comes back on the queue pair it was last sent on.
+    const sent = this.flowTable[h & 0xff]!;
+    if (sent !== 0 && sent <= limit && this.rxUsable(sent - 1)) return sent - 1;
+    // Else by hash; a pair out of service hands its flows to the next, the others keep theirs.
+    const start = h % limit;
+    for (let k = 0; k < limit; k++) {
+      const p = start + k < limit ? start + k : start + k - limit;
+      if (this.rxUsable(p)) return p;
+    }
+    return -1;
+  }
+
+  private rxUsable(pair: number): boolean {
+    return this.hostEnabled[2 * pair] === 1 && this.liveQueue(2 * pair) !== null;
+  }
+
+  /** A packet that passed every check: into its receive queue, or waiting for buffers there. */
+  private enqueue(frame: Uint8Array, hdr: Readonly<NetHdr>): DropReason | null {
+    const pair = this.pickPair(frame);
+    if (pair < 0) return this.rxDrop("no-buffer");
+    const index = 2 * pair;
+    let q = this.liveQueue(index)!;
+    const waiting = this.pending[pair];
+    if (waiting !== null && waiting !== undefined && waiting.count > 0) {
+      this.flushPending(pair, index, q); // buffers may have been posted without a notification yet
+      const again = this.liveQueue(index);
+      if (again === null) return this.rxDrop("no-buffer");
+      q = again;
+    }
+    if (waiting === null || waiting === undefined || waiting.count === 0) {
+      this.rxPushed = false;
+      const r = this.deliver(q, index, frame, hdr);
+      if (this.rxPushed) this.publishRx(q, index);
+      if (r === null) return null;
+      if (r !== WAIT) return this.rxDrop(r);
+      if (this.liveQueue(index) === null) return this.rxDrop("no-buffer");
+    }
+    let p = this.pending[pair];
+    if (p === null || p === undefined) {
+      p = new PendingPackets(this.maxPending, this.maxPendingBytes);
+      this.pending[pair] = p;
+    }
+    return p.push(frame, hdr) ? null : this.rxDrop("no-buffer");
+  }
+
+  /** New receive buffers: hand over packets that were waiting, oldest first; one publication for all. */
+  private flushPending(pair: number, index: number, q: DeviceQueue): void {
+    const p = this.pending[pair];
+    if (p === null || p === undefined || p.count === 0) return;
+    this.rxPushed = false;
+    while (p.count > 0) {
+      const r = this.deliver(q, index, p.frame(), p.hdr());
+      if (r === WAIT) break;
+      p.shift();
+      if (r !== null) this.rxDrop(r);
+    }
+    if (this.rxPushed) this.publishRx(q, index);
+  }
+
+  private publishRx(q: DeviceQueue, index: number): void {
+    if (this.liveQueue(index) !== q) return; // the ring broke during the pass; nothing more goes to it
+    q.publishUsed();
+    if (q.needsNotification()) this.events.usedBuffer?.(index);
+  }
+
+  /** popInto that turns a ring violation into DEVICE_NEEDS_RESET for that queue and "no buffer". */
+  private pop(q: DeviceQueue, chain: DescriptorChain, index: number): boolean {
+    try {
+      return q.popInto(chain);
+    } catch (e) {
+      if (!(e instanceof GuestError)) throw e;
+      this.needsReset(e, index);
+      return false;
+    }
+  }
+
+  /** The virtio_net_hdr the driver gets (§5.1.6.4.1): flags only with GUEST_CSUM, gso fields only with a gso type. */
+  private fillRxHdr(hdr: Readonly<NetHdr>, numBuffers: number): Uint8Array {
+    const v = this.rxHdrView;
+    const flags = this.acceptsNow.csum ? hdr.flags & (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID) : 0;
+    const csum = (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) !== 0;
+    const gso = (hdr.gsoType & ~VIRTIO_NET_HDR_GSO_ECN) !== 0;
+    v.setUint8(NET_HDR.flags, flags);
+    v.setUint8(NET_HDR.gso_type, gso ? hdr.gsoType : 0);
+    v.setUint16(NET_HDR.hdr_len, gso ? hdr.hdrLen : 0, true);
+    v.setUint16(NET_HDR.gso_size, gso ? hdr.gsoSize : 0, true);
+    v.setUint16(NET_HDR.csum_start, csum ? hdr.csumStart : 0, true);
+    v.setUint16(NET_HDR.csum_offset, csum ? hdr.csumOffset : 0, true);
+    v.setUint16(NET_HDR.num_buffers, numBuffers, true);
+    return this.rxHdrBytes;
+  }
+
+  /**
+   * Writes one packet into receive buffers of queue `index` and pushes their
+   * used entries (the caller publishes). Returns null when delivered, WAIT
+   * when the ring has too few buffers now (none taken), or why the packet
+   * was dropped (its buffers returned).
+   */
+  private deliver(q: DeviceQueue, index: number, frame: Uint8Array, hdr: Readonly<NetHdr>): DeliverResult {
+    return this.mrg ? this.deliverMerged(q, index, frame, hdr) : this.deliverOne(q, index, frame, hdr);
+  }
+
+  /** §5.1.6.3.2: without MRG_RXBUF, the header and the whole packet go into one buffer. */
+  private deliverOne(q: DeviceQueue, index: number, frame: Uint8Array, hdr: Readonly<NetHdr>): DeliverResult {
+    const chain = this.rxChain;
+    if (!this.pop(q, chain, index)) return WAIT;
+    const total = NET_HDR_SIZE + frame.length;
+    this.rxPushed = true;
+    if (chain.readableBytes !== 0 || chain.writableBytes < total) {
+      q.pushUsed(chain.head, 0, chain.descCount);
+      const gso = (hdr.gsoType & ~VIRTIO_NET_HDR_GSO_ECN) !== 0;
+      // A buffer too small for a packet a conforming driver must take is the driver's fault (§5.1.6.3.1).
+      if (chain.readableBytes === 0 && frame.length > (gso ? this.rxGsoFit : this.rxPlainFit)) return "too-long";
+      const why = chain.readableBytes !== 0 ? "receive buffer has device-readable segments" : "receive buffer too small";
+      this.report(new GuestError("NET_RX_BUFFER", `${why}: ${chain.writableBytes} writable bytes for ${total}`), index);
+      return "no-buffer";
+    }
+    const mem = this.memory;
+    chain.write(mem, this.fillRxHdr(hdr, 1));
+    chain.write(mem, frame, NET_HDR_SIZE);
+    q.pushUsed(chain.head, total, chain.descCount);
+    this.stats.rxFrames++;
+    this.stats.rxBytes += frame.length;
+    return null;
+  }
+
+  /**
+   * §5.1.6.4 with MRG_RXBUF: the packet fills buffer after buffer, every
+   * one but the last completely; the first starts with the header, whose
+   * num_buffers says how many were used (§5.1.6.3.2), and all are used
+   * together. When the ring runs out first the buffers go back unused
+   * (DeviceQueue.unpop) and the packet waits; if even a full ring could not
+   * hold it, it is dropped.
+   */
+  private deliverMerged(q: DeviceQueue, index: number, frame: Uint8Array, hdr: Readonly<NetHdr>): DeliverResult {
+    const mem = this.memory;
+    const len = frame.length;
+    const first = this.rxFirst;
+    if (!this.pop(q, first, index)) return WAIT;
+    // §5.1.6.3.1: every buffer holds at least the header; the first one must, as the packet starts there.
+    if (first.readableBytes !== 0 || first.writableBytes < NET_HDR_SIZE) {
+      this.rxPushed = true;
+      q.pushUsed(first.head, 0, first.descCount);
+      this.report(
+        new GuestError(
+          "NET_RX_BUFFER",
+          `mergeable receive buffer of ${first.writableBytes} writable bytes (${first.readableBytes} readable)`,
+        ),
+        index,
+      );
+      return "no-buffer";
+    }
+    const ids = this.usedIds;
+    const lens = this.usedLens;
+    const descs = this.usedDescs;
+    let n = Math.min(first.writableBytes - NET_HDR_SIZE, len);
+    if (n > 0) first.write(mem, n === len ? frame : frame.subarray(0, n), NET_HDR_SIZE);
+    ids[0] = first.head;
+    lens[0] = NET_HDR_SIZE + n;
+    descs[0] = first.descCount;
+    let done = n;
+    let count = 1;
+    let slots = first.descCount;
+    const chain = this.rxChain;
+    while (done < len) {
+      if (count === q.size || !this.pop(q, chain, index)) {
+        if (this.liveQueue(index) !== q) return "no-buffer"; // the ring broke: it needs a reset anyway
+        const never = count === q.size; // every buffer a ring can hold is not enough
+        if (q.unpop !== undefined) {
+          q.unpop(count, slots);
+          if (!never) return WAIT;
+        } else {
+          // A queue whose pops cannot be undone: the buffers go back empty, the packet is lost.
+          this.rxPushed = true;
+          for (let k = 0; k < count; k++) q.pushUsed(ids[k]!, 0, descs[k]);
+        }
+        return never ? "too-long" : "no-buffer";
+      }
+      n = Math.min(chain.writableBytes, len - done);
+      if (n > 0) chain.write(mem, frame.subarray(done, done + n));
+      ids[count] = chain.head;
+      lens[count] = n;
+      descs[count] = chain.descCount;
+      slots += chain.descCount;
+      done += n;
+      count++;
+    }
+    first.write(mem, this.fillRxHdr(hdr, count));
+    this.rxPushed = true;
+    for (let k = 0; k < count; k++) q.pushUsed(ids[k]!, lens[k]!, descs[k]);
+    this.stats.rxFrames++;
+    this.stats.rxBytes += len;
+    return null;
+  }
+
+  // ---- transmit ----
+
+  private txDrop(r: DropReason): void {
+    this.stats.txDrops[r] = (this.stats.txDrops[r] ?? 0) + 1;
+    this.stats.txDropped++;
+  }
+
+  /** §5.1.6.2: each transmit buffer is a virtio_net_hdr followed by the frame; up to `budget` of them, one publication. */
+  private transmit(pair: number, index: number, q: DeviceQueue, budget: number): void {
+    const chain = this.txChain;
+    const epoch = this.epoch;
+    let pushed = false;
+    try {
+      for (let n = 0; n < budget && q.popInto(chain); n++) {
+        const r = this.transmitOne(chain, pair, index);
+        if (r !== null) this.txDrop(r);
+        // The port may have reset the device from inside transmit(): the buffer is no longer ours to return.
+        if (epoch !== this.epoch || this.liveQueue(index) !== q) return;
+        // Transmit buffers are only read: used length 0 (§2.7.8).
+        q.pushUsed(chain.head, 0, chain.descCount);
+        pushed = true;
+      }
+    } finally {
+      if (pushed && epoch === this.epoch && this.liveQueue(index) === q) {
+        q.publishUsed();
+        if (q.needsNotification()) this.events.usedBuffer?.(index);
+      }
+    }
+  }
+
+  private transmitOne(chain: DescriptorChain, pair: number, index: number): DropReason | null {
+    const len = chain.readableBytes - NET_HDR_SIZE;
+    if (len < 0) {
+      this.report(new GuestError("NET_TX_SHORT", `transmit buffer of ${chain.readableBytes} bytes has no virtio_net_hdr`), index);
+      return "bad-hdr";
+    }
+    const mem = this.memory;
+    chain.read(mem, this.txHdrBytes);
+    const v = this.txHdrView;
+    const hdr = this.txHdr;
+    // §5.1.6.2.2: flag bits the device does not know are ignored; DATA_VALID is not the driver's to set.
+    hdr.flags = v.getUint8(NET_HDR.flags) & VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    hdr.gsoType = v.getUint8(NET_HDR.gso_type);
+    hdr.hdrLen = v.getUint16(NET_HDR.hdr_len, true);
+    hdr.gsoSize = v.getUint16(NET_HDR.gso_size, true);
+    hdr.csumStart = v.getUint16(NET_HDR.csum_start, true);
+    hdr.csumOffset = v.getUint16(NET_HDR.csum_offset, true);
+    const gso = (hdr.gsoType & ~VIRTIO_NET_HDR_GSO_ECN) !== 0;
+    const max = gso ? GSO_MAX_FRAME : this.txPlainMax;
+    if (len > max) {
+      this.report(new GuestError("NET_TX_TOO_LONG", `transmit frame of ${len} bytes exceeds ${max}`), index);
+      return "too-long";
+    }
+    if (len < ETH_HLEN) return "runt";
+    // QEMU drops transmissions while the link is down too; the port would only discard them.
+    if (!this.linkUp) return "link-down";
+    const frame = new Uint8Array(len);
+    chain.read(mem, frame, NET_HDR_SIZE);
+    // TODO(checkTxHdr): see txCheck.
+    const bad = txCheck(frame, hdr, this.hostAllowed);
+    if (bad !== null) return bad;
+    if (this.queuePairsInUse > 1) this.flowTable[flowHash(frame) & 0xff] = pair + 1;
+    try {
+      this.port.transmit(frame, hdr);
+    } catch {
+      return "host-error"; // a failing host port loses the frame, as a wire would; the guest is not at fault
+    }
+    this.stats.txFrames++;
+    this.stats.txBytes += len;
+    return null;
+  }
+
+  // ---- control queue ----
+
+  private controlTarget(): MutableControl {
+    return {
+      filter: this.filter,
+      ctrlRx: false,
+      ctrlRxExtra: false,
+      ctrlVlan: false,
+      ctrlMacAddr: false,
+      guestAnnounce: false,
+      maxQueuePairs: 0,
+      setMac: (mac) => {
+        // §5.1.6.5.2: config mac changes before the command is used; the driver asked, so no notification.
+        this.config.set(mac, NET_CFG.mac);
+        this.configChanged(false);
+      },
+      ackAnnounce: () => {
+        // §5.1.6.5.4: VIRTIO_NET_S_ANNOUNCE clears before the buffer is used.
+        const s = this.configView.getUint16(NET_CFG.status, true);
+        this.configView.setUint16(NET_CFG.status, s & ~VIRTIO_NET_S_ANNOUNCE, true);
+        this.configChanged(false);
+      },
+      setQueuePairs: (n) => {
+        // §5.1.6.5.5: no packets for receive queues beyond n once the command is used.
+        for (let p = n; p < this.activePairs; p++) this.dropPending(p);
+        this.activePairs = n;
+        this.flowTable.fill(0);
+      },
+    };
+  }
+
+  /** §5.1.6.5: class, command and data readable, then the ack byte writable. */
+  private runControl(q: DeviceQueue, budget: number): void {
+    const chain = this.ctrlChain;
+    const index = this.ctrlIndex;
+    let pushed = false;
+    try {
+      for (let n = 0; n < budget && q.popInto(chain); n++) {
+        const ack = this.command(chain);
+        if (ack === VIRTIO_NET_ERR) this.stats.ctrlErr++;
+        else this.stats.ctrlOk++;
+        let len = 0;
+        if (chain.writableBytes >= 1) {
+          this.ackByte[0] = ack;
+          len = chain.write(this.memory, this.ackByte);
+        } else {
+          this.report(new GuestError("NET_CTRL_NO_ACK", "control command without a writable ack byte"), index);
+        }
+        q.pushUsed(chain.head, len, chain.descCount);
+        pushed = true;
+      }
+    } finally {
+      if (pushed && this.liveQueue(index) === q) {
+        q.publishUsed();
+        if (q.needsNotification()) this.events.usedBuffer?.(index);
+      }
+    }
+  }
+
+  private command(chain: DescriptorChain): number {
+    const len = chain.readableBytes;
+    if (len < 2 || len > CTRL_MAX_BYTES) return VIRTIO_NET_ERR;
+    if (this.ctrlBuf.length < len) this.ctrlBuf = new Uint8Array(Math.max(len, this.ctrlBuf.length * 2));
+    const buf = this.ctrlBuf.subarray(0, len);
+    chain.read(this.memory, buf);
+    return controlCommand(this.control, buf[0]!, buf[1]!, buf.subarray(2));
   }
 }
