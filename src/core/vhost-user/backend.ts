@@ -76,6 +76,7 @@ export interface BackendOptions {
   onFatal?: (err: VhostUserError) => void;
 }
 
+/** Protocol features every back end offers; RARP and MTU are added for devices with the hooks behind them. */
 const SUPPORTED_PF =
   bit(PF.MQ) |
   bit(PF.REPLY_ACK) |
@@ -117,6 +118,8 @@ export class VhostUserBackend<F> {
   private lossHandled = false;
   private readonly busyPoll: boolean;
   private readonly onFatal: ((err: VhostUserError) => void) | null;
+  /** SUPPORTED_PF plus what the device can do (SEND_RARP, NET_SET_MTU). */
+  private readonly supportedPF: bigint;
 
   constructor(device: VirtioDevice, platform: VhostUserPlatform<F>, opts: BackendOptions = {}) {
     this.device = device;
@@ -126,7 +129,11 @@ export class VhostUserBackend<F> {
     const passBudget = opts.passBudget ?? 64;
     if (!(passBudget >= 1)) throw new RangeError(`passBudget ${passBudget}`);
     this.onFatal = opts.onFatal ?? null;
+    this.supportedPF =
+      SUPPORTED_PF | (device.hostSendRarp !== undefined ? bit(PF.RARP) : 0n) | (device.hostSetMtu !== undefined ? bit(PF.MTU) : 0n);
     this.rings = Array.from({ length: device.numQueues }, () => freshRing<F>());
+    // "Ring states": every ring starts disabled; the device must not fill one it was not given.
+    this.tellEnabled();
     this.table = new MemoryTable(platform, this.log);
     this.inflight = new InflightRings(platform, device, this.log);
     this.scheduler = new RingScheduler(this.rings, device, {
@@ -275,21 +282,36 @@ export class VhostUserBackend<F> {
         const f = decodeU64Bits(h.request, p);
         if ((f & ~this.offeredFeatures) !== 0n)
           throw new VhostUserError("BAD_FEATURES", `features 0x${(f & ~this.offeredFeatures).toString(16)} were not offered`);
-        const bad = this.device.hostSetFeatures(f & ~bit(VHOST_USER_F_PROTOCOL_FEATURES));
-        if (bad !== null) throw new VhostUserError("BAD_FEATURES", bad);
+        if (this.rings.some((r) => r.started)) {
+          // QEMU's vhost-user-net keeps one vhost_dev per queue pair on this socket, and each sends
+          // SET_FEATURES as it starts, while the earlier pairs' rings run: the same set again is
+          // harmless and changes nothing. Another set would change rings under the driver's feet.
+          if (f !== this.features) {
+            throw new VhostUserError(
+              "WRONG_STATE",
+              `SET_FEATURES 0x${f.toString(16)} while rings run with 0x${this.features.toString(16)}: stop the rings first`,
+            );
+          }
+        } else {
+          const bad = this.device.hostSetFeatures(f & ~bit(VHOST_USER_F_PROTOCOL_FEATURES));
+          if (bad !== null) throw new VhostUserError("BAD_FEATURES", bad);
+        }
         this.features = f;
         this.featuresSet = true;
         // Without protocol features rings start enabled ("Ring states").
-        if (!hasFeature(f, VHOST_USER_F_PROTOCOL_FEATURES)) for (const r of this.rings) r.enabled = true;
+        if (!hasFeature(f, VHOST_USER_F_PROTOCOL_FEATURES)) {
+          for (const r of this.rings) r.enabled = true;
+          this.tellEnabled();
+        }
         return done;
       }
       case Req.GET_PROTOCOL_FEATURES:
         this.noPayload(h, p);
-        return { reply: encodeU64(SUPPORTED_PF), keptFds: false };
+        return { reply: encodeU64(this.supportedPF), keptFds: false };
       case Req.SET_PROTOCOL_FEATURES: {
         const f = decodeU64Bits(h.request, p);
-        if ((f & ~SUPPORTED_PF) !== 0n)
-          throw new VhostUserError("BAD_FEATURES", `protocol features 0x${(f & ~SUPPORTED_PF).toString(16)} were not offered`);
+        if ((f & ~this.supportedPF) !== 0n)
+          throw new VhostUserError("BAD_FEATURES", `protocol features 0x${(f & ~this.supportedPF).toString(16)} were not offered`);
         this.protocolFeatures = f;
         return done;
       }
@@ -310,6 +332,7 @@ export class VhostUserBackend<F> {
           for (const r of this.rings) this.closeRingFds(r);
           this.rings.forEach((_, i) => (this.rings[i] = freshRing<F>()));
           this.device.hostReset();
+          this.tellEnabled();
           this.features = 0n;
           this.featuresSet = false;
           this.status = 0;
@@ -321,7 +344,8 @@ export class VhostUserBackend<F> {
       }
       case Req.GET_QUEUE_NUM:
         this.requirePF(h, PF.MQ);
-        return { reply: encodeU64(this.device.numQueues), keptFds: false };
+        // The device says what it counts: queues for blk, queue pairs for net (QEMU's net/vhost-user.c compares pairs).
+        return { reply: encodeU64(this.device.hostQueueNum), keptFds: false };
       case Req.GET_MAX_MEM_SLOTS:
         this.requirePF(h, PF.CONFIGURE_MEM_SLOTS);
         return { reply: encodeU64(MAX_MEM_SLOTS), keptFds: false };
@@ -415,7 +439,22 @@ export class VhostUserBackend<F> {
         const ring = this.ring(h, s.index);
         if (s.num > 1) throw new VhostUserError("BAD_VALUE", `SET_VRING_ENABLE ${s.num}`);
         ring.enabled = s.num === 1;
+        this.device.hostQueueEnabled(s.index, ring.enabled);
         if (ring.enabled && ring.started && !this.busyPoll) this.scheduler.serve(s.index);
+        return done;
+      }
+      case Req.SEND_RARP: {
+        // "Only legal if ... VHOST_USER_PROTOCOL_F_RARP": the first 6 bytes of the u64 are the guest's MAC.
+        this.requirePF(h, PF.RARP);
+        if (p.length !== 8) throw new VhostUserError("BAD_SIZE", `SEND_RARP with a ${p.length}-byte payload`);
+        this.device.hostSendRarp!(p.slice(0, 6));
+        return done;
+      }
+      case Req.NET_SET_MTU: {
+        this.requirePF(h, PF.MTU);
+        const mtu = decodeU64Bits(h.request, p);
+        const bad = mtu > 0xffffn ? `mtu ${mtu}` : this.device.hostSetMtu!(Number(mtu));
+        if (bad !== null) throw new VhostUserError("BAD_VALUE", `NET_SET_MTU refused: ${bad}`);
         return done;
       }
       case Req.GET_CONFIG: {
@@ -463,6 +502,11 @@ export class VhostUserBackend<F> {
       default:
         throw new VhostUserError("UNSUPPORTED", `${reqName(h.request)} is not supported`);
     }
+  }
+
+  /** Tells the device every ring's enable state (hostQueueEnabled). */
+  private tellEnabled(): void {
+    for (let i = 0; i < this.rings.length; i++) this.device.hostQueueEnabled(i, this.rings[i]!.enabled);
   }
 
   /** Sends CONFIG_CHANGE_MSG on the back-end channel, when the front end gave us one. */

@@ -467,6 +467,8 @@ export class NetDevice extends VirtioDevice {
     this.config.set(this.stationMac, NET_CFG.mac);
     const s = this.configView.getUint16(NET_CFG.status, true);
     this.configView.setUint16(NET_CFG.status, s & ~VIRTIO_NET_S_ANNOUNCE, true);
+    // A vhost-user front end sends NET_SET_MTU again each time it starts the device.
+    this.hostMtu = null;
     this.applyFeatures(0n);
     this.updateCarrier();
   }
