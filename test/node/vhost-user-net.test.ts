@@ -9,6 +9,11 @@ import { BlkDevice } from "../../src/core/virtio/devices/blk/device.js";
 import { RamDisk } from "../../src/core/virtio/devices/blk/port.js";
 import {
   NET_HDR_SIZE,
+  VIRTIO_NET_F_CTRL_RX,
+  VIRTIO_NET_F_CTRL_VLAN,
+  VIRTIO_NET_F_CTRL_VQ,
+  VIRTIO_NET_F_GUEST_ANNOUNCE,
+  VIRTIO_NET_F_MQ,
   VIRTIO_NET_F_CSUM,
   VIRTIO_NET_F_HOST_TSO4,
   VIRTIO_NET_F_MRG_RXBUF,
@@ -106,6 +111,24 @@ test("GET_QUEUE_NUM reports virtio-net's queue pairs, while blk keeps reporting 
   assert.equal(device.numQueues, 4, "two pairs, no control queue");
   await end(s);
   assert.equal(new BlkDevice({ port: new RamDisk(4096), numQueues: 3 }).hostQueueNum, 3);
+});
+
+test("features QEMU passes through are offered (MQ, GUEST_ANNOUNCE) without CTRL_VQ, and accepted without it", async () => {
+  const s = await session();
+  s.c.send(Req.GET_FEATURES);
+  const r = await s.c.reply();
+  assert.notEqual(r, "closed");
+  const f = r === "closed" ? 0n : decodeU64Bits(Req.GET_FEATURES, r.payload);
+  assert.ok((f & bit(VIRTIO_NET_F_MQ)) !== 0n && (f & bit(VIRTIO_NET_F_GUEST_ANNOUNCE)) !== 0n);
+  assert.equal(
+    f & (bit(VIRTIO_NET_F_CTRL_VQ) | bit(VIRTIO_NET_F_CTRL_RX) | bit(VIRTIO_NET_F_CTRL_VLAN)),
+    0n,
+    "the front end keeps the control queue",
+  );
+  const acked = BASE | bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_GUEST_ANNOUNCE) | bit(VIRTIO_NET_F_MRG_RXBUF);
+  assert.equal(await s.c.ack(Req.SET_FEATURES, encodeU64(acked)), 0);
+  assert.equal(device.announce(), false, "the front end announces; no control queue here to acknowledge");
+  await end(s);
 });
 
 test("RARP and MTU protocol features are offered for virtio-net and not for blk", async () => {

@@ -264,19 +264,26 @@ export class NetDevice extends VirtioDevice {
       VIRTIO_F_RING_RESET,
       VIRTIO_F_NOTIFICATION_DATA,
     );
+    // QEMU passes MQ and GUEST_ANNOUNCE through to a vhost-user back end (its user_feature_bits)
+    // and hides them from the guest unless the back end offers them, though it runs the control
+    // queue they need itself; so they are offered either way.
+    offer |= features(VIRTIO_NET_F_GUEST_ANNOUNCE);
+    if (pairs > 1) offer |= features(VIRTIO_NET_F_MQ);
     if (controlQueue) {
       offer |= features(
         VIRTIO_NET_F_CTRL_VQ,
         VIRTIO_NET_F_CTRL_RX,
         VIRTIO_NET_F_CTRL_RX_EXTRA,
         VIRTIO_NET_F_CTRL_VLAN,
-        VIRTIO_NET_F_GUEST_ANNOUNCE,
         VIRTIO_NET_F_CTRL_MAC_ADDR,
       );
-      if (pairs > 1) offer |= features(VIRTIO_NET_F_MQ);
     }
     if (opts.inOrder === true) offer |= features(VIRTIO_F_IN_ORDER);
-    offer = pruneNetFeatures(offer & ~(opts.withhold ?? 0n));
+    offer &= ~(opts.withhold ?? 0n);
+    // Without a control queue of its own the device counts the front end's as there (see validateFeatures).
+    offer = controlQueue
+      ? pruneNetFeatures(offer)
+      : pruneNetFeatures(offer | features(VIRTIO_NET_F_CTRL_VQ)) & ~features(VIRTIO_NET_F_CTRL_VQ);
     const queueSize = opts.queueSize ?? 256;
     super({ numQueues: 2 * pairs + (controlQueue ? 1 : 0), maxQueueSize: queueSize, configSize: NET_CONFIG_SIZE, features: offer });
     this.port = opts.port;
@@ -325,11 +332,13 @@ export class NetDevice extends VirtioDevice {
    * Asks the driver to announce itself (after a migration): sets
    * VIRTIO_NET_S_ANNOUNCE and raises a configuration change (§5.1.6.5.4).
    * Returns false, changing nothing, when the driver did not negotiate
-   * VIRTIO_NET_F_GUEST_ANNOUNCE; then the host announces the address itself
-   * (sendRarp).
+   * VIRTIO_NET_F_GUEST_ANNOUNCE or the control queue is not the device's
+   * (vhost-user: the front end asks the guest itself); then the host
+   * announces the address itself (sendRarp) if anybody must.
    */
   announce(): boolean {
-    if (!hasFeature(this.features, VIRTIO_NET_F_GUEST_ANNOUNCE)) return false;
+    // The acknowledgement comes on the control queue; without one of its own (vhost-user) the front end announces.
+    if (!hasFeature(this.features, VIRTIO_NET_F_GUEST_ANNOUNCE) || this.ctrlIndex < 0) return false;
     const s = this.configView.getUint16(NET_CFG.status, true);
     this.configView.setUint16(NET_CFG.status, s | VIRTIO_NET_S_ANNOUNCE, true);
     this.configChanged();
@@ -448,7 +457,9 @@ export class NetDevice extends VirtioDevice {
    * front end that repeats SET_FEATURES per queue pair disturbs no ring.
    */
   protected override validateFeatures(f: bigint): string | null {
-    const unmet = unmetNetDependency(f);
+    // Without `controlQueue` the front end runs the control queue and does not pass CTRL_VQ on,
+    // but it does pass MQ and GUEST_ANNOUNCE, which need it (§5.1.3.1): those count as met.
+    const unmet = unmetNetDependency(this.controlQueue ? f : f | features(VIRTIO_NET_F_CTRL_VQ));
     if (unmet !== null) return `feature ${unmet} without the feature it depends on (virtio 1.2 §5.1.3.1)`;
     this.applyFeatures(f);
     return null;
