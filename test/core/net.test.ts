@@ -14,6 +14,7 @@ import {
   VIRTIO_F_IN_ORDER,
   VIRTIO_F_RING_PACKED,
   VIRTIO_NET_F_CSUM,
+  VIRTIO_NET_F_CTRL_RX,
   VIRTIO_NET_F_CTRL_VQ,
   VIRTIO_NET_F_GUEST_CSUM,
   VIRTIO_NET_F_GUEST_TSO4,
@@ -27,8 +28,11 @@ import {
   VIRTIO_NET_F_STATUS,
   bit,
   hasFeature,
+  rarpFrame,
+  unmetNetDependency,
   type DeviceQueue,
 } from "../../src/core/index.js";
+import { plainHdr } from "../../src/core/net/hdr.js";
 import { createNetPair, type NetPair, type NetPairOptions } from "../../src/core/loopback/index.js";
 
 const T = { timeout: 20_000 };
@@ -568,6 +572,66 @@ describe("virtio-net device", () => {
     await tick();
     assert.deepEqual(p.rx, [f]);
     assert.deepEqual(p.port.transmitted, [f]);
+  });
+});
+
+describe("virtio-net device options and host API", () => {
+  test("withheld features take the features that need them along; the offer stays consistent (§5.1.3.1)", T, () => {
+    const full = new NetDevice({ port: new MemoryPacketPort(), queuePairs: 2 });
+    for (const b of [VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ]) {
+      assert.ok(hasFeature(full.offeredFeatures, b), `offers ${b}`);
+    }
+    const d = new NetDevice({ port: new MemoryPacketPort(), queuePairs: 2, withhold: bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_CTRL_VQ) });
+    assert.equal(unmetNetDependency(d.offeredFeatures), null);
+    for (const b of [VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ]) {
+      assert.equal(hasFeature(d.offeredFeatures, b), false, `withholds ${b}`);
+    }
+    assert.ok(hasFeature(d.offeredFeatures, VIRTIO_NET_F_GUEST_TSO4), "the receive side is untouched");
+    assert.equal(hasFeature(new NetDevice({ port: new MemoryPacketPort() }).offeredFeatures, VIRTIO_NET_F_MQ), false, "one pair: no MQ");
+  });
+
+  test("a feature set that breaks a dependency is refused, and nothing follows from it", T, () => {
+    const port = new MemoryPacketPort();
+    const d = new NetDevice({ port });
+    const v1 = 1n << 32n;
+    assert.match(d.hostSetFeatures(v1 | bit(VIRTIO_NET_F_GUEST_TSO4)) ?? "", /depends/);
+    assert.match(d.hostSetFeatures(v1 | bit(VIRTIO_NET_F_CTRL_RX)) ?? "", /depends/);
+    assert.deepEqual(d.accepts, { csum: false, tso4: false, tso6: false, ecn: false, uso: false });
+    assert.equal(d.hostSetFeatures(v1 | bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_CSUM)), null);
+    assert.deepEqual(port.accepts, { csum: true, tso4: true, tso6: false, ecn: false, uso: false });
+  });
+
+  test("bad options are RangeErrors", T, () => {
+    const port = new MemoryPacketPort();
+    for (const o of [{ queuePairs: 0 }, { queuePairs: 0x8000 }, { queuePairs: 1.5 }, { maxPendingBytes: -1 }]) {
+      assert.throws(() => new NetDevice({ port, ...o }), RangeError, JSON.stringify(o));
+    }
+  });
+
+  test("maxPendingBytes bounds the bytes waiting for receive buffers", T, () => {
+    const p = pair({ device: { maxPendingBytes: 3000 }, driver: { queueSize: 4 } });
+    const size = p.driver.virtio.queue(0).size;
+    for (let i = 0; i < size; i++) assert.equal(p.port.inject(frame(1000, i)), null);
+    assert.equal(p.port.inject(frame(1000, 10)), null);
+    assert.equal(p.port.inject(frame(1000, 11)), null);
+    assert.equal(p.port.inject(frame(1001, 12)), "no-buffer", "3001 bytes would wait");
+    assert.equal(p.port.inject(frame(1000, 13)), null);
+    assert.equal(p.device.pendingFrames, 3);
+  });
+
+  test("sendRarp hands the port a RARP from the address; a failing port is counted, not thrown", T, () => {
+    const port = new MemoryPacketPort();
+    const d = new NetDevice({ port });
+    const mac = new Uint8Array([0x52, 0x54, 0, 1, 2, 3]);
+    assert.equal(d.sendRarp(mac), true);
+    assert.deepEqual(port.transmitted, [rarpFrame(mac)]);
+    assert.deepEqual(port.transmittedHdrs, [plainHdr()]);
+    port.onTransmit = () => {
+      throw new Error("wire cut");
+    };
+    assert.equal(d.sendRarp(mac), false);
+    assert.deepEqual(d.stats.txDrops, { "host-error": 1 });
+    assert.throws(() => d.sendRarp(new Uint8Array(5)), RangeError);
   });
 });
 

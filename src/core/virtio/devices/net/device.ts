@@ -350,9 +350,20 @@ export class NetDevice extends VirtioDevice {
     return (this.configView.getUint16(NET_CFG.status, true) & VIRTIO_NET_S_ANNOUNCE) !== 0;
   }
 
-  /** Sends a RARP broadcast from `mac` to the port, so that switches learn where it lives (vhost-user SEND_RARP). */
-  sendRarp(mac: Uint8Array): void {
-    this.port.transmit(rarpFrame(mac), PLAIN_HDR);
+  /**
+   * Sends a RARP broadcast from `mac` to the port, so that switches learn
+   * where it lives (vhost-user SEND_RARP). Returns false when the port
+   * failed (counted as a "host-error" transmit drop). `mac` must be 6 bytes.
+   */
+  sendRarp(mac: Uint8Array): boolean {
+    const frame = rarpFrame(mac);
+    try {
+      this.port.transmit(frame, PLAIN_HDR);
+    } catch {
+      this.txDrop("host-error");
+      return false;
+    }
+    return true;
   }
 
   override hostSendRarp(mac: Uint8Array): void {
