@@ -71,6 +71,9 @@ export function exceedsOffloads(hdr: Readonly<NetHdr>, accepts: Readonly<Offload
  * TODO(fitOffloads): src/core/net/fit.ts `fitOffloads(frame, hdr, accepts,
  * maxFrame, emit)` is being written; once it is on main this becomes a call
  * to it. Until then such packets are dropped as "offload-not-negotiated".
+ * Contract kept for that call: the result is why the whole packet was
+ * dropped (NetDevice.receive counts it); each emitted segment is counted by
+ * `emit` itself, so a reason `emit` returned must not be passed back up.
  */
 export function fitToReceiver(
   _frame: Uint8Array,
