@@ -114,7 +114,7 @@ describe("Switch under hostile input", () => {
         fc.array(opArb, { maxLength: 60 }),
         (pcfg, ops) => {
           const clock = new Clock();
-          const sw = new Switch({ now: clock.now, maxMacs: MAX_MACS, ageingMs: 300_000 });
+          const sw = new Switch({ now: clock.now, clockEvery: 3, maxMacs: MAX_MACS, ageingMs: 300_000 });
           const ports = CONFIGS.map((_, i) => new FakePort(`p${i}`));
           const handles: PortHandle[] = ports.map((p, i) => {
             const c = pcfg[i]!;

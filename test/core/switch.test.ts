@@ -137,7 +137,7 @@ describe("Switch learning and forwarding", () => {
 
   test("an address not seen for the ageing time is forgotten on lookup, and traffic to it floods again", () => {
     const clock = new Clock();
-    const { sw, ports, h } = setup(3, { now: clock.now, ageingMs: 10_000 });
+    const { sw, ports, h } = setup(3, { now: clock.now, clockEvery: 1, ageingMs: 10_000 });
     h[0]!.input(eth(BROADCAST, A));
     ports.forEach((p) => p.take());
     clock.t += 10_000;
@@ -152,7 +152,7 @@ describe("Switch learning and forwarding", () => {
 
   test("age() removes only entries past the ageing time and returns how many", () => {
     const clock = new Clock();
-    const { sw, h } = setup(2, { now: clock.now, ageingMs: 300_000 });
+    const { sw, h } = setup(2, { now: clock.now, clockEvery: 1, ageingMs: 300_000 });
     h[0]!.input(eth(BROADCAST, A));
     h[0]!.input(eth(BROADCAST, C));
     clock.t += 200_000;
@@ -172,12 +172,32 @@ describe("Switch learning and forwarding", () => {
 
   test("the default ageing time is 300 s", () => {
     const clock = new Clock();
-    const { sw, h } = setup(2, { now: clock.now });
+    const { sw, h } = setup(2, { now: clock.now, clockEvery: 1 });
     h[0]!.input(eth(BROADCAST, A));
     clock.t += 300_000;
     assert.equal(sw.age(), 0);
     clock.t += 1;
     assert.equal(sw.age(), 1);
+  });
+
+  test("the clock is read once per clockEvery packets and at every age(), and entries are stamped with the last reading", () => {
+    let reads = 0;
+    let t = 0;
+    const { sw, h } = setup(2, {
+      now: () => {
+        reads++;
+        return t;
+      },
+      clockEvery: 4,
+      ageingMs: 1_000,
+    });
+    const at0 = reads;
+    for (let i = 0; i < 7; i++) h[0]!.input(eth(BROADCAST, A));
+    assert.equal(reads - at0, 2);
+    t = 5_000;
+    h[1]!.input(eth(BROADCAST, B)); // stamped with the stale reading (0), not 5000
+    assert.equal(sw.age(), 2, "both are older than 1 s by the clock age() reads");
+    assert.equal(reads - at0, 3);
   });
 
   test("a full table learns nothing more and counts it; traffic to unlearned addresses still floods", () => {
