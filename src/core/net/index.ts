@@ -1,0 +1,4 @@
+export * from "./hdr.js";
+export * from "./offloads.js";
+export * from "./checksum.js";
+export * from "./parse.js";
