@@ -1,7 +1,7 @@
 import { test, describe } from "node:test";
 import assert from "node:assert/strict";
 import fc from "fast-check";
-import { checksum, finish, fold, pseudoSum4, pseudoSum6, storeChecksum, sum16 } from "../../src/core/net/index.js";
+import { checksum, finishSum, foldSum, pseudoSum4, pseudoSum6, storeChecksum, sum16 } from "../../src/core/net/index.js";
 import { buildTcp4, buildUdp6, get16, pattern, refChecksum, refPseudoSum, refSum } from "./net-packets.js";
 
 describe("checksum", () => {
@@ -66,14 +66,14 @@ describe("checksum", () => {
     );
   });
 
-  test("fold() reduces sums up to 2^53 to 16 bits congruent modulo 0xffff", () => {
+  test("foldSum() reduces sums up to 2^53 to 16 bits congruent modulo 0xffff", () => {
     fc.assert(
       fc.property(fc.maxSafeNat(), (n) => {
-        const f = fold(n);
+        const f = foldSum(n);
         assert.ok(f >= 0 && f <= 0xffff);
         assert.equal(f % 0xffff, n % 0xffff);
         assert.equal(f === 0, n === 0);
-        assert.equal(finish(n), ~f & 0xffff);
+        assert.equal(finishSum(n), ~f & 0xffff);
       }),
     );
   });

@@ -4,7 +4,7 @@
  *
  * Sums here are "partial": a non-negative integer whose value modulo 0xffff
  * is what matters (RFC 1071 §2(C): carries may be deferred and folded at the
- * end). `fold` turns any partial sum into 16 bits; `finish` complements it
+ * end). `foldSum` turns any partial sum into 16 bits; `finishSum` complements it
  * into the value that goes on the wire. A folded sum is 0 only when every
  * word summed was 0, so sums of real data fold to 1..0xffff.
  */
@@ -41,7 +41,7 @@ function words32(buffer: ArrayBufferLike, lastWord: number): Uint32Array {
 }
 
 /** Folds a partial sum (an integer in [0, 2^53)) to 16 bits, with end-around carry. */
-export function fold(sum: number): number {
+export function foldSum(sum: number): number {
   let s = sum;
   // Past 32 bits the integer operators would truncate: fold with float arithmetic first.
   while (s > 0xffffffff) s = (s % 0x10000) + Math.floor(s / 0x10000);
@@ -50,8 +50,8 @@ export function fold(sum: number): number {
 }
 
 /** The checksum to store for a partial sum: the ones' complement of its fold (RFC 1071 §1). */
-export function finish(sum: number): number {
-  return ~fold(sum) & 0xffff;
+export function finishSum(sum: number): number {
+  return ~foldSum(sum) & 0xffff;
 }
 
 /** Swaps the bytes of a 16-bit value; for a folded sum this is the sum of the byte-swapped words. */
@@ -86,7 +86,7 @@ export function sum16(data: Uint8Array, start: number, end: number): number {
       const stop = Math.min(last, w + WORDS_PER_FOLD);
       let part = 0;
       for (; w < stop; w++) part += w32[w]!;
-      mid = fold(mid + fold(part));
+      mid = foldSum(mid + foldSum(part));
     }
     // A native word's first byte carries weight 1 on a little-endian host and 2^8 on a big-endian one;
     // the checksum wants 2^8 for bytes at an even distance from `start`.
@@ -95,12 +95,12 @@ export function sum16(data: Uint8Array, start: number, end: number): number {
     i += words * 4;
   }
   for (; i < end; i++) acc += (i - start) & 1 ? data[i]! : data[i]! << 8;
-  return fold(acc);
+  return foldSum(acc);
 }
 
 /** The Internet checksum of data[start, end) (what a header's checksum field must hold when it was 0 while summing). */
 export function checksum(data: Uint8Array, start: number, end: number): number {
-  return finish(sum16(data, start, end));
+  return finishSum(sum16(data, start, end));
 }
 
 /** Reads a big-endian 16-bit word; callers check the bounds. */
@@ -117,7 +117,7 @@ function be16(data: Uint8Array, at: number): number {
 export function pseudoSum4(ipv4: Uint8Array, l3Offset: number, protocol: number, l4Length: number): number {
   let s = protocol + l4Length;
   for (let at = l3Offset + 12; at < l3Offset + 20; at += 2) s += be16(ipv4, at) | 0;
-  return fold(s);
+  return foldSum(s);
 }
 
 /**
@@ -130,7 +130,7 @@ export function pseudoSum4(ipv4: Uint8Array, l3Offset: number, protocol: number,
 export function pseudoSum6(ipv6: Uint8Array, l3Offset: number, nextHeader: number, l4Length: number): number {
   let s = nextHeader + (l4Length >>> 16) + (l4Length & 0xffff);
   for (let at = l3Offset + 8; at < l3Offset + 40; at += 2) s += be16(ipv6, at) | 0;
-  return fold(s);
+  return foldSum(s);
 }
 
 /**
@@ -140,7 +140,7 @@ export function pseudoSum6(ipv6: Uint8Array, l3Offset: number, nextHeader: numbe
  * checksum" (RFC 768; over IPv6 a UDP checksum of 0 is invalid, RFC 8200 §8.1).
  */
 export function storeChecksum(data: Uint8Array, at: number, sum: number): void {
-  const c = finish(sum) || 0xffff;
+  const c = finishSum(sum) || 0xffff;
   data[at] = c >>> 8;
   data[at + 1] = c & 0xff;
 }

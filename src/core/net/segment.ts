@@ -1,5 +1,5 @@
 import { VIRTIO_NET_HDR_F_NEEDS_CSUM } from "../virtio/devices/net/constants.js";
-import { fold, pseudoSum4, pseudoSum6, storeChecksum, sum16 } from "./checksum.js";
+import { foldSum, pseudoSum4, pseudoSum6, storeChecksum, sum16 } from "./checksum.js";
 import type { NetHdr } from "./hdr.js";
 import type { DropReason } from "./offloads.js";
 import { IPPROTO_TCP, PARSED_L4, type PacketInfo } from "./parse.js";
@@ -112,7 +112,7 @@ export function segmentPacket(
     }
     const pseudo = v4 ? pseudoSum4(out, l3, info.l4Proto, l4Len) : pseudoSum6(out, l3, info.l4Proto, l4Len);
     if (partialCsum) {
-      putBe16(out, csumAt, fold(pseudo));
+      putBe16(out, csumAt, foldSum(pseudo));
       hdr.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
       hdr.csumStart = l4;
       hdr.csumOffset = csumAt - l4;
