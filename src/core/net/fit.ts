@@ -72,15 +72,19 @@ function acceptsGso(base: number, ecn: boolean, accepts: Readonly<Offloads>): bo
  *   csum, which saves summing the payload, and is completed otherwise. A
  *   segment longer than `maxFrame` drops the packet as "too-long".
  * - A NEEDS_CSUM packet goes on as is to a receiver with csum; otherwise the
- *   checksum is completed the way virtio 1.2 §5.1.6.2 point 3 defines it: the
+ *   checksum is completed the way virtio 1.2 §5.1.6.2 point 2 defines it: the
  *   sender stored the pseudo-header sum in the field, so the ones' complement
  *   of the sum over [csum_start, end of frame) is stored over it.
  * - A plain packet goes on as is, with a plain header.
  *
  * DATA_VALID is never set on what is emitted: it would tell the receiver that
- * the checksum was verified (§5.1.6.4), and nothing here verifies it; where a
- * receiver accepts csum, NEEDS_CSUM hands it the same saving honestly. A
+ * the checksum was verified (§5.1.6.4), and nothing here verifies it. A
  * sender's DATA_VALID and unknown flag bits are dropped for the same reason.
+ * NEEDS_CSUM is passed on as virtio back ends and Linux's tap pass it: the
+ * data came from memory, not a wire. §5.1.6.4.1 also has a device setting
+ * NEEDS_CSUM vouch for the checksums before csum_start; for a packet passed
+ * on unchanged that is the IPv4 header checksum, which is not checked here
+ * (receiving stacks check it anyway; segments get a freshly computed one).
  *
  * Buffers: `frame` is only read, never written, so the caller may pass a view
  * of shared memory and emit the same frame to several receivers. What `emit`

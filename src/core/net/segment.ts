@@ -49,7 +49,7 @@ export function firstSegmentLength(info: PacketInfo, gsoSize: number): number {
  * pseudo-header, header and payload) or, when `partialCsum`, left for the
  * receiver: the field then holds the pseudo-header sum and the header
  * passed to `emit` says NEEDS_CSUM at the transport header (virtio 1.2
- * §5.1.6.4, the receive-side form of §5.1.6.2 point 3).
+ * §5.1.6.4, the receive-side form of §5.1.6.2 point 2).
  *
  * The pseudo-header is computed from the segment's own IP header, not taken
  * from the sender's seed, whose length convention is not fixed for GSO.

@@ -28,17 +28,17 @@ const isU16 = (x: number): boolean => (x & 0xffff) === x;
  * header fields that fit their wire widths (a NetHdr built in JavaScript can
  * hold anything), and a gso_type that names something.
  *
- * Flags: only NEEDS_CSUM is read. virtio 1.2 §5.1.6.2.2: "The device MUST
- * ignore flag bits that it does not recognize", so unknown bits are no reason
- * to drop. DATA_VALID and RSC_INFO are receive-side flags that a driver MUST
+ * Flags: only NEEDS_CSUM is read. virtio 1.2 §5.1.6.2.2 obliges the device
+ * to ignore flag bits it does not know, so unknown bits are no reason to
+ * drop. DATA_VALID and RSC_INFO are receive-side flags that a driver MUST
  * NOT set (§5.1.6.2.1); they are ignored rather than dropped, and they can do
  * no harm because fitOffloads builds every header it emits and never sets
  * DATA_VALID (a sender's claim that its checksum is valid is not passed on to
  * a receiver that would then skip checking it).
  *
  * gso_type: NONE, TCPV4, UDP (UFO), TCPV6 and UDP_L4 are known (§5.1.6); the
- * ECN bit qualifies a TCP type only: §5.1.6.2 point 4 says it "indicates that
- * the TCP packet has the ECN bit set", and Linux rejects it on GSO_NONE too.
+ * ECN bit qualifies a TCP type only: §5.1.6.2 point 3 defines it as marking a
+ * TCP packet with ECN (CWR) set, and Linux rejects it on GSO_NONE too.
  * hdr_len is a hint the device must not rely on (§5.1.6.2.2), so the only
  * check is the sanity one: it cannot exceed the frame (Linux's tap rejects
  * such a header, so passing it on would fail there).
@@ -70,9 +70,9 @@ export function checkHdrFields(frame: Uint8Array, hdr: Readonly<NetHdr>): DropRe
  * HOST_* side: csum = VIRTIO_NET_F_CSUM, tso4/tso6 = HOST_TSO4/6, ecn =
  * HOST_ECN, uso = HOST_USO. Call after checkHdrFields.
  *
- * virtio 1.2 §5.1.6.2.1: without VIRTIO_NET_F_CSUM "the driver MUST set
- * flags to zero"; without HOST_TSO4 / TSO6 / USO / UFO it "MUST NOT set
- * gso_type to" the matching type; the ECN bit goes with HOST_ECN.
+ * virtio 1.2 §5.1.6.2.1: a driver without VIRTIO_NET_F_CSUM must leave flags
+ * zero, and one without HOST_TSO4 / TSO6 / USO / UFO must not use the
+ * matching gso_type; the ECN bit goes with HOST_ECN.
  *
  * GSO_UDP (UFO) is always refused: iovirt never offers HOST_UFO, because UFO
  * means IP fragmentation of one large datagram (not segmentation into
@@ -105,9 +105,8 @@ export function checkNegotiated(hdr: Readonly<NetHdr>, allowed: Readonly<Offload
  *
  * - NEEDS_CSUM: the 2-byte checksum at csum_start + csum_offset must lie in
  *   the frame (§5.1.6.2: the device stores the checksum there).
- * - GSO: "If gso_type differs from VIRTIO_NET_HDR_GSO_NONE, then the driver
- *   MUST also set the VIRTIO_NET_HDR_F_NEEDS_CSUM bit in flags and MUST set
- *   gso_size to indicate the desired MSS" (§5.1.6.2.1). The headers are
+ * - GSO: §5.1.6.2.1 requires a driver that sets any gso_type but NONE to
+ *   set NEEDS_CSUM too, and gso_size to the MSS it wants. The headers are
  *   parsed rather than trusted from hdr_len (§5.1.6.2.2) and must be TCP over
  *   IPv4 for TCPV4, TCP over IPv6 for TCPV6, UDP for UDP_L4, not fragmented;
  *   csum_start/csum_offset must name that transport header's checksum, as a
