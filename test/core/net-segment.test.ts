@@ -1,7 +1,19 @@
 import { test, describe } from "node:test";
 import assert from "node:assert/strict";
 import fc from "fast-check";
-import { ALL_OFFLOADS, NO_OFFLOADS, PLAIN_HDR, fitOffloads, isPlain, type NetHdr, type Offloads } from "../../src/core/net/index.js";
+import {
+  ALL_OFFLOADS,
+  NO_OFFLOADS,
+  PLAIN_HDR,
+  PacketInfo,
+  fitOffloads,
+  isPlain,
+  parseFrame,
+  plainHdr,
+  segmentPacket,
+  type NetHdr,
+  type Offloads,
+} from "../../src/core/net/index.js";
 import {
   F_NEEDS_CSUM,
   GSO_ECN,
@@ -320,6 +332,22 @@ describe("fitOffloads", () => {
       }),
       { numRuns: 4000 },
     );
+  });
+
+  test("segmentPacket() refuses an unparsed packet, a bad gso_size or a short buffer without emitting", () => {
+    const p = buildTcp4({ csum: "partial", payload: 3000 });
+    const info = new PacketInfo();
+    const big = new Uint8Array(4096);
+    const { out, emit } = collector();
+    assert.equal(segmentPacket(p.frame, info, 1000, false, big, plainHdr(), emit), "gso-unparseable");
+    parseFrame(p.frame, info);
+    assert.equal(segmentPacket(p.frame, info, 0, false, big, plainHdr(), emit), "gso-size-zero");
+    assert.equal(segmentPacket(p.frame, info, 1.5, false, big, plainHdr(), emit), "bad-hdr");
+    assert.equal(segmentPacket(p.frame, info, 1000, false, new Uint8Array(1000), plainHdr(), emit), "too-long");
+    assert.equal(segmentPacket(p.frame.subarray(0, 2000), info, 1000, false, big, plainHdr(), emit), "gso-unparseable");
+    assert.equal(out.length, 0);
+    assert.equal(segmentPacket(p.frame, info, 1000, false, big, plainHdr(), emit), null);
+    assertSegments(out, p, 1000, false);
   });
 
   test("refPseudoSum() helper agrees with a partial packet's seeded field", () => {

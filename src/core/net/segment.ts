@@ -29,8 +29,9 @@ export function firstSegmentLength(info: PacketInfo, gsoSize: number): number {
  * each one to `emit` in `out` (reused for every segment).
  *
  * `info` must be the parse of `frame` at PARSED_L4 with `segmentable` set
- * (checkHdrLayout guarantees it for a GSO packet), gsoSize >= 1, and `out`
- * at least firstSegmentLength() bytes long. Bytes after the IP datagram's own
+ * (checkHdrLayout guarantees it for a GSO packet), gsoSize in 1..65535, and
+ * `out` at least firstSegmentLength() bytes long; otherwise nothing is
+ * emitted and the reason is returned. Bytes after the IP datagram's own
  * length (Ethernet padding) are not part of any segment.
  *
  * Every segment repeats the headers up to the payload (Ethernet, VLAN tags,
@@ -65,7 +66,9 @@ export function segmentPacket(
   hdr: NetHdr,
   emit: EmitPacket,
 ): DropReason | null {
-  if (info.level !== PARSED_L4 || !info.segmentable || !(gsoSize >= 1) || info.l3End > frame.length) return "gso-unparseable";
+  if ((gsoSize & 0xffff) !== gsoSize) return "bad-hdr";
+  if (gsoSize === 0) return "gso-size-zero";
+  if (info.level !== PARSED_L4 || !info.segmentable || info.l3End > frame.length) return "gso-unparseable";
   const headLen = info.payloadOffset;
   const payloadEnd = info.l3End;
   const payloadLen = payloadEnd - headLen;
