@@ -551,13 +551,15 @@ cat >"$ROOT/scripts/net.sh" <<'NET_EOF'
 #   iovirt.ip=ADDR/LEN   this guest's address (required)
 #   iovirt.mtu=N         link MTU (default 1500)
 #   iovirt.peer=ADDR     the other end
-#   iovirt.role=R        send: ping the peer, then send iovirt.mib MiB of random data over TCP;
+#   iovirt.role=S+S...   steps, in order:
+#                        send: ping the peer, then send iovirt.mib MiB of random data over TCP;
 #                        recv: ping the peer, receive iovirt.mib MiB over TCP, ping again;
 #                        ping: ping the peer for iovirt.seconds and report how many answered;
+#                        extra: ping each address of iovirt.extra=A,B once (20 s each at most);
+#                        linger: stay up iovirt.linger seconds (default 5);
 #                        serve: answer pings for iovirt.seconds
 #   iovirt.port=N        TCP port (default 5000)
 #   iovirt.wait=S        how long to wait for the peer's first answer (default 60)
-#   iovirt.linger=S      send: stay up this long after sending (default 5)
 say() { echo "IOVIRT-GUEST: $*"; }
 fail() { say "error: $*"; stats; say "RESULT FAIL"; exit 1; }
 stats() {
@@ -595,7 +597,9 @@ wait_peer() {
 }
 md5() { md5sum "$1" | cut -d' ' -f1; }
 
-case "${IOVIRT_ROLE:-ping}" in
+# Steps run in order: iovirt.role=send+ping runs "send", then "ping".
+for step in $(echo "${IOVIRT_ROLE:-ping}" | tr '+' ' '); do
+case "$step" in
   send)
     wait_peer
     dd if=/dev/urandom of=/tmp/data.bin bs=1M count="$MIB" 2>/dev/null || fail "no random data"
@@ -607,28 +611,46 @@ case "${IOVIRT_ROLE:-ping}" in
       sleep 1
     done
     say "sent $((MIB * 1048576)) bytes uptime=$(cut -d' ' -f1 /proc/uptime)"
-    # Stay up a while: the receiver pings back once it has everything.
-    sleep "${IOVIRT_LINGER:-5}"
+    rm -f /tmp/data.bin
     ;;
   recv)
     wait_peer
     nc -l -p "$PORT" | head -c $((MIB * 1048576)) >/tmp/data.bin
     say "recv-bytes $(stat -c %s /tmp/data.bin) uptime=$(cut -d' ' -f1 /proc/uptime)"
     say "recv-md5 $(md5 /tmp/data.bin)"
+    rm -f /tmp/data.bin
     ping -c 3 -W 2 "$IOVIRT_PEER" >/dev/null 2>&1 && say "ping-again-ok" || fail "no answer from $IOVIRT_PEER after the transfer"
     ;;
   ping)
     wait_peer
     n=$((SECONDS_ * 5))
+    say "ping-start $n"
     ping -i 0.2 -W 1 -c "$n" "$IOVIRT_PEER" >/tmp/ping.out 2>&1
     say "ping-summary $(grep -E 'packets transmitted' /tmp/ping.out)"
+    say "ping-last-seq $(grep -o 'seq=[0-9]*' /tmp/ping.out | tail -n 1 | cut -d= -f2) of $n"
+    ;;
+  extra)
+    # iovirt.extra=ADDR,ADDR: one line per address, answered or not.
+    for a in $(echo "$IOVIRT_EXTRA" | tr ',' ' '); do
+      t=0
+      until ping -c 1 -W 1 "$a" >/dev/null 2>&1; do
+        t=$((t + 1))
+        [ $t -ge 20 ] && break
+      done
+      if [ $t -ge 20 ]; then say "extra-ping $a fail"; else say "extra-ping $a ok"; fi
+    done
+    ;;
+  linger)
+    # Stay up a while: a peer may still ping this guest.
+    sleep "${IOVIRT_LINGER:-5}"
     ;;
   serve)
     say "serving for $SECONDS_ s"
     sleep "$SECONDS_"
     ;;
-  *) fail "unknown iovirt.role=$IOVIRT_ROLE" ;;
+  *) fail "unknown step $step in iovirt.role=$IOVIRT_ROLE" ;;
 esac
+done
 stats
 say "RESULT PASS"
 NET_EOF
