@@ -374,6 +374,31 @@ test("without CAP_NET_ADMIN, creating a tap fails with PERMISSION and says how t
   assert.match(r.stdout, /^PERMISSION .*CAP_NET_ADMIN/);
 });
 
+test("without /dev/net/tun, open() fails with NO_TUN and says how to get the device", () => {
+  const tapModule = fileURLToPath(new URL("../../src/node/net/tap.js", import.meta.url));
+  const script = `
+    const { TapPort } = await import(${JSON.stringify(tapModule)});
+    try { new TapPort({ onPacket() {} }).open(); console.log("opened"); }
+    catch (e) { console.log(e.code + " " + e.message); }`;
+  // A private mount namespace where /dev/net is an empty directory.
+  const r = spawnSync(
+    "unshare",
+    [
+      "--mount",
+      "--propagation",
+      "private",
+      "sh",
+      "-c",
+      'mount -t tmpfs none /dev/net && exec "$0" --input-type=module -e "$1"',
+      process.execPath,
+      script,
+    ],
+    { encoding: "utf8" },
+  );
+  assert.equal(r.status, 0, r.stderr);
+  assert.match(r.stdout, /^NO_TUN .*ENOENT.*modprobe tun.*--device \/dev\/net\/tun/);
+});
+
 test("deleting the interface under an open port takes the port down once, with a message, and send() reports link-down", async () => {
   const errors: NetPortError[] = [];
   const p = new TapPort({ name: `ivtD${TAG}`, onPacket: () => {}, onError: (e) => errors.push(e) });

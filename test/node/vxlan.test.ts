@@ -275,6 +275,62 @@ test("receive checks the I flag, the VNI and the source, ignores reserved bits, 
   }
 });
 
+function tagged(frame: Uint8Array, tpid = 0x8100): Uint8Array {
+  const t = new Uint8Array(frame.length + 4);
+  t.set(frame.subarray(0, 12));
+  t.set([tpid >> 8, tpid & 0xff, 0, 5], 12);
+  t.set(frame.subarray(12), 16);
+  return t;
+}
+
+test("frames with an inner VLAN tag are discarded both ways unless innerVlan is set (RFC 7348 §6.1)", async () => {
+  const strict = capture();
+  const open = capture();
+  const peer = await udpPeer("127.0.0.1");
+  const A = new VxlanPort({
+    local: "127.0.0.1",
+    localPort: 0,
+    remote: "127.0.0.1",
+    remotePort: peer.port,
+    vni: 5,
+    onPacket: strict.onPacket,
+  });
+  const B = new VxlanPort({
+    local: "127.0.0.1",
+    localPort: 0,
+    remote: "127.0.0.1",
+    remotePort: peer.port,
+    vni: 5,
+    innerVlan: true,
+    onPacket: open.onPacket,
+  });
+  await A.open();
+  await B.open();
+  try {
+    const plain = tcpFrame(1, 2, new Uint8Array(8));
+    const q = tagged(plain);
+    const ad = tagged(plain, 0x88a8);
+    assert.equal(A.send(q, PLAIN_HDR), "vlan");
+    assert.equal(A.send(ad, PLAIN_HDR), "vlan");
+    assert.equal(B.send(q, PLAIN_HDR), null);
+    for (const p of [A, B]) {
+      await sendTo(peer.sock, vxlanDatagram(0x08, 5, q), p.localPort, "127.0.0.1");
+      await sendTo(peer.sock, vxlanDatagram(0x08, 5, plain), p.localPort, "127.0.0.1");
+    }
+    await until(() => open.got.length === 2 && strict.got.length === 1, "the frames");
+    assert.deepEqual(strict.got[0]!.frame, plain);
+    assert.equal(A.stats.errors["rx:inner-vlan"], 1);
+    assert.equal(A.stats.errors["tx:vlan"], 2);
+    assert.deepEqual(open.got[0]!.frame, q);
+    await until(() => peer.got.length === 1, "B's tagged frame");
+    assert.deepEqual(new Uint8Array(peer.got[0]!.msg.subarray(8)), q);
+  } finally {
+    await A.close();
+    await B.close();
+    peer.sock.close();
+  }
+});
+
 test("with anySource, datagrams from any address are taken", async () => {
   const cap = capture();
   const port = new VxlanPort({ local: "127.0.0.1", localPort: 0, remote: "127.0.0.1", vni: 1, anySource: true, onPacket: cap.onPacket });

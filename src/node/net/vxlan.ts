@@ -70,6 +70,12 @@ export interface VxlanOptions extends VxlanEndpoints {
   sendSlots?: number;
   /** Accept datagrams from any address, not only from `remote` (default false). */
   anySource?: boolean;
+  /**
+   * Carry frames with an inner VLAN tag (default false: RFC 7348 §6.1 says
+   * decapsulated frames with one SHOULD be discarded, and a VTEP SHOULD NOT
+   * send them, unless configured otherwise).
+   */
+  innerVlan?: boolean;
   /** Name in the switch's statistics (default "vxlan"). */
   portName?: string;
   /** Receives each decapsulated frame (with a plain header: the remote VTEP sends complete packets). */
@@ -190,6 +196,12 @@ export function flowHash(f: Uint8Array): number {
   return h >>> 0;
 }
 
+/** Whether the frame at `at` has an 802.1Q or 802.1ad tag (TPID 0x8100 or 0x88a8); it holds at least an Ethernet header. */
+function isVlanTagged(b: Uint8Array, at: number): boolean {
+  const tpid = (b[at + 12]! << 8) | b[at + 13]!;
+  return tpid === 0x8100 || tpid === 0x88a8;
+}
+
 interface SendSlot {
   /** VXLAN header (written once) and room for the largest frame. */
   readonly buf: Buffer;
@@ -241,6 +253,7 @@ export class VxlanPort implements SwitchPort {
   readonly #nSourcePorts: number;
   readonly #nSlots: number;
   readonly #anySource: boolean;
+  readonly #innerVlan: boolean;
 
   #rx: Socket | null = null;
   /** Where packets leave from: the source-port sockets, or the receiving socket alone. */
@@ -271,6 +284,7 @@ export class VxlanPort implements SwitchPort {
     if (!Number.isInteger(slots) || slots < 1 || slots > 65536) throw bad(`sendSlots ${slots} must be an integer from 1 to 65536`);
     this.#nSlots = slots;
     this.#anySource = opts.anySource === true;
+    this.#innerVlan = opts.innerVlan === true;
     this.name = opts.portName ?? "vxlan";
   }
 
@@ -422,6 +436,7 @@ export class VxlanPort implements SwitchPort {
     if (!isPlain(hdr)) return this.#drop("offload-not-negotiated");
     if (frame.length < ETH_HLEN) return this.#drop("runt");
     if (frame.length > this.#maxFrame) return this.#drop("too-long");
+    if (!this.#innerVlan && isVlanTagged(frame, 0)) return this.#drop("vlan");
     const i = this.#free.pop();
     if (i === undefined) return this.#drop("no-buffer");
     const slot = this.#slots[i]!;
@@ -458,7 +473,7 @@ export class VxlanPort implements SwitchPort {
     return why;
   }
 
-  /** RFC 7348 §5: checks the I flag and the VNI; reserved bits are ignored on receipt. */
+  /** RFC 7348 §5: checks the I flag and the VNI (reserved bits are ignored on receipt); §6.1: inner VLAN tags. */
   #receive(msg: Buffer, from: RemoteInfo): void {
     if (!this.#anySource && from.address !== this.#remote) return countError(this.stats, "rx:wrong-source");
     if (msg.length < VXLAN_HLEN) return countError(this.stats, "rx:short");
@@ -466,6 +481,7 @@ export class VxlanPort implements SwitchPort {
     if (((msg[4]! << 16) | (msg[5]! << 8) | msg[6]!) !== this.#vni) return countError(this.stats, "rx:wrong-vni");
     const frameLen = msg.length - VXLAN_HLEN;
     if (frameLen < ETH_HLEN) return countError(this.stats, "rx:runt");
+    if (!this.#innerVlan && isVlanTagged(msg, VXLAN_HLEN)) return countError(this.stats, "rx:inner-vlan");
     this.stats.rxPackets++;
     this.stats.rxBytes += frameLen;
     // A plain Uint8Array like every other port's, not a Buffer: one shape at the switch's call sites.
