@@ -486,7 +486,10 @@ before(() => {
 });
 
 after(() => {
-  if (kernelSetUp) spawnSync("ip", ["netns", "del", NS]); // takes the veth pair with it
+  if (!kernelSetUp) return;
+  // Deleting one end removes the pair at once (the namespace's own teardown is asynchronous).
+  spawnSync("ip", ["link", "del", "dev", VETH_HOST]);
+  spawnSync("ip", ["netns", "del", NS]);
 });
 
 test("VxlanPort talks to a Linux vxlan device: ARP, then ICMP echo with frames of exactly maxFrame, and other VNIs are counted drops", async () => {

@@ -234,12 +234,12 @@ export class TapPort implements SwitchPort {
     }
     try {
       this.#setup(fd, attach, given);
-      this.#fd = fd;
-      this.#broken = false;
       this.#watcher = watch(fd, "r", (err) => {
         if (err !== null) this.#fail("rx", err.code);
         else this.#drain();
       });
+      this.#fd = fd;
+      this.#broken = false;
     } catch (e) {
       fd.close();
       throw e;

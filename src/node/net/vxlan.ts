@@ -261,6 +261,7 @@ export class VxlanPort implements SwitchPort {
   #slots: SendSlot[] = [];
   #free: number[] = [];
   #open = false;
+  #opening = false;
 
   constructor(opts: VxlanOptions) {
     this.#family = checkEndpoints(opts);
@@ -313,7 +314,16 @@ export class VxlanPort implements SwitchPort {
    * taken) or PERMISSION (a port below 1024 without privilege).
    */
   async open(): Promise<void> {
-    if (this.#open) throw bad("already open");
+    if (this.#open || this.#opening) throw bad("already open");
+    this.#opening = true;
+    try {
+      await this.#openSockets();
+    } finally {
+      this.#opening = false;
+    }
+  }
+
+  async #openSockets(): Promise<void> {
     const type = this.#family === 4 ? "udp4" : "udp6";
     const made: Socket[] = [];
     const socket = (): Socket => {
