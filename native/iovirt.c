@@ -403,7 +403,7 @@ static napi_value js_ftruncate(napi_env env, napi_callback_info info) {
 
 static napi_value js_open(napi_env env, napi_callback_info info) {
   GET_ARGS(4);
-  bool direct, dsync;
+  bool direct, dsync, nonblock;
   char path[PATH_MAX];
   char flags_s[16];
   int64_t mode = 0666;
@@ -420,9 +420,12 @@ static napi_value js_open(napi_env env, napi_callback_info info) {
     flags = O_RDWR | O_CREAT;
   else
     return throw_arg(env, true, "flags", "must be 'r', 'rw' or 'rw+create'");
-  if (!opt_flag(env, argv[3], "direct", &direct) || !opt_flag(env, argv[3], "dsync", &dsync)) return NULL;
+  if (!opt_flag(env, argv[3], "direct", &direct) || !opt_flag(env, argv[3], "dsync", &dsync) ||
+      !opt_flag(env, argv[3], "nonblock", &nonblock))
+    return NULL;
   if (direct) flags |= O_DIRECT;
   if (dsync) flags |= O_DSYNC;
+  if (nonblock) flags |= O_NONBLOCK;
   int fd = open(path, flags | O_CLOEXEC, (mode_t)mode);
   if (fd < 0) return throw_errno(env, "open", errno);
   return make_fd(env, fd);
@@ -1855,6 +1858,55 @@ static napi_value js_try_rw(napi_env env, napi_callback_info info) {
   return make_number(env, n < 0 ? -(double)err : (double)n);
 }
 
+/* read(fd, buffer) / write(fd, buffer) / writev(fd, buffers) -> bytes, or
+ * -errno.  For descriptors without a meaningful file position (tap devices,
+ * sockets, pipes), where pread/pwrite fail with ESPIPE.  Like tryRw, errors
+ * are returned rather than thrown: on a non-blocking descriptor every batch
+ * of reads ends in EAGAIN, and a data path counts failures instead of
+ * unwinding.  EINTR is retried here because it carries no information. */
+static napi_value js_read(napi_env env, napi_callback_info info) {
+  GET_ARGS(2);
+  int fd;
+  void *data;
+  size_t len;
+  if (!arg_fd(env, argv[0], "fd", &fd) || !arg_bytes(env, argv[1], "buffer", &data, &len)) return NULL;
+  ssize_t n;
+  do {
+    n = read(fd, data, len);
+  } while (n < 0 && errno == EINTR);
+  return make_number(env, n < 0 ? -(double)errno : (double)n);
+}
+
+static napi_value js_write(napi_env env, napi_callback_info info) {
+  GET_ARGS(2);
+  int fd;
+  void *data;
+  size_t len;
+  if (!arg_fd(env, argv[0], "fd", &fd) || !arg_bytes(env, argv[1], "buffer", &data, &len)) return NULL;
+  ssize_t n;
+  do {
+    n = write(fd, data, len);
+  } while (n < 0 && errno == EINTR);
+  return make_number(env, n < 0 ? -(double)errno : (double)n);
+}
+
+/* One system call for a header and a frame kept in separate buffers: a tap
+ * device takes each write as exactly one packet. */
+static napi_value js_writev(napi_env env, napi_callback_info info) {
+  GET_ARGS(2);
+  int fd;
+  aio_slot_t s;
+  memset(&s, 0, sizeof s);
+  if (!arg_fd(env, argv[0], "fd", &fd) || !aio_buffers(env, argv[1], &s)) return NULL;
+  ssize_t n;
+  do {
+    n = writev(fd, s.iov, s.iovcnt);
+  } while (n < 0 && errno == EINTR);
+  int err = errno;
+  aio_slot_clear(&s);
+  return make_number(env, n < 0 ? -(double)err : (double)n);
+}
+
 /* dioAlign(fd) -> { memory, offset }: O_DIRECT alignment (statx STATX_DIOALIGN,
  * Linux 6.1); zeroes when the file system does not say or does not support it. */
 static napi_value js_dio_align(napi_env env, napi_callback_info info) {
@@ -1926,6 +1978,9 @@ static napi_value init(napi_env env, napi_value exports) {
       {"aioClose", js_aio_close},
       {"dioAlign", js_dio_align},
       {"tryRw", js_try_rw},
+      {"read", js_read},
+      {"write", js_write},
+      {"writev", js_writev},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value f;

@@ -7,3 +7,4 @@ export * from "./virtio/devices/blk/index.js";
 export * from "./virtio/driver/index.js";
 export * from "./pci/index.js";
 export * from "./virtio/devices/net/index.js";
+export * from "./net/index.js";

@@ -24,7 +24,7 @@ export interface RawAddon {
   memfdCreate(name: string, flags?: { allowSealing?: boolean; hugetlb?: boolean }): number;
   mlock(buffer: ArrayBuffer): void;
   ftruncate(fd: number, size: number | bigint): void;
-  open(path: string, flags: string, mode?: number, opts?: { direct?: boolean; dsync?: boolean }): number;
+  open(path: string, flags: string, mode?: number, opts?: { direct?: boolean; dsync?: boolean; nonblock?: boolean }): number;
   fstat(fd: number): { size: number; mode: number };
   fdatasync(fd: number): void;
   fallocate(
@@ -71,6 +71,9 @@ export interface RawAddon {
   aioClose(handle: RawAioHandle): void;
   dioAlign(fd: number): { memory: number; offset: number };
   tryRw(fd: number, buffers: ArrayBufferView | readonly ArrayBufferView[], offset: number, write: boolean): number;
+  read(fd: number, buffer: ArrayBufferView): number;
+  write(fd: number, buffer: ArrayBufferView): number;
+  writev(fd: number, buffers: ArrayBufferView | readonly ArrayBufferView[]): number;
 }
 
 /** Opaque engine handle from aioCreate(). */

@@ -10,6 +10,8 @@
  * non-blocking (except eventfd without `nonblock`), so reads that would block
  * throw a SysError with kind "retry"; use {@link watch} to wait.
  */
+import { constants as osConstants } from "node:os";
+
 import { addon, type RawWatchHandle } from "./addon.js";
 import { SysError, toSysError } from "./errors.js";
 import { Fd, rawFd, type FdLike } from "./fd.js";
@@ -77,6 +79,8 @@ export interface OpenOptions {
   direct?: boolean;
   /** O_DSYNC: each write is stable when it completes (QEMU's writethrough). */
   dsync?: boolean;
+  /** O_NONBLOCK: reads and writes that would wait fail with EAGAIN instead (devices such as /dev/net/tun). */
+  nonblock?: boolean;
 }
 
 /** open(2) with O_CLOEXEC; `mode` (default 0o666, minus umask) for creation. */
@@ -129,6 +133,41 @@ export function pread(fd: FdLike, target: Bytes, offset: Size): number {
 /** pwrite(2) of the whole of `src`; returns bytes written (may be short). */
 export function pwrite(fd: FdLike, src: Bytes, offset: Size): number {
   return sys(() => addon().pwrite(rawFd(fd), src, offset));
+}
+
+/**
+ * read(2) into the whole of `target` at the descriptor's own position (or
+ * none: tap devices, sockets, pipes, where {@link pread} fails with ESPIPE).
+ * Returns the bytes read, or a negative errno (`-EAGAIN` when a non-blocking
+ * descriptor has nothing): it never throws for a failed read, so a data path
+ * can drain a descriptor to EAGAIN without exceptions. {@link errnoName}
+ * names the failure.
+ */
+export function tryRead(fd: FdLike, target: Bytes): number {
+  return addon().read(rawFd(fd), target);
+}
+
+/** write(2) of the whole of `src`: bytes written (may be short), or a negative errno as in {@link tryRead}. */
+export function tryWrite(fd: FdLike, src: Bytes): number {
+  return addon().write(rawFd(fd), src);
+}
+
+/**
+ * writev(2) of 1 to 1024 views in order, as one write (a tap device takes
+ * it as one packet): bytes written, or a negative errno as in {@link tryRead}.
+ */
+export function tryWritev(fd: FdLike, srcs: readonly Bytes[]): number {
+  return addon().writev(rawFd(fd), srcs);
+}
+
+const ERRNO_NAMES = new Map<number, string>();
+// Aliases share a number (EWOULDBLOCK = EAGAIN); the first, usual name wins.
+for (const [name, n] of Object.entries(osConstants.errno)) if (!ERRNO_NAMES.has(n)) ERRNO_NAMES.set(n, name);
+
+/** The errno name ("EAGAIN") of an errno or of a negative result from {@link tryRead} and friends. */
+export function errnoName(errno: number): string {
+  const n = Math.abs(errno);
+  return ERRNO_NAMES.get(n) ?? `errno ${n}`;
 }
 
 /**

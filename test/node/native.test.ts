@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { mkdtempSync, readdirSync, rmSync, statSync, writeFileSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -37,6 +37,10 @@ import {
   unixListen,
   unixSocket,
   watch,
+  tryRead,
+  tryWrite,
+  tryWritev,
+  errnoName,
 } from "../../src/node/native.js";
 import { errorKind } from "../../src/node/errors.js";
 
@@ -755,4 +759,99 @@ test("a SIGBUS sent with kill() still terminates a process whose guard is instal
     10000,
   );
   assert.equal(r.signal, "SIGBUS", r.stdout);
+});
+
+const O_NONBLOCK = 0o4000;
+
+function fdFlags(fd: Fd): number {
+  const m = /flags:\s+(\d+)/.exec(readFileSync(`/proc/self/fdinfo/${fd.fd}`, "utf8"));
+  assert.ok(m?.[1] !== undefined);
+  return parseInt(m[1], 8);
+}
+
+test("tryRead and tryWrite move bytes on a socket, where pread fails with ESPIPE", () => {
+  const [a, b] = socketpair();
+  try {
+    assert.equal(tryWrite(a, new Uint8Array([1, 2, 3, 4, 5])), 5);
+    assert.equal(sysErrorOf(() => pread(b, new Uint8Array(5), 0)).code, "ESPIPE");
+    const into = new Uint8Array(new SharedArrayBuffer(8));
+    assert.equal(tryRead(b, into), 5);
+    assert.deepEqual([...into.subarray(0, 5)], [1, 2, 3, 4, 5]);
+  } finally {
+    a.close();
+    b.close();
+  }
+});
+
+test("tryRead returns -EAGAIN on an empty non-blocking socket and 0 once the peer closed, without throwing", () => {
+  const [a, b] = socketpair();
+  try {
+    const r = tryRead(b, new Uint8Array(4));
+    assert.ok(r < 0);
+    assert.equal(errnoName(r), "EAGAIN");
+    a.close();
+    assert.equal(tryRead(b, new Uint8Array(4)), 0);
+  } finally {
+    a.close();
+    b.close();
+  }
+});
+
+test("tryWritev sends its views in order as one write; a DataView and a SharedArrayBuffer view may be among them", () => {
+  const [a, b] = socketpair();
+  try {
+    const dv = new DataView(new ArrayBuffer(6), 2, 3);
+    dv.setUint8(0, 7);
+    dv.setUint8(2, 9);
+    const shared = new Uint8Array(new SharedArrayBuffer(2));
+    shared.set([0xaa, 0xbb]);
+    assert.equal(tryWritev(a, [new Uint8Array([1, 2]), dv, shared]), 7);
+    const into = new Uint8Array(16);
+    assert.equal(tryRead(b, into), 7);
+    assert.deepEqual([...into.subarray(0, 7)], [1, 2, 7, 0, 9, 0xaa, 0xbb]);
+  } finally {
+    a.close();
+    b.close();
+  }
+});
+
+test("tryWrite and tryWritev report failures as negative errnos; argument mistakes still throw", () => {
+  const [a, b] = socketpair();
+  b.close();
+  try {
+    assert.equal(errnoName(tryWrite(a, new Uint8Array(1))), "EPIPE");
+    assert.equal(errnoName(tryWritev(NOT_AN_FD, [new Uint8Array(1)])), "EBADF");
+    assert.equal(errnoName(tryRead(NOT_AN_FD, new Uint8Array(1))), "EBADF");
+    assert.throws(() => tryWritev(a, []), RangeError);
+    assert.throws(() => tryRead(a, [1, 2] as unknown as Uint8Array), TypeError);
+  } finally {
+    a.close();
+  }
+});
+
+test("open with nonblock sets O_NONBLOCK: an empty FIFO read gives -EAGAIN instead of waiting", () => {
+  const dir = tempDir();
+  const path = join(dir, "fifo");
+  execFileSync("mkfifo", [path]);
+  const plain = open(path, "rw");
+  const nb = open(path, "rw", 0o666, { nonblock: true });
+  try {
+    assert.equal(fdFlags(plain) & O_NONBLOCK, 0);
+    assert.equal(fdFlags(nb) & O_NONBLOCK, O_NONBLOCK);
+    assert.equal(errnoName(tryRead(nb, new Uint8Array(1))), "EAGAIN");
+    assert.equal(tryWrite(plain, new Uint8Array([42])), 1);
+    const one = new Uint8Array(1);
+    assert.equal(tryRead(nb, one), 1);
+    assert.equal(one[0], 42);
+  } finally {
+    plain.close();
+    nb.close();
+    rmSync(dir, { recursive: true });
+  }
+});
+
+test("errnoName names errnos and negative results alike, preferring EAGAIN over its alias", () => {
+  assert.equal(errnoName(11), "EAGAIN");
+  assert.equal(errnoName(-2), "ENOENT");
+  assert.equal(errnoName(-100000), "errno 100000");
 });

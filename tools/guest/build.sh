@@ -174,7 +174,7 @@ run_depmod "$STAGE/kpkg" "$KVER"
 # Its metadata checksums need the crypto API's crc32c, which modules.dep does not list
 # (it is looked up by name); crc32c_generic because crc32c-intel needs SSE4.2, which
 # QEMU's default TCG CPU lacks.
-WANT_MODULES=(virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk
+WANT_MODULES=(virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_net
   9p 9pnet_virtio vfio vfio_iommu_type1 vfio_pci uio_pci_generic ext4 crc32c_generic)
 # modules.dep: "kernel/x/y.ko: dep1.ko dep2.ko". Collect the transitive closure.
 declare -A need=()
@@ -214,7 +214,8 @@ cp "$BUSYBOX" "$ROOT/bin/busybox"
 chmod 0755 "$ROOT/bin/busybox"
 APPLETS=(sh ash cat echo printf awk dd md5sum sync sleep mount umount mkdir ls rm
   modprobe insmod lsmod poweroff reboot uname dmesg head tail grep sed cut tr seq
-  test '[' true false date stat hexdump blockdev wc cmp tee setsid cttyhack kill chroot cp)
+  test '[' true false date stat hexdump blockdev wc cmp tee setsid cttyhack kill chroot cp
+  ip ifconfig route ping ping6 nc sha256sum timeout arp)
 for a in "${APPLETS[@]}"; do ln -sf busybox "$ROOT/bin/$a"; done
 for a in modprobe insmod lsmod poweroff reboot; do ln -sf ../bin/busybox "$ROOT/sbin/$a"; done
 echo "$KVER" >"$ROOT/etc/iovirt-kernel-version"
@@ -543,6 +544,117 @@ done
 say "RESULT PASS"
 FS_EOF
 chmod 0755 "$ROOT/scripts/blk-fs.sh"
+
+cat >"$ROOT/scripts/net.sh" <<'NET_EOF'
+#!/bin/sh
+# net: bring up eth0 and talk to a peer across the virtio-net device.
+#   iovirt.ip=ADDR/LEN   this guest's address (required)
+#   iovirt.mtu=N         link MTU (default 1500)
+#   iovirt.peer=ADDR     the other end
+#   iovirt.role=S+S...   steps, in order:
+#                        send: ping the peer, then send iovirt.mib MiB of random data over TCP;
+#                        recv: ping the peer, receive iovirt.mib MiB over TCP, ping again;
+#                        ping: ping the peer for iovirt.seconds and report how many answered;
+#                        extra: ping each address of iovirt.extra=A,B once (20 s each at most);
+#                        linger: stay up iovirt.linger seconds (default 5);
+#                        serve: answer pings for iovirt.seconds
+#   iovirt.port=N        TCP port (default 5000)
+#   iovirt.wait=S        how long to wait for the peer's first answer (default 60)
+say() { echo "IOVIRT-GUEST: $*"; }
+fail() { say "error: $*"; stats; say "RESULT FAIL"; exit 1; }
+stats() {
+  s=/sys/class/net/$DEV/statistics
+  [ -d "$s" ] && say "stats rx_packets=$(cat $s/rx_packets) rx_bytes=$(cat $s/rx_bytes) rx_dropped=$(cat $s/rx_dropped) rx_errors=$(cat $s/rx_errors) tx_packets=$(cat $s/tx_packets) tx_bytes=$(cat $s/tx_bytes) tx_dropped=$(cat $s/tx_dropped) tx_errors=$(cat $s/tx_errors)"
+}
+DEV="${IOVIRT_DEV:-eth0}"
+MTU="${IOVIRT_MTU:-1500}"
+PORT="${IOVIRT_PORT:-5000}"
+MIB="${IOVIRT_MIB:-16}"
+WAIT="${IOVIRT_WAIT:-60}"
+SECONDS_="${IOVIRT_SECONDS:-10}"
+[ -n "$IOVIRT_IP" ] || fail "iovirt.ip= is not set"
+i=0
+while [ ! -d "/sys/class/net/$DEV" ]; do
+  [ $i -ge 100 ] && fail "$DEV did not appear within 10 s"
+  sleep 0.1; i=$((i + 1))
+done
+ip link set lo up
+ip link set "$DEV" mtu "$MTU" || fail "cannot set mtu $MTU"
+ip addr add "$IOVIRT_IP" dev "$DEV" || fail "cannot add address $IOVIRT_IP"
+ip link set "$DEV" up || fail "cannot bring $DEV up"
+vdev="$(basename "$(readlink -f /sys/class/net/$DEV/device)")"
+say "net up dev=$DEV mac=$(cat /sys/class/net/$DEV/address) mtu=$(cat /sys/class/net/$DEV/mtu) virtio=$vdev"
+say "features $(cat /sys/class/net/$DEV/device/features)"
+say "queues rx=$(ls -d /sys/class/net/$DEV/queues/rx-* | wc -l) tx=$(ls -d /sys/class/net/$DEV/queues/tx-* | wc -l)"
+
+wait_peer() {
+  t=0
+  while ! ping -c 1 -W 1 "$IOVIRT_PEER" >/dev/null 2>&1; do
+    t=$((t + 1))
+    [ $t -ge "$WAIT" ] && fail "no answer from $IOVIRT_PEER within $WAIT s"
+  done
+  say "ping-ok $IOVIRT_PEER after $t s uptime=$(cut -d' ' -f1 /proc/uptime)"
+}
+md5() { md5sum "$1" | cut -d' ' -f1; }
+
+# Steps run in order: iovirt.role=send+ping runs "send", then "ping".
+for step in $(echo "${IOVIRT_ROLE:-ping}" | tr '+' ' '); do
+case "$step" in
+  send)
+    wait_peer
+    dd if=/dev/urandom of=/tmp/data.bin bs=1M count="$MIB" 2>/dev/null || fail "no random data"
+    say "send-md5 $(md5 /tmp/data.bin)"
+    t=0
+    until nc "$IOVIRT_PEER" "$PORT" </tmp/data.bin; do
+      t=$((t + 1))
+      [ $t -ge 30 ] && fail "could not send to $IOVIRT_PEER:$PORT"
+      sleep 1
+    done
+    say "sent $((MIB * 1048576)) bytes uptime=$(cut -d' ' -f1 /proc/uptime)"
+    rm -f /tmp/data.bin
+    ;;
+  recv)
+    wait_peer
+    nc -l -p "$PORT" | head -c $((MIB * 1048576)) >/tmp/data.bin
+    say "recv-bytes $(stat -c %s /tmp/data.bin) uptime=$(cut -d' ' -f1 /proc/uptime)"
+    say "recv-md5 $(md5 /tmp/data.bin)"
+    rm -f /tmp/data.bin
+    ping -c 3 -W 2 "$IOVIRT_PEER" >/dev/null 2>&1 && say "ping-again-ok" || fail "no answer from $IOVIRT_PEER after the transfer"
+    ;;
+  ping)
+    wait_peer
+    n=$((SECONDS_ * 5))
+    say "ping-start $n"
+    ping -i 0.2 -W 1 -c "$n" "$IOVIRT_PEER" >/tmp/ping.out 2>&1
+    say "ping-summary $(grep -E 'packets transmitted' /tmp/ping.out)"
+    say "ping-last-seq $(grep -o 'seq=[0-9]*' /tmp/ping.out | tail -n 1 | cut -d= -f2) of $n"
+    ;;
+  extra)
+    # iovirt.extra=ADDR,ADDR: one line per address, answered or not.
+    for a in $(echo "$IOVIRT_EXTRA" | tr ',' ' '); do
+      t=0
+      until ping -c 1 -W 1 "$a" >/dev/null 2>&1; do
+        t=$((t + 1))
+        [ $t -ge 20 ] && break
+      done
+      if [ $t -ge 20 ]; then say "extra-ping $a fail"; else say "extra-ping $a ok"; fi
+    done
+    ;;
+  linger)
+    # Stay up a while: a peer may still ping this guest.
+    sleep "${IOVIRT_LINGER:-5}"
+    ;;
+  serve)
+    say "serving for $SECONDS_ s"
+    sleep "$SECONDS_"
+    ;;
+  *) fail "unknown step $step in iovirt.role=$IOVIRT_ROLE" ;;
+esac
+done
+stats
+say "RESULT PASS"
+NET_EOF
+chmod 0755 "$ROOT/scripts/net.sh"
 
 cat >"$ROOT/scripts/hostroot.sh" <<'HOSTROOT_EOF'
 #!/bin/sh

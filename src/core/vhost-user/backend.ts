@@ -105,6 +105,8 @@ export class VhostUserBackend<F> {
   private features = 0n;
   private featuresSet = false;
   private protocolFeatures = 0n;
+  /** SET_PROTOCOL_FEATURES arrived: the front end uses VHOST_USER_F_PROTOCOL_FEATURES. */
+  private protocolNegotiated = false;
   private readonly table: MemoryTable<F>;
   private readonly rings: Vring<F>[];
   private readonly inflight: InflightRings<F>;
@@ -313,6 +315,7 @@ export class VhostUserBackend<F> {
         if ((f & ~this.supportedPF) !== 0n)
           throw new VhostUserError("BAD_FEATURES", `protocol features 0x${(f & ~this.supportedPF).toString(16)} were not offered`);
         this.protocolFeatures = f;
+        this.protocolNegotiated = true;
         return done;
       }
       case Req.SET_OWNER:
@@ -433,7 +436,9 @@ export class VhostUserBackend<F> {
       }
       case Req.SET_VRING_ENABLE: {
         const s = decodeVringState(h.request, p);
-        if (!hasFeature(this.features, VHOST_USER_F_PROTOCOL_FEATURES)) {
+        // QEMU's vhost-user-net disables rings right after SET_PROTOCOL_FEATURES, before any
+        // SET_FEATURES: the protocol-feature handshake already shows it uses bit 30.
+        if (!hasFeature(this.features, VHOST_USER_F_PROTOCOL_FEATURES) && !this.protocolNegotiated) {
           throw new VhostUserError("WRONG_STATE", "SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES");
         }
         const ring = this.ring(h, s.index);

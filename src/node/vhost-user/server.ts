@@ -11,6 +11,8 @@ export interface ServerOptions {
   drainTimeoutMs?: number;
   /** See ConnectionOptions.maxQueuedBytes. */
   maxQueuedBytes?: number;
+  /** See ConnectionOptions.busyPoll: the owner polls `connection.backend.pollAll()`. */
+  busyPoll?: boolean;
 }
 
 /**
@@ -79,6 +81,7 @@ function serve(fd: Fd, device: VirtioDevice, opts: ServerOptions, onClose: (err:
     ...(opts.log ? { log: opts.log } : {}),
     ...(opts.drainTimeoutMs !== undefined ? { drainTimeoutMs: opts.drainTimeoutMs } : {}),
     ...(opts.maxQueuedBytes !== undefined ? { maxQueuedBytes: opts.maxQueuedBytes } : {}),
+    ...(opts.busyPoll !== undefined ? { busyPoll: opts.busyPoll } : {}),
     onClose,
   });
   opts.onConnect?.(conn);

@@ -1,0 +1,147 @@
+/**
+ * The learning table: (VLAN, MAC) -> port, with ageing and a size limit.
+ *
+ * One Map per VLAN ID keyed by the 48-bit address (see mac.ts for why not a
+ * single key). Entries are plain objects updated in place, so a packet from
+ * an address already known allocates nothing.
+ *
+ * The limit is what keeps a hostile guest that sprays random source
+ * addresses from growing memory without bound: once full, new addresses are
+ * not learned (their traffic is flooded, which is correct, only slower) and
+ * the refusal is counted. Entries leave by ageing (lazily when looked up, or
+ * in the periodic age() sweep) or when their port is removed.
+ */
+
+/** What learn() did, for the caller's counters. */
+export const LEARN_REFRESHED = 0;
+export const LEARN_NEW = 1;
+export const LEARN_MOVED = 2;
+export const LEARN_FULL = 3;
+export type LearnResult = typeof LEARN_REFRESHED | typeof LEARN_NEW | typeof LEARN_MOVED | typeof LEARN_FULL;
+
+interface Entry<P> {
+  port: P;
+  /** now() when a frame from this address was last seen. */
+  seen: number;
+}
+
+/** One table entry as reported by MacTable.entries(). */
+export interface MacEntryInfo<P> {
+  vid: number;
+  mac: number;
+  port: P;
+  /** Time since the address was last seen, in the unit of now(). */
+  idle: number;
+}
+
+/** VLAN IDs are 12 bits (IEEE 802.1Q). */
+const VID_COUNT = 4096;
+
+export class MacTable<P> {
+  private readonly byVid: (Map<number, Entry<P>> | undefined)[] = new Array<Map<number, Entry<P>> | undefined>(VID_COUNT);
+  /** Entries held now. */
+  size = 0;
+  /** Addresses not learned because the table was full. */
+  refused = 0;
+  /** Known addresses seen on a different port than before (a migrated VM, or spoofing). */
+  moves = 0;
+  /** Entries removed because they aged out. */
+  aged = 0;
+
+  /**
+   * @param maxEntries most entries held at once
+   * @param ageingTime an entry not refreshed for longer than this is gone (same unit as the `now` values passed in)
+   */
+  constructor(
+    readonly maxEntries: number,
+    readonly ageingTime: number,
+  ) {
+    if (!Number.isInteger(maxEntries) || maxEntries < 0)
+      throw new RangeError(`maxEntries must be a non-negative integer, not ${maxEntries}`);
+    if (!(ageingTime > 0)) throw new RangeError(`ageing time must be positive, not ${ageingTime}`);
+  }
+
+  /** Records that `mac` in VLAN `vid` was seen behind `port` at time `now`. */
+  learn(vid: number, mac: number, port: P, now: number): LearnResult {
+    let map = this.byVid[vid];
+    const e = map?.get(mac);
+    if (e !== undefined) {
+      e.seen = now;
+      if (e.port === port) return LEARN_REFRESHED;
+      // A VM that migrated announces itself from its new place (QEMU sends
+      // RARP after migration); re-pointing at once is what makes traffic follow it.
+      e.port = port;
+      this.moves++;
+      return LEARN_MOVED;
+    }
+    if (this.size >= this.maxEntries) {
+      this.refused++;
+      return LEARN_FULL;
+    }
+    if (map === undefined) {
+      map = new Map();
+      this.byVid[vid] = map;
+    }
+    map.set(mac, { port, seen: now });
+    this.size++;
+    return LEARN_NEW;
+  }
+
+  /** The port `mac` in VLAN `vid` was last seen behind, or undefined if unknown or aged out (then it is removed). */
+  lookup(vid: number, mac: number, now: number): P | undefined {
+    const map = this.byVid[vid];
+    if (map === undefined) return undefined;
+    const e = map.get(mac);
+    if (e === undefined) return undefined;
+    if (now - e.seen > this.ageingTime) {
+      map.delete(mac);
+      this.size--;
+      this.aged++;
+      return undefined;
+    }
+    return e.port;
+  }
+
+  /** Removes every entry older than the ageing time; returns how many. */
+  age(now: number): number {
+    let n = 0;
+    for (const map of this.byVid) {
+      if (map === undefined) continue;
+      // Deleting the current key while iterating a Map is well defined (ECMA-262 Map.prototype.forEach/iterators skip deleted entries).
+      for (const [mac, e] of map) {
+        if (now - e.seen > this.ageingTime) {
+          map.delete(mac);
+          n++;
+        }
+      }
+    }
+    this.size -= n;
+    this.aged += n;
+    return n;
+  }
+
+  /** Removes every entry that points at `port`; returns how many. */
+  flush(port: P): number {
+    let n = 0;
+    for (const map of this.byVid) {
+      if (map === undefined) continue;
+      for (const [mac, e] of map) {
+        if (e.port === port) {
+          map.delete(mac);
+          n++;
+        }
+      }
+    }
+    this.size -= n;
+    return n;
+  }
+
+  /** A snapshot of the table, for diagnostics. */
+  entries(now: number): MacEntryInfo<P>[] {
+    const out: MacEntryInfo<P>[] = [];
+    this.byVid.forEach((map, vid) => {
+      if (map !== undefined) for (const [mac, e] of map) out.push({ vid, mac, port: e.port, idle: now - e.seen });
+    });
+    return out;
+  }
+}
