@@ -26,6 +26,14 @@ const TSO = features(VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_
 const ECN = bit(VIRTIO_NET_F_HOST_ECN) | bit(VIRTIO_NET_F_GUEST_ECN);
 const MRG = bit(VIRTIO_NET_F_MRG_RXBUF);
 
+/** The 16-bit ones' complement sum of frame[from..] (RFC 1071), folded. */
+function onesSum(f: Uint8Array, from: number): number {
+  let sum = 0;
+  for (let i = from; i < f.length; i += 2) sum += (f[i]! << 8) | (i + 1 < f.length ? f[i + 1]! : 0);
+  while (sum > 0xffff) sum = (sum & 0xffff) + Math.floor(sum / 0x10000);
+  return sum;
+}
+
 async function settle(p: Pair, n: number): Promise<void> {
   for (let i = 0; i < 50 && p.got.length < n; i++) await tick();
 }
@@ -58,17 +66,21 @@ for (const { name, preferPacked } of LAYOUTS) {
       assert.deepEqual(p.port.transmitted, [f]);
     });
 
-    test("without GUEST_CSUM a partial checksum is not passed to the driver, and DATA_VALID is cleared", T, async () => {
+    test("without GUEST_CSUM a partial checksum is completed in software, and DATA_VALID is cleared", T, async () => {
       const p = netPair({ driver: { preferPacked } });
       const spec: FlowSpec = { proto: "tcp" };
       const f = flowFrame(spec);
-      // TODO(fitOffloads): once software checksumming lands, this packet arrives with its checksum done.
-      assert.equal(p.port.inject(f, csumHdr(spec)), "offload-not-negotiated");
+      const h = csumHdr(spec);
+      assert.equal(p.port.inject(f, h), null);
       assert.equal(p.port.inject(f, { ...plainHdr(), flags: 2 }), null);
-      await settle(p, 1);
-      assert.deepEqual(p.frames(), [f]);
-      assert.equal(p.got[0]!.hdr.flags, 0, "flags are zero without GUEST_CSUM (§5.1.6.4.1)");
-      assert.deepEqual(p.device.stats.rxDrops, { "offload-not-negotiated": 1 });
+      await settle(p, 2);
+      const done = p.got[0]!.frame;
+      assert.deepEqual(p.got[0]!.hdr, plainHdr(), "flags are zero without GUEST_CSUM (§5.1.6.4.1)");
+      assert.deepEqual(done.subarray(0, h.csumStart + h.csumOffset), f.subarray(0, h.csumStart + h.csumOffset));
+      assert.equal(onesSum(done, h.csumStart), 0xffff, "the stored checksum completes the sum (§5.1.6.2 point 2)");
+      assert.deepEqual(p.got[1]!.frame, f);
+      assert.equal(p.got[1]!.hdr.flags, 0);
+      assert.equal(p.device.stats.rxDropped, 0);
     });
 
     test("DATA_VALID reaches a driver with GUEST_CSUM; flags the device does not know are not passed", T, async () => {
@@ -113,10 +125,22 @@ for (const { name, preferPacked } of LAYOUTS) {
       assert.deepEqual(p.frames(), [flowFrame(spec)]);
     });
 
-    test("a TSO packet for a driver without GUEST_TSO is not passed; one beyond 65553 bytes is too long", T, async () => {
+    test("a TSO packet for a driver without GUEST_TSO arrives cut into MSS segments; one beyond 65553 bytes is too long", T, async () => {
       const p = netPair({ driver: { preferPacked, extra: CSUM | MRG } });
       const spec: FlowSpec = { proto: "tcp", payload: 3000 };
-      assert.equal(p.port.inject(flowFrame(spec), tsoHdr(spec)), "offload-not-negotiated");
+      const f = flowFrame(spec);
+      assert.equal(p.port.inject(f, tsoHdr(spec)), null);
+      await settle(p, 3);
+      const payloads = p.got.map((g) => g.frame.subarray(54));
+      assert.deepEqual(
+        payloads.map((x) => x.length),
+        [1448, 1448, 104],
+      );
+      assert.deepEqual(Buffer.concat(payloads), Buffer.from(f.subarray(54)));
+      for (const g of p.got) {
+        assert.equal(g.hdr.gsoType, 0);
+        assert.equal(g.hdr.flags, 1, "the checksum stays partial for a driver with GUEST_CSUM");
+      }
       const q = netPair({ driver: { preferPacked, extra: CSUM | TSO | MRG } });
       const big: FlowSpec = { proto: "tcp", payload: 65600 };
       assert.equal(q.port.inject(flowFrame(big), tsoHdr(big)), "too-long");
@@ -136,7 +160,13 @@ for (const { name, preferPacked } of LAYOUTS) {
       assert.throws(() => without.driver.send(f, tsoHdr(spec, 1448, true)), RangeError);
       rawTx(without, encodeHdr(tsoHdr(spec, 1448, true)), f);
       assert.deepEqual(without.device.stats.txDrops, { "offload-not-negotiated": 1 });
-      assert.equal(without.port.inject(f, tsoHdr(spec, 1448, true)), "offload-not-negotiated");
+      // Without GUEST_ECN the packet is segmented for the driver instead (§5.1.6.4.1).
+      assert.equal(without.port.inject(f, tsoHdr(spec, 1448, true)), null);
+      await settle(without, 3);
+      assert.deepEqual(
+        without.got.map((g) => g.hdr.gsoType),
+        [0, 0, 0],
+      );
     });
 
     test("hostile transmit headers are counted by reason and the queue keeps serving", T, async () => {

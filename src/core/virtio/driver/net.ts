@@ -59,7 +59,7 @@ import {
   VIRTIO_NET_S_LINK_UP,
   VLAN_HLEN,
 } from "../devices/net/constants.js";
-import { txCheck } from "../devices/net/checks.js";
+import { checkTxHdr } from "../../net/validate.js";
 import { pruneNetFeatures } from "../devices/net/features.js";
 import type { DmaAllocator } from "./dma.js";
 import type { DriverQueue } from "./driver-queue.js";
@@ -336,7 +336,7 @@ export class NetDriver {
     const max = gso ? GSO_MAX_FRAME : this.maxTx;
     if (frame.length > max) throw new RangeError(`frame of ${frame.length} bytes exceeds ${max}`);
     if (!isPlain(hdr)) {
-      const bad = txCheck(frame, hdr, this.hostOffloads);
+      const bad = checkTxHdr(frame, hdr, this.hostOffloads);
       if (bad !== null) throw new RangeError(`header refused (${bad})`);
     }
     const v = this.virtio;
@@ -580,7 +580,7 @@ export class NetDriver {
   private acceptable(frame: Uint8Array, hdr: NetHdr): boolean {
     if (hdr.flags !== 0 && !this.guestOffloads.csum) return false;
     if (isPlain(hdr)) return frame.length >= ETH_HLEN;
-    return txCheck(frame, hdr, this.guestOffloads) === null;
+    return checkTxHdr(frame, hdr, this.guestOffloads) === null;
   }
 
   /** Hands out copied frames in order; a nested processUsed() from onFrame only adds to the list. */

@@ -1,6 +1,9 @@
 import { GuestError } from "../../../errors.js";
 import { PLAIN_HDR, plainHdr, type NetHdr } from "../../../net/hdr.js";
 import { ALL_OFFLOADS, NO_OFFLOADS, type DropReason, type Offloads } from "../../../net/offloads.js";
+import { checkTxHdr } from "../../../net/validate.js";
+import { fitOffloads } from "../../../net/fit.js";
+import { PacketInfo } from "../../../net/parse.js";
 import { DescriptorChain, type DeviceQueue } from "../../queue/index.js";
 import { VirtioDevice } from "../../lifecycle/device.js";
 import { STATUS_DRIVER_OK } from "../../lifecycle/status.js";
@@ -14,7 +17,7 @@ import {
   features,
   hasFeature,
 } from "../../lifecycle/features.js";
-import { exceedsOffloads, fitToReceiver, txCheck } from "./checks.js";
+import { exceedsOffloads } from "./checks.js";
 import {
   ETH_HLEN,
   NET_CFG,
@@ -140,10 +143,10 @@ type DeliverResult = DropReason | null | typeof WAIT;
  * Queues: rx/tx pairs and, unless `controlQueue` is false, a control queue
  * (index 2N with MQ, else 2: §5.1.2). Packets carry their offload state as
  * a NetHdr both ways: a transmitted packet is checked against the HOST_*
- * offloads the driver negotiated (txCheck) and counted as dropped by reason
- * when it breaks them; a received one that asks for GUEST_* offloads the
- * driver lacks is resolved in software (fitToReceiver) before it may pass
- * (§5.1.6.4.1). With MRG_RXBUF a packet spreads over as many receive
+ * offloads the driver negotiated (checkTxHdr) and counted as dropped by
+ * reason when it breaks them; a received one that asks for GUEST_* offloads
+ * the driver lacks is checksummed and segmented in software (fitOffloads)
+ * before it may pass (§5.1.6.4.1). With MRG_RXBUF a packet spreads over as many receive
  * buffers as it needs (§5.1.6.4); without it, over one. Receive steering
  * with MQ follows the queue a flow was last sent on, else a symmetric flow
  * hash (§5.1.6.5.5). The control queue drives the receive filter, the MAC
@@ -229,7 +232,10 @@ export class NetDevice extends VirtioDevice {
   private rxPushed = false;
   private ctrlBuf = new Uint8Array(256);
   private readonly ackByte = new Uint8Array(1);
-  private readonly emit = (frame: Uint8Array, hdr: Readonly<NetHdr>): DropReason | null => this.enqueue(frame, hdr);
+  /** fitOffloads' output: each segment is enqueued, and counted there if dropped. */
+  private readonly emit = (frame: Uint8Array, hdr: Readonly<NetHdr>): void => void this.enqueue(frame, hdr);
+  /** Parse scratch for checking the port's headers. */
+  private readonly rxInfo = new PacketInfo();
 
   constructor(opts: NetDeviceOptions) {
     const mtu = opts.mtu ?? DEFAULT_MTU;
@@ -446,14 +452,14 @@ export class NetDevice extends VirtioDevice {
   receive(frame: Uint8Array, hdr: Readonly<NetHdr>): DropReason | null {
     if (!this.carrier) return this.rxDrop("link-down");
     // The port's header is checked for consistency only; what the driver accepts is decided below.
-    const bad = txCheck(frame, hdr, ALL_OFFLOADS);
+    const bad = checkTxHdr(frame, hdr, ALL_OFFLOADS, this.rxInfo);
     if (bad !== null) return this.rxDrop(bad);
     const gso = (hdr.gsoType & ~VIRTIO_NET_HDR_GSO_ECN) !== 0;
     // §5.1.4.1: nothing longer than the MTU allows passes without segmentation.
     if (frame.length > (gso ? GSO_MAX_FRAME : this.rxPlainMax)) return this.rxDrop("too-long");
     if (!this.filter.accepts(frame, this.macView)) return this.rxDrop("filtered");
     if (exceedsOffloads(hdr, this.acceptsNow)) {
-      const r = fitToReceiver(frame, hdr, this.acceptsNow, this.rxPlainMax, this.emit);
+      const r = fitOffloads(frame, hdr, this.acceptsNow, this.rxPlainMax, this.emit);
       return r === null ? null : this.rxDrop(r);
     }
     return this.enqueue(frame, hdr);
@@ -653,7 +659,13 @@ export class NetDevice extends VirtioDevice {
     }
   }
 
-  /** The virtio_net_hdr the driver gets (§5.1.6.4.1): flags only with GUEST_CSUM, gso fields only with a gso type. */
+  /**
+   * The virtio_net_hdr the driver gets (§5.1.6.4.1): flags only with
+   * GUEST_CSUM, gso fields only with a gso type. DATA_VALID passes as the
+   * port set it: guests cannot set it (transmitOne keeps NEEDS_CSUM only,
+   * and fitOffloads never emits it), so it comes from a host port that
+   * verified the checksum, such as a tap device.
+   */
   private fillRxHdr(hdr: Readonly<NetHdr>, numBuffers: number): Uint8Array {
     const v = this.rxHdrView;
     const flags = this.acceptsNow.csum ? hdr.flags & (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID) : 0;
@@ -830,8 +842,8 @@ export class NetDevice extends VirtioDevice {
     if (!this.linkUp) return "link-down";
     const frame = new Uint8Array(len);
     chain.read(mem, frame, NET_HDR_SIZE);
-    // TODO(checkTxHdr): see txCheck.
-    const bad = txCheck(frame, hdr, this.hostAllowed);
+    // §5.1.6.2.1: only the offloads the driver negotiated, in a header consistent with the frame.
+    const bad = checkTxHdr(frame, hdr, this.hostAllowed);
     if (bad !== null) return bad;
     if (this.queuePairsInUse > 1) this.flowTable[flowHash(frame) & 0xff] = pair + 1;
     try {
