@@ -1,7 +1,9 @@
 /** In-memory ports and frame builders shared by the switch tests. */
+import assert from "node:assert/strict";
 import { copyHdr, plainHdr, type NetHdr } from "../../src/core/net/hdr.js";
 import { NO_OFFLOADS, type DropReason, type Offloads } from "../../src/core/net/offloads.js";
 import { parseMac, writeMac, type SwitchPort } from "../../src/core/switch/index.js";
+import { F_NEEDS_CSUM, checkPacket, decode, type BuiltPacket } from "./net-packets.js";
 
 export interface Received {
   frame: Uint8Array;
@@ -102,4 +104,53 @@ export function mac(i: number): string {
 export class Clock {
   t = 1_000;
   readonly now = (): number => this.t;
+}
+
+/** The payloads of `parts` one after another. */
+export function concat(parts: readonly Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+export interface SegmentsExpected {
+  /** Payload bytes per segment (the sender's gso_size). */
+  mss: number;
+  /** Checksums left partial (NEEDS_CSUM at the transport header) rather than completed. */
+  partial: boolean;
+  /** No frame may be longer. */
+  maxFrame: number;
+}
+
+/**
+ * Asserts that `got` is packet `p` cut into segments as a receiver should
+ * see them: as many as `mss` makes, each a valid packet (checkPacket) of at
+ * most maxFrame bytes laid out like `p`, with a header that asks for no
+ * segmentation and, when `partial`, names the transport checksum; payloads
+ * that concatenate to p's, and TCP sequence numbers that follow the payload.
+ * `p` is the packet as this receiver sees it (tagged if it gets a tag).
+ */
+export function assertSegments(got: readonly Received[], p: BuiltPacket, e: SegmentsExpected): void {
+  const count = Math.max(1, Math.ceil(p.payload.length / e.mss));
+  assert.equal(got.length, count, "segment count");
+  const seq0 = decode(p.frame, p).seq;
+  let offset = 0;
+  got.forEach((s, i) => {
+    const where = `segment ${i + 1} of ${count}`;
+    assert.ok(s.frame.length <= e.maxFrame, `${where}: ${s.frame.length} bytes, maxFrame ${e.maxFrame}`);
+    assert.equal(checkPacket(s.frame, p, e.partial), null, where);
+    assert.deepEqual(s.frame.subarray(0, p.l3Offset), p.frame.subarray(0, p.l3Offset), `${where} keeps the Ethernet header`);
+    const want: NetHdr = e.partial
+      ? { flags: F_NEEDS_CSUM, gsoType: 0, hdrLen: p.payloadOffset, gsoSize: 0, csumStart: p.l4Offset, csumOffset: p.proto === 6 ? 16 : 6 }
+      : plainHdr();
+    assert.deepEqual(s.hdr, want, `${where} header`);
+    const d = decode(s.frame, p);
+    if (p.proto === 6) assert.equal(d.seq, (seq0 + offset) >>> 0, `${where} sequence number`);
+    offset += d.payload.length;
+  });
+  assert.deepEqual(concat(got.map((s) => decode(s.frame, p).payload)), p.payload, "payloads concatenate to the original");
 }

@@ -1,10 +1,13 @@
 import { test, describe } from "node:test";
 import assert from "node:assert/strict";
 import { plainHdr, type NetHdr } from "../../src/core/net/hdr.js";
-import { ALL_OFFLOADS } from "../../src/core/net/offloads.js";
+import { ALL_OFFLOADS, NO_OFFLOADS, type Offloads } from "../../src/core/net/offloads.js";
 import { IovirtUsageError } from "../../src/core/errors.js";
 import { Switch, VlanRewriter, formatMac, type PortHandle, type VlanConfig } from "../../src/core/switch/index.js";
-import { BROADCAST, FakePort, eth, mac, untag, vidOf } from "./switch-fakes.js";
+import { BROADCAST, FakePort, assertSegments, eth, mac, untag, vidOf } from "./switch-fakes.js";
+import { buildTcp4, buildTcp6, buildUdp4, gsoHdr, partialHdr } from "./net-packets.js";
+
+const CSUM_ONLY: Offloads = { ...NO_OFFLOADS, csum: true };
 
 const A = mac(1);
 const B = mac(2);
@@ -137,21 +140,60 @@ describe("Switch VLANs", () => {
     assert.deepEqual(got(n), { t: [20] });
   });
 
-  test("pushing a tag moves csum_start and hdr_len 4 bytes on in a copy; the sender's header is untouched", () => {
-    const n = net({ a10: access(10), t: { mode: "trunk" } });
-    const hdr: NetHdr = { flags: 1, gsoType: 1, hdrLen: 54, gsoSize: 1448, csumStart: 34, csumOffset: 16 };
+  test("pushing a tag moves csum_start and hdr_len 4 bytes on in a copy: a TSO4 packet goes whole to a tso4 trunk, in tagged segments to others", () => {
+    const n = net({ a10: access(10), t: { mode: "trunk" }, tc: { mode: "trunk" }, tn: { mode: "trunk" } });
+    n.port.tc!.offloads = CSUM_ONLY;
+    n.port.tn!.offloads = NO_OFFLOADS;
+    n.port.tc!.max = n.port.tn!.max = 1518;
+    const opts = { csum: "partial", payload: 4000, seq: 7 } as const;
+    const p = buildTcp4(opts);
+    const tagged = buildTcp4({ ...opts, vlan: [10] });
+    const hdr = gsoHdr(p, 1448);
     const before = { ...hdr };
-    n.h.a10!.input(eth(BROADCAST, A, { payload: 3000 }), hdr);
-    const r = n.port.t!.take()[0]!;
-    assert.deepEqual(r.hdr, { ...before, csumStart: 38, hdrLen: 58 });
-    assert.deepEqual(hdr, before);
+    n.h.a10!.input(p.frame, hdr);
+    const whole = n.port.t!.take();
+    assert.equal(whole.length, 1);
+    assert.deepEqual(whole[0]!.frame, tagged.frame);
+    assert.deepEqual(whole[0]!.hdr, { ...before, csumStart: 34 + 4, hdrLen: 54 + 4 });
+    assert.deepEqual(hdr, before, "the sender's header is untouched");
+    // Partial segments: csum_start at the transport header of the tagged frame, the field holding its pseudo-header sum.
+    assertSegments(n.port.tc!.take(), tagged, { mss: 1448, partial: true, maxFrame: 1518 });
+    assertSegments(n.port.tn!.take(), tagged, { mss: 1448, partial: false, maxFrame: 1518 });
   });
 
-  test("popping a tag moves csum_start and hdr_len 4 bytes back", () => {
-    const n = net({ a10: access(10), t: { mode: "trunk" } });
-    const hdr: NetHdr = { flags: 1, gsoType: 4, hdrLen: 78, gsoSize: 1428, csumStart: 58, csumOffset: 16 };
-    n.h.t!.input(eth(BROADCAST, A, { vid: 10, payload: 3000, type: 0x86dd }), hdr);
-    assert.deepEqual(n.port.a10!.take()[0]!.hdr, { ...hdr, csumStart: 54, hdrLen: 74 });
+  test("popping a tag moves csum_start and hdr_len 4 bytes back: a TSO6 packet goes whole to a tso6 access port, in untagged segments to others", () => {
+    const n = net({ t: { mode: "trunk" }, a10: access(10), b10: access(10) });
+    n.port.b10!.offloads = NO_OFFLOADS;
+    n.port.b10!.max = 1514;
+    const opts = { csum: "partial", payload: 3000 } as const;
+    const p = buildTcp6({ ...opts, vlan: [10] });
+    const untagged = buildTcp6(opts);
+    n.h.t!.input(p.frame, gsoHdr(p, 1428));
+    const whole = n.port.a10!.take();
+    assert.deepEqual(whole[0]!.frame, untagged.frame);
+    assert.deepEqual(whole[0]!.hdr, { ...gsoHdr(p, 1428), csumStart: 58 - 4, hdrLen: 78 - 4 });
+    assertSegments(n.port.b10!.take(), untagged, { mss: 1428, partial: false, maxFrame: 1514 });
+  });
+
+  test("a partial checksum follows its transport header through a push or a pop, and completes to a valid packet where the port lacks csum", () => {
+    const n = net({ a10: access(10), b10: access(10), t: { mode: "trunk" }, u: { mode: "trunk" } });
+    n.port.b10!.offloads = NO_OFFLOADS;
+    n.port.u!.offloads = NO_OFFLOADS;
+    const opts = { csum: "partial", payload: 500 } as const;
+    const plain = buildUdp4(opts);
+    const tagged = buildUdp4({ ...opts, vlan: [10] });
+    n.h.a10!.input(plain.frame, partialHdr(plain));
+    const onTrunk = n.port.t!.take();
+    assert.deepEqual(onTrunk[0]!.hdr, partialHdr(tagged));
+    assert.equal(onTrunk[0]!.hdr.csumStart, plain.l4Offset + 4);
+    assertSegments(onTrunk, tagged, { mss: 500, partial: true, maxFrame: 70_000 });
+    assertSegments(n.port.u!.take(), tagged, { mss: 500, partial: false, maxFrame: 70_000 });
+    assertSegments(n.port.b10!.take(), plain, { mss: 500, partial: false, maxFrame: 70_000 });
+    n.h.t!.input(tagged.frame, partialHdr(tagged));
+    const onAccess = n.port.a10!.take();
+    assert.deepEqual(onAccess[0]!.hdr, partialHdr(plain));
+    assertSegments(onAccess, plain, { mss: 500, partial: true, maxFrame: 70_000 });
+    assertSegments(n.port.b10!.take(), plain, { mss: 500, partial: false, maxFrame: 70_000 });
   });
 
   test("a plain header passes through a tag change as the same object; DATA_VALID alone needs no copy", () => {
@@ -175,11 +217,27 @@ describe("Switch VLANs", () => {
   });
 
   test("a frame too long for the scratch buffer is dropped too-long where it needs a tag, and passes where it does not", () => {
-    const n = net({ a10: access(10), t: { mode: "trunk" }, b10: access(10) });
-    const hdr: NetHdr = { flags: 1, gsoType: 1, hdrLen: 54, gsoSize: 1448, csumStart: 34, csumOffset: 16 };
-    n.h.a10!.input(eth(BROADCAST, A, { payload: 0x10010 }), hdr);
+    // The buffer holds the largest IP datagram (65535 bytes) behind an Ethernet header and two tags; only
+    // bytes beyond the datagram (Ethernet padding) or a frame that is not IP can make a frame longer.
+    const n = net({ a10: access(10), t: { mode: "trunk" }, b10: access(10), c10: access(10) });
+    n.port.c10!.offloads = NO_OFFLOADS;
+    n.port.c10!.max = 1514;
+    const p = buildTcp4({ csum: "partial", payload: 65535 - 40, padding: 16 });
+    assert.equal(p.frame.length + 4, 0xffff + 14 + 2 * 4 + 12, "12 bytes more than the buffer once tagged");
+    n.h.a10!.input(p.frame, gsoHdr(p, 1460));
     assert.deepEqual(n.h.t!.stats.txDrops, { "too-long": 1 });
-    assert.equal(n.port.b10!.received.length, 1);
+    const whole = n.port.b10!.take();
+    assert.equal(whole.length, 1);
+    assert.deepEqual(whole[0]!.frame, p.frame.subarray(0, p.l3End), "passed on whole, without the padding");
+    assert.equal(n.port.c10!.take().length, 45);
+    const largest = buildTcp4({ csum: "partial", payload: 65535 - 40 });
+    n.h.a10!.input(largest.frame, gsoHdr(largest, 1460));
+    assert.equal(n.port.t!.take()[0]!.frame.length, largest.frame.length + 4, "the largest IP datagram still gets its tag");
+    got(n);
+    const jumbo = eth(BROADCAST, A, { payload: 0xffff + 8 });
+    n.h.a10!.input(jumbo);
+    assert.deepEqual(n.h.t!.stats.txDrops, { "too-long": 2 });
+    assert.deepEqual(n.port.b10!.take()[0]!.frame, jumbo);
   });
 
   test("VLAN settings out of range are refused when the port is added", () => {

@@ -1,10 +1,12 @@
 import { test, describe } from "node:test";
 import assert from "node:assert/strict";
+import fc from "fast-check";
 import { plainHdr, type NetHdr } from "../../src/core/net/hdr.js";
-import { ALL_OFFLOADS, NO_OFFLOADS } from "../../src/core/net/offloads.js";
+import { ALL_OFFLOADS, NO_OFFLOADS, type Offloads } from "../../src/core/net/offloads.js";
 import { IovirtUsageError } from "../../src/core/errors.js";
 import {
   MAX_DEPTH,
+  MIRROR_MAX_FRAME,
   Switch,
   formatMac,
   formatStats,
@@ -14,7 +16,27 @@ import {
   type PortHandle,
   type PortStats,
 } from "../../src/core/switch/index.js";
-import { BROADCAST, Clock, FakePort, eth, mac } from "./switch-fakes.js";
+import { BROADCAST, Clock, FakePort, assertSegments, eth, mac, type Received } from "./switch-fakes.js";
+import {
+  F_DATA_VALID,
+  F_NEEDS_CSUM,
+  GSO_ECN,
+  GSO_TCPV4,
+  GSO_TCPV6,
+  GSO_UDP_L4,
+  TCP_ACK,
+  TCP_CWR,
+  TCP_PSH,
+  buildTcp4,
+  buildTcp6,
+  buildUdp4,
+  buildUdp6,
+  checkPacket,
+  decode,
+  gsoHdr,
+  partialHdr,
+  type BuiltPacket,
+} from "./net-packets.js";
 
 const A = mac(1);
 const B = mac(2);
@@ -321,31 +343,120 @@ describe("Switch learning and forwarding", () => {
   });
 });
 
-describe("Switch offload fitting (local fitFor until fitOffloads)", () => {
-  const csum = (): NetHdr => ({ ...plainHdr(), flags: 1, csumStart: 34, csumOffset: 16 });
-  const tso4 = (ecn = false): NetHdr => ({ ...csum(), gsoType: 1 | (ecn ? 0x80 : 0), gsoSize: 1448, hdrLen: 54 });
+describe("Switch offload fitting (fitOffloads toward each egress port)", () => {
+  const CSUM_ONLY: Offloads = { ...NO_OFFLOADS, csum: true };
+  const MTU_FRAME = 1514;
 
-  test("a partial checksum reaches a port with csum and is dropped offload-not-negotiated at one without", () => {
-    const { ports, h } = setup(3);
-    ports[1]!.offloads = { ...NO_OFFLOADS, csum: true };
-    h[0]!.input(eth(BROADCAST, A, { payload: 100 }), csum());
-    assert.deepEqual(names(ports), ["p1"]);
-    assert.equal(ports[1]!.received[0]!.hdr.csumStart, 34);
-    assert.deepEqual(h[2]!.stats.txDrops, { "offload-not-negotiated": 1 });
+  /** Ports p0..p(n-1), p0 the sender, the others with these offloads and maxFrame. */
+  function fitSetup(receivers: { offloads: Readonly<Offloads>; max?: number }[]): { ports: FakePort[]; h: PortHandle[] } {
+    const { ports, h } = setup(receivers.length + 1);
+    receivers.forEach((r, i) => {
+      ports[i + 1]!.offloads = r.offloads;
+      ports[i + 1]!.max = r.max ?? MTU_FRAME;
+    });
+    return { ports, h };
+  }
+
+  test("a NEEDS_CSUM packet stays partial toward a csum port and arrives with its checksum completed at a port without", () => {
+    for (const p of [buildTcp4({ csum: "partial", payload: 1000 }), buildUdp6({ csum: "partial", payload: 777 })]) {
+      const { ports, h } = fitSetup([{ offloads: CSUM_ONLY }, { offloads: NO_OFFLOADS }]);
+      const sent = p.frame.slice();
+      assert.equal(h[0]!.input(p.frame, partialHdr(p)), null);
+      const [partial] = ports[1]!.take();
+      assert.deepEqual(partial!.frame, p.frame);
+      assert.deepEqual(partial!.hdr, partialHdr(p));
+      assert.equal(checkPacket(partial!.frame, p, true), null);
+      const got = ports[2]!.take();
+      assert.equal(got.length, 1);
+      assert.equal(checkPacket(got[0]!.frame, p), null, "a receiver's stack accepts the completed checksum");
+      assert.deepEqual(got[0]!.hdr, plainHdr());
+      assert.deepEqual(decode(got[0]!.frame, p).payload, p.payload);
+      assert.deepEqual(p.frame, sent, "the sender's frame is not written");
+    }
   });
 
-  test("TSO4 needs tso4 (and csum), its ECN variant also ecn; a GSO packet may exceed maxFrame", () => {
-    const { ports, h } = setup(4);
-    ports[1]!.offloads = { ...NO_OFFLOADS, csum: true, tso4: true };
-    ports[2]!.offloads = ALL_OFFLOADS;
-    ports[3]!.offloads = { ...ALL_OFFLOADS, tso4: false };
-    h[0]!.input(eth(BROADCAST, A, { payload: 9000 }), tso4());
-    assert.deepEqual(names(ports), ["p1", "p2"]);
-    ports.forEach((p) => p.take());
-    h[0]!.input(eth(BROADCAST, A, { payload: 9000 }), tso4(true));
-    assert.deepEqual(names(ports), ["p2"]);
-    assert.deepEqual(h[1]!.stats.txDrops, { "offload-not-negotiated": 1 });
-    assert.deepEqual(h[3]!.stats.txDrops, { "offload-not-negotiated": 2 });
+  test("a 64 KiB TSO4 packet goes whole to a tso4 port beyond its maxFrame, and as MSS-sized segments to ports without tso4", () => {
+    const p = buildTcp4({ csum: "partial", payload: 65535 - 40, seq: 0xffff_f000, flags: TCP_ACK | TCP_PSH });
+    const { ports, h } = fitSetup([
+      { offloads: { ...CSUM_ONLY, tso4: true } },
+      { offloads: NO_OFFLOADS },
+      { offloads: CSUM_ONLY },
+      { offloads: { ...ALL_OFFLOADS, tso4: false } },
+    ]);
+    assert.equal(h[0]!.input(p.frame, gsoHdr(p, 1460)), null);
+    const whole = ports[1]!.take();
+    assert.equal(whole.length, 1);
+    assert.equal(whole[0]!.frame.length, 65535 + 14);
+    assert.deepEqual(whole[0]!.frame, p.frame);
+    assert.deepEqual(whole[0]!.hdr, gsoHdr(p, 1460));
+    assertSegments(ports[2]!.take(), p, { mss: 1460, partial: false, maxFrame: MTU_FRAME });
+    assertSegments(ports[3]!.take(), p, { mss: 1460, partial: true, maxFrame: MTU_FRAME });
+    // Other offloads (tso6, uso, ecn) do not help a TSO4 packet; csum still spares summing the payload.
+    assertSegments(ports[4]!.take(), p, { mss: 1460, partial: true, maxFrame: MTU_FRAME });
+    for (const x of h.slice(1)) assert.deepEqual(x.stats.txDrops, {});
+  });
+
+  test("a TSO4 packet with ECN (GSO_ECN, or CWR in its TCP header) goes whole only to a port with ecn too", () => {
+    const { ports, h } = fitSetup([{ offloads: { ...CSUM_ONLY, tso4: true } }, { offloads: ALL_OFFLOADS }]);
+    const marked = buildTcp4({ csum: "partial", payload: 5000 });
+    const cwr = buildTcp4({ csum: "partial", payload: 5000, flags: TCP_ACK | TCP_CWR });
+    for (const [p, hdr] of [
+      [marked, gsoHdr(marked, 1000, true)],
+      [cwr, gsoHdr(cwr, 1000)],
+    ] as const) {
+      assert.equal(h[0]!.input(p.frame, hdr), null);
+      const segs = ports[1]!.take();
+      assertSegments(segs, p, { mss: 1000, partial: true, maxFrame: MTU_FRAME });
+      assert.deepEqual(
+        segs.map((s) => decode(s.frame, p).tcpFlags & TCP_CWR),
+        p === cwr ? [TCP_CWR, 0, 0, 0, 0] : [0, 0, 0, 0, 0],
+        "CWR on the first segment only",
+      );
+      const whole = ports[2]!.take();
+      assert.equal(whole.length, 1);
+      assert.deepEqual(whole[0]!.frame, p.frame);
+      assert.equal(whole[0]!.hdr.gsoType, GSO_TCPV4 | GSO_ECN, "the ecn receiver is told, whichever way the sender said it");
+    }
+  });
+
+  test("TSO6 and USO packets go whole only to ports that accept that GSO type, and as segments elsewhere", () => {
+    const cases: [BuiltPacket, Offloads, number][] = [
+      [buildTcp6({ csum: "partial", payload: 9000 }), { ...CSUM_ONLY, tso6: true }, GSO_TCPV6],
+      [buildUdp4({ csum: "partial", payload: 9000 }), { ...CSUM_ONLY, uso: true }, GSO_UDP_L4],
+    ];
+    for (const [p, takes, type] of cases) {
+      const { ports, h } = fitSetup([{ offloads: takes }, { offloads: { ...ALL_OFFLOADS, tso6: !takes.tso6, uso: !takes.uso } }]);
+      assert.equal(h[0]!.input(p.frame, gsoHdr(p, 1400)), null);
+      const whole = ports[1]!.take();
+      assert.equal(whole.length, 1);
+      assert.deepEqual(whole[0]!.frame, p.frame);
+      assert.equal(whole[0]!.hdr.gsoType, type);
+      const segs = ports[2]!.take();
+      assertSegments(segs, p, { mss: 1400, partial: true, maxFrame: MTU_FRAME });
+      if (p.proto === 17)
+        for (const s of segs) assert.equal(decode(s.frame, p).udpLength, s.frame.length - p.l4Offset, "each datagram its own length");
+    }
+  });
+
+  test("a packet whose segments or partial-checksum frame exceed a port's maxFrame is dropped too-long there, once, with nothing sent", () => {
+    const { ports, h } = fitSetup([
+      { offloads: NO_OFFLOADS, max: 1513 },
+      { offloads: CSUM_ONLY, max: 1514 },
+      { offloads: { ...CSUM_ONLY, tso4: true }, max: 100 },
+    ]);
+    const p = buildTcp4({ csum: "partial", payload: 6000 });
+    h[0]!.input(p.frame, gsoHdr(p, 1460)); // segments of 54 + 1460 = 1514 bytes
+    assert.equal(ports[1]!.received.length, 0);
+    assert.deepEqual(h[1]!.stats.txDrops, { "too-long": 1 });
+    assert.equal(ports[2]!.take().length, 5);
+    assert.equal(ports[3]!.take().length, 1, "taken whole, maxFrame does not apply");
+    const big = buildUdp4({ csum: "partial", payload: 1600 });
+    h[0]!.input(big.frame, partialHdr(big));
+    assert.equal(ports[1]!.received.length + ports[2]!.received.length + ports[3]!.received.length, 0);
+    assert.deepEqual(h[1]!.stats.txDrops, { "too-long": 2 });
+    assert.deepEqual(h[2]!.stats.txDrops, { "too-long": 1 });
+    assert.deepEqual(h[3]!.stats.txDrops, { "too-long": 1 }, "without GSO there is nothing to cut: maxFrame applies");
+    assert.ok(balanced(h[0]!.stats));
   });
 
   test("a plain frame longer than the port's maxFrame is dropped too-long there", () => {
@@ -354,6 +465,121 @@ describe("Switch offload fitting (local fitFor until fitOffloads)", () => {
     h[0]!.input(eth(BROADCAST, A, { payload: 1501 }));
     assert.deepEqual(names(ports), ["p2"]);
     assert.deepEqual(h[1]!.stats.txDrops, { "too-long": 1 });
+  });
+
+  test("offload state that does not match the frame is dropped at every egress port, even one that accepts the offload", () => {
+    const { ports, h } = fitSetup([{ offloads: ALL_OFFLOADS, max: 70_000 }, { offloads: NO_OFFLOADS }]);
+    // A TSO4 header on a frame that is not TCP over IPv4 cannot be segmented, nor passed on for a receiver to segment.
+    const tso4: NetHdr = { flags: F_NEEDS_CSUM, gsoType: GSO_TCPV4, hdrLen: 54, gsoSize: 1448, csumStart: 34, csumOffset: 16 };
+    assert.equal(h[0]!.input(eth(BROADCAST, A, { payload: 3000 }), tso4), null, "the ingress port cannot tell");
+    // A checksum to store past the end of the frame.
+    assert.equal(h[0]!.input(eth(BROADCAST, A), { ...plainHdr(), flags: F_NEEDS_CSUM, csumStart: 34, csumOffset: 100 }), null);
+    // GSO_ECN qualifies TCP segmentation only; on GSO_NONE a receiver's stack rejects it (virtio_net_hdr_to_skb).
+    assert.equal(h[0]!.input(eth(BROADCAST, A), { ...plainHdr(), gsoType: GSO_ECN }), null);
+    for (const x of [h[1]!, h[2]!]) {
+      assert.deepEqual(x.stats.txDrops, { "gso-unparseable": 1, "csum-out-of-range": 1, "bad-hdr": 1 });
+      assert.equal(x.stats.txPackets, 0);
+    }
+    assert.deepEqual(names(ports), []);
+    assert.equal(h[0]!.stats.flooded, 3);
+    assert.ok(balanced(h[0]!.stats));
+  });
+
+  test("a header asking for no offload is rebuilt plain on the way, unknown flag bits and hdr_len dropped; DATA_VALID alone passes", () => {
+    const { ports, h } = fitSetup([{ offloads: ALL_OFFLOADS }]);
+    const p = buildUdp4();
+    h[0]!.input(p.frame, { ...plainHdr(), flags: 0xf0 | F_DATA_VALID, hdrLen: p.payloadOffset, gsoSize: 7 });
+    const valid: NetHdr = { ...plainHdr(), flags: F_DATA_VALID };
+    h[0]!.input(p.frame, valid);
+    const [rebuilt, passed] = ports[1]!.take();
+    assert.deepEqual(rebuilt!.hdr, plainHdr());
+    assert.deepEqual(rebuilt!.frame, p.frame);
+    assert.deepEqual(passed!.hdr, valid);
+  });
+
+  test("txPackets and txBytes count every segment a port took, a send() refusal counts per segment, a fit drop once per packet", () => {
+    const { ports, h } = fitSetup([
+      { offloads: NO_OFFLOADS },
+      { offloads: ALL_OFFLOADS },
+      { offloads: NO_OFFLOADS },
+      { offloads: NO_OFFLOADS, max: 600 },
+    ]);
+    // p3's ring fills after 3 frames.
+    const send = ports[3]!.send.bind(ports[3]!);
+    ports[3]!.send = (f, hdr) => (ports[3]!.received.length >= 3 ? "no-buffer" : send(f, hdr));
+    const p = buildTcp4({ csum: "partial", payload: 10_000 });
+    assert.equal(h[0]!.input(p.frame, gsoHdr(p, 1000)), null);
+    const segs = ports[1]!.take();
+    assert.equal(segs.length, 10);
+    assert.equal(h[1]!.stats.txPackets, 10);
+    assert.equal(h[1]!.stats.txBytes, 10 * p.payloadOffset + 10_000);
+    assert.equal(
+      h[1]!.stats.txBytes,
+      segs.reduce((n, s) => n + s.frame.length, 0),
+    );
+    assert.equal(h[2]!.stats.txPackets, 1);
+    assert.equal(h[2]!.stats.txBytes, p.frame.length);
+    assert.equal(h[3]!.stats.txPackets, 3);
+    assert.deepEqual(h[3]!.stats.txDrops, { "no-buffer": 7 });
+    assert.equal(h[4]!.stats.txPackets, 0);
+    assert.deepEqual(h[4]!.stats.txDrops, { "too-long": 1 });
+    const s0 = h[0]!.stats;
+    assert.deepEqual([s0.rxPackets, s0.flooded, s0.rxBytes], [1, 1, p.frame.length]);
+    for (const x of h) assert.ok(balanced(x.stats), JSON.stringify(x.stats));
+  });
+
+  test("random TCP/UDP packets with random offload state reach each port valid, whole or in segments, as its offloads and maxFrame allow", () => {
+    const builders = [buildTcp4, buildTcp6, buildUdp4, buildUdp6];
+    const offloadsArb = fc.record({ csum: fc.boolean(), tso4: fc.boolean(), tso6: fc.boolean(), ecn: fc.boolean(), uso: fc.boolean() });
+    const receiverArb = fc.record({ offloads: offloadsArb, max: fc.constantFrom(600, 1514, 9014, 70_000) });
+    fc.assert(
+      fc.property(
+        fc.array(receiverArb, { minLength: 1, maxLength: 4 }),
+        fc.nat(3),
+        fc.nat(12_000),
+        fc.constantFrom("plain", "partial", "gso"),
+        fc.integer({ min: 200, max: 3000 }),
+        fc.boolean(),
+        fc.boolean(),
+        (receivers, k, size, mode, mss, ecnBit, cwrFlag) => {
+          const p = builders[k]!({ csum: mode === "plain" ? "full" : "partial", payload: size, flags: TCP_ACK | (cwrFlag ? TCP_CWR : 0) });
+          const tcp = p.proto === 6;
+          const ecn = tcp && (ecnBit || cwrFlag);
+          const hdr = mode === "plain" ? plainHdr() : mode === "partial" ? partialHdr(p) : gsoHdr(p, mss, tcp && ecnBit);
+          const { ports, h } = fitSetup(receivers);
+          assert.equal(h[0]!.input(p.frame, hdr), null);
+          receivers.forEach((r, i) => {
+            const a = r.offloads;
+            const got = ports[i + 1]!.take();
+            const st = h[i + 1]!.stats;
+            const where = JSON.stringify({ r, k, size, mode, mss, ecnBit, cwrFlag });
+            const typeOk = p.proto === 17 ? a.uso : p.ipVersion === 4 ? a.tso4 : a.tso6;
+            if (mode === "gso" && a.csum && typeOk && (!ecn || a.ecn)) {
+              assert.equal(got.length, 1, where);
+              assert.deepEqual(got[0]!.frame, p.frame, where);
+              assert.deepEqual(got[0]!.hdr, gsoHdr(p, mss, ecn), where);
+            } else if (mode === "gso") {
+              const first = p.payloadOffset + Math.min(mss, size);
+              if (first > r.max) assert.deepEqual([got.length, st.txDrops], [0, { "too-long": 1 }], where);
+              else assertSegments(got, p, { mss, partial: a.csum, maxFrame: r.max });
+            } else if (p.frame.length > r.max) {
+              assert.deepEqual([got.length, st.txDrops], [0, { "too-long": 1 }], where);
+            } else {
+              // One frame, mss irrelevant: a "segment" of the whole payload.
+              assertSegments(got, p, { mss: Math.max(1, size), partial: mode === "partial" && a.csum, maxFrame: r.max });
+            }
+            assert.equal(st.txPackets, got.length, where);
+            assert.equal(
+              st.txBytes,
+              got.reduce((n, x) => n + x.frame.length, 0),
+              where,
+            );
+          });
+          for (const x of h) assert.ok(balanced(x.stats));
+        },
+      ),
+      { numRuns: 150 },
+    );
   });
 });
 
@@ -415,6 +641,24 @@ describe("Switch mirrors", () => {
       seen.map((s) => [s.from, s.to]),
       [["early", "late"]],
     );
+  });
+
+  test("a mirror gets offloaded packets as plain frames: checksums completed, GSO packets in segments, whatever the ports accept", () => {
+    const { sw, ports, h } = setup(2);
+    ports[1]!.offloads = ALL_OFFLOADS;
+    const got: Received[] = [];
+    const m = sw.addMirror((frame, hdr) => got.push({ frame: frame.slice(), hdr: { ...hdr }, original: frame }));
+    const p = buildTcp6({ csum: "partial", payload: 20_000 });
+    h[0]!.input(p.frame, gsoHdr(p, 1440));
+    assert.equal(ports[1]!.take().length, 1, "the port takes it whole");
+    assertSegments(got.splice(0), p, { mss: 1440, partial: false, maxFrame: MIRROR_MAX_FRAME });
+    assert.equal(m.packets, 14, "one per segment");
+    const u = buildUdp4({ csum: "partial", payload: 300 });
+    h[0]!.input(u.frame, partialHdr(u));
+    assertSegments(got, u, { mss: 300, partial: false, maxFrame: MIRROR_MAX_FRAME });
+    assert.equal(m.packets, 15);
+    h[0]!.input(eth(BROADCAST, A), { ...plainHdr(), flags: F_NEEDS_CSUM, csumStart: 34, csumOffset: 100 });
+    assert.equal(m.drops, 1, "offload state that cannot be fitted is a mirror drop too");
   });
 
   test("a mirror sink that throws is counted and reported; forwarding is unaffected", () => {

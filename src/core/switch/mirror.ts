@@ -24,9 +24,10 @@ export interface MirrorInfo {
 }
 
 /**
- * Receives mirrored packets: plain frames (checksums complete, no
- * segmentation pending, once fitOffloads is in place). `frame`, `hdr` and
- * `info` are valid only during the call.
+ * Receives mirrored packets as plain frames: an offloaded packet arrives with
+ * its checksum completed and, if it was a GSO packet, as its segments, each
+ * a call of its own (as a capture on a wire would show it). `hdr` is then
+ * always plain. `frame`, `hdr` and `info` are valid only during the call.
  */
 export type MirrorSink = (frame: Uint8Array, hdr: Readonly<NetHdr>, info: Readonly<MirrorInfo>) => void;
 
@@ -36,9 +37,9 @@ export interface MirrorFilter {
 }
 
 export class MirrorHandle {
-  /** Frames handed to the sink. */
+  /** Frames handed to the sink: a segmented packet counts once per segment. */
   packets = 0;
-  /** Packets not handed over: too long, or the sink threw. */
+  /** Packets not handed over (once per packet): too long or malformed offload state, or the sink threw. */
   drops = 0;
   private readonly info: MirrorInfo = { from: "", to: null };
   private readonly emit: Emit;
@@ -51,7 +52,6 @@ export class MirrorHandle {
     this.emit = (frame, hdr) => {
       this.packets++;
       sink(frame, hdr, this.info);
-      return null;
     };
   }
 

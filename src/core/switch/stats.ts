@@ -2,9 +2,18 @@
  * Switch counters. Per port, every packet given to PortHandle.input is
  * counted in rxPackets and ends in exactly one of forwarded, flooded or an
  * rxDrops reason, so rxPackets === forwarded + flooded + sum(rxDrops).
- * What happens at the receivers is counted on their side: txPackets for each
- * frame a port's send() took, txDrops for each one it refused or that could
- * not be made acceptable to it.
+ * What happens at the receivers is counted on their side, in frames handed
+ * to the port's send(): txPackets and txBytes for each frame it took, txDrops
+ * for each it refused. A packet segmented in software for a port that lacks
+ * the offload (fit.ts) is several frames there, and each segment counts in
+ * txPackets and its bytes, headers included, in txBytes: that is what
+ * crossed to the port and what its own counters show (a guest counts the
+ * segments it received), txBytes (which must include the repeated headers)
+ * then counts the same units as txPackets, and a ring that fills after 10 of
+ * 45 segments shows as 10 taken and 35 "no-buffer". A packet that could not be
+ * made acceptable at all (too long even when segmented, malformed offload
+ * state, no room for a VLAN tag) reached no send() and counts once in
+ * txDrops.
  */
 import type { DropReason } from "../net/offloads.js";
 
@@ -22,10 +31,10 @@ export interface PortStats {
   flooded: number;
   /** Packets the switch refused on input. "filtered" is a unicast to an address learned on this same port. */
   rxDrops: DropCounts;
-  /** Frames the port's send() took, and their bytes. */
+  /** Frames the port's send() took (each segment of a segmented packet), and their bytes. */
   txPackets: number;
   txBytes: number;
-  /** Frames for this port that its send() refused, or that could not be made acceptable to it. */
+  /** Frames for this port that its send() refused (per segment), or packets that could not be made acceptable to it (once each). */
   txDrops: DropCounts;
   /** Source addresses from this port not learned because the table was full. */
   learnRefused: number;

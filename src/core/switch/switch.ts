@@ -19,10 +19,13 @@
  *    seen it already, so the frame is dropped and counted "filtered"
  *    (hairpin), as an 802.1D bridge discards it.
  * 5. Each egress port gets the frame tagged or untagged as it carries the
- *    VLAN, then made acceptable to it (fit.ts), then sent.
+ *    VLAN, then made acceptable to it (fit.ts: the checksum completed and
+ *    the packet segmented in software where the port lacks the offload),
+ *    then sent, as one frame or as its segments.
  *
  * The switch keeps no reference to a frame or header after input() returns
- * and copies only to change a VLAN tag (into a scratch buffer). Ports may
+ * and copies only to change a VLAN tag (into a scratch buffer) or, in
+ * fitOffloads, to complete a checksum or cut segments. Ports may
  * feed the switch again from inside send(); that nests up to MAX_DEPTH
  * levels, beyond which the packet is dropped "host-error" (a loop of
  * synchronous ports would otherwise overflow the stack).
@@ -91,8 +94,7 @@ class Attachment implements PortHandle {
   attached = true;
   /** Mirrors filtered on this port's name. Replaced, never mutated, so a loop over it survives changes. */
   mirrors: readonly MirrorHandle[] = [];
-  /** Calls of emit, to tell fit's own drops from those emit already counted. */
-  emits = 0;
+  /** Sends one frame (a whole packet or one segment of it) and counts what send() said. */
   readonly emit: Emit;
 
   constructor(
@@ -103,13 +105,11 @@ class Attachment implements PortHandle {
     this.stats = newPortStats(port.name);
     const st = this.stats;
     this.emit = (frame, hdr) => {
-      this.emits++;
       const r = port.send(frame, hdr);
       if (r === null) {
         st.txPackets++;
         st.txBytes += frame.length;
       } else countDrop(st.txDrops, r);
-      return r;
     };
   }
 
@@ -311,9 +311,9 @@ export class Switch {
         fh = rw.hdr;
       }
       for (const m of out.mirrors) m.offer(f, fh, from.name, out.name);
-      const emitsBefore = out.emits;
+      // A reason here means nothing was emitted; what was emitted, emit counted.
       const r = fitFor(out.port, f, fh, out.emit);
-      if (r !== null && out.emits === emitsBefore) countDrop(out.stats.txDrops, r);
+      if (r !== null) countDrop(out.stats.txDrops, r);
     } catch (err) {
       countDrop(out.stats.txDrops, "host-error");
       this.onError(err, out.name);
