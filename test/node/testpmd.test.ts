@@ -34,6 +34,9 @@ function sockDir(): string {
 const BACK_END_CORES = "0,1"; // main lcore on CPU 0, forwarding lcore on CPU 1
 const FRONT_END_LCORES = "0@1,1@0"; // main lcore on CPU 1, forwarding lcore on CPU 0
 
+/** A test that hangs (testpmd stops answering) fails instead of holding up the suite. */
+const TIMEOUT_MS = 60_000;
+
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /** Reads the back end's counters until they stop changing (its rxonly lcore drains the ring after the sender stops). */
@@ -69,7 +72,46 @@ async function sendAndCount(tx: Testpmd, rx: Testpmd, size: number, ms: number):
 
 for (const packed of [false, true]) {
   const layout = packed ? "packed" : "split";
-  test(`every frame a virtio-user txonly testpmd sends over ${layout} rings arrives at a net_vhost rxonly testpmd, at 64 and 1518 bytes`, async (t) => {
+  test(
+    `every frame a virtio-user txonly testpmd sends over ${layout} rings arrives at a net_vhost rxonly testpmd, at 64 and 1518 bytes`,
+    { timeout: TIMEOUT_MS },
+    async (t) => {
+      const dir = sockDir();
+      const sock = join(dir, "vhost.sock");
+      const procs: Testpmd[] = [];
+      t.after(async () => {
+        await Promise.all(procs.map((p) => p.close()));
+        rmSync(dir, { recursive: true, force: true });
+      });
+      const a = await Testpmd.launch({ name: "testpmd A (net_vhost)", cores: BACK_END_CORES, vdevs: [vhostVdev({ iface: sock })] });
+      procs.push(a);
+      await a.setFwd("rxonly");
+      await a.start();
+      const b = await Testpmd.launch({
+        name: `testpmd B (virtio-user, ${layout})`,
+        lcores: FRONT_END_LCORES,
+        vdevs: [virtioUserVdev({ path: sock, packed })],
+      });
+      procs.push(b);
+      await b.setFwd("txonly");
+      await a.waitLinkUp(0);
+      for (const size of [64, 1518]) {
+        const { sent, received } = await sendAndCount(b, a, size, 600);
+        assert.equal(received.rxPackets, sent, `${size} B: the back end received what the front end sent`);
+        assert.equal(received.rxBytes, received.rxPackets * size, `${size} B: RX bytes are packets times the frame size`);
+        assert.equal(received.rxErrors, 0);
+        assert.equal(received.rxMissed, 0);
+      }
+      assert.equal(await b.close(), 0, "testpmd B quits cleanly");
+      assert.equal(await a.close(), 0, "testpmd A quits cleanly");
+    },
+  );
+}
+
+test(
+  "a virtio-user server=1 testpmd waits for a net_vhost client=1 testpmd to connect, then traffic flows",
+  { timeout: TIMEOUT_MS },
+  async (t) => {
     const dir = sockDir();
     const sock = join(dir, "vhost.sock");
     const procs: Testpmd[] = [];
@@ -77,64 +119,33 @@ for (const packed of [false, true]) {
       await Promise.all(procs.map((p) => p.close()));
       rmSync(dir, { recursive: true, force: true });
     });
-    const a = await Testpmd.launch({ name: "testpmd A (net_vhost)", cores: BACK_END_CORES, vdevs: [vhostVdev({ iface: sock })] });
-    procs.push(a);
-    await a.setFwd("rxonly");
-    await a.start();
-    const b = await Testpmd.launch({
-      name: `testpmd B (virtio-user, ${layout})`,
+    // virtio-user's probe blocks in accept(): no prompt until the back end connects.
+    const b = Testpmd.spawn({
+      name: "testpmd B (virtio-user server)",
       lcores: FRONT_END_LCORES,
-      vdevs: [virtioUserVdev({ path: sock, packed })],
+      vdevs: [virtioUserVdev({ path: sock, server: true })],
     });
     procs.push(b);
+    await b.waitForPath(sock);
+    const early = await Promise.race([b.ready.then(() => "ready"), sleep(300).then(() => "waiting")]);
+    assert.equal(early, "waiting", "virtio-user in server mode is not ready before a back end connects");
+    const a = await Testpmd.launch({
+      name: "testpmd A (net_vhost client)",
+      cores: BACK_END_CORES,
+      vdevs: [vhostVdev({ iface: sock, client: true })],
+    });
+    procs.push(a);
+    await b.ready;
+    await a.setFwd("rxonly");
+    await a.start();
     await b.setFwd("txonly");
     await a.waitLinkUp(0);
-    for (const size of [64, 1518]) {
-      const { sent, received } = await sendAndCount(b, a, size, 600);
-      assert.equal(received.rxPackets, sent, `${size} B: the back end received what the front end sent`);
-      assert.equal(received.rxBytes, received.rxPackets * size, `${size} B: RX bytes are packets times the frame size`);
-      assert.equal(received.rxErrors, 0);
-      assert.equal(received.rxMissed, 0);
-    }
-    assert.equal(await b.close(), 0, "testpmd B quits cleanly");
-    assert.equal(await a.close(), 0, "testpmd A quits cleanly");
-  });
-}
+    const { sent, received } = await sendAndCount(b, a, 64, 400);
+    assert.equal(received.rxPackets, sent);
+  },
+);
 
-test("a virtio-user server=1 testpmd waits for a net_vhost client=1 testpmd to connect, then traffic flows", async (t) => {
-  const dir = sockDir();
-  const sock = join(dir, "vhost.sock");
-  const procs: Testpmd[] = [];
-  t.after(async () => {
-    await Promise.all(procs.map((p) => p.close()));
-    rmSync(dir, { recursive: true, force: true });
-  });
-  // virtio-user's probe blocks in accept(): no prompt until the back end connects.
-  const b = Testpmd.spawn({
-    name: "testpmd B (virtio-user server)",
-    lcores: FRONT_END_LCORES,
-    vdevs: [virtioUserVdev({ path: sock, server: true })],
-  });
-  procs.push(b);
-  await b.waitForPath(sock);
-  const early = await Promise.race([b.ready.then(() => "ready"), sleep(300).then(() => "waiting")]);
-  assert.equal(early, "waiting", "virtio-user in server mode is not ready before a back end connects");
-  const a = await Testpmd.launch({
-    name: "testpmd A (net_vhost client)",
-    cores: BACK_END_CORES,
-    vdevs: [vhostVdev({ iface: sock, client: true })],
-  });
-  procs.push(a);
-  await b.ready;
-  await a.setFwd("rxonly");
-  await a.start();
-  await b.setFwd("txonly");
-  await a.waitLinkUp(0);
-  const { sent, received } = await sendAndCount(b, a, 64, 400);
-  assert.equal(received.rxPackets, sent);
-});
-
-test("launch() rejects with the vdev's stderr when virtio-user finds no back end listening", async (t) => {
+test("launch() rejects with the vdev's stderr when virtio-user finds no back end listening", { timeout: TIMEOUT_MS }, async (t) => {
   const dir = sockDir();
   t.after(() => rmSync(dir, { recursive: true, force: true }));
   const sock = join(dir, "nobody.sock");
