@@ -358,12 +358,20 @@ export class VhostUserBackend<F> {
       }
       case Req.ADD_MEM_REG: {
         this.requirePF(h, PF.CONFIGURE_MEM_SLOTS);
-        this.installMemory(this.table.prepareAdd(decodeSingleRegion(h.request, p), fds[0]!));
+        const next = this.table.prepareAdd(decodeSingleRegion(h.request, p), fds[0]!);
+        // A region we already map: its fd is not needed (handle() closes it), the rings keep running.
+        if (next.unchanged === true) {
+          next.install();
+          return done;
+        }
+        this.installMemory(next);
         return { keptFds: true };
       }
       case Req.REM_MEM_REG: {
         this.requirePF(h, PF.CONFIGURE_MEM_SLOTS);
-        this.installMemory(this.table.prepareRemove(decodeSingleRegion(h.request, p)));
+        const next = this.table.prepareRemove(decodeSingleRegion(h.request, p));
+        if (next.unchanged === true) next.install();
+        else this.installMemory(next);
         return done;
       }
       case Req.SET_VRING_NUM: {

@@ -9,12 +9,16 @@ export interface MappedRegion<F> extends MemRegionDesc {
   /** The mappings behind the region's windows. */
   buffers: ArrayBuffer[];
   region: MemoryRegion;
+  /** ADD_MEM_REG calls that named exactly this region and are not yet matched by REM_MEM_REG. */
+  refs: number;
 }
 
 /** A table built but not installed yet: `install()` makes it current and releases what the old one held alone. */
 export interface PreparedTable {
   memory: GuestMemory;
   install(): void;
+  /** The mapped memory stays as it is (a repeated ADD_MEM_REG, or a REM_MEM_REG of a region added twice). */
+  unchanged?: boolean;
 }
 
 /**
@@ -45,6 +49,10 @@ export class MemoryTable<F> {
 
   /** ADD_MEM_REG: the current regions plus one. */
   prepareAdd(r: MemRegionDesc, fd: F): PreparedTable {
+    // QEMU's vhost-user-net drives one back end with a vhost_dev per queue pair, and each sends
+    // its own ADD_MEM_REG for the same guest memory: the same region again is counted, not mapped twice.
+    const same = this.regions.find((m) => sameRegion(m, r));
+    if (same !== undefined) return { memory: this.mem, unchanged: true, install: () => void same.refs++ };
     if (this.regions.length >= MAX_MEM_SLOTS) throw new VhostUserError("TOO_MANY_REGIONS", `more than ${MAX_MEM_SLOTS} regions`);
     return this.prepare([...this.kept(() => true), { desc: r, fd }]);
   }
@@ -55,6 +63,8 @@ export class MemoryTable<F> {
     if (!this.regions.some(match)) {
       throw new VhostUserError("NO_SUCH_REGION", `no region at guest 0x${r.guestAddr.toString(16)} of ${r.size} bytes`);
     }
+    const found = this.regions.find(match)!;
+    if (found.refs > 1) return { memory: this.mem, unchanged: true, install: () => void found.refs-- };
     return this.prepare(this.kept((m) => !match(m)));
   }
 
@@ -157,8 +167,12 @@ export class MemoryTable<F> {
         `(user 0x${r.userAddr.toString(16)}, fd offset 0x${r.mmapOffset.toString(16)}, ${buffers.length} window(s)); ` +
         `sealed against shrinking: ${sealed}`,
     );
-    return { ...r, fd, buffers, region };
+    return { ...r, fd, buffers, region, refs: 1 };
   }
+}
+
+function sameRegion(a: MemRegionDesc, b: MemRegionDesc): boolean {
+  return a.guestAddr === b.guestAddr && a.userAddr === b.userAddr && a.size === b.size && a.mmapOffset === b.mmapOffset;
 }
 
 /** Refuses a range of fd that the file behind it does not hold (it would raise SIGBUS when touched). */
