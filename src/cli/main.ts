@@ -5,6 +5,7 @@ import { blkMain } from "./blk.js";
 import { benchBlkMain } from "./bench-blk.js";
 import { pciMain } from "./pci.js";
 import { drvMain } from "./drv.js";
+import { switchMain } from "./switch.js";
 
 const HELP = `iovirt — I/O virtualization toolkit
 
@@ -12,6 +13,9 @@ Usage:
   iovirt demo                 In-process demo: iovirt's virtio-blk driver and device
                               over virtio-mmio, split and packed rings.
   iovirt blk [opts]           Serve a virtio-blk device over vhost-user to QEMU (see 'iovirt blk --help').
+  iovirt switch PORT... [opts]
+                              A learning Ethernet switch: VMs and DPDK over vhost-user, the host
+                              kernel (tap), VXLAN uplinks, pcap capture (see 'iovirt switch --help').
   iovirt bench ring [opts]    Virtqueue round-trip benchmark (see 'iovirt bench ring --help').
   iovirt bench blk [opts]     Load a vhost-user-blk back end (see 'iovirt bench blk --help').
   iovirt pci ls [BDF...]      PCI functions, drivers, IOMMU groups, decoded virtio capabilities.
@@ -30,6 +34,8 @@ async function main(argv: string[]): Promise<number> {
       return (await runDemo()) ? 0 : 1;
     case "blk":
       return blkMain(rest);
+    case "switch":
+      return switchMain(rest);
     case "pci":
       return pciMain(rest);
     case "drv":

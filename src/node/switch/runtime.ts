@@ -1,0 +1,178 @@
+/**
+ * `iovirt switch` at run time: builds the switch and its ports from a
+ * SwitchSpec, prints how to attach front ends, serves until SIGINT/SIGTERM,
+ * prints counters on SIGUSR1 and at intervals. In --poll mode the whole
+ * switch runs in one worker thread that busy-polls the vhost-user rings
+ * (see poll-worker.ts); the main thread only relays signals.
+ */
+import { Switch, formatStats } from "../../core/switch/index.js";
+import type { NetHdr } from "../../core/net/hdr.js";
+import type { Offloads } from "../../core/net/offloads.js";
+import type { SwitchPort } from "../../core/switch/port.js";
+import { PcapWriter, TapPort, VxlanPort } from "../net/index.js";
+import type { PortSpec, SwitchSpec } from "./spec.js";
+import { VhostUserNetPort } from "./vhost-port.js";
+
+export interface OpenedPort {
+  spec: PortSpec;
+  port: SwitchPort;
+  close(): void | Promise<void>;
+  /** For vhost-user ports: how to attach a front end. */
+  help?: string;
+  vhost?: VhostUserNetPort;
+}
+
+/** A running switch: ports open, packets flowing. */
+export class SwitchRuntime {
+  readonly sw: Switch;
+  readonly ports: OpenedPort[] = [];
+  private readonly closers: (() => void | Promise<void>)[] = [];
+  private ageTimer: NodeJS.Timeout | null = null;
+
+  private constructor(
+    readonly spec: SwitchSpec,
+    private readonly log: (line: string) => void,
+  ) {
+    this.sw = new Switch({
+      ageingMs: spec.ageSec * 1000,
+      maxMacs: spec.maxMacs,
+      onError: (e, where) => log(`switch: ${where}: ${(e as Error).message}`),
+    });
+  }
+
+  static async start(spec: SwitchSpec, log: (line: string) => void): Promise<SwitchRuntime> {
+    const rt = new SwitchRuntime(spec, log);
+    try {
+      for (const p of spec.ports) await rt.open(p);
+      for (const c of spec.pcaps) {
+        const w = new PcapWriter({ path: c.file, onError: (e) => log(`pcap ${c.file}: ${e.message}`) });
+        await w.open();
+        rt.sw.addMirror((frame) => void w.write(frame), c.port === null ? undefined : { port: c.port });
+        rt.closers.push(() => w.close());
+        log(`capturing ${c.port === null ? "all traffic" : `traffic of port ${c.port}`} into ${c.file}`);
+      }
+    } catch (e) {
+      await rt.close();
+      throw e;
+    }
+    rt.ageTimer = setInterval(() => rt.sw.age(), Math.max(1000, Math.min(30_000, (spec.ageSec * 1000) / 4)));
+    rt.ageTimer.unref();
+    return rt;
+  }
+
+  private async open(p: PortSpec): Promise<void> {
+    const vlan = p.vlan === null ? {} : { vlan: p.vlan };
+    if (p.kind === "vhost-user") {
+      const v = new VhostUserNetPort(p, { log: this.log, verbose: this.spec.verbose, busyPoll: this.spec.poll });
+      v.start(this.sw.addPort(v, vlan));
+      this.ports.push({ spec: p, port: v, close: () => v.close(), help: v.frontEndHelp(), vhost: v });
+      this.closers.push(() => v.close());
+      return;
+    }
+    let handle: ReturnType<Switch["addPort"]> | null = null;
+    const onPacket = (frame: Uint8Array, hdr: Readonly<NetHdr>): void => void handle?.input(frame, hdr);
+    let port: TapPort | VxlanPort;
+    let what: string;
+    if (p.kind === "tap") {
+      const tap = new TapPort({ name: p.ifname, portName: p.name, onPacket, onError: (e) => this.log(`port ${p.name}: ${e.message}`) });
+      tap.open();
+      port = tap;
+      what = `tap ${tap.ifname} (offloads: ${describeOffloads(tap.accepts())})`;
+    } else {
+      // The inner MTU given is the underlay MTU less VXLAN's 50 bytes over IPv4 (RFC 7348 §5).
+      const vx = VxlanPort.fromSpec(p.endpoints, { portName: p.name, underlayMtu: p.mtu + 50, onPacket });
+      await vx.open();
+      port = vx;
+      what = `vxlan ${p.endpoints} (inner frames up to ${vx.maxFrame()} bytes)`;
+    }
+    this.closers.push(() => port.close());
+    handle = this.sw.addPort(port, vlan);
+    this.ports.push({ spec: p, port, close: () => port.close() });
+    this.log(`port ${p.name}: ${what}`);
+  }
+
+  /** Busy-poll mode: one pass over every vhost-user port's rings; returns how many rings had work. */
+  pollAll(): number {
+    let n = 0;
+    for (const p of this.ports) {
+      const c = p.vhost?.connection;
+      if (c !== null && c !== undefined && !c.isClosed) n += c.backend.pollAll();
+    }
+    return n;
+  }
+
+  /** The switch's per-port counters, then what each virtio-net device dropped before the switch saw it. */
+  statsText(): string {
+    let text = formatStats(this.sw.stats());
+    for (const p of this.ports) {
+      const d = p.vhost?.device.stats;
+      if (d === undefined) continue;
+      const drops = (m: Record<string, number>): string =>
+        Object.entries(m)
+          .map(([k, v]) => `${k}=${v}`)
+          .join(" ") || "none";
+      text += `\n${p.spec.name} device: tx ${d.txFrames} frames, dropped ${drops(d.txDrops)}; rx ${d.rxFrames} frames, dropped ${drops(d.rxDrops)}`;
+    }
+    return text;
+  }
+
+  async close(): Promise<void> {
+    if (this.ageTimer !== null) clearInterval(this.ageTimer);
+    this.ageTimer = null;
+    for (const c of this.closers.splice(0).reverse()) {
+      try {
+        await c();
+      } catch (e) {
+        this.log(`close: ${(e as Error).message}`);
+      }
+    }
+  }
+}
+
+function stamp(line: string): void {
+  process.stderr.write(`${new Date().toISOString()} ${line}\n`);
+}
+
+export async function runSwitch(spec: SwitchSpec): Promise<number> {
+  const log = stamp;
+  let stats: () => Promise<string>;
+  let close: () => Promise<void>;
+  let help: string;
+  if (spec.poll) {
+    const { PollSwitch } = await import("./poll-worker.js");
+    const w = await PollSwitch.start(spec, log);
+    stats = () => w.stats();
+    close = () => w.close();
+    help = w.help;
+  } else {
+    const rt = await SwitchRuntime.start(spec, log);
+    stats = () => Promise.resolve(rt.statsText());
+    close = () => rt.close();
+    help = rt.ports.map((p) => p.help ?? "").join("");
+  }
+  log(
+    `switch running with ${spec.ports.length} port(s)${spec.poll ? " (busy-poll worker)" : ""}: ${spec.ports.map((p) => p.name).join(", ")}`,
+  );
+  if (help !== "") process.stdout.write(`Attach front ends with (guest memory must be shared: memfd, share=on):\n${help}`);
+  const printStats = (): void => void stats().then((s) => process.stdout.write(`${s}\n`));
+  process.on("SIGUSR1", printStats);
+  const timer = spec.statsIntervalSec > 0 ? setInterval(printStats, spec.statsIntervalSec * 1000) : null;
+  await new Promise<void>((resolve) => {
+    const stop = (sig: string): void => {
+      log(`${sig}: shutting down`);
+      resolve();
+    };
+    process.once("SIGINT", () => stop("SIGINT"));
+    process.once("SIGTERM", () => stop("SIGTERM"));
+  });
+  if (timer !== null) clearInterval(timer);
+  process.stdout.write(`${await stats()}\n`);
+  await close();
+  process.off("SIGUSR1", printStats);
+  return 0;
+}
+
+function describeOffloads(o: Readonly<Offloads>): string {
+  const on = (Object.keys(o) as (keyof Offloads)[]).filter((k) => o[k]);
+  return on.length === 0 ? "none" : on.join(" ");
+}

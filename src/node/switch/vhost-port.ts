@@ -1,0 +1,146 @@
+import type { NetHdr } from "../../core/net/hdr.js";
+import { NO_OFFLOADS, type DropReason, type Offloads } from "../../core/net/offloads.js";
+import type { PortHandle } from "../../core/switch/index.js";
+import type { SwitchPort } from "../../core/switch/port.js";
+import { NetDevice } from "../../core/virtio/devices/net/device.js";
+import type { PacketPort } from "../../core/virtio/devices/net/port.js";
+import { VhostUserServer, connectBackend } from "../vhost-user/server.js";
+import { isMessageTrace, type VhostUserConnection } from "../vhost-user/connection.js";
+import { parseMac, type VhostUserPortSpec } from "./spec.js";
+
+/** How often a client-mode port retries connecting to its front end. */
+const RECONNECT_MS = 1000;
+
+/**
+ * A switch port that is a virtio-net device served over vhost-user: a VM's
+ * QEMU or a DPDK virtio-user process is on the other side. What the guest
+ * transmits enters the switch; what the switch sends goes into the guest's
+ * receive queues, with the offloads its driver negotiated.
+ */
+export class VhostUserNetPort implements SwitchPort {
+  readonly name: string;
+  readonly spec: VhostUserPortSpec;
+  readonly device: NetDevice;
+  private handle: PortHandle | null = null;
+  private receive: ((frame: Uint8Array, hdr: Readonly<NetHdr>) => DropReason | null) | null = null;
+  private accepted: Readonly<Offloads> = NO_OFFLOADS;
+  private server: VhostUserServer | null = null;
+  private conn: VhostUserConnection | null = null;
+  private retry: NodeJS.Timeout | null = null;
+  private closed = false;
+  private readonly log: (line: string) => void;
+  private readonly verbose: boolean;
+  private readonly busyPoll: boolean;
+
+  constructor(spec: VhostUserPortSpec, opts: { log: (line: string) => void; verbose: boolean; busyPoll: boolean }) {
+    this.name = spec.name;
+    this.spec = spec;
+    this.log = opts.log;
+    this.verbose = opts.verbose;
+    this.busyPoll = opts.busyPoll;
+    const port: PacketPort = {
+      transmit: (frame, hdr) => this.handle?.input(frame, hdr),
+      attach: (receive) => {
+        this.receive = receive;
+      },
+      offloadsChanged: (accepts) => {
+        this.accepted = accepts;
+      },
+    };
+    this.device = new NetDevice({
+      port,
+      queuePairs: spec.queues,
+      controlQueue: false,
+      mtu: spec.mtu,
+      ...(spec.mac !== null ? { mac: parseMac(spec.mac) } : {}),
+    });
+    this.device.events.guestError = (err, q) =>
+      this.log(`${this.name}: guest error${q === null ? "" : ` on queue ${q}`}: ${err.code}: ${err.message}`);
+  }
+
+  /** Joins the switch and starts listening (or connecting). */
+  start(handle: PortHandle): void {
+    this.handle = handle;
+    if (this.spec.client) this.connect();
+    else this.server = new VhostUserServer(this.spec.path, this.device, this.serverOptions());
+  }
+
+  private serverOptions(): Parameters<typeof connectBackend>[2] {
+    return {
+      log: (s: string) => (this.verbose || !isMessageTrace(s) ? this.log(`${this.name}: ${s}`) : undefined),
+      busyPoll: this.busyPoll,
+      onConnect: (c) => {
+        this.conn = c;
+        this.log(`${this.name}: front end connected`);
+      },
+      onDisconnect: (err) => {
+        this.conn = null;
+        this.accepted = NO_OFFLOADS;
+        this.log(`${this.name}: front end disconnected${err ? `: ${err.message}` : ""}`);
+        if (this.spec.client && !this.closed) this.scheduleConnect();
+      },
+    };
+  }
+
+  private connect(): void {
+    this.retry = null;
+    if (this.closed) return;
+    try {
+      connectBackend(this.spec.path, this.device, this.serverOptions());
+    } catch (e) {
+      if (this.verbose) this.log(`${this.name}: connect ${this.spec.path}: ${(e as Error).message}`);
+      this.scheduleConnect();
+    }
+  }
+
+  private scheduleConnect(): void {
+    if (this.retry === null && !this.closed) this.retry = setTimeout(() => this.connect(), RECONNECT_MS);
+  }
+
+  /** The connection in use (busy-poll mode polls its rings). */
+  get connection(): VhostUserConnection | null {
+    return this.conn;
+  }
+
+  accepts(): Readonly<Offloads> {
+    return this.accepted;
+  }
+
+  maxFrame(): number {
+    return this.device.maxReceiveFrame;
+  }
+
+  linkUp(): boolean {
+    return this.conn !== null && this.device.carrierUp;
+  }
+
+  send(frame: Uint8Array, hdr: Readonly<NetHdr>): DropReason | null {
+    return this.receive === null ? "link-down" : this.receive(frame, hdr);
+  }
+
+  /** QEMU (and DPDK) options that attach a front end to this port. */
+  frontEndHelp(): string {
+    const s = this.spec;
+    const id = s.name;
+    const mq = s.queues > 1;
+    const chardev = s.client
+      ? `-chardev socket,id=${id},path=${s.path},server=on,wait=off`
+      : `-chardev socket,id=${id},path=${s.path},reconnect=1`;
+    const dev =
+      `-device virtio-net-pci,netdev=${id}n${s.mac !== null ? `,mac=${s.mac}` : ""}${mq ? `,mq=on` : ""}` +
+      `${s.mtu !== 1500 ? `,host_mtu=${s.mtu}` : ""}`;
+    return (
+      `  ${s.name}: QEMU ${chardev} \\\n      -netdev vhost-user,id=${id}n,chardev=${id}${mq ? `,queues=${s.queues}` : ""} ${dev}\n` +
+      `  ${s.name}: DPDK --vdev net_virtio_user0,path=${s.path}${mq ? `,queues=${s.queues}` : ""}${s.client ? ",server=1" : ""}\n`
+    );
+  }
+
+  close(): void {
+    this.closed = true;
+    if (this.retry !== null) clearTimeout(this.retry);
+    this.retry = null;
+    this.server?.close();
+    this.conn?.close();
+    this.conn = null;
+  }
+}
