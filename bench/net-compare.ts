@@ -21,7 +21,7 @@ const HELP = `bench:net — iovirt switch against DPDK's net_vhost, same testpmd
 
 Usage:
   npm run bench:net -- [--case LIST] [--size LIST] [--seconds S] [--warmup S] [--runs N]
-                       [--packed] [--in-flight N] [--iovirt-cpus LIST] [--json]
+                       [--packed] [--in-flight N] [--iovirt-cpus LIST] [--iovirt-events] [--json]
   node dist/bench/net-compare.js [same options]
 
   --case LIST         comma-separated, from sink, forward (default: both)
@@ -38,6 +38,8 @@ Usage:
   --packed            packed virtqueues (virtio-user packed_vq=1) instead of split
   --in-flight N       forward: bursts of 32 frames each front-end port starts with (default 16)
   --iovirt-cpus LIST  CPUs iovirt switch runs on, through taskset (default 1, where DPDK's back end polls)
+  --iovirt-events     run the switch in event mode (kicks and eventfds) instead of --poll, its
+                      fastest mode and the one that compares with DPDK's polling back end
   --json              print one JSON document
   --help              this text
 
@@ -71,6 +73,8 @@ interface Options {
   packed: boolean;
   inFlight: number;
   iovirtCpus: string;
+  /** Run the switch with --poll (a busy-polling worker, as DPDK's back end polls). */
+  iovirtPoll: boolean;
   json: boolean;
 }
 
@@ -84,6 +88,7 @@ function parse(argv: string[]): Options | "help" {
     packed: false,
     inFlight: 16,
     iovirtCpus: "1",
+    iovirtPoll: true,
     json: false,
   };
   const r = new ArgReader(argv);
@@ -128,6 +133,9 @@ function parse(argv: string[]): Options | "help" {
         o.iovirtCpus = r.value();
         if (!/^\d+([-,]\d+)*$/.test(o.iovirtCpus)) throw new UsageError("--iovirt-cpus takes a CPU list such as 1 or 0-1");
         break;
+      case "--iovirt-events":
+        o.iovirtPoll = false;
+        break;
       case "--json":
         o.json = true;
         break;
@@ -150,48 +158,43 @@ const FRONT_END_LCORES = "0@1,1@0";
 
 // ==== iovirt adapter ==========================================================
 // The one place that knows `iovirt switch`'s command line and its stats output.
-// The switch is not on main yet: this is the interface the bench expects of it.
-// Adjust these functions (and nothing else) when src/cli/switch.ts lands.
 //
-//   iovirt switch --vhost-user PATH [--vhost-user PATH ...] [--sink]
-//     each --vhost-user is a port whose vhost-user back end listens on PATH;
-//     --sink adds a port that counts and drops what the switch forwards to it.
-//   On SIGUSR1 (and at exit) it prints one line per port to stdout:
-//     stats port=NAME rx_packets=N tx_packets=N ...
-//   where NAME is the socket path for a vhost-user port, rx_packets counts
-//   frames the switch took from that port (the front end's TX ring).
+//   iovirt switch --vhost-user PATH,name=p0 [--vhost-user PATH,name=p1] [--poll]
+//     each --vhost-user is a port whose vhost-user back end listens on PATH. A
+//     switch with one port is a sink: what it takes from the front end's TX ring
+//     is flooded to no other port and so dropped (and counted).
+//   On SIGUSR1 it prints its counters table to stdout, one row per port:
+//     NAME  rx-pkts  rx-bytes  fwd  flood  tx-pkts  tx-bytes  drops
+//   rx counts frames the switch took from that port (the front end's TX ring).
 
 const cli = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
 
-/** The switch's arguments after `node main.js`. */
-function iovirtSwitchArgs(socks: readonly string[], sink: boolean): string[] {
-  return ["switch", ...socks.flatMap((s) => ["--vhost-user", s]), ...(sink ? ["--sink"] : [])];
+/** The switch's arguments after `node main.js`; `poll`: the busy-polling worker. */
+function iovirtSwitchArgs(socks: readonly string[], poll: boolean): string[] {
+  return ["switch", ...socks.flatMap((s, i) => ["--vhost-user", `${s},name=p${i}`]), ...(poll ? ["--poll"] : [])];
 }
 
 /** Null when `iovirt switch` exists, else why not. */
 function iovirtSwitchUnavailable(): string | null {
-  const r = spawnSync(process.execPath, [cli, ...iovirtSwitchArgs([], false), "--help"], { encoding: "utf8", timeout: 10_000 });
+  const r = spawnSync(process.execPath, [cli, "switch", "--help"], { encoding: "utf8", timeout: 10_000 });
   if (r.status === 0) return null;
   const why = (r.stderr || r.stdout || r.error?.message || "").trim().split("\n")[0] ?? "";
   return `iovirt switch not available (\`iovirt switch --help\` exited with ${r.status ?? r.signal}: ${why})`;
 }
 
-/** Per port: frames received from and sent to that port, from one stats line. */
+/** Per port: frames received from and sent to that port, from one stats row. */
 interface IovirtPortStats {
   rxPackets: number;
   txPackets: number;
 }
 
-/** Parses the switch's `stats port=NAME rx_packets=N tx_packets=N` lines; later lines win. */
+/** Parses the rows of the switch's counters table (name, rx pkts, rx bytes, fwd, flood, tx pkts, ...); later rows win. */
 function parseIovirtStats(text: string): Map<string, IovirtPortStats> {
   const ports = new Map<string, IovirtPortStats>();
   for (const line of text.split("\n")) {
-    const port = /^stats\s+port=(\S+)/.exec(line)?.[1];
-    if (port === undefined) continue;
-    const rx = /\brx_packets=(\d+)/.exec(line)?.[1];
-    const tx = /\btx_packets=(\d+)/.exec(line)?.[1];
-    if (rx === undefined || tx === undefined) continue;
-    ports.set(port, { rxPackets: Number(rx), txPackets: Number(tx) });
+    const m = /^(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s/.exec(line);
+    if (m === null) continue;
+    ports.set(m[1]!, { rxPackets: Number(m[2]), txPackets: Number(m[6]) });
   }
   return ports;
 }
@@ -205,9 +208,9 @@ interface IovirtSwitch {
 }
 
 /** Starts `iovirt switch` with a vhost-user port per socket (plus a sink) and waits for every socket. */
-async function startIovirtSwitch(socks: readonly string[], opts: { sink: boolean; cpus: string }): Promise<IovirtSwitch> {
+async function startIovirtSwitch(socks: readonly string[], opts: { poll: boolean; cpus: string }): Promise<IovirtSwitch> {
   for (const s of socks) rmSync(s, { force: true }); // a stale socket would look like a ready switch
-  const args = [cli, ...iovirtSwitchArgs(socks, opts.sink)];
+  const args = [cli, ...iovirtSwitchArgs(socks, opts.poll)];
   // taskset pins every thread the switch has (main, workers, libuv's pool) to the back end's CPUs.
   const pinned = existsOnPath("taskset");
   const child = pinned
@@ -261,9 +264,9 @@ async function startIovirtSwitch(socks: readonly string[], opts: { sink: boolean
   };
 }
 
-/** The sink case's iovirt back end: a switch with one vhost-user port and a sink. */
-function startIovirtSink(sock: string, cpus: string): Promise<IovirtSwitch> {
-  return startIovirtSwitch([sock], { sink: true, cpus });
+/** The sink case's iovirt back end: a switch with one vhost-user port (what it takes goes nowhere). */
+function startIovirtSink(sock: string, o: { poll: boolean; cpus: string }): Promise<IovirtSwitch> {
+  return startIovirtSwitch([sock], o);
 }
 // ==== end of the iovirt adapter ===============================================
 
@@ -368,9 +371,9 @@ async function measureSink(side: Side, size: number, ctx: Ctx): Promise<number> 
       };
       linkUp = () => sink.waitLinkUp(0);
     } else {
-      const sw = await startIovirtSink(sock, ctx.o.iovirtCpus);
+      const sw = await startIovirtSink(sock, { poll: ctx.o.iovirtPoll, cpus: ctx.o.iovirtCpus });
       procs.push(sw);
-      received = async () => ({ packets: (await sw.portStats(sock)).rxPackets, bytes: null });
+      received = async () => ({ packets: (await sw.portStats("p0")).rxPackets, bytes: null });
       linkUp = async () => {};
     }
     const g = await Testpmd.launch({
@@ -407,7 +410,7 @@ async function measureForward(side: Side, size: number, ctx: Ctx): Promise<numbe
       await fwd.setFwd("io");
       await fwd.start();
     } else {
-      procs.push(await startIovirtSwitch(socks, { sink: false, cpus: ctx.o.iovirtCpus }));
+      procs.push(await startIovirtSwitch(socks, { poll: ctx.o.iovirtPoll, cpus: ctx.o.iovirtCpus }));
     }
     const ends = await Testpmd.launch({
       name: "testpmd endpoints (2 x virtio-user, mac)",

@@ -223,6 +223,8 @@ export class NetDevice extends VirtioDevice {
   private readonly rxHdrBytes = new Uint8Array(NET_HDR_SIZE);
   private readonly rxHdrView = new DataView(this.rxHdrBytes.buffer);
   private readonly txHdrBytes = new Uint8Array(NET_HDR_SIZE);
+  /** Where a transmitted frame spread over several descriptors is gathered (grown on demand, reused). */
+  private txScratch = new Uint8Array(2048);
   private readonly txHdrView = new DataView(this.txHdrBytes.buffer);
   private readonly txHdr: NetHdr = plainHdr();
   /** MRG_RXBUF: the buffers one packet took (id, bytes written, ring slots). */
@@ -821,7 +823,11 @@ export class NetDevice extends VirtioDevice {
       return "bad-hdr";
     }
     const mem = this.memory;
-    chain.read(mem, this.txHdrBytes);
+    // Header and frame in one descriptor (DPDK's virtio-user, and Linux when the skb has
+    // headroom): read them in place. Otherwise the frame is gathered into a reused buffer.
+    const whole = chain.readableCount === 1 ? mem.viewFor(chain.addr(0), chain.readableBytes) : undefined;
+    if (whole !== undefined) this.txHdrBytes.set(whole.subarray(0, NET_HDR_SIZE));
+    else chain.read(mem, this.txHdrBytes);
     const v = this.txHdrView;
     const hdr = this.txHdr;
     // §5.1.6.2.2: flag bits the device does not know are ignored; DATA_VALID is not the driver's to set.
@@ -840,8 +846,13 @@ export class NetDevice extends VirtioDevice {
     if (len < ETH_HLEN) return "runt";
     // QEMU drops transmissions while the link is down too; the port would only discard them.
     if (!this.linkUp) return "link-down";
-    const frame = new Uint8Array(len);
-    chain.read(mem, frame, NET_HDR_SIZE);
+    let frame: Uint8Array;
+    if (whole !== undefined) frame = whole.subarray(NET_HDR_SIZE);
+    else {
+      if (this.txScratch.length < len) this.txScratch = new Uint8Array(Math.max(len, this.txScratch.length * 2));
+      frame = this.txScratch.subarray(0, len);
+      chain.read(mem, frame, NET_HDR_SIZE);
+    }
     // §5.1.6.2.1: only the offloads the driver negotiated, in a header consistent with the frame.
     const bad = checkTxHdr(frame, hdr, this.hostAllowed);
     if (bad !== null) return bad;

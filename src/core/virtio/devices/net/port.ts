@@ -12,8 +12,9 @@ import { NO_OFFLOADS, type DropReason, type Offloads } from "../../../net/offloa
 export interface PacketPort {
   /**
    * A packet the guest sent, checked against the offloads it negotiated.
-   * `frame` is a fresh copy the port may keep; `hdr` is the device's and
-   * valid only during the call (copy it to keep it).
+   * `frame` and `hdr` are valid only during the call: the frame is often a
+   * view of the guest's transmit buffer itself (no copy), which the guest
+   * gets back once the call returns. Copy what you keep.
    */
   transmit(frame: Uint8Array, hdr: Readonly<NetHdr>): void;
   /**
@@ -52,7 +53,7 @@ export class MemoryPacketPort implements PacketPort {
   private receive: ((frame: Uint8Array, hdr: Readonly<NetHdr>) => DropReason | null) | null = null;
 
   transmit(frame: Uint8Array, hdr: Readonly<NetHdr>): void {
-    this.transmitted.push(frame);
+    this.transmitted.push(frame.slice());
     this.transmittedHdrs.push(copyHdr(hdr, plainHdr()));
     this.onTransmit?.(frame, hdr);
   }
