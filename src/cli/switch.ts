@@ -17,8 +17,10 @@ Ports (each may be given several times; at least one):
                  socket,server=on) and keep reconnecting, instead of listening;
                  mtu: largest payload the guest may send and receive (default --mtu)
   --tap IFNAME[,name=NAME][,vlan=V]
-                 the host kernel, through a tap device (created if missing, offloads on:
-                 TSO and checksum offload pass to the kernel unsegmented)
+                 the host kernel, through a tap device the switch creates (an existing
+                 interface of that name is refused); offloads on: TSO and checksum
+                 offload pass to the kernel unsegmented. Configure it with ip(8) once
+                 the switch runs (ip link set IFNAME up, or move it into a namespace)
   --vxlan LOCAL_IP[:PORT],REMOTE_IP[:PORT],VNI[,name=NAME][,mtu=N][,vlan=V]
                  an RFC 7348 VXLAN uplink (UDP, default port 4789; IPv6 as [ADDR]:PORT)
                  toward another switch or a Linux vxlan device; mtu: largest inner

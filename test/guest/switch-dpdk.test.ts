@@ -36,10 +36,7 @@ for (const c of [
 ]) {
   test(`testpmd virtio-user ports exchange frames through the switch (${c.name})`, { timeout: 90_000 }, async () => {
     const socks = [join(dir, `${c.packed ? "p" : "s"}0.sock`), join(dir, `${c.packed ? "p" : "s"}1.sock`)];
-    const sw = await startSwitch(
-      [...socks.flatMap((s, i) => ["--vhost-user", `${s},name=d${i}`]), ...(c.poll ? ["--poll"] : [])],
-      socks,
-    );
+    const sw = await startSwitch([...socks.flatMap((s, i) => ["--vhost-user", `${s},name=d${i}`]), ...(c.poll ? ["--poll"] : [])], socks);
     let tp: Testpmd | null = null;
     try {
       tp = await Testpmd.launch({
@@ -65,7 +62,10 @@ for (const c of [
       assert.equal(d1[0], p1.txPackets, "switch rx on d1 = testpmd port 1 tx");
       // Frames the switch put into a receive ring after testpmd stopped forwarding wait there: at most
       // what was in flight (tx_first 4 = 4 bursts of 32 per port).
-      for (const [p, d, n] of [[p0, d0, 0], [p1, d1, 1]] as const) {
+      for (const [p, d, n] of [
+        [p0, d0, 0],
+        [p1, d1, 1],
+      ] as const) {
         const waiting = d[4]! - p.rxPackets;
         assert.ok(waiting >= 0 && waiting <= IN_FLIGHT, `port ${n}: switch sent ${d[4]}, testpmd received ${p.rxPackets}`);
       }
