@@ -213,9 +213,11 @@ test(
   async () => {
     const rx = nsReceiver(NS_TAP, 5000, MIB << 20);
     let restarted: Promise<void> | null = null;
+    let tapStats = "";
     const onLine = (line: string): void => {
       if (!line.includes("IOVIRT-GUEST: ping-start") || restarted !== null) return;
       restarted = (async () => {
+        tapStats = await sw.stats();
         await new Promise((r) => setTimeout(r, 3000));
         sw.child.kill("SIGKILL");
         await new Promise((r) => sw.child.once("exit", r));
@@ -239,6 +241,11 @@ test(
     await restarted;
     assert.ok(c.markers.includes("RESULT PASS"), why);
     assert.match(got, new RegExp(`^${MIB << 20} ${markerValue(c.markers, "send-md5")}$`, "m"), why);
+    // Offloads across the tap: the guest's TSO packets went to the kernel whole, so the switch's
+    // frames toward the tap average more than an Ethernet frame can hold.
+    const tap = new RegExp(`^${TAP}\\s+\\d+\\s+\\d+\\s+\\d+\\s+\\d+\\s+(\\d+)\\s+(\\d+)`, "m").exec(tapStats);
+    assert.ok(tap !== null, `tap counters: ${tapStats}`);
+    assert.ok(Number(tap[2]) / Number(tap[1]) > 1514, `frames to the tap average ${Number(tap[2]) / Number(tap[1])} bytes: ${tapStats}`);
     // Pings answered up to the end: the last answered sequence number is one of the last few sent.
     const [last, , total] = (markerValue(c.markers, "ping-last-seq") ?? "").split(" ");
     assert.ok(Number(last) >= Number(total) - 5, `last answered ping ${last} of ${total}: ${why}`);
