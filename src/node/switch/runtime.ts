@@ -6,6 +6,7 @@
  * (see poll-worker.ts); the main thread only relays signals.
  */
 import { Switch, formatStats } from "../../core/switch/index.js";
+import { RxBatch } from "../../core/virtio/devices/net/batch.js";
 import type { NetHdr } from "../../core/net/hdr.js";
 import type { Offloads } from "../../core/net/offloads.js";
 import type { SwitchPort } from "../../core/switch/port.js";
@@ -28,6 +29,8 @@ export class SwitchRuntime {
   readonly ports: OpenedPort[] = [];
   private readonly closers: (() => void | Promise<void>)[] = [];
   private ageTimer: NodeJS.Timeout | null = null;
+  /** One batch for every VM port: what one guest sends in a pass reaches the others as one burst. */
+  private readonly rxBatch = new RxBatch();
 
   private constructor(
     readonly spec: SwitchSpec,
@@ -63,7 +66,7 @@ export class SwitchRuntime {
   private async open(p: PortSpec): Promise<void> {
     const vlan = p.vlan === null ? {} : { vlan: p.vlan };
     if (p.kind === "vhost-user") {
-      const v = new VhostUserNetPort(p, { log: this.log, verbose: this.spec.verbose, busyPoll: this.spec.poll });
+      const v = new VhostUserNetPort(p, { log: this.log, verbose: this.spec.verbose, busyPoll: this.spec.poll, rxBatch: this.rxBatch });
       v.start(this.sw.addPort(v, vlan));
       this.ports.push({ spec: p, port: v, close: () => v.close(), help: v.frontEndHelp(), vhost: v });
       this.closers.push(() => v.close());

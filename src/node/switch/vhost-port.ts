@@ -3,6 +3,7 @@ import { NO_OFFLOADS, type DropReason, type Offloads } from "../../core/net/offl
 import type { PortHandle } from "../../core/switch/index.js";
 import type { SwitchPort } from "../../core/switch/port.js";
 import { NetDevice } from "../../core/virtio/devices/net/device.js";
+import type { RxBatch } from "../../core/virtio/devices/net/batch.js";
 import type { PacketPort } from "../../core/virtio/devices/net/port.js";
 import { VhostUserServer, connectBackend } from "../vhost-user/server.js";
 import { isMessageTrace, type VhostUserConnection } from "../vhost-user/connection.js";
@@ -32,7 +33,7 @@ export class VhostUserNetPort implements SwitchPort {
   private readonly verbose: boolean;
   private readonly busyPoll: boolean;
 
-  constructor(spec: VhostUserPortSpec, opts: { log: (line: string) => void; verbose: boolean; busyPoll: boolean }) {
+  constructor(spec: VhostUserPortSpec, opts: { log: (line: string) => void; verbose: boolean; busyPoll: boolean; rxBatch?: RxBatch }) {
     this.name = spec.name;
     this.spec = spec;
     this.log = opts.log;
@@ -51,6 +52,7 @@ export class VhostUserNetPort implements SwitchPort {
       port,
       queuePairs: spec.queues,
       controlQueue: false,
+      ...(opts.rxBatch !== undefined ? { rxBatch: opts.rxBatch } : {}),
       mtu: spec.mtu,
       ...(spec.mac !== null ? { mac: parseMac(spec.mac) } : {}),
     });

@@ -1,3 +1,4 @@
+import type { RxBatch } from "./batch.js";
 import { GuestError } from "../../../errors.js";
 import { PLAIN_HDR, plainHdr, type NetHdr } from "../../../net/hdr.js";
 import { ALL_OFFLOADS, NO_OFFLOADS, type DropReason, type Offloads } from "../../../net/offloads.js";
@@ -90,6 +91,13 @@ export interface NetDeviceOptions {
   controlQueue?: boolean;
   /** Offer VIRTIO_F_IN_ORDER. Default false. */
   inOrder?: boolean;
+  /**
+   * Shared with the other devices of a switch: packets this device receives
+   * while a transmit pass of any of them runs are published to the driver
+   * when that pass ends, in one batch (see RxBatch). Default: none, every
+   * packet is published as it is delivered.
+   */
+  rxBatch?: RxBatch;
   /** Packets kept per receive queue while the driver has no buffer posted; default 256. Beyond that they are dropped. */
   maxPending?: number;
   /** Bytes kept per receive queue the same way; default 4 MiB. */
@@ -232,6 +240,16 @@ export class NetDevice extends VirtioDevice {
   private readonly usedLens: Uint32Array;
   private readonly usedDescs: Uint32Array;
   private rxPushed = false;
+  private readonly rxBatch: RxBatch | null;
+  /** Receive queues with used entries pushed in the open batch but not yet published. */
+  private readonly rxDirty: number[] = [];
+  private readonly flushRxBatch = (): void => {
+    for (const index of this.rxDirty) {
+      const q = this.liveQueue(index);
+      if (q !== null) this.publishRx(q, index);
+    }
+    this.rxDirty.length = 0;
+  };
   private ctrlBuf = new Uint8Array(256);
   private readonly ackByte = new Uint8Array(1);
   /** fitOffloads' output: each segment is enqueued, and counted there if dropped. */
@@ -295,6 +313,7 @@ export class NetDevice extends VirtioDevice {
     const queueSize = opts.queueSize ?? 256;
     super({ numQueues: 2 * pairs + (controlQueue ? 1 : 0), maxQueueSize: queueSize, configSize: NET_CONFIG_SIZE, features: offer });
     this.port = opts.port;
+    this.rxBatch = opts.rxBatch ?? null;
     this.queuePairs = pairs;
     this.controlQueue = controlQueue;
     this.mtu = mtu;
@@ -617,7 +636,7 @@ export class NetDevice extends VirtioDevice {
     if (waiting === null || waiting === undefined || waiting.count === 0) {
       this.rxPushed = false;
       const r = this.deliver(q, index, frame, hdr);
-      if (this.rxPushed) this.publishRx(q, index);
+      if (this.rxPushed) this.publishLater(q, index);
       if (r === null) return null;
       if (r !== WAIT) return this.rxDrop(r);
       if (this.liveQueue(index) === null) return this.rxDrop("no-buffer");
@@ -641,7 +660,16 @@ export class NetDevice extends VirtioDevice {
       p.shift();
       if (r !== null) this.rxDrop(r);
     }
-    if (this.rxPushed) this.publishRx(q, index);
+    if (this.rxPushed) this.publishLater(q, index);
+  }
+
+  /** Publishes now, or when the open RxBatch pass ends. */
+  private publishLater(q: DeviceQueue, index: number): void {
+    const b = this.rxBatch;
+    if (b === null || !b.open) return this.publishRx(q, index);
+    if (this.rxDirty.includes(index)) return;
+    if (this.rxDirty.length === 0) b.defer(this.flushRxBatch);
+    this.rxDirty.push(index);
   }
 
   private publishRx(q: DeviceQueue, index: number): void {
@@ -798,6 +826,7 @@ export class NetDevice extends VirtioDevice {
     const chain = this.txChain;
     const epoch = this.epoch;
     let pushed = false;
+    this.rxBatch?.begin();
     try {
       for (let n = 0; n < budget && q.popInto(chain); n++) {
         const r = this.transmitOne(chain, pair, index);
@@ -813,6 +842,7 @@ export class NetDevice extends VirtioDevice {
         q.publishUsed();
         if (q.needsNotification()) this.events.usedBuffer?.(index);
       }
+      this.rxBatch?.end();
     }
   }
 
@@ -903,6 +933,7 @@ export class NetDevice extends VirtioDevice {
     const chain = this.ctrlChain;
     const index = this.ctrlIndex;
     let pushed = false;
+    this.rxBatch?.begin();
     try {
       for (let n = 0; n < budget && q.popInto(chain); n++) {
         const ack = this.command(chain);

@@ -5,3 +5,4 @@ export { NET_FEATURE_DEPENDENCIES, pruneNetFeatures, unmetNetDependency } from "
 export { MAC_TABLE_ENTRIES } from "./filter.js";
 export { flowHash } from "./steering.js";
 export { rarpFrame } from "./rarp.js";
+export { RxBatch } from "./batch.js";
