@@ -340,6 +340,13 @@ export class GuestMemory {
 
   /** Copies guest memory into `dst`; the range may span adjacent regions. */
   read(gpa: number, dst: Uint8Array): void {
+    // Usually one window holds it all, often the one used last (a ring's buffers sit together).
+    const w = this.windowFor(gpa, dst.length);
+    if (w !== undefined) {
+      const off = gpa - w.gpa;
+      dst.set(w.u8.subarray(off, off + dst.length));
+      return;
+    }
     let done = 0;
     while (done < dst.length) {
       const r = this.windowHolding(gpa + done, dst.length - done);
@@ -352,6 +359,11 @@ export class GuestMemory {
 
   /** Copies `src` into guest memory; the range may span adjacent regions. */
   write(gpa: number, src: Uint8Array): void {
+    const w = this.windowFor(gpa, src.length);
+    if (w !== undefined) {
+      w.u8.set(src, gpa - w.gpa);
+      return;
+    }
     let done = 0;
     while (done < src.length) {
       const r = this.windowHolding(gpa + done, src.length - done);
