@@ -1,3 +1,4 @@
+import { resolve } from "node:path";
 import { ArgReader, UsageError, parseOrExplain } from "./args.js";
 import { parseVxlanSpec } from "../node/net/vxlan.js";
 import { parseMac, type PcapSpec, type PortSpec, type SwitchSpec, type VlanSpec } from "../node/switch/spec.js";
@@ -153,18 +154,24 @@ export function parseSwitchArgs(args: string[]): SwitchSpec | "help" {
   }
   if (spec.ports.length === 0) throw new UsageError("give at least one port (--vhost-user, --tap or --vxlan)");
   const names = new Set<string>();
-  const paths = new Set<string>();
+  // Files compare by absolute path: a.sock and ./a.sock are one socket, and binding the second
+  // would silently unlink the first port's; two captures of one file would overwrite each other.
+  const files = new Map<string, string>();
+  const claim = (file: string, what: string): void => {
+    const abs = resolve(file);
+    const other = files.get(abs);
+    if (other !== undefined) throw new UsageError(`${other} and ${what} both use the file ${file}`);
+    files.set(abs, what);
+  };
   for (const p of spec.ports) {
     if (names.has(p.name)) throw new UsageError(`two ports are named '${p.name}': give one of them name=`);
     names.add(p.name);
-    if (p.kind === "vhost-user") {
-      if (paths.has(p.path)) throw new UsageError(`two --vhost-user ports use the socket ${p.path}`);
-      paths.add(p.path);
-    }
+    if (p.kind === "vhost-user") claim(p.path, `--vhost-user port ${p.name}`);
   }
   for (const c of pcaps) {
     if (c.port !== null && !names.has(c.port))
       throw new UsageError(`--pcap ${c.file}: no port is named '${c.port}' (ports: ${[...names].join(", ")})`);
+    claim(c.file, `--pcap ${c.file}${c.port === null ? "" : `,port=${c.port}`}`);
   }
   spec.pcaps = pcaps;
   return spec;

@@ -40,7 +40,22 @@ const mistakes: { what: string; args: string[]; says: RegExp }[] = [
   {
     what: "one socket for two ports",
     args: [...VU("/s/a,name=x"), ...VU("/s/a,name=y")],
-    says: /two --vhost-user ports use the socket \/s\/a/,
+    says: /--vhost-user port x and --vhost-user port y both use the file \/s\/a/,
+  },
+  {
+    what: "one socket spelled two ways (binding the second would unlink the first)",
+    args: [...VU("/s/a,name=x"), ...VU("/s/../s/./a,name=y")],
+    says: /--vhost-user port x and --vhost-user port y both use the file \/s\/\.\.\/s\/\.\/a/,
+  },
+  {
+    what: "two captures into one file",
+    args: [...VU("/s/a,name=x"), "--pcap", "/t/c.pcap", "--pcap", "/t//c.pcap,port=x"],
+    says: /--pcap \/t\/c\.pcap and --pcap \/t\/\/c\.pcap,port=x both use the file \/t\/\/c\.pcap/,
+  },
+  {
+    what: "a capture into a port's socket",
+    args: [...VU("/s/a,name=x"), "--pcap", "/s/a"],
+    says: /--vhost-user port x and --pcap \/s\/a both use the file \/s\/a/,
   },
   {
     what: "a multicast MAC",
