@@ -51,6 +51,8 @@ export interface DeviceLine {
   txDrops: Record<string, number>;
   rxFrames: number;
   rxDrops: Record<string, number>;
+  /** Guest errors (faults of the driver that the device reported) by code. */
+  guestErrors: Record<string, number>;
 }
 
 export interface SwitchStats {
@@ -63,7 +65,7 @@ function dropMap(s: string): Record<string, number> {
   if (s === "none") return m;
   for (const kv of s.split(" ")) {
     const [k, v] = kv.split("=");
-    assert.ok(k !== undefined && v !== undefined && /^\d+$/.test(v), `drop counter '${kv}'`);
+    assert.ok(k !== undefined && v !== undefined && /^\d+$/.test(v), `counter '${kv}'`);
     m[k] = Number(v);
   }
   return m;
@@ -91,9 +93,15 @@ export function parseStats(text: string): SwitchStats {
     });
   }
   for (const l of lines) {
-    const m = /^(\S+) device: tx (\d+) frames, dropped (.+); rx (\d+) frames, dropped (.+)$/.exec(l);
+    const m = /^(\S+) device: tx (\d+) frames, dropped ([^;]+); rx (\d+) frames, dropped ([^;]+)(?:; guest errors (.+))?$/.exec(l);
     if (m === null) continue;
-    devices.set(m[1]!, { txFrames: Number(m[2]), txDrops: dropMap(m[3]!), rxFrames: Number(m[4]), rxDrops: dropMap(m[5]!) });
+    devices.set(m[1]!, {
+      txFrames: Number(m[2]),
+      txDrops: dropMap(m[3]!),
+      rxFrames: Number(m[4]),
+      rxDrops: dropMap(m[5]!),
+      guestErrors: dropMap(m[6] ?? "none"),
+    });
   }
   return { ports, devices };
 }
@@ -113,6 +121,7 @@ export function deviceDelta(before: SwitchStats, after: SwitchStats, port: strin
     txDrops: diff(b.txDrops, a.txDrops),
     rxFrames: a.rxFrames - b.rxFrames,
     rxDrops: diff(b.rxDrops, a.rxDrops),
+    guestErrors: diff(b.guestErrors, a.guestErrors),
   };
 }
 

@@ -282,11 +282,38 @@ test("a hostile driver's bad transmit headers are dropped and counted by reason 
     runt: 1,
     "bad-hdr": 2,
   });
+  assert.deepEqual(d.guestErrors, { NET_TX_TOO_LONG: 1, NET_TX_SHORT: 1 }, "the driver's own faults, counted by code");
   const pa = portDelta(before, after, "a");
   assert.equal(pa.rxPkts, goods.length, "the switch never saw a dropped frame");
   assert.match(sw.stderr, /a: guest error on queue 1: NET_TX_TOO_LONG/, "the driver's own faults are logged");
   assert.match(sw.stderr, /a: guest error on queue 1: NET_TX_SHORT/);
   assert.ok(sw.running);
+});
+
+test("a guest that sends oversized frames by the hundred gets each one counted, and the log a few lines, not hundreds", async () => {
+  const before = await sw.stats();
+  const logged = (): number => (sw.stderr.match(/a: guest error on queue 1: NET_TX_TOO_LONG/g) ?? []).length;
+  const linesBefore = logged();
+  const big = frame({ src: MAC.a, dst: MAC.b, seed: 600, payload: 2000 });
+  const last = frame({ src: MAC.a, dst: MAC.b, seed: 601 });
+  for (let i = 0; i < 500; i++) {
+    a.send(big);
+    if (i % 50 === 49) await a.waitTxDone();
+  }
+  a.send(last);
+  assert.deepEqual(
+    (await b.waitReceived(1, "the frame after the oversized ones")).map((r) => r.frame),
+    [last],
+  );
+  b.take();
+  const after = await sw.stats();
+  assert.deepEqual(deviceDelta(before, after, "a").txDrops, { "too-long": 500 });
+  assert.ok(
+    logged() - linesBefore <= 2,
+    `${logged() - linesBefore} log lines for 500 oversized frames: a guest must not be able to flood the log`,
+  );
+  const errors = after.devices.get("a")?.guestErrors ?? {};
+  assert.equal(errors.NET_TX_TOO_LONG! - (before.devices.get("a")?.guestErrors.NET_TX_TOO_LONG ?? 0), 500, "every one counted by code");
 });
 
 test("a transmit chain that loops takes a's transmit queue out of service, not the switch: b is served, a is served again after reconnecting", async () => {
@@ -322,6 +349,7 @@ test("a transmit chain that loops takes a's transmit queue out of service, not t
   for (const g of [a, c, p]) g.take();
   const mid = await sw.stats();
   assert.equal(deviceDelta(before, mid, "a").txFrames, 1, "nothing after the loop left a's ring");
+  assert.deepEqual(deviceDelta(before, mid, "a").guestErrors, { CHAIN_LOOP: 1 }, "the counters show what stopped the ring");
   // A driver that broke its ring resets the device; over vhost-user that is a new session.
   drop(a);
   await waitUntil("the switch to notice a left", () => /a: front end disconnected/.test(sw.stderr));

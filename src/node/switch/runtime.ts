@@ -104,7 +104,10 @@ export class SwitchRuntime {
     return n;
   }
 
-  /** The switch's per-port counters, then what each virtio-net device dropped before the switch saw it. */
+  /**
+   * The switch's per-port counters, then what each virtio-net device dropped
+   * before the switch saw it, and the driver faults it reported by code.
+   */
   statsText(): string {
     let text = formatStats(this.sw.stats());
     for (const p of this.ports) {
@@ -115,6 +118,9 @@ export class SwitchRuntime {
           .map(([k, v]) => `${k}=${v}`)
           .join(" ") || "none";
       text += `\n${p.spec.name} device: tx ${d.txFrames} frames, dropped ${drops(d.txDrops)}; rx ${d.rxFrames} frames, dropped ${drops(d.rxDrops)}`;
+      // Driver faults the log shows only now and then (a looping chain, a buffer too short for its header).
+      const errors = p.vhost?.guestErrors ?? {};
+      if (Object.keys(errors).length > 0) text += `; guest errors ${drops(errors)}`;
     }
     return text;
   }

@@ -1,3 +1,4 @@
+import type { GuestError } from "../../core/errors.js";
 import type { NetHdr } from "../../core/net/hdr.js";
 import { NO_OFFLOADS, type DropReason, type Offloads } from "../../core/net/offloads.js";
 import type { PortHandle } from "../../core/switch/index.js";
@@ -11,6 +12,13 @@ import { parseMac, type VhostUserPortSpec } from "./spec.js";
 
 /** How often a client-mode port retries connecting to its front end. */
 const RECONNECT_MS = 1000;
+/**
+ * A guest error of one code is logged at most this often per port; the rest
+ * are only counted (guestErrors, in the printed counters). A hostile or
+ * broken driver can fault once per packet, and a line per packet would let
+ * it flood the log at packet rate.
+ */
+const ERROR_LOG_INTERVAL_MS = 10_000;
 
 /**
  * A switch port that is a virtio-net device served over vhost-user: a VM's
@@ -32,6 +40,10 @@ export class VhostUserNetPort implements SwitchPort {
   private readonly log: (line: string) => void;
   private readonly verbose: boolean;
   private readonly busyPoll: boolean;
+  /** Guest errors by code since start (the device reports each; the log shows a few). */
+  readonly guestErrors: Record<string, number> = {};
+  /** Per code: when it was last logged and how many went unlogged since. Codes are a fixed set. */
+  private readonly errorLog = new Map<string, { at: number; quiet: number }>();
 
   constructor(spec: VhostUserPortSpec, opts: { log: (line: string) => void; verbose: boolean; busyPoll: boolean; rxBatch?: RxBatch }) {
     this.name = spec.name;
@@ -56,8 +68,20 @@ export class VhostUserNetPort implements SwitchPort {
       mtu: spec.mtu,
       ...(spec.mac !== null ? { mac: parseMac(spec.mac) } : {}),
     });
-    this.device.events.guestError = (err, q) =>
-      this.log(`${this.name}: guest error${q === null ? "" : ` on queue ${q}`}: ${err.code}: ${err.message}`);
+    this.device.events.guestError = (err, q) => this.guestError(err, q);
+  }
+
+  private guestError(err: GuestError, q: number | null): void {
+    this.guestErrors[err.code] = (this.guestErrors[err.code] ?? 0) + 1;
+    const now = Date.now();
+    const seen = this.errorLog.get(err.code);
+    if (seen !== undefined && now - seen.at < ERROR_LOG_INTERVAL_MS) {
+      seen.quiet++;
+      return;
+    }
+    const more = seen !== undefined && seen.quiet > 0 ? ` (${seen.quiet} more since the last report)` : "";
+    this.errorLog.set(err.code, { at: now, quiet: 0 });
+    this.log(`${this.name}: guest error${q === null ? "" : ` on queue ${q}`}: ${err.code}: ${err.message}${more}`);
   }
 
   /** Joins the switch and starts listening (or connecting). */
