@@ -6,6 +6,7 @@ import type { SwitchPort } from "../../core/switch/port.js";
 import { NetDevice } from "../../core/virtio/devices/net/device.js";
 import type { RxBatch } from "../../core/virtio/devices/net/batch.js";
 import type { PacketPort } from "../../core/virtio/devices/net/port.js";
+import { NetPortError } from "../net/errors.js";
 import { VhostUserServer, connectBackend } from "../vhost-user/server.js";
 import { isMessageTrace, type VhostUserConnection } from "../vhost-user/connection.js";
 import { parseMac, type VhostUserPortSpec } from "./spec.js";
@@ -88,7 +89,14 @@ export class VhostUserNetPort implements SwitchPort {
   start(handle: PortHandle): void {
     this.handle = handle;
     if (this.spec.client) this.connect();
-    else this.server = new VhostUserServer(this.spec.path, this.device, this.serverOptions());
+    else {
+      try {
+        this.server = new VhostUserServer(this.spec.path, this.device, this.serverOptions());
+      } catch (e) {
+        // bind()'s own message names neither the port nor the path, and a switch may have many.
+        throw new NetPortError("SYSTEM", `port ${this.name}: cannot listen on ${this.spec.path}: ${(e as Error).message}`, { cause: e });
+      }
+    }
   }
 
   private serverOptions(): Parameters<typeof connectBackend>[2] {
