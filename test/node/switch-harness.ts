@@ -253,9 +253,9 @@ export class NetGuest {
     this.rxBufSize = opts.rxBufSize ?? NET_HDR_SIZE + 1514;
   }
 
-  /** Connects to a vhost-user port, negotiates, starts and enables rx0/tx0, and posts a full ring of receive buffers. */
-  static async connect(path: string, opts: GuestOptions = {}): Promise<NetGuest> {
-    const c = new RawFrontend(path);
+  /** Connects to a vhost-user port (or takes a connection the switch made), negotiates, starts and enables rx0/tx0, and posts a full ring of receive buffers. */
+  static async connect(target: string | Fd, opts: GuestOptions = {}): Promise<NetGuest> {
+    const c = new RawFrontend(target);
     const ram = new GuestRam(16 << 20);
     const fds: Fd[] = [];
     try {

@@ -1,5 +1,6 @@
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -8,11 +9,15 @@ import { VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4 } from "../../src/core/virtio
 import { LINKTYPE_ETHERNET, readPcap } from "../../src/node/net/pcap.js";
 import { BROADCAST, flowFrame, l4Offset, tsoHdr, type FlowSpec } from "../core/net-frames.js";
 import { pseudoSum, sum16 } from "./net-frames.js";
-import { NetGuest, SwitchProcess, macBytes, parseStats } from "./switch-harness.js";
+import { SysError, unixAccept, type Fd } from "../../src/node/native.js";
+import { listenUnix } from "../../src/node/native-util.js";
+import { CLI, NetGuest, SwitchProcess, macBytes, parseStats, waitUntil, type RxPacket } from "./switch-harness.js";
 
-// `iovirt switch --poll` (the switch in one busy-polling worker thread, no
-// kicks) and `--pcap` (captures read back with readPcap), each as a child
-// process with raw virtio-net guests on its vhost-user ports.
+// `iovirt switch` options at work in the child process, with raw virtio-net
+// guests on its vhost-user ports: --poll (the switch in one busy-polling
+// worker thread, no kicks), --pcap (captures read back with readPcap),
+// client-mode ports, VLANs, --stats-interval, and what it prints and exits
+// with when it cannot start.
 
 const dir = mkdtempSync(join(tmpdir(), "iovirt-switch-modes-"));
 const MAC_X = macBytes("52:54:00:00:01:01");
@@ -38,7 +43,7 @@ async function stop(s: SwitchProcess): Promise<void> {
   assert.equal(await s.stop(), 0, `iovirt switch did not exit cleanly:\n${s.stderr}`);
 }
 
-async function guest(path: string, opts: Parameters<typeof NetGuest.connect>[1]): Promise<NetGuest> {
+async function guest(path: string | Fd, opts: Parameters<typeof NetGuest.connect>[1]): Promise<NetGuest> {
   const g = await NetGuest.connect(path, opts);
   guests.add(g);
   return g;
@@ -173,4 +178,98 @@ test("--pcap: the capture of all traffic and the capture of one port hold the fr
   );
   const t0 = capAll.records[0]!;
   assert.ok(Math.abs(t0.tsSec - Date.now() / 1000) < 600, "timestamps are the time of capture");
+});
+
+test("--vhost-user PATH,client connects to a front end that listens, and again after the front end restarts", async () => {
+  const sx = join(dir, "client-x.sock");
+  const sy = join(dir, "client-y.sock");
+  const sw = await start(
+    ["--vhost-user", `${sx},name=x,client`, "--vhost-user", `${sy},name=y,mac=52:54:00:00:01:02,queues=2`],
+    [{ name: "y", path: sy }],
+  );
+  // What it prints for attaching QEMU and DPDK: x is the client, so QEMU must listen.
+  assert.ok(sw.stdout.includes(`-chardev socket,id=x,path=${sx},server=on,wait=off`), sw.stdout);
+  assert.ok(sw.stdout.includes(`DPDK --vdev net_virtio_user0,path=${sx},server=1`));
+  assert.ok(sw.stdout.includes(`-chardev socket,id=y,path=${sy},reconnect=1`));
+  assert.ok(sw.stdout.includes("-netdev vhost-user,id=yn,chardev=y,queues=2 -device virtio-net-pci,netdev=yn,mac=52:54:00:00:01:02,mq=on"));
+  const y = await guest(sy, {});
+  for (const round of [1, 2]) {
+    // The front end (QEMU with server=on) starts listening; the switch retries every second until it is there.
+    const listener = listenUnix(sx);
+    let conn: Fd | null = null;
+    try {
+      await waitUntil(`the switch to connect (round ${round})`, () => {
+        try {
+          conn = unixAccept(listener);
+          return true;
+        } catch (e) {
+          if (e instanceof SysError && e.kind === "retry") return false;
+          throw e;
+        }
+      });
+    } finally {
+      listener.close();
+    }
+    const x = await guest(conn!, {});
+    const hello = frame({ src: MAC_X, dst: BROADCAST, seed: round });
+    x.send(hello);
+    assert.deepEqual(
+      (await y.waitReceived(1, `x's broadcast at y (round ${round})`)).map((r) => r.frame),
+      [hello],
+    );
+    y.take();
+    const back = frame({ src: MAC_Y, dst: MAC_X, seed: 10 + round });
+    y.send(back);
+    assert.deepEqual(
+      (await x.waitReceived(1, `y's frame at x (round ${round})`)).map((r) => r.frame),
+      [back],
+    );
+    // The front end goes away (QEMU quits or restarts).
+    x.close();
+    guests.delete(x);
+    await waitUntil("the switch to notice x left", () => (sw.stderr.match(/x: front end disconnected/g) ?? []).length >= round);
+  }
+  await stop(sw);
+});
+
+test("VLANs: access ports of one VLAN see each other untagged, a trunk sees them tagged, another VLAN sees nothing; --stats-interval prints counters unasked", async () => {
+  const names = ["v10a", "v10b", "v20", "trunk"];
+  const path = (n: string): string => join(dir, `${n}.sock`);
+  const vlan: Record<string, string> = { v10a: "10", v10b: "10", v20: "20", trunk: "trunk:10+20" };
+  const sw = await start(
+    [...names.flatMap((n) => ["--vhost-user", `${path(n)},name=${n},vlan=${vlan[n]}`]), "--stats-interval", "0.25"],
+    names.map((n) => ({ name: n, path: path(n) })),
+  );
+  const [a, b, other, trunk] = await Promise.all(names.map((n) => guest(path(n), {})));
+  const frames = (got: RxPacket[]): Uint8Array[] => got.map((r) => r.frame);
+  const fromA = { src: MAC_X, dst: BROADCAST, seed: 1 };
+  a!.send(frame(fromA));
+  assert.deepEqual(frames(await b!.waitReceived(1, "a's broadcast at b")), [frame(fromA)], "untagged on the access port");
+  assert.deepEqual(
+    frames(await trunk!.waitReceived(1, "a's broadcast on the trunk")),
+    [frame({ ...fromA, vlan: 10 })],
+    "tagged 10 on the trunk",
+  );
+  // From the trunk, tagged 20: only the VLAN 20 port gets it, untagged. Had a's broadcast leaked to it, it would be first.
+  const fromTrunk = { src: MAC_Z, dst: BROADCAST, seed: 2 };
+  trunk!.send(frame({ ...fromTrunk, vlan: 20 }));
+  assert.deepEqual(frames(await other!.waitReceived(1, "the trunk's VLAN 20 broadcast")), [frame(fromTrunk)]);
+  assert.deepEqual(a!.take(), [], "VLAN 10 ports do not see VLAN 20");
+  assert.equal(b!.take().length, 1);
+  // Counters arrive every quarter second without SIGUSR1.
+  await waitUntil("two periodic counter prints", () => (sw.stdout.match(/^mac table: /gm) ?? []).length >= 2);
+  assert.equal(parseStats(sw.stdout).ports.size, 4);
+  await stop(sw);
+});
+
+test("a port that cannot listen stops the switch at start with exit 1, naming the port and the path, with and without --poll", () => {
+  for (const mode of [[], ["--poll"]]) {
+    const r = spawnSync(
+      process.execPath,
+      [CLI, "switch", ...mode, "--vhost-user", join(dir, "fine.sock"), "--vhost-user", "/nonexistent/dir/b.sock,name=broken"],
+      { encoding: "utf8", timeout: 60_000 },
+    );
+    assert.equal(r.status, 1, r.stderr);
+    assert.match(r.stderr, /iovirt: port broken: cannot listen on \/nonexistent\/dir\/b\.sock: bind: .*ENOENT/);
+  }
 });

@@ -52,9 +52,14 @@ export class RawFrontend {
   private readonly inbox = new Uint8Array(HEADER_SIZE + 4096);
   private have = 0;
 
-  constructor(path: string) {
+  /** Connects to a back end listening on `target`, or talks over an accepted connection (a back end in client mode). */
+  constructor(target: string | Fd) {
+    if (typeof target !== "string") {
+      this.fd = target;
+      return;
+    }
     this.fd = unixSocket();
-    unixConnect(this.fd, path);
+    unixConnect(this.fd, target);
   }
 
   send(request: number, payload: Uint8Array = new Uint8Array(0), fds: Fd[] = [], flags = 0): void {
