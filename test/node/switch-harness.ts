@@ -209,6 +209,8 @@ export interface GuestOptions {
   ringSize?: number;
   /** Bytes per receive buffer, header included (default 12 + 1514). */
   rxBufSize?: number;
+  /** Receive buffers posted at the start (default: a full ring). */
+  rxBuffers?: number;
 }
 
 export interface RxPacket {
@@ -292,7 +294,7 @@ export class NetGuest {
         queues.push({ index, q: createDriverQueue<number>(ram.mem, state, rf), state, kick, call });
       }
       const g = new NetGuest(c, ram, queues[0]!, queues[1]!, fds, opts);
-      g.postRx(size);
+      g.refill(opts.rxBuffers ?? size);
       return g;
     } catch (e) {
       c.close();
@@ -309,7 +311,8 @@ export class NetGuest {
     this.kicks++;
   }
 
-  private postRx(n: number): void {
+  /** Posts `n` more receive buffers. */
+  refill(n: number): void {
     for (let i = 0; i < n; i++) {
       const b = this.ram.alloc(this.rxBufSize);
       assert.ok(this.rx.q.addOne(b, this.rxBufSize, true, b), "receive ring full");

@@ -8,6 +8,7 @@ import { bit } from "../../src/core/virtio/lifecycle/features.js";
 import { NET_HDR_SIZE, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4 } from "../../src/core/virtio/devices/net/constants.js";
 import { BROADCAST, csumHdr, flowFrame, l4Offset, tsoHdr, type FlowSpec } from "../core/net-frames.js";
 import { pseudoSum, sum16 } from "./net-frames.js";
+import { ftruncate } from "../../src/node/native.js";
 import { NetGuest, SwitchProcess, deviceDelta, macBytes, portDelta, waitUntil, type GuestOptions } from "./switch-harness.js";
 
 // `iovirt switch` as a user runs it, with four raw virtio-net "guests" on
@@ -409,3 +410,67 @@ async function waitMarker(g: NetGuest, marker: Uint8Array): Promise<{ frame: Uin
   assert.equal(at, all.length - 1, "nothing after the marker");
   return all.slice(0, at);
 }
+
+test("a guest that takes none of its packets holds at most 256 of them in the switch, the oldest; the rest are counted and the other guests get everything", async () => {
+  drop(c);
+  c = await guest("c", { rxBuffers: 0 });
+  const before = await sw.stats();
+  const n = 400;
+  const sent: Uint8Array[] = [];
+  for (let i = 0; i < n; i++) {
+    const f = frame({ src: MAC.b, dst: BROADCAST, seed: 2000 + i, payload: 50 + (i % 100) });
+    sent.push(f);
+    b.send(f);
+    if (i % 40 === 39) {
+      await b.waitTxDone();
+      a.poll();
+      p.poll();
+    }
+  }
+  for (const g of [a, p]) {
+    const got = await g.waitReceived(n, "every broadcast at a guest that reads them");
+    assert.ok(got.length === n && got.every((r, i) => Buffer.compare(r.frame, sent[i]!) === 0), "all, in order");
+    g.take();
+  }
+  const mid = await sw.stats();
+  assert.deepEqual(deviceDelta(before, mid, "c").rxDrops, { "no-buffer": n - 256 }, "c's device kept 256 (virtio-net maxPending)");
+  assert.equal(deviceDelta(before, mid, "c").rxFrames, 0);
+  // c finally posts buffers: the 256 waiting packets come, oldest first.
+  c.refill(64);
+  const got = await c.waitReceived(256, "the packets that waited for c");
+  assert.deepEqual(
+    got.map((r) => r.frame),
+    sent.slice(0, 256),
+  );
+  c.take();
+  const after = await sw.stats();
+  assert.equal(deviceDelta(before, after, "c").rxFrames, 256);
+});
+
+test("a guest that shrinks its memory under the switch loses its port's service, not the switch's; after reconnecting it is served again", async () => {
+  const before = await sw.stats();
+  ftruncate(c.ram.fd, 0);
+  const lost = frame({ src: MAC.a, dst: BROADCAST, seed: 3000 });
+  a.send(lost);
+  await b.waitReceived(1, "the broadcast at b");
+  await waitUntil("the switch to see c's memory shrink", () => /c: guest error: MEMORY_LOST/.test(sw.stderr));
+  for (let i = 0; i < 10; i++) a.send(frame({ src: MAC.a, dst: BROADCAST, seed: 3001 + i }));
+  await b.waitReceived(11, "the later broadcasts at b");
+  b.take();
+  p.take();
+  const mid = await sw.stats();
+  assert.equal(deviceDelta(before, mid, "c").guestErrors.MEMORY_LOST, 1);
+  assert.equal(deviceDelta(before, mid, "c").rxFrames, 0, "nothing written into memory that is gone");
+  assert.ok(sw.running);
+  drop(c);
+  c = await guest("c", {});
+  const again = frame({ src: MAC.a, dst: BROADCAST, seed: 3100 });
+  a.send(again);
+  assert.deepEqual(
+    (await c.waitReceived(1, "a broadcast at the new c")).map((r) => r.frame),
+    [again],
+  );
+  c.take();
+  b.take();
+  p.take();
+});
