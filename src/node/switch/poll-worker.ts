@@ -23,10 +23,17 @@ interface WorkerInput {
 export class PollSwitch {
   private nextId = 0;
   private readonly waiting = new Map<number, (text: string) => void>();
+  private gone = false;
 
   private constructor(
     private readonly worker: Worker,
     readonly help: string,
+    /**
+     * Settles when the worker thread has ended, with why: the error it threw,
+     * or its exit code. After close() that is expected; before, the switch
+     * is dead (a bug in it) and the process must not go on as if it served.
+     */
+    readonly ended: Promise<Error>,
   ) {
     worker.on("message", (m: FromWorker) => {
       if (m.type === "stats") {
@@ -34,25 +41,38 @@ export class PollSwitch {
         this.waiting.delete(m.id);
       }
     });
+    void ended.then(() => {
+      this.gone = true;
+      for (const answer of this.waiting.values()) answer(STOPPED);
+      this.waiting.clear();
+    });
   }
 
-  static async start(spec: SwitchSpec, log: (line: string) => void): Promise<PollSwitch> {
-    const worker = new Worker(new URL(import.meta.url), { workerData: { pollSwitch: spec } satisfies WorkerInput });
+  /** `workerUrl`: the module the thread runs (this one; tests pass others). */
+  static async start(spec: SwitchSpec, log: (line: string) => void, workerUrl = new URL(import.meta.url)): Promise<PollSwitch> {
+    const worker = new Worker(workerUrl, { workerData: { pollSwitch: spec } satisfies WorkerInput });
     worker.on("message", (m: FromWorker) => {
       if (m.type === "log") log(m.line);
+    });
+    // Listening for the whole life of the worker: a later 'error' without a listener would be lost.
+    const ended = new Promise<Error>((resolve) => {
+      let error: Error | null = null;
+      worker.on("error", (e) => (error ??= e));
+      worker.once("exit", (code) => resolve(error ?? new Error(`switch worker exited with code ${code}`)));
     });
     const help = await new Promise<string>((resolve, reject) => {
       worker.on("message", (m: FromWorker) => {
         if (m.type === "ready") resolve(m.help);
         else if (m.type === "failed") reject(new Error(m.error));
       });
-      worker.once("error", reject);
-      worker.once("exit", (code) => reject(new Error(`switch worker exited with code ${code}`)));
+      void ended.then(reject);
     });
-    return new PollSwitch(worker, help);
+    return new PollSwitch(worker, help, ended);
   }
 
+  /** The counters' text; a note instead once the worker is gone. */
   stats(): Promise<string> {
+    if (this.gone) return Promise.resolve(STOPPED);
     const id = this.nextId++;
     return new Promise((resolve) => {
       this.waiting.set(id, resolve);
@@ -61,17 +81,20 @@ export class PollSwitch {
   }
 
   async close(): Promise<void> {
+    if (this.gone) return;
     const stopped = new Promise<void>((resolve) => {
       this.worker.on("message", (m: FromWorker) => {
         if (m.type === "stopped") resolve();
       });
-      this.worker.once("exit", () => resolve());
+      void this.ended.then(() => resolve());
     });
     this.worker.postMessage({ type: "stop" } satisfies ToWorker);
     await stopped;
     await this.worker.terminate();
   }
 }
+
+const STOPPED = "(no counters: the switch worker has stopped)";
 
 async function workerMain(spec: SwitchSpec): Promise<void> {
   const post = (m: FromWorker): void => parentPort!.postMessage(m);

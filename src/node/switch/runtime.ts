@@ -142,17 +142,29 @@ function stamp(line: string): void {
   process.stderr.write(`${new Date().toISOString()} ${line}\n`);
 }
 
-export async function runSwitch(spec: SwitchSpec): Promise<number> {
+export interface RunOptions {
+  /** The --poll worker's module (tests substitute one). */
+  pollWorkerUrl?: URL;
+}
+
+/**
+ * Runs the switch until SIGINT or SIGTERM; returns the exit code: 0 after a
+ * signal, 1 when the --poll worker died (a bug: the ports are gone, and a
+ * supervisor should see the failure and restart the switch).
+ */
+export async function runSwitch(spec: SwitchSpec, opts: RunOptions = {}): Promise<number> {
   const log = stamp;
   let stats: () => Promise<string>;
   let close: () => Promise<void>;
   let help: string;
+  let died: Promise<Error> = new Promise(() => {});
   if (spec.poll) {
     const { PollSwitch } = await import("./poll-worker.js");
-    const w = await PollSwitch.start(spec, log);
+    const w = await PollSwitch.start(spec, log, opts.pollWorkerUrl);
     stats = () => w.stats();
     close = () => w.close();
     help = w.help;
+    died = w.ended;
   } else {
     const rt = await SwitchRuntime.start(spec, log);
     stats = () => Promise.resolve(rt.statsText());
@@ -166,19 +178,26 @@ export async function runSwitch(spec: SwitchSpec): Promise<number> {
   const printStats = (): void => void stats().then((s) => process.stdout.write(`${s}\n`));
   process.on("SIGUSR1", printStats);
   const timer = spec.statsIntervalSec > 0 ? setInterval(printStats, spec.statsIntervalSec * 1000) : null;
-  await new Promise<void>((resolve) => {
-    const stop = (sig: string): void => {
-      log(`${sig}: shutting down`);
-      resolve();
-    };
-    process.once("SIGINT", () => stop("SIGINT"));
-    process.once("SIGTERM", () => stop("SIGTERM"));
-  });
-  if (timer !== null) clearInterval(timer);
-  process.stdout.write(`${await stats()}\n`);
-  await close();
-  process.off("SIGUSR1", printStats);
-  return 0;
+  let onSignal: (sig: NodeJS.Signals) => void = () => {};
+  const signalled = new Promise<NodeJS.Signals>((resolve) => (onSignal = resolve));
+  process.once("SIGINT", onSignal);
+  process.once("SIGTERM", onSignal);
+  try {
+    const why = await Promise.race([signalled, died]);
+    if (why instanceof Error) {
+      log(`switch worker died: ${why.stack ?? why.message}`);
+      return 1;
+    }
+    log(`${why}: shutting down`);
+    process.stdout.write(`${await stats()}\n`);
+    await close();
+    return 0;
+  } finally {
+    if (timer !== null) clearInterval(timer);
+    process.off("SIGUSR1", printStats);
+    process.off("SIGINT", onSignal);
+    process.off("SIGTERM", onSignal);
+  }
 }
 
 function describeOffloads(o: Readonly<Offloads>): string {
