@@ -144,6 +144,8 @@ export function portDelta(before: SwitchStats, after: SwitchStats, port: string)
 export class SwitchProcess {
   stdout = "";
   stderr = "";
+  /** Resolves once the process has exited and its output pipes are drained ('exit' can come first). */
+  private readonly closed: Promise<void>;
 
   private constructor(
     readonly child: ChildProcess,
@@ -152,6 +154,7 @@ export class SwitchProcess {
   ) {
     child.stdout!.setEncoding("utf8").on("data", (s: string) => (this.stdout += s));
     child.stderr!.setEncoding("utf8").on("data", (s: string) => (this.stderr += s));
+    this.closed = new Promise((resolve) => child.once("close", () => resolve()));
   }
 
   /** Starts the switch and waits until it serves: every socket exists and it says it runs. */
@@ -189,9 +192,11 @@ export class SwitchProcess {
     return parseStats(this.stdout.slice(mark));
   }
 
-  /** SIGTERM (SIGKILL after 15 s); the exit code. */
+  /** SIGTERM (SIGKILL after 15 s); the exit code, once everything it printed is in stdout and stderr. */
   async stop(): Promise<number | null> {
-    return stopChild(this.child, 15_000);
+    const code = await stopChild(this.child, 15_000);
+    await this.closed;
+    return code;
   }
 }
 

@@ -187,7 +187,8 @@ test("--vhost-user PATH,client connects to a front end that listens, and again a
     ["--vhost-user", `${sx},name=x,client`, "--vhost-user", `${sy},name=y,mac=52:54:00:00:01:02,queues=2`],
     [{ name: "y", path: sy }],
   );
-  // What it prints for attaching QEMU and DPDK: x is the client, so QEMU must listen.
+  // What it prints for attaching QEMU and DPDK (on stdout, after the start-up line on stderr): x is the client, so QEMU must listen.
+  await waitUntil("the attach instructions", () => sw.stdout.includes(`DPDK --vdev net_virtio_user0,path=${sy},queues=2\n`));
   assert.ok(sw.stdout.includes(`-chardev socket,id=x,path=${sx},server=on,wait=off`), sw.stdout);
   assert.ok(sw.stdout.includes(`DPDK --vdev net_virtio_user0,path=${sx},server=1`));
   assert.ok(sw.stdout.includes(`-chardev socket,id=y,path=${sy},reconnect=1`));
@@ -232,12 +233,12 @@ test("--vhost-user PATH,client connects to a front end that listens, and again a
   await stop(sw);
 });
 
-test("VLANs: access ports of one VLAN see each other untagged, a trunk sees them tagged, another VLAN sees nothing; --stats-interval prints counters unasked", async () => {
+test("VLANs: access ports of one VLAN see each other untagged, a trunk sees them tagged, another VLAN sees nothing; --stats-interval prints counters unasked; --age forgets addresses", async () => {
   const names = ["v10a", "v10b", "v20", "trunk"];
   const path = (n: string): string => join(dir, `${n}.sock`);
   const vlan: Record<string, string> = { v10a: "10", v10b: "10", v20: "20", trunk: "trunk:10+20" };
   const sw = await start(
-    [...names.flatMap((n) => ["--vhost-user", `${path(n)},name=${n},vlan=${vlan[n]}`]), "--stats-interval", "0.25"],
+    [...names.flatMap((n) => ["--vhost-user", `${path(n)},name=${n},vlan=${vlan[n]}`]), "--stats-interval", "0.25", "--age", "0.5"],
     names.map((n) => ({ name: n, path: path(n) })),
   );
   const [a, b, other, trunk] = await Promise.all(names.map((n) => guest(path(n), {})));
@@ -259,6 +260,8 @@ test("VLANs: access ports of one VLAN see each other untagged, a trunk sees them
   // Counters arrive every quarter second without SIGUSR1.
   await waitUntil("two periodic counter prints", () => (sw.stdout.match(/^mac table: /gm) ?? []).length >= 2);
   assert.equal(parseStats(sw.stdout).ports.size, 4);
+  // Two addresses were learned (a's, the trunk's); idle for half a second, both are forgotten.
+  await waitUntil("both learned addresses to age out", () => /^mac table: 0\/8192 entries, 0 moved, 2 aged/m.test(sw.stdout));
   await stop(sw);
 });
 
