@@ -23,10 +23,10 @@ import { GuestRam, RawFrontend } from "./vhost-user-raw.js";
 export const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
 
 /** Waits for `cond`, checking every 5 ms; the generous default suits a loaded 2-CPU machine. */
-export async function waitUntil(what: string, cond: () => boolean, timeoutMs = 20_000): Promise<void> {
+export async function waitUntil(what: string | (() => string), cond: () => boolean, timeoutMs = 20_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${typeof what === "string" ? what : what()}`);
     await new Promise((r) => setTimeout(r, 5));
   }
 }
@@ -387,13 +387,21 @@ export class NetGuest {
 
   /** Waits until `n` packets in all were received; returns all of them. */
   async waitReceived(n: number, what: string, timeoutMs?: number): Promise<RxPacket[]> {
-    await waitUntil(`${what} (${this.received.length} of ${n} packets so far)`, () => (this.poll(), this.received.length >= n), timeoutMs);
+    await waitUntil(
+      () => `${what} (${this.received.length} of ${n} packets so far)`,
+      () => (this.poll(), this.received.length >= n),
+      timeoutMs,
+    );
     return this.received;
   }
 
   /** Waits until every transmit buffer came back used. */
   async waitTxDone(timeoutMs?: number): Promise<void> {
-    await waitUntil(`transmit buffers back (${this.tx.q.inFlight} in flight)`, () => (this.poll(), this.tx.q.inFlight === 0), timeoutMs);
+    await waitUntil(
+      () => `transmit buffers back (${this.tx.q.inFlight} in flight)`,
+      () => (this.poll(), this.tx.q.inFlight === 0),
+      timeoutMs,
+    );
   }
 
   private txBuffer(len: number): number {
@@ -405,8 +413,11 @@ export class NetGuest {
     return b;
   }
 
-  /** Transmits `frame` behind `hdr` (num_buffers 0), in one descriptor or, with `split`, header and frame in two. */
-  send(frame: Uint8Array, hdr: Readonly<NetHdr> = PLAIN_HDR, opts: { split?: boolean } = {}): void {
+  /**
+   * Transmits `frame` behind `hdr` (num_buffers 0), in one descriptor or,
+   * with `split`, header and frame in two. Returns the buffer's guest address.
+   */
+  send(frame: Uint8Array, hdr: Readonly<NetHdr> = PLAIN_HDR, opts: { split?: boolean } = {}): number {
     const h = new Uint8Array(NET_HDR_SIZE);
     const v = new DataView(h.buffer);
     v.setUint8(0, hdr.flags);
@@ -418,11 +429,11 @@ export class NetGuest {
     const bytes = new Uint8Array(NET_HDR_SIZE + frame.length);
     bytes.set(h);
     bytes.set(frame, NET_HDR_SIZE);
-    this.sendBytes(bytes, opts);
+    return this.sendBytes(bytes, opts);
   }
 
-  /** Transmits a buffer holding exactly `bytes` (which may be shorter than a header). */
-  sendBytes(bytes: Uint8Array, opts: { split?: boolean } = {}): void {
+  /** Transmits a buffer holding exactly `bytes` (which may be shorter than a header); returns its guest address. */
+  sendBytes(bytes: Uint8Array, opts: { split?: boolean } = {}): number {
     this.poll();
     const b = this.txBuffer(bytes.length);
     this.ram.mem.write(b, bytes);
@@ -438,6 +449,7 @@ export class NetGuest {
         : this.tx.q.addOne(b, bytes.length, false, b);
     assert.ok(ok, "transmit ring full");
     this.notify(this.tx);
+    return b;
   }
 
   /**

@@ -230,10 +230,9 @@ export class NetDevice extends VirtioDevice {
   private readonly ctrlChain = new DescriptorChain();
   private readonly rxHdrBytes = new Uint8Array(NET_HDR_SIZE);
   private readonly rxHdrView = new DataView(this.rxHdrBytes.buffer);
-  private readonly txHdrBytes = new Uint8Array(NET_HDR_SIZE);
-  /** Where a transmitted frame spread over several descriptors is gathered (grown on demand, reused). */
-  private txScratch = new Uint8Array(2048);
-  private readonly txHdrView = new DataView(this.txHdrBytes.buffer);
+  /** Where a transmit buffer (header, then frame) is copied out of guest memory (grown on demand, reused). */
+  private txScratch = new Uint8Array(NET_HDR_SIZE + 2048);
+  private txScratchView = new DataView(this.txScratch.buffer);
   private readonly txHdr: NetHdr = plainHdr();
   /** MRG_RXBUF: the buffers one packet took (id, bytes written, ring slots). */
   private readonly usedIds: Uint32Array;
@@ -852,13 +851,20 @@ export class NetDevice extends VirtioDevice {
       this.report(new GuestError("NET_TX_SHORT", `transmit buffer of ${chain.readableBytes} bytes has no virtio_net_hdr`), index);
       return "bad-hdr";
     }
-    const mem = this.memory;
-    // Header and frame in one descriptor (DPDK's virtio-user, and Linux when the skb has
-    // headroom): read them in place. Otherwise the frame is gathered into a reused buffer.
-    const whole = chain.readableCount === 1 ? mem.viewFor(chain.addr(0), chain.readableBytes) : undefined;
-    if (whole !== undefined) this.txHdrBytes.set(whole.subarray(0, NET_HDR_SIZE));
-    else chain.read(mem, this.txHdrBytes);
-    const v = this.txHdrView;
+    // The buffer is copied out of guest memory once, and only the copy is checked and passed on:
+    // the guest may rewrite it at any moment (from another vCPU), and a frame read in place could
+    // change between checkTxHdr and the receivers, which would then get a GSO header that no longer
+    // matches its packet. One read of header and frame together costs about what reading them in
+    // place did (making a view of guest memory is the expensive part, not the copy). A buffer longer
+    // than any frame may be is read only as far as its header, which is enough to drop it.
+    const whole = len <= GSO_MAX_FRAME;
+    const n = whole ? NET_HDR_SIZE + len : NET_HDR_SIZE;
+    if (this.txScratch.length < n) {
+      this.txScratch = new Uint8Array(Math.max(n, this.txScratch.length * 2));
+      this.txScratchView = new DataView(this.txScratch.buffer);
+    }
+    chain.read(this.memory, this.txScratch.subarray(0, n));
+    const v = this.txScratchView;
     const hdr = this.txHdr;
     // §5.1.6.2.2: flag bits the device does not know are ignored; DATA_VALID is not the driver's to set.
     hdr.flags = v.getUint8(NET_HDR.flags) & VIRTIO_NET_HDR_F_NEEDS_CSUM;
@@ -868,6 +874,7 @@ export class NetDevice extends VirtioDevice {
     hdr.csumStart = v.getUint16(NET_HDR.csum_start, true);
     hdr.csumOffset = v.getUint16(NET_HDR.csum_offset, true);
     const gso = (hdr.gsoType & ~VIRTIO_NET_HDR_GSO_ECN) !== 0;
+    // Never above GSO_MAX_FRAME, so a frame that passes was read whole.
     const max = gso ? GSO_MAX_FRAME : this.txPlainMax;
     if (len > max) {
       this.report(new GuestError("NET_TX_TOO_LONG", `transmit frame of ${len} bytes exceeds ${max}`), index);
@@ -876,13 +883,7 @@ export class NetDevice extends VirtioDevice {
     if (len < ETH_HLEN) return "runt";
     // QEMU drops transmissions while the link is down too; the port would only discard them.
     if (!this.linkUp) return "link-down";
-    let frame: Uint8Array;
-    if (whole !== undefined) frame = whole.subarray(NET_HDR_SIZE);
-    else {
-      if (this.txScratch.length < len) this.txScratch = new Uint8Array(Math.max(len, this.txScratch.length * 2));
-      frame = this.txScratch.subarray(0, len);
-      chain.read(mem, frame, NET_HDR_SIZE);
-    }
+    const frame = this.txScratch.subarray(NET_HDR_SIZE, NET_HDR_SIZE + len);
     // §5.1.6.2.1: only the offloads the driver negotiated, in a header consistent with the frame.
     const bad = checkTxHdr(frame, hdr, this.hostAllowed);
     if (bad !== null) return bad;

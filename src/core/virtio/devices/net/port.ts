@@ -12,9 +12,9 @@ import { NO_OFFLOADS, type DropReason, type Offloads } from "../../../net/offloa
 export interface PacketPort {
   /**
    * A packet the guest sent, checked against the offloads it negotiated.
-   * `frame` and `hdr` are valid only during the call: the frame is often a
-   * view of the guest's transmit buffer itself (no copy), which the guest
-   * gets back once the call returns. Copy what you keep.
+   * `frame` and `hdr` are valid only during the call: the frame lies in a
+   * buffer the device reuses for the next packet (a copy out of guest
+   * memory, so it holds exactly what was checked). Copy what you keep.
    */
   transmit(frame: Uint8Array, hdr: Readonly<NetHdr>): void;
   /**
