@@ -213,18 +213,6 @@ export class GuestMemory {
     return w;
   }
 
-  /**
-   * A no-copy view of [gpa, gpa + length) when one window holds it all, else
-   * undefined (the caller copies instead). The view is guest memory: the
-   * guest may change it at any time, so never trust a value read twice.
-   */
-  viewFor(gpa: number, length: number): Uint8Array | undefined {
-    const w = this.windowFor(gpa, length);
-    if (w === undefined) return undefined;
-    const off = gpa - w.gpa;
-    return w.u8.subarray(off, off + length);
-  }
-
   /** Like windowFor, but a miss is a MemoryAccessError. */
   windowOf(gpa: number, length: number): MemoryWindow {
     const r = this.windowFor(gpa, length);
