@@ -29,6 +29,8 @@ export class SwitchRuntime {
   readonly ports: OpenedPort[] = [];
   private readonly closers: (() => void | Promise<void>)[] = [];
   private ageTimer: NodeJS.Timeout | null = null;
+  /** The vhost-user ports, for the polling loop (built on its first pass, once every port is open). */
+  private vhostPorts: VhostUserNetPort[] | null = null;
   /** One batch for every VM port: what one guest sends in a pass reaches the others as one burst. */
   private readonly rxBatch = new RxBatch();
 
@@ -96,10 +98,12 @@ export class SwitchRuntime {
 
   /** Busy-poll mode: one pass over every vhost-user port's rings; returns how many rings had work. */
   pollAll(): number {
+    if (this.vhostPorts === null) this.vhostPorts = this.ports.flatMap((p) => (p.vhost === undefined ? [] : [p.vhost]));
     let n = 0;
-    for (const p of this.ports) {
-      const c = p.vhost?.connection;
-      if (c !== null && c !== undefined && !c.isClosed) n += c.backend.pollAll();
+    const ports = this.vhostPorts;
+    for (let i = 0; i < ports.length; i++) {
+      const c = ports[i]!.connection;
+      if (c !== null && !c.isClosed) n += c.backend.pollAll();
     }
     return n;
   }
