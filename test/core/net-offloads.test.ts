@@ -256,6 +256,9 @@ for (const { name, preferPacked } of LAYOUTS) {
       assert.equal(p.port.inject(b), null, "kept, not dropped");
       assert.equal(p.device.pendingFrames, 1);
       assert.equal(used.length, 6, "only the first packet's buffers were used");
+      // Two buffers are still posted, but the waiting packet needs six: to a poller the queue is
+      // idle, or it would retry it on every pass for as long as the driver posts nothing.
+      assert.equal(p.device.queueHasAvailable(0), false, "a stalled receive queue does not look busy");
       await settle(p, 2);
       assert.deepEqual(p.frames(), [a, b]);
       assert.equal(p.device.pendingFrames, 0);

@@ -121,6 +121,12 @@ describe("checkTxHdr", () => {
     assert.equal(checkTxHdr(tcp4.frame, withHdr(partialHdr(tcp4), { gsoSize: 0 }), ALL_OFFLOADS), null);
   });
 
+  test("checkTxHdr() refuses a gso_size below Linux's TCP_MIN_MSS (one packet would become thousands of segments)", () => {
+    assert.equal(checkTxHdr(tcp4.frame, withHdr(gsoHdr(tcp4, 1400), { gsoSize: 1 }), ALL_OFFLOADS), "bad-hdr");
+    assert.equal(checkTxHdr(udp6.frame, withHdr(gsoHdr(udp6, 1400), { gsoSize: 87 }), ALL_OFFLOADS), "bad-hdr");
+    assert.equal(checkTxHdr(tcp4.frame, withHdr(gsoHdr(tcp4, 1400), { gsoSize: 88 }), ALL_OFFLOADS), null);
+  });
+
   test("checkTxHdr() returns csum-out-of-range when the checksum field does not fit in the frame", () => {
     const len = tcp4.frame.length;
     assert.equal(checkTxHdr(tcp4.frame, withHdr(partialHdr(tcp4), { csumStart: len - 2, csumOffset: 1 }), CSUM_ONLY), "csum-out-of-range");

@@ -121,6 +121,10 @@ export function checkHdrLayout(frame: Uint8Array, hdr: Readonly<NetHdr>, info: P
   if (!needsCsum) return "bad-hdr";
   if (base === VIRTIO_NET_HDR_GSO_UDP) return "offload-not-negotiated";
   if (hdr.gsoSize === 0) return "gso-size-zero";
+  // A tiny gso_size turns one 64 KiB packet into tens of thousands of segments for every port
+  // that needs it cut in software: refuse what no real stack sends (Linux never goes below
+  // TCP_MIN_MSS, 88 bytes), which bounds a packet to about 750 segments.
+  if (hdr.gsoSize < MIN_GSO_SIZE) return "bad-hdr";
   if (parseFrame(frame, info) !== PARSED_L4 || !info.segmentable) return "gso-unparseable";
   const tcp = base !== VIRTIO_NET_HDR_GSO_UDP_L4;
   if (tcp && (info.l4Proto !== IPPROTO_TCP || info.l3Version !== (base === VIRTIO_NET_HDR_GSO_TCPV4 ? 4 : 6))) return "gso-unparseable";
@@ -130,6 +134,9 @@ export function checkHdrLayout(frame: Uint8Array, hdr: Readonly<NetHdr>, info: P
 }
 
 const scratchInfo = new PacketInfo();
+
+/** The smallest gso_size accepted: Linux's TCP_MIN_MSS. */
+export const MIN_GSO_SIZE = 88;
 
 /**
  * Validates the virtio_net_hdr that a (hostile) sender attached to `frame`

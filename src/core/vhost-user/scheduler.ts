@@ -50,7 +50,12 @@ export class RingScheduler<F> {
     for (let i = 0; i < this.rings.length; i++) {
       const r = this.rings[i]!;
       if (r.started && r.enabled && !r.failed && this.device.queueHasAvailable(i)) {
-        this.device.poll(i, this.opts.passBudget);
+        // As in event mode (guarded): a host-side failure ends this ring, not the polling thread.
+        try {
+          this.device.poll(i, this.opts.passBudget);
+        } catch (e) {
+          this.opts.failed(i, e);
+        }
         busy++;
       }
     }

@@ -294,6 +294,15 @@ export abstract class VirtioDevice {
   protected onReset(): void {}
   protected onActivate(): void {}
   protected onQueueReset(_i: number): void {}
+  /**
+   * True while queue i has buffers but the device cannot use them yet (a
+   * virtio-net packet needs more receive buffers than are posted): pollers
+   * then treat the queue as idle instead of spinning on it. A kick still
+   * runs the queue (processQueue), so the device retries then.
+   */
+  protected queueStalled(_i: number): boolean {
+    return false;
+  }
   protected beforeConfigRead(_offset: number, _size: number): void {}
   /** Default: device config is read-only; a write is a reported guest error. Returns whether the write was accepted. */
   protected onConfigWrite(offset: number, size: number, _value: number): boolean {
@@ -564,7 +573,7 @@ export abstract class VirtioDevice {
   /** Host side: whether a live queue has buffers waiting (busy-polling back ends). */
   queueHasAvailable(i: number): boolean {
     const q = this.live[i];
-    if (q === null || q === undefined) return false;
+    if (q === null || q === undefined || this.queueStalled(i)) return false;
     try {
       return q.hasAvailable();
     } catch (e) {

@@ -135,6 +135,8 @@ const DEFAULT_MTU = 1500;
  * larger one (its GSO limit is 64 KiB with headers).
  */
 const GSO_MAX_FRAME = 0xffff + ETH_HLEN + VLAN_HLEN;
+/** How many polls a receive queue stalled for lack of buffers sits out between retries. */
+const STALL_POLLS = 1024;
 /** Received packets up to this long are written into guest memory with their header in one copy. */
 const SMALL_RX = 512;
 /** Longest control command (class, command, data) read; a MAC table of 10000 entries fits. */
@@ -233,6 +235,8 @@ export class NetDevice extends VirtioDevice {
   private readonly rxHdrBytes = new Uint8Array(NET_HDR_SIZE);
   private readonly rxHdrView = new DataView(this.rxHdrBytes.buffer);
   /** Where a transmit buffer (header, then frame) is copied out of guest memory (grown on demand, reused). */
+  /** Per queue pair: polls left before a stalled receive queue is tried again (0: not stalled). */
+  private readonly rxStall: Uint32Array;
   /** Header and frame of a small received packet, composed for one copy into guest memory. */
   private readonly rxSmall = new Uint8Array(NET_HDR_SIZE + SMALL_RX);
   private txScratch = new Uint8Array(NET_HDR_SIZE + 2048);
@@ -317,6 +321,7 @@ export class NetDevice extends VirtioDevice {
     super({ numQueues: 2 * pairs + (controlQueue ? 1 : 0), maxQueueSize: queueSize, configSize: NET_CONFIG_SIZE, features: offer });
     this.port = opts.port;
     this.rxBatch = opts.rxBatch ?? null;
+    this.rxStall = new Uint32Array(pairs);
     this.queuePairs = pairs;
     this.controlQueue = controlQueue;
     this.mtu = mtu;
@@ -532,6 +537,21 @@ export class NetDevice extends VirtioDevice {
     if ((i & 1) === 0 && i >> 1 < this.queuePairs && i !== this.ctrlIndex) this.dropPending(i >> 1);
   }
 
+  /**
+   * A receive queue whose waiting packet needs more buffers than the driver
+   * posted would look busy to a poller for ever (its buffers stay available):
+   * it counts as idle, but one poll in STALL_POLLS still retries it, so a
+   * driver that adds buffers without a kick (busy-poll mode suppresses
+   * kicks) is served soon after. A kick retries at once.
+   */
+  protected override queueStalled(i: number): boolean {
+    if ((i & 1) !== 0 || i === this.ctrlIndex) return false;
+    const left = this.rxStall[i >> 1] ?? 0;
+    if (left === 0) return false;
+    this.rxStall[i >> 1] = left - 1;
+    return left > 1;
+  }
+
   protected override processQueue(index: number, q: DeviceQueue, budget: number): void {
     if (index === this.ctrlIndex) return this.runControl(q, budget);
     const pair = index >> 1;
@@ -652,6 +672,9 @@ export class NetDevice extends VirtioDevice {
       p = new PendingPackets(this.maxPending, this.maxPendingBytes);
       this.pending[pair] = p;
     }
+    // Buffers may be posted but too few for this packet (MRG_RXBUF): pollers leave the queue alone
+    // for a while rather than retrying it on every pass (see queueStalled).
+    this.rxStall[pair] = STALL_POLLS;
     return p.push(frame, hdr) ? null : this.rxDrop("no-buffer");
   }
 
@@ -660,9 +683,13 @@ export class NetDevice extends VirtioDevice {
     const p = this.pending[pair];
     if (p === null || p === undefined || p.count === 0) return;
     this.rxPushed = false;
+    this.rxStall[pair] = 0;
     while (p.count > 0) {
       const r = this.deliver(q, index, p.frame(), p.hdr());
-      if (r === WAIT) break;
+      if (r === WAIT) {
+        this.rxStall[pair] = STALL_POLLS;
+        break;
+      }
       p.shift();
       if (r !== null) this.rxDrop(r);
     }
@@ -956,7 +983,6 @@ export class NetDevice extends VirtioDevice {
     const chain = this.ctrlChain;
     const index = this.ctrlIndex;
     let pushed = false;
-    this.rxBatch?.begin();
     try {
       for (let n = 0; n < budget && q.popInto(chain); n++) {
         const ack = this.command(chain);
