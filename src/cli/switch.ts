@@ -38,6 +38,9 @@ Options:
   --mtu N             default MTU of vhost-user ports, 68-65535 (default 1500)
   --age SECONDS       forget a MAC address after this long without traffic (default 300)
   --max-macs N        MAC table size limit (default 8192)
+  --max-macs-per-port N
+                      addresses one port may have learned (default 1024): a guest spraying
+                      source addresses fills its own share, not the table
   --stats-interval S  print per-port counters every S seconds (also on SIGUSR1 and at exit)
   --poll              busy-poll every port in one worker thread instead of waiting for
                       kicks (lowest latency; costs a CPU core)
@@ -103,7 +106,16 @@ function rejectUnknown(flag: string, opts: Map<string, string>, known: string[])
 }
 
 export function parseSwitchArgs(args: string[]): SwitchSpec | "help" {
-  const spec: SwitchSpec = { ports: [], pcaps: [], ageSec: 300, maxMacs: 8192, statsIntervalSec: 0, poll: false, verbose: false };
+  const spec: SwitchSpec = {
+    ports: [],
+    pcaps: [],
+    ageSec: 300,
+    maxMacs: 8192,
+    maxMacsPerPort: 1024,
+    statsIntervalSec: 0,
+    poll: false,
+    verbose: false,
+  };
   let mtu = 1500;
   const pending: { flag: string; text: string }[] = [];
   const pcaps: PcapSpec[] = [];
@@ -130,6 +142,9 @@ export function parseSwitchArgs(args: string[]): SwitchSpec | "help" {
         break;
       case "--max-macs":
         spec.maxMacs = r.int(1, 1 << 20);
+        break;
+      case "--max-macs-per-port":
+        spec.maxMacsPerPort = r.int(1, 1 << 20);
         break;
       case "--stats-interval":
         spec.statsIntervalSec = r.positive(86400);

@@ -238,6 +238,23 @@ describe("Switch learning and forwarding", () => {
     assert.ok(formatStats(s).includes("unlearned 96"));
   });
 
+  test("a port spraying source addresses fills only its own share: the others keep learning and their unicast is not flooded to it", () => {
+    const { sw, ports, h } = setup(3, { maxMacs: 100, maxMacsPerPort: 10 });
+    for (let i = 0; i < 1000; i++) h[0]!.input(eth(BROADCAST, mac(0x100 + i)));
+    assert.equal(sw.stats().macs, 10, "the sprayer holds its share only");
+    h[1]!.input(eth(BROADCAST, B));
+    h[2]!.input(eth(BROADCAST, C));
+    assert.equal(sw.stats().macs, 12, "the others still learn");
+    ports.forEach((p) => p.take());
+    h[2]!.input(eth(B, C)); // known: forwarded to p1 only, not flooded to the sprayer
+    assert.deepEqual(names(ports), ["p1"]);
+    // An address moving onto a port that is at its limit is refused too (a move would grow its share).
+    h[0]!.input(eth(BROADCAST, B));
+    ports.forEach((p) => p.take());
+    h[2]!.input(eth(B, C));
+    assert.deepEqual(names(ports), ["p1"], "B still points at p1");
+  });
+
   test("the default table limit is 8192 entries", () => {
     const { sw, h } = setup(2);
     for (let i = 0; i < 9000; i++) h[0]!.input(eth(BROADCAST, mac(0x1000 + i)));

@@ -254,6 +254,7 @@ test("the switch help names every option and every per-port key, and each of the
     "--mtu",
     "--age",
     "--max-macs",
+    "--max-macs-per-port",
     "--stats-interval",
     "--poll",
     "--verbose",

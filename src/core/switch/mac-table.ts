@@ -52,9 +52,18 @@ export class MacTable<P> {
    * @param maxEntries most entries held at once
    * @param ageingTime an entry not refreshed for longer than this is gone (same unit as the `now` values passed in)
    */
+  /** Entries per port, for the per-port limit. */
+  private readonly perPort = new Map<P, number>();
+
+  /**
+   * @param maxPerPort entries one port may hold: a guest spraying source
+   * addresses fills its own share, not the table, so the others keep
+   * learning (and their unicast is not flooded to it).
+   */
   constructor(
     readonly maxEntries: number,
     readonly ageingTime: number,
+    readonly maxPerPort: number = maxEntries,
   ) {
     if (!Number.isInteger(maxEntries) || maxEntries < 0)
       throw new RangeError(`maxEntries must be a non-negative integer, not ${maxEntries}`);
@@ -70,14 +79,21 @@ export class MacTable<P> {
       if (e.port === port) return LEARN_REFRESHED;
       // A VM that migrated announces itself from its new place (QEMU sends
       // RARP after migration); re-pointing at once is what makes traffic follow it.
+      if (this.countOf(port) >= this.maxPerPort) {
+        this.refused++;
+        return LEARN_FULL;
+      }
+      this.count(e.port, -1);
+      this.count(port, 1);
       e.port = port;
       this.moves++;
       return LEARN_MOVED;
     }
-    if (this.size >= this.maxEntries) {
+    if (this.size >= this.maxEntries || this.countOf(port) >= this.maxPerPort) {
       this.refused++;
       return LEARN_FULL;
     }
+    this.count(port, 1);
     if (map === undefined) {
       map = new Map();
       this.byVid[vid] = map;
@@ -95,6 +111,7 @@ export class MacTable<P> {
     if (e === undefined) return undefined;
     if (now - e.seen > this.ageingTime) {
       map.delete(mac);
+      this.count(e.port, -1);
       this.size--;
       this.aged++;
       return undefined;
@@ -111,6 +128,7 @@ export class MacTable<P> {
       for (const [mac, e] of map) {
         if (now - e.seen > this.ageingTime) {
           map.delete(mac);
+          this.count(e.port, -1);
           n++;
         }
       }
@@ -133,7 +151,19 @@ export class MacTable<P> {
       }
     }
     this.size -= n;
+    this.perPort.delete(port);
     return n;
+  }
+
+  /** Entries `port` holds. */
+  countOf(port: P): number {
+    return this.perPort.get(port) ?? 0;
+  }
+
+  private count(port: P, d: number): void {
+    const n = (this.perPort.get(port) ?? 0) + d;
+    if (n === 0) this.perPort.delete(port);
+    else this.perPort.set(port, n);
   }
 
   /** A snapshot of the table, for diagnostics. */

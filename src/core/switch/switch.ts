@@ -47,6 +47,8 @@ export interface SwitchOptions {
   ageingMs?: number;
   /** Most MAC table entries (default 8192). */
   maxMacs?: number;
+  /** Entries one port may hold (default: maxMacs, no separate limit). */
+  maxMacsPerPort?: number;
   /** Milliseconds on a monotonic clock (default performance.now). Tests inject their own. */
   now?: () => number;
   /**
@@ -146,7 +148,8 @@ export class Switch {
   private readonly ingressFn: Ingress = (h, frame, hdr) => this.ingress(h, frame, hdr);
 
   constructor(opts: SwitchOptions = {}) {
-    this.table = new MacTable(opts.maxMacs ?? 8192, opts.ageingMs ?? 300_000);
+    const maxMacs = opts.maxMacs ?? 8192;
+    this.table = new MacTable(maxMacs, opts.ageingMs ?? 300_000, opts.maxMacsPerPort ?? maxMacs);
     this.now = opts.now ?? (() => performance.now());
     this.clockEvery = opts.clockEvery ?? 64;
     if (!Number.isInteger(this.clockEvery) || this.clockEvery < 1)

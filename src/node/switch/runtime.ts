@@ -41,6 +41,7 @@ export class SwitchRuntime {
     this.sw = new Switch({
       ageingMs: spec.ageSec * 1000,
       maxMacs: spec.maxMacs,
+      maxMacsPerPort: spec.maxMacsPerPort,
       onError: (e, where) => log(`switch: ${where}: ${(e as Error).message}`),
     });
   }

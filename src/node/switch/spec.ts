@@ -52,6 +52,8 @@ export interface SwitchSpec {
   ageSec: number;
   /** MAC table size limit. */
   maxMacs: number;
+  /** MAC table entries one port may hold. */
+  maxMacsPerPort: number;
   /** Print per-port counters every this many seconds (0: only on SIGUSR1 and at exit). */
   statsIntervalSec: number;
   poll: boolean;
