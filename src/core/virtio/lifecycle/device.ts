@@ -303,6 +303,8 @@ export abstract class VirtioDevice {
   protected queueStalled(_i: number): boolean {
     return false;
   }
+  /** Set while some queue may be stalled, so the hot path skips queueStalled() otherwise (it measurably costs). */
+  protected hasStalls = false;
   protected beforeConfigRead(_offset: number, _size: number): void {}
   /** Default: device config is read-only; a write is a reported guest error. Returns whether the write was accepted. */
   protected onConfigWrite(offset: number, size: number, _value: number): boolean {
@@ -573,7 +575,7 @@ export abstract class VirtioDevice {
   /** Host side: whether a live queue has buffers waiting (busy-polling back ends). */
   queueHasAvailable(i: number): boolean {
     const q = this.live[i];
-    if (q === null || q === undefined || this.queueStalled(i)) return false;
+    if (q === null || q === undefined || (this.hasStalls && this.queueStalled(i))) return false;
     try {
       return q.hasAvailable();
     } catch (e) {

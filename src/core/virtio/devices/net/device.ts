@@ -237,6 +237,8 @@ export class NetDevice extends VirtioDevice {
   /** Where a transmit buffer (header, then frame) is copied out of guest memory (grown on demand, reused). */
   /** Per queue pair: polls left before a stalled receive queue is tried again (0: not stalled). */
   private readonly rxStall: Uint32Array;
+  /** Pairs whose rxStall is not 0. */
+  private stalledPairs = 0;
   /** Header and frame of a small received packet, composed for one copy into guest memory. */
   private readonly rxSmall = new Uint8Array(NET_HDR_SIZE + SMALL_RX);
   private txScratch = new Uint8Array(NET_HDR_SIZE + 2048);
@@ -519,7 +521,10 @@ export class NetDevice extends VirtioDevice {
   }
 
   protected override onReset(): void {
-    for (let p = 0; p < this.queuePairs; p++) this.dropPending(p);
+    for (let p = 0; p < this.queuePairs; p++) {
+      this.dropPending(p);
+      this.setStall(p, 0);
+    }
     this.activePairs = 1;
     this.flowTable.fill(0);
     this.filter.reset(false);
@@ -548,8 +553,17 @@ export class NetDevice extends VirtioDevice {
     if ((i & 1) !== 0 || i === this.ctrlIndex) return false;
     const left = this.rxStall[i >> 1] ?? 0;
     if (left === 0) return false;
-    this.rxStall[i >> 1] = left - 1;
+    this.setStall(i >> 1, left - 1);
     return left > 1;
+  }
+
+  private setStall(pair: number, polls: number): void {
+    const was = this.rxStall[pair] !== 0;
+    this.rxStall[pair] = polls;
+    if (was !== (polls !== 0)) {
+      this.stalledPairs += was ? -1 : 1;
+      this.hasStalls = this.stalledPairs > 0;
+    }
   }
 
   protected override processQueue(index: number, q: DeviceQueue, budget: number): void {
@@ -674,7 +688,7 @@ export class NetDevice extends VirtioDevice {
     }
     // Buffers may be posted but too few for this packet (MRG_RXBUF): pollers leave the queue alone
     // for a while rather than retrying it on every pass (see queueStalled).
-    this.rxStall[pair] = STALL_POLLS;
+    this.setStall(pair, STALL_POLLS);
     return p.push(frame, hdr) ? null : this.rxDrop("no-buffer");
   }
 
@@ -683,11 +697,11 @@ export class NetDevice extends VirtioDevice {
     const p = this.pending[pair];
     if (p === null || p === undefined || p.count === 0) return;
     this.rxPushed = false;
-    this.rxStall[pair] = 0;
+    this.setStall(pair, 0);
     while (p.count > 0) {
       const r = this.deliver(q, index, p.frame(), p.hdr());
       if (r === WAIT) {
-        this.rxStall[pair] = STALL_POLLS;
+        this.setStall(pair, STALL_POLLS);
         break;
       }
       p.shift();
