@@ -1864,7 +1864,7 @@ static napi_value js_try_rw(napi_env env, napi_callback_info info) {
  * are returned rather than thrown: on a non-blocking descriptor every batch
  * of reads ends in EAGAIN, and a data path counts failures instead of
  * unwinding.  EINTR is retried here because it carries no information. */
-static napi_value js_read(napi_env env, napi_callback_info info) {
+static napi_value read_or_write(napi_env env, napi_callback_info info, int writing) {
   GET_ARGS(2);
   int fd;
   void *data;
@@ -1872,23 +1872,13 @@ static napi_value js_read(napi_env env, napi_callback_info info) {
   if (!arg_fd(env, argv[0], "fd", &fd) || !arg_bytes(env, argv[1], "buffer", &data, &len)) return NULL;
   ssize_t n;
   do {
-    n = read(fd, data, len);
+    n = writing ? write(fd, data, len) : read(fd, data, len);
   } while (n < 0 && errno == EINTR);
   return make_number(env, n < 0 ? -(double)errno : (double)n);
 }
 
-static napi_value js_write(napi_env env, napi_callback_info info) {
-  GET_ARGS(2);
-  int fd;
-  void *data;
-  size_t len;
-  if (!arg_fd(env, argv[0], "fd", &fd) || !arg_bytes(env, argv[1], "buffer", &data, &len)) return NULL;
-  ssize_t n;
-  do {
-    n = write(fd, data, len);
-  } while (n < 0 && errno == EINTR);
-  return make_number(env, n < 0 ? -(double)errno : (double)n);
-}
+static napi_value js_read(napi_env env, napi_callback_info info) { return read_or_write(env, info, 0); }
+static napi_value js_write(napi_env env, napi_callback_info info) { return read_or_write(env, info, 1); }
 
 /* One system call for a header and a frame kept in separate buffers: a tap
  * device takes each write as exactly one packet. */

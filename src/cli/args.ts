@@ -45,6 +45,14 @@ export class ArgReader {
     return v as T;
   }
 
+  /** A comma-separated subset of `choices`, returned in the order of `choices`. */
+  subset<T extends string>(choices: readonly T[]): T[] {
+    const names = this.value().split(",");
+    for (const n of names)
+      if (!(choices as readonly string[]).includes(n)) throw new UsageError(`${this.flag}: unknown '${n}' (known: ${choices.join(", ")})`);
+    return choices.filter((c) => names.includes(c));
+  }
+
   unknown(): never {
     throw new UsageError(`unknown option ${this.flag}`);
   }
