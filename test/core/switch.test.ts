@@ -299,6 +299,43 @@ describe("Switch learning and forwarding", () => {
     );
   });
 
+  test("a port sending burst after burst to one address (its cached entries) follows moves, age() and removal at once", () => {
+    const clock = new Clock();
+    const { sw, ports, h } = setup(4, { now: clock.now, clockEvery: 1, ageingMs: 10_000 });
+    h[1]!.input(eth(BROADCAST, B));
+    const burst = (): string[] => {
+      ports.forEach((p) => p.take());
+      for (let i = 0; i < 3; i++) h[0]!.input(eth(B, A));
+      return ports.flatMap((p) => p.received.map(() => p.name));
+    };
+    assert.deepEqual(burst(), ["p1", "p1", "p1"]);
+    h[2]!.input(eth(BROADCAST, B)); // B moves to p2
+    assert.deepEqual(burst(), ["p2", "p2", "p2"]);
+    h[1]!.input(eth(BROADCAST, B)); // and back: the source side's cache must not miss the move
+    assert.deepEqual(burst(), ["p1", "p1", "p1"]);
+    assert.equal(sw.stats().macMoves, 2);
+    // A, refreshed by every burst through its cached entry, is still fresh when B ages out.
+    clock.t += 10_001;
+    h[0]!.input(eth(BROADCAST, A));
+    assert.equal(sw.age(), 1);
+    assert.deepEqual(burst(), ["p1", "p1", "p1", "p2", "p2", "p2", "p3", "p3", "p3"]);
+    h[3]!.input(eth(BROADCAST, B));
+    assert.deepEqual(burst(), ["p3", "p3", "p3"]);
+    sw.removePort(h[3]!);
+    assert.deepEqual(burst(), ["p1", "p1", "p1", "p2", "p2", "p2"]);
+    assert.deepEqual(
+      sw.macs().map((e) => [formatMac(e.mac), e.port]),
+      [[A, "p0"]],
+    );
+    // A ages out while p0's cache still holds its entry: the next frame from A learns it anew.
+    clock.t += 10_001;
+    assert.equal(sw.age(), 1);
+    h[0]!.input(eth(BROADCAST, A));
+    ports.forEach((p) => p.take());
+    h[1]!.input(eth(A, B));
+    assert.deepEqual(names(ports), ["p0"]);
+  });
+
   test("two attached ports may not share a name", () => {
     const sw = new Switch();
     sw.addPort(new FakePort("vm1"));

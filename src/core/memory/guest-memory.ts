@@ -1,3 +1,4 @@
+import { copyBytes, type WordViews } from "./copy.js";
 import { GuestError, IovirtUsageError, hex } from "../errors.js";
 
 /**
@@ -360,6 +361,24 @@ export class GuestMemory {
       r.u8.set(src.subarray(done, done + n), off);
       done += n;
     }
+  }
+
+  /**
+   * Copies `length` bytes of guest memory into dst.u8 at `at`, without
+   * allocating when one window holds them (see copy.ts); the range may span
+   * adjacent regions. dst must have room.
+   */
+  readInto(gpa: number, dst: WordViews, at: number, length: number): void {
+    const w = this.windowFor(gpa, length);
+    if (w !== undefined) return copyBytes(w, gpa - w.gpa, dst, at, length);
+    this.read(gpa, dst.u8.subarray(at, at + length));
+  }
+
+  /** Copies `length` bytes of src.u8 from `from` into guest memory, like readInto the other way. */
+  writeFrom(gpa: number, src: WordViews, from: number, length: number): void {
+    const w = this.windowFor(gpa, length);
+    if (w !== undefined) return copyBytes(src, from, w, gpa - w.gpa, length);
+    this.write(gpa, src.u8.subarray(from, from + length));
   }
 
   /**

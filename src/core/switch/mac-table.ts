@@ -23,6 +23,20 @@ interface Entry<P> {
   port: P;
   /** now() when a frame from this address was last seen. */
   seen: number;
+  /** False once the entry left the table (a MacCache may still hold it). */
+  live: boolean;
+}
+
+/**
+ * The entry one port's last packet learned or looked up, so the next
+ * packet with the same address skips the Map: a port usually sends a burst
+ * from one address to one address. Each port keeps two (source and
+ * destination); an entry that left the table is never used from here.
+ */
+export class MacCache<P> {
+  vid = -1;
+  mac = -1;
+  entry: Entry<P> | null = null;
 }
 
 /** One table entry as reported by MacTable.entries(). */
@@ -71,11 +85,17 @@ export class MacTable<P> {
   }
 
   /** Records that `mac` in VLAN `vid` was seen behind `port` at time `now`. */
-  learn(vid: number, mac: number, port: P, now: number): LearnResult {
+  learn(vid: number, mac: number, port: P, now: number, cache?: MacCache<P>): LearnResult {
+    const c = cache?.entry;
+    if (c !== undefined && c !== null && cache!.mac === mac && cache!.vid === vid && c.port === port && c.live) {
+      c.seen = now;
+      return LEARN_REFRESHED;
+    }
     let map = this.byVid[vid];
     const e = map?.get(mac);
     if (e !== undefined) {
       e.seen = now;
+      if (cache !== undefined) remember(cache, vid, mac, e);
       if (e.port === port) return LEARN_REFRESHED;
       // A VM that migrated announces itself from its new place (QEMU sends
       // RARP after migration); re-pointing at once is what makes traffic follow it.
@@ -98,18 +118,26 @@ export class MacTable<P> {
       map = new Map();
       this.byVid[vid] = map;
     }
-    map.set(mac, { port, seen: now });
+    const entry: Entry<P> = { port, seen: now, live: true };
+    map.set(mac, entry);
+    if (cache !== undefined) remember(cache, vid, mac, entry);
     this.size++;
     return LEARN_NEW;
   }
 
   /** The port `mac` in VLAN `vid` was last seen behind, or undefined if unknown or aged out (then it is removed). */
-  lookup(vid: number, mac: number, now: number): P | undefined {
+  lookup(vid: number, mac: number, now: number, cache?: MacCache<P>): P | undefined {
+    const c = cache?.entry;
+    if (c !== undefined && c !== null && cache!.mac === mac && cache!.vid === vid && c.live && now - c.seen <= this.ageingTime) {
+      return c.port;
+    }
     const map = this.byVid[vid];
     if (map === undefined) return undefined;
     const e = map.get(mac);
     if (e === undefined) return undefined;
+    if (cache !== undefined) remember(cache, vid, mac, e);
     if (now - e.seen > this.ageingTime) {
+      e.live = false;
       map.delete(mac);
       this.count(e.port, -1);
       this.size--;
@@ -127,6 +155,7 @@ export class MacTable<P> {
       // Deleting the current key while iterating a Map is well defined (ECMA-262 Map.prototype.forEach/iterators skip deleted entries).
       for (const [mac, e] of map) {
         if (now - e.seen > this.ageingTime) {
+          e.live = false;
           map.delete(mac);
           this.count(e.port, -1);
           n++;
@@ -145,6 +174,7 @@ export class MacTable<P> {
       if (map === undefined) continue;
       for (const [mac, e] of map) {
         if (e.port === port) {
+          e.live = false;
           map.delete(mac);
           n++;
         }
@@ -174,4 +204,10 @@ export class MacTable<P> {
     });
     return out;
   }
+}
+
+function remember<P>(cache: MacCache<P>, vid: number, mac: number, e: Entry<P>): void {
+  cache.vid = vid;
+  cache.mac = mac;
+  cache.entry = e;
 }

@@ -37,7 +37,7 @@ import { IovirtUsageError } from "../errors.js";
 import type { SwitchPort } from "./port.js";
 import { fitFor, type Emit } from "./fit.js";
 import { isGroupAt, macAt } from "./mac.js";
-import { LEARN_FULL, MacTable, type MacEntryInfo } from "./mac-table.js";
+import { LEARN_FULL, MacCache, MacTable, type MacEntryInfo } from "./mac-table.js";
 import { MirrorHandle, type MirrorFilter, type MirrorSink } from "./mirror.js";
 import { copyPortStats, countDrop, newPortStats, type PortStats, type SwitchStats } from "./stats.js";
 import { TPID_8021Q, VLAN_TAG_LEN, VlanRewriter, classify, vlanPolicy, type VlanConfig, type VlanPolicy } from "./vlan.js";
@@ -96,6 +96,9 @@ class Attachment implements PortHandle {
   attached = true;
   /** Mirrors filtered on this port's name. Replaced, never mutated, so a loop over it survives changes. */
   mirrors: readonly MirrorHandle[] = [];
+  /** The table entries this port's last packet learned and looked up (see MacCache). */
+  readonly learned = new MacCache<Attachment>();
+  readonly looked = new MacCache<Attachment>();
   /** Sends one frame (a whole packet or one segment of it) and counts what send() said. */
   readonly emit: Emit;
 
@@ -251,10 +254,10 @@ export class Switch {
     if (this.depth >= MAX_DEPTH) return rxDrop(st, "host-error");
 
     const now = --this.clockLeft > 0 ? this.clock : this.readClock();
-    if (this.table.learn(vid, src, h, now) === LEARN_FULL) st.learnRefused++;
+    if (this.table.learn(vid, src, h, now, h.learned) === LEARN_FULL) st.learnRefused++;
     let to: Attachment | undefined;
     if (!isGroupAt(frame, 0)) {
-      to = this.table.lookup(vid, macAt(frame, 0), now);
+      to = this.table.lookup(vid, macAt(frame, 0), now, h.looked);
       if (to === h) return rxDrop(st, "filtered");
     }
 

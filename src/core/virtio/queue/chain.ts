@@ -1,3 +1,4 @@
+import type { WordViews } from "../../memory/copy.js";
 import type { GuestMemory } from "../../memory/guest-memory.js";
 import { QueueError } from "./errors.js";
 
@@ -114,6 +115,42 @@ export class DescriptorChain {
         const from = Math.max(skip - pos, 0);
         const n = Math.min(len - from, src.length - done);
         mem.write(this.addrs[i]! + from, src.subarray(done, done + n));
+        done += n;
+      }
+      pos += len;
+    }
+    return done;
+  }
+
+  /**
+   * Copies the first `length` device-readable bytes into dst.u8 at `at`,
+   * without allocating (GuestMemory.readInto); the caller makes sure the
+   * chain has that many readable bytes and dst that much room. For packet
+   * paths, where read()'s subarray would cost more than the copy.
+   */
+  readTo(mem: GuestMemory, dst: WordViews, at: number, length: number): void {
+    let done = 0;
+    for (let i = 0; i < this.readableCount && done < length; i++) {
+      const n = Math.min(this.lens[i]!, length - done);
+      mem.readInto(this.addrs[i]!, dst, at + done, n);
+      done += n;
+    }
+  }
+
+  /**
+   * Copies `length` bytes of src.u8 from `from` into the device-writable
+   * bytes, starting `skip` bytes in, without allocating; returns bytes copied
+   * (fewer when the chain ends first).
+   */
+  writeFrom(mem: GuestMemory, src: WordViews, from: number, length: number, skip = 0): number {
+    let done = 0;
+    let pos = 0;
+    for (let i = this.readableCount; i < this.count && done < length; i++) {
+      const len = this.lens[i]!;
+      if (skip < pos + len) {
+        const off = skip > pos ? skip - pos : 0;
+        const n = Math.min(len - off, length - done);
+        mem.writeFrom(this.addrs[i]! + off, src, from + done, n);
         done += n;
       }
       pos += len;

@@ -5,6 +5,7 @@ import { ALL_OFFLOADS, NO_OFFLOADS, type DropReason, type Offloads } from "../..
 import { checkTxHdr } from "../../../net/validate.js";
 import { fitOffloads } from "../../../net/fit.js";
 import { PacketInfo } from "../../../net/parse.js";
+import { WordBuffer } from "../../../memory/copy.js";
 import { DescriptorChain, type DeviceQueue } from "../../queue/index.js";
 import { VirtioDevice } from "../../lifecycle/device.js";
 import { STATUS_DRIVER_OK } from "../../lifecycle/status.js";
@@ -139,6 +140,8 @@ const GSO_MAX_FRAME = 0xffff + ETH_HLEN + VLAN_HLEN;
 const STALL_POLLS = 1024;
 /** Received packets up to this long are written into guest memory with their header in one copy. */
 const SMALL_RX = 512;
+/** Transmitted frames up to this long are handed to the port in a view kept for their length. */
+const FRAME_VIEWS = 2048;
 /** Longest control command (class, command, data) read; a MAC table of 10000 entries fits. */
 const CTRL_MAX_BYTES = 65536;
 const STATION_MAC = [0x02, 0, 0, 0, 0, 0x02] as const;
@@ -234,15 +237,20 @@ export class NetDevice extends VirtioDevice {
   private readonly ctrlChain = new DescriptorChain();
   private readonly rxHdrBytes = new Uint8Array(NET_HDR_SIZE);
   private readonly rxHdrView = new DataView(this.rxHdrBytes.buffer);
-  /** Where a transmit buffer (header, then frame) is copied out of guest memory (grown on demand, reused). */
   /** Per queue pair: polls left before a stalled receive queue is tried again (0: not stalled). */
   private readonly rxStall: Uint32Array;
   /** Pairs whose rxStall is not 0. */
   private stalledPairs = 0;
   /** Header and frame of a small received packet, composed for one copy into guest memory. */
-  private readonly rxSmall = new Uint8Array(NET_HDR_SIZE + SMALL_RX);
-  private txScratch = new Uint8Array(NET_HDR_SIZE + 2048);
-  private txScratchView = new DataView(this.txScratch.buffer);
+  private readonly rxSmall = new WordBuffer(NET_HDR_SIZE + SMALL_RX);
+  /** Where a transmit buffer (header, then frame) is copied out of guest memory (grown on demand, reused). */
+  private readonly txScratch = new WordBuffer(NET_HDR_SIZE + FRAME_VIEWS);
+  /**
+   * Views of txScratch's frame part, by frame length, made the first time a
+   * length is seen: a view costs more than copying a small frame, and a
+   * port is handed one per packet. Lengths past FRAME_VIEWS get a new view each time.
+   */
+  private txFrames: (Uint8Array | undefined)[] = new Array<Uint8Array | undefined>(FRAME_VIEWS + 1).fill(undefined);
   private readonly txHdr: NetHdr = plainHdr();
   /** MRG_RXBUF: the buffers one packet took (id, bytes written, ring slots). */
   private readonly usedIds: Uint32Array;
@@ -825,9 +833,9 @@ export class NetDevice extends VirtioDevice {
     if (n === len && len <= SMALL_RX) {
       // The usual small packet: header and frame in one buffer, written in one copy.
       const out = this.rxSmall;
-      out.set(this.fillRxHdr(hdr, 1));
-      out.set(frame, NET_HDR_SIZE);
-      first.write(mem, out.subarray(0, NET_HDR_SIZE + len));
+      out.u8.set(this.fillRxHdr(hdr, 1));
+      out.u8.set(frame, NET_HDR_SIZE);
+      first.writeFrom(mem, out, 0, NET_HDR_SIZE + len);
       this.rxPushed = true;
       q.pushUsed(first.head, NET_HDR_SIZE + len, first.descCount);
       this.stats.rxFrames++;
@@ -919,12 +927,10 @@ export class NetDevice extends VirtioDevice {
     // than any frame may be is read only as far as its header, which is enough to drop it.
     const whole = len <= GSO_MAX_FRAME;
     const n = whole ? NET_HDR_SIZE + len : NET_HDR_SIZE;
-    if (this.txScratch.length < n) {
-      this.txScratch = new Uint8Array(Math.max(n, this.txScratch.length * 2));
-      this.txScratchView = new DataView(this.txScratch.buffer);
-    }
-    chain.read(this.memory, this.txScratch.subarray(0, n));
-    const v = this.txScratchView;
+    const scratch = this.txScratch;
+    if (scratch.reserve(n)) this.txFrames.fill(undefined);
+    chain.readTo(this.memory, scratch, 0, n);
+    const v = scratch.view;
     const hdr = this.txHdr;
     // §5.1.6.2.2: flag bits the device does not know are ignored; DATA_VALID is not the driver's to set.
     hdr.flags = v.getUint8(NET_HDR.flags) & VIRTIO_NET_HDR_F_NEEDS_CSUM;
@@ -943,7 +949,10 @@ export class NetDevice extends VirtioDevice {
     if (len < ETH_HLEN) return "runt";
     // QEMU drops transmissions while the link is down too; the port would only discard them.
     if (!this.linkUp) return "link-down";
-    const frame = this.txScratch.subarray(NET_HDR_SIZE, NET_HDR_SIZE + len);
+    const frame =
+      len <= FRAME_VIEWS
+        ? (this.txFrames[len] ??= scratch.u8.subarray(NET_HDR_SIZE, NET_HDR_SIZE + len))
+        : scratch.u8.subarray(NET_HDR_SIZE, NET_HDR_SIZE + len);
     // §5.1.6.2.1: only the offloads the driver negotiated, in a header consistent with the frame.
     // A header asking for nothing (the common case) passes every one of those checks.
     if (!asksNothing(hdr)) {
