@@ -36,7 +36,9 @@ interface Entry<P> {
 export class MacCache<P> {
   vid = -1;
   mac = -1;
+  /** null: the address was not in the table when it was looked up, at table generation `generation`. */
   entry: Entry<P> | null = null;
+  generation = -1;
 }
 
 /** One table entry as reported by MacTable.entries(). */
@@ -61,6 +63,8 @@ export class MacTable<P> {
   moves = 0;
   /** Entries removed because they aged out. */
   aged = 0;
+  /** Changes whenever an address becomes known or changes port: a cached miss from before is stale. */
+  private generation = 0;
 
   /**
    * @param maxEntries most entries held at once
@@ -107,6 +111,7 @@ export class MacTable<P> {
       this.count(port, 1);
       e.port = port;
       this.moves++;
+      this.generation++;
       return LEARN_MOVED;
     }
     if (this.size >= this.maxEntries || this.countOf(port) >= this.maxPerPort) {
@@ -122,20 +127,23 @@ export class MacTable<P> {
     map.set(mac, entry);
     if (cache !== undefined) remember(cache, vid, mac, entry);
     this.size++;
+    this.generation++;
     return LEARN_NEW;
   }
 
   /** The port `mac` in VLAN `vid` was last seen behind, or undefined if unknown or aged out (then it is removed). */
   lookup(vid: number, mac: number, now: number, cache?: MacCache<P>): P | undefined {
-    const c = cache?.entry;
-    if (c !== undefined && c !== null && cache!.mac === mac && cache!.vid === vid && c.live && now - c.seen <= this.ageingTime) {
-      return c.port;
+    if (cache !== undefined && cache.mac === mac && cache.vid === vid) {
+      const c = cache.entry;
+      if (c === null) {
+        // Unknown at the last look and nothing learned since (unknown unicast floods packet after packet).
+        if (cache.generation === this.generation) return undefined;
+      } else if (c.live && now - c.seen <= this.ageingTime) return c.port;
     }
-    const map = this.byVid[vid];
-    if (map === undefined) return undefined;
-    const e = map.get(mac);
+    const e = this.byVid[vid]?.get(mac);
+    if (cache !== undefined) remember(cache, vid, mac, e ?? null, this.generation);
     if (e === undefined) return undefined;
-    if (cache !== undefined) remember(cache, vid, mac, e);
+    const map = this.byVid[vid]!;
     if (now - e.seen > this.ageingTime) {
       e.live = false;
       map.delete(mac);
@@ -206,8 +214,9 @@ export class MacTable<P> {
   }
 }
 
-function remember<P>(cache: MacCache<P>, vid: number, mac: number, e: Entry<P>): void {
+function remember<P>(cache: MacCache<P>, vid: number, mac: number, e: Entry<P> | null, generation = -1): void {
   cache.vid = vid;
   cache.mac = mac;
   cache.entry = e;
+  cache.generation = generation;
 }
