@@ -300,12 +300,12 @@ for (const { name, preferPacked } of LAYOUTS) {
 
     test("the driver does not believe num_buffers: 0, or more buffers than were used, drops and counts", T, async () => {
       const p = netPair({ device: { mtu: 9000 }, driver: { preferPacked, extra: MRG, queueSize: 16 } });
-      const dev = p.device as unknown as { fillRxHdr(h: unknown, n: number): Uint8Array };
+      const dev = p.device as unknown as { fillRxHdr(h: unknown, n: number): { view: DataView } };
       const orig = dev.fillRxHdr.bind(p.device);
       let lie: (n: number) => number = (n) => n;
       dev.fillRxHdr = (h, n) => {
         const b = orig(h, n);
-        new DataView(b.buffer).setUint16(10, lie(n), true);
+        b.view.setUint16(10, lie(n), true);
         return b;
       };
       lie = () => 0;

@@ -34,6 +34,15 @@ export class WordBuffer implements WordViews {
     this.view = new DataView(buffer);
   }
 
+  /** Views over all of an existing buffer (its last 1-3 bytes, if any, are outside u32). */
+  static over(buffer: ArrayBufferLike): WordBuffer {
+    const b = Object.create(WordBuffer.prototype) as WordBuffer;
+    b.u8 = new Uint8Array(buffer);
+    b.u32 = new Uint32Array(buffer, 0, buffer.byteLength >>> 2);
+    b.view = new DataView(buffer);
+    return b;
+  }
+
   get length(): number {
     return this.u8.length;
   }

@@ -1,5 +1,5 @@
 import type { WordViews } from "../../memory/copy.js";
-import type { GuestMemory } from "../../memory/guest-memory.js";
+import type { GuestMemory, MemoryWindow } from "../../memory/guest-memory.js";
 import { QueueError } from "./errors.js";
 
 /** virtio 1.2 §2.7.5.2: a chain longer than 2^32 bytes in total is illegal. */
@@ -28,6 +28,8 @@ export class DescriptorChain {
   readableCount = 0;
   readableBytes = 0;
   writableBytes = 0;
+  /** Set by firstWritable: the offset of the writable part in the window it returned. */
+  windowOffset = 0;
   private addrs: Float64Array;
   private lens: Uint32Array;
 
@@ -156,6 +158,22 @@ export class DescriptorChain {
       pos += len;
     }
     return done;
+  }
+
+  /**
+   * Where the device-writable part starts, when its first segment holds at
+   * least `length` bytes inside one memory window: that window, with the
+   * offset in it (`windowOffset`). A device writing a small packet copies
+   * straight into it; otherwise null, and it uses writeFrom.
+   */
+  firstWritable(mem: GuestMemory, length: number): MemoryWindow | null {
+    const i = this.readableCount;
+    if (i >= this.count || this.lens[i]! < length) return null;
+    const addr = this.addrs[i]!;
+    const w = mem.windowFor(addr, length);
+    if (w === undefined) return null;
+    this.windowOffset = addr - w.gpa;
+    return w;
   }
 
   /**

@@ -5,7 +5,7 @@ import { ALL_OFFLOADS, NO_OFFLOADS, type DropReason, type Offloads } from "../..
 import { checkTxHdr } from "../../../net/validate.js";
 import { fitOffloads } from "../../../net/fit.js";
 import { PacketInfo } from "../../../net/parse.js";
-import { WordBuffer } from "../../../memory/copy.js";
+import { WordBuffer, copyBytes } from "../../../memory/copy.js";
 import { DescriptorChain, type DeviceQueue } from "../../queue/index.js";
 import { VirtioDevice } from "../../lifecycle/device.js";
 import { STATUS_DRIVER_OK } from "../../lifecycle/status.js";
@@ -138,8 +138,6 @@ const DEFAULT_MTU = 1500;
 const GSO_MAX_FRAME = 0xffff + ETH_HLEN + VLAN_HLEN;
 /** How many polls a receive queue stalled for lack of buffers sits out between retries. */
 const STALL_POLLS = 1024;
-/** Received packets up to this long are written into guest memory with their header in one copy. */
-const SMALL_RX = 512;
 /** Transmit buffers popped, touched and then passed on together (see transmit). */
 const TX_BURST = 32;
 /** Transmitted frames up to this long are handed to the port in a view kept for their length. */
@@ -240,14 +238,15 @@ export class NetDevice extends VirtioDevice {
   /** What touching transmit buffers read (kept so the reads are not optimised away). */
   private touched = 0;
   private readonly ctrlChain = new DescriptorChain();
-  private readonly rxHdrBytes = new Uint8Array(NET_HDR_SIZE);
-  private readonly rxHdrView = new DataView(this.rxHdrBytes.buffer);
+  /** The virtio_net_hdr of the packet being received (fillRxHdr). */
+  private readonly rxHdr = new WordBuffer(NET_HDR_SIZE);
+  /** Word views of the buffer the last received frame lay in (see viewsOf). */
+  private rxSrc = new WordBuffer(0);
+  private rxSrcBuffer: ArrayBufferLike | null = null;
   /** Per queue pair: polls left before a stalled receive queue is tried again (0: not stalled). */
   private readonly rxStall: Uint32Array;
   /** Pairs whose rxStall is not 0. */
   private stalledPairs = 0;
-  /** Header and frame of a small received packet, composed for one copy into guest memory. */
-  private readonly rxSmall = new WordBuffer(NET_HDR_SIZE + SMALL_RX);
   /** Where a transmit buffer (header, then frame) is copied out of guest memory (grown on demand, reused). */
   private readonly txScratch = new WordBuffer(NET_HDR_SIZE + FRAME_VIEWS);
   /**
@@ -756,8 +755,15 @@ export class NetDevice extends VirtioDevice {
    * and fitOffloads never emits it), so it comes from a host port that
    * verified the checksum, such as a tap device.
    */
-  private fillRxHdr(hdr: Readonly<NetHdr>, numBuffers: number): Uint8Array {
-    const v = this.rxHdrView;
+  private fillRxHdr(hdr: Readonly<NetHdr>, numBuffers: number): WordBuffer {
+    const v = this.rxHdr.view;
+    if (hdr.flags === 0 && hdr.gsoType === 0) {
+      // Nothing to say but num_buffers (the last field: bytes 10-11, little-endian).
+      v.setUint32(0, 0, true);
+      v.setUint32(4, 0, true);
+      v.setUint32(8, numBuffers << 16, true);
+      return this.rxHdr;
+    }
     const flags = this.acceptsNow.csum ? hdr.flags & (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID) : 0;
     const csum = (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) !== 0;
     const gso = (hdr.gsoType & ~VIRTIO_NET_HDR_GSO_ECN) !== 0;
@@ -768,7 +774,22 @@ export class NetDevice extends VirtioDevice {
     v.setUint16(NET_HDR.csum_start, csum ? hdr.csumStart : 0, true);
     v.setUint16(NET_HDR.csum_offset, csum ? hdr.csumOffset : 0, true);
     v.setUint16(NET_HDR.num_buffers, numBuffers, true);
-    return this.rxHdrBytes;
+    return this.rxHdr;
+  }
+
+  /**
+   * Word views of the buffer `frame` lies in, for copyBytes: frames from a
+   * switch usually lie in one buffer packet after packet (the sending
+   * device's transmit scratch), so the views are made again only when it
+   * changes.
+   */
+  private viewsOf(frame: Uint8Array): WordBuffer {
+    const b = frame.buffer;
+    if (b !== this.rxSrcBuffer) {
+      this.rxSrc = WordBuffer.over(b);
+      this.rxSrcBuffer = b;
+    }
+    return this.rxSrc;
   }
 
   /**
@@ -797,8 +818,8 @@ export class NetDevice extends VirtioDevice {
       return "no-buffer";
     }
     const mem = this.memory;
-    chain.write(mem, this.fillRxHdr(hdr, 1));
-    chain.write(mem, frame, NET_HDR_SIZE);
+    chain.writeFrom(mem, this.fillRxHdr(hdr, 1), 0, NET_HDR_SIZE);
+    chain.writeFrom(mem, this.viewsOf(frame), frame.byteOffset, frame.length, NET_HDR_SIZE);
     q.pushUsed(chain.head, total, chain.descCount);
     this.stats.rxFrames++;
     this.stats.rxBytes += frame.length;
@@ -834,20 +855,26 @@ export class NetDevice extends VirtioDevice {
     const ids = this.usedIds;
     const lens = this.usedLens;
     const descs = this.usedDescs;
+    const src = this.viewsOf(frame);
+    const at = frame.byteOffset;
     let n = Math.min(first.writableBytes - NET_HDR_SIZE, len);
-    if (n === len && len <= SMALL_RX) {
-      // The usual small packet: header and frame in one buffer, written in one copy.
-      const out = this.rxSmall;
-      out.u8.set(this.fillRxHdr(hdr, 1));
-      out.u8.set(frame, NET_HDR_SIZE);
-      first.writeFrom(mem, out, 0, NET_HDR_SIZE + len);
+    if (n === len) {
+      // The usual packet: all in the first buffer, usually in its first segment.
+      const w = first.firstWritable(mem, NET_HDR_SIZE + len);
+      if (w !== null) {
+        copyBytes(this.fillRxHdr(hdr, 1), 0, w, first.windowOffset, NET_HDR_SIZE);
+        copyBytes(src, at, w, first.windowOffset + NET_HDR_SIZE, len);
+      } else {
+        first.writeFrom(mem, this.fillRxHdr(hdr, 1), 0, NET_HDR_SIZE);
+        first.writeFrom(mem, src, at, len, NET_HDR_SIZE);
+      }
       this.rxPushed = true;
       q.pushUsed(first.head, NET_HDR_SIZE + len, first.descCount);
       this.stats.rxFrames++;
       this.stats.rxBytes += len;
       return null;
     }
-    if (n > 0) first.write(mem, n === len ? frame : frame.subarray(0, n), NET_HDR_SIZE);
+    if (n > 0) first.writeFrom(mem, src, at, n, NET_HDR_SIZE);
     ids[0] = first.head;
     lens[0] = NET_HDR_SIZE + n;
     descs[0] = first.descCount;
@@ -870,7 +897,7 @@ export class NetDevice extends VirtioDevice {
         return never ? "too-long" : "no-buffer";
       }
       n = Math.min(chain.writableBytes, len - done);
-      if (n > 0) chain.write(mem, frame.subarray(done, done + n));
+      if (n > 0) chain.writeFrom(mem, src, at + done, n);
       ids[count] = chain.head;
       lens[count] = n;
       descs[count] = chain.descCount;
@@ -878,7 +905,7 @@ export class NetDevice extends VirtioDevice {
       done += n;
       count++;
     }
-    first.write(mem, this.fillRxHdr(hdr, count));
+    first.writeFrom(mem, this.fillRxHdr(hdr, count), 0, NET_HDR_SIZE);
     this.rxPushed = true;
     for (let k = 0; k < count; k++) q.pushUsed(ids[k]!, lens[k]!, descs[k]);
     this.stats.rxFrames++;
