@@ -8,7 +8,7 @@
  * all the time measured is the back end's, per frame, which is what
  * bench:net's ratio against DPDK comes down to.
  *
- *   node dist/bench/net-path.js [--seconds S] [--size BYTES] [--packed]
+ *   node dist/bench/net-path.js [--seconds S] [--size BYTES] [--case sink|forward] [--repeat N]
  */
 import { GuestMemory } from "../src/core/memory/guest-memory.js";
 import type { NetHdr } from "../src/core/net/hdr.js";
@@ -172,4 +172,5 @@ const seconds = opt("--seconds", 2);
 const size = opt("--size", 64);
 const ci = args.indexOf("--case");
 const kinds = ci >= 0 ? [args[ci + 1] as "sink" | "forward"] : (["sink", "forward"] as const);
-for (const kind of kinds) run(kind, size, seconds);
+const repeat = opt("--repeat", 1);
+for (const kind of kinds) for (let r = 0; r < repeat; r++) run(kind, size, seconds);

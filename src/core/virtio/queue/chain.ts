@@ -64,6 +64,28 @@ export class DescriptorChain {
   }
 
   /**
+   * @internal The whole chain is one descriptor (no NEXT, no INDIRECT): the
+   * usual packet buffer, set without push()'s ordering and total checks,
+   * which one segment cannot fail. It must still lie in guest memory.
+   */
+  setOne(mem: GuestMemory, head: number, addr: number, len: number, writable: boolean): void {
+    this.reset();
+    if (len !== 0 && !mem.covers(addr, len)) {
+      throw new QueueError("BUFFER_ADDRESS", `buffer [0x${addr.toString(16)}, +${len}) is outside guest memory`);
+    }
+    this.head = head;
+    this.descCount = 1;
+    this.count = 1;
+    this.addrs[0] = addr;
+    this.lens[0] = len;
+    if (writable) this.writableBytes = len;
+    else {
+      this.readableCount = 1;
+      this.readableBytes = len;
+    }
+  }
+
+  /**
    * @internal Appends one segment after the checks every layout shares:
    * readable before writable (§2.7.4.2 / §2.8.4), the 2^32 total (§2.7.5.2),
    * and the buffer lying in guest memory.

@@ -173,6 +173,14 @@ export class SplitQueue extends SplitRing implements DeviceQueue {
   private walk(chain: DescriptorChain, head: number): void {
     const size = this.size;
     if (head >= size) throw new QueueError("DESC_INDEX_OUT_OF_RANGE", `avail ring head ${head} >= queue size ${size}`);
+    const d = this.desc32;
+    const w0 = this.descBase + (head << 2);
+    const fn0 = d[w0 + 3]!;
+    if ((fn0 & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT)) === 0) {
+      // One descriptor, the common packet buffer: no loop to guard, nothing to order.
+      chain.setOne(this.mem, head, combineU64(d[w0]!, d[w0 + 1]!), d[w0 + 2]!, (fn0 & VIRTQ_DESC_F_WRITE) !== 0);
+      return;
+    }
     chain.reset();
     chain.head = head;
     chain.descCount = 1;

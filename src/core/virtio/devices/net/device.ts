@@ -264,8 +264,11 @@ export class NetDevice extends VirtioDevice {
   private readonly rxBatch: RxBatch | null;
   /** Receive queues with used entries pushed in the open batch but not yet published. */
   private readonly rxDirty: number[] = [];
+  /** Per queue: 1 while it is in rxDirty. */
+  private readonly rxDirtyFlag: Uint8Array;
   private readonly flushRxBatch = (): void => {
     for (const index of this.rxDirty) {
+      this.rxDirtyFlag[index] = 0;
       const q = this.liveQueue(index);
       if (q !== null) this.publishRx(q, index);
     }
@@ -344,6 +347,7 @@ export class NetDevice extends VirtioDevice {
     this.maxPendingBytes = maxPendingBytes;
     this.txPlainMax = Math.max(DEFAULT_MTU, mtu) + ETH_HLEN + VLAN_HLEN;
     this.hostEnabled = new Uint8Array(this.numQueues).fill(1);
+    this.rxDirtyFlag = new Uint8Array(this.numQueues);
     this.pending = new Array<PendingPackets | null>(pairs).fill(null);
     this.usedIds = new Uint32Array(queueSize);
     this.usedLens = new Uint32Array(queueSize);
@@ -496,6 +500,12 @@ export class NetDevice extends VirtioDevice {
     if (!this.carrier) return this.rxDrop("link-down");
     // The port's header is checked for consistency only; what the driver accepts is decided below.
     if (frame.length < ETH_HLEN) return this.rxDrop("runt");
+    if (hdr.flags === 0 && hdr.gsoType === 0 && hdr.hdrLen === 0) {
+      // No offload (the usual packet): nothing to check in the header and nothing to fit.
+      if (frame.length > this.rxPlainMax) return this.rxDrop("too-long");
+      if (!this.filter.accepts(frame, this.macView)) return this.rxDrop("filtered");
+      return this.enqueue(frame, hdr);
+    }
     if (!asksNothing(hdr)) {
       const bad = checkTxHdr(frame, hdr, ALL_OFFLOADS, this.rxInfo);
       if (bad !== null) return this.rxDrop(bad);
@@ -726,8 +736,9 @@ export class NetDevice extends VirtioDevice {
   private publishLater(q: DeviceQueue, index: number): void {
     const b = this.rxBatch;
     if (b === null || !b.open) return this.publishRx(q, index);
-    if (this.rxDirty.includes(index)) return;
+    if (this.rxDirtyFlag[index] === 1) return;
     if (this.rxDirty.length === 0) b.defer(this.flushRxBatch);
+    this.rxDirtyFlag[index] = 1;
     this.rxDirty.push(index);
   }
 
