@@ -11,7 +11,7 @@
  *   node dist/bench/net-path.js [--seconds S] [--size BYTES] [--case sink|forward] [--repeat N]
  */
 import { GuestMemory } from "../src/core/memory/guest-memory.js";
-import type { NetHdr } from "../src/core/net/hdr.js";
+import { PLAIN_HDR, type NetHdr } from "../src/core/net/hdr.js";
 import { NO_OFFLOADS, type DropReason, type Offloads } from "../src/core/net/offloads.js";
 import { Switch, type PortHandle, type SwitchPort } from "../src/core/switch/index.js";
 import { RxBatch } from "../src/core/virtio/devices/net/batch.js";
@@ -129,6 +129,30 @@ function guest(mem: GuestMemory, port: DevicePort, frameLen: number, dst: number
   return { tx, rx };
 }
 
+/** Packets straight into B's NetDevice.receive, as a switch port hands them over: the receive side alone. */
+function runReceive(frameLen: number, seconds: number): void {
+  const batch = new RxBatch();
+  const b = new DevicePort("b", 2, batch);
+  const gb = guest(GuestMemory.create(8 << 20), b, frameLen, 1, 2);
+  const frame = new Uint8Array(2048).subarray(NET_HDR_SIZE, NET_HDR_SIZE + frameLen);
+  frame.set([2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00]);
+  let received = 0;
+  const t0 = performance.now();
+  const end = t0 + seconds * 1000;
+  let now = t0;
+  while (now < end) {
+    for (let i = 0; i < 256; i++) {
+      batch.begin();
+      for (let k = 0; k < 32; k++) b.send(frame, PLAIN_HDR);
+      batch.end();
+      received += gb.rx.refill();
+    }
+    now = performance.now();
+  }
+  const secs = (now - t0) / 1000;
+  console.log(`receive  ${String(frameLen).padStart(5)} B  ${(received / secs / 1e6).toFixed(2).padStart(6)} Mpps delivered  ${((secs * 1e9) / received).toFixed(0).padStart(5)} ns/frame`);
+}
+
 function run(kind: "sink" | "forward", frameLen: number, seconds: number): void {
   const sw = new Switch();
   const batch = new RxBatch();
@@ -171,6 +195,11 @@ const opt = (name: string, dflt: number): number => {
 const seconds = opt("--seconds", 2);
 const size = opt("--size", 64);
 const ci = args.indexOf("--case");
-const kinds = ci >= 0 ? [args[ci + 1] as "sink" | "forward"] : (["sink", "forward"] as const);
+const kinds = ci >= 0 ? [args[ci + 1]!] : ["sink", "forward", "receive"];
 const repeat = opt("--repeat", 1);
-for (const kind of kinds) for (let r = 0; r < repeat; r++) run(kind, size, seconds);
+for (const kind of kinds)
+  for (let r = 0; r < repeat; r++) {
+    if (kind === "receive") runReceive(size, seconds);
+    else if (kind === "sink" || kind === "forward") run(kind, size, seconds);
+    else throw new RangeError(`--case ${kind}: sink, forward or receive`);
+  }
