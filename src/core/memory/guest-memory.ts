@@ -327,6 +327,16 @@ export class GuestMemory {
     Atomics.store(r.u16, off >>> 1, value);
   }
 
+  /**
+   * The byte at gpa, or 0 outside guest memory: a read made only to bring
+   * its cache line close before the real access (copy.ts explains why a
+   * packet path wants that). Never throws.
+   */
+  touch(gpa: number): number {
+    const w = this.windowFor(gpa, 1);
+    return w === undefined ? 0 : w.u8[gpa - w.gpa]!;
+  }
+
   /** Copies guest memory into `dst`; the range may span adjacent regions. */
   read(gpa: number, dst: Uint8Array): void {
     // Usually one window holds it all, often the one used last (a ring's buffers sit together).

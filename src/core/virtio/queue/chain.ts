@@ -205,14 +205,9 @@ export class DescriptorChain {
    * just wrote overlap (JavaScript has no prefetch instruction).
    */
   touch(mem: GuestMemory): number {
-    if (this.count === 0) return 0;
+    if (this.count === 0 || this.lens[0] === 0) return 0;
     const addr = this.addrs[0]!;
-    const len = this.lens[0]!;
-    if (len === 0) return 0;
-    const w = mem.windowFor(addr, len);
-    if (w === undefined) return 0;
-    const off = addr - w.gpa;
-    return len > 64 ? w.u8[off]! ^ w.u8[off + 64]! : w.u8[off]!;
+    return this.lens[0]! > 64 ? mem.touch(addr) ^ mem.touch(addr + 64) : mem.touch(addr);
   }
 
   /**

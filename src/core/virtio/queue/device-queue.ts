@@ -45,6 +45,14 @@ export interface DeviceQueue {
   /** Sets available-buffer notification suppression; returns true if buffers are already waiting. */
   setNotification(mode: NotificationMode): boolean;
   hasAvailable(): boolean;
+  /**
+   * A hint, never an error: reads the descriptors of up to `count` buffers
+   * the driver made available and not yet popped, and the first byte of
+   * each buffer, so that popping and filling them soon after finds them in
+   * this CPU's cache instead of waiting for the driver's CPU each time.
+   * Returns what it read (XORed), for the caller to keep so the reads stay.
+   */
+  touchAhead?(count: number): number;
   /** Plain state for GET_VRING_BASE, snapshots and migration. */
   getState(): QueueState;
   /**

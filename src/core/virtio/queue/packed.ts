@@ -112,6 +112,21 @@ export class PackedQueue implements DeviceQueue {
     return isAvail(Atomics.load(this.desc32, this.descBase + (this.nextAvail << 2) + 3) >>> 16, this.availWrap);
   }
 
+  touchAhead(count: number): number {
+    const d = this.desc32;
+    let x = 0;
+    let slot = this.nextAvail;
+    for (let k = 0; k < count && k < this.size; k++) {
+      const w = this.descBase + (slot << 2);
+      // Only what the driver made available (with the wrap counter as it stands at this slot).
+      const wrap = slot >= this.nextAvail ? this.availWrap : !this.availWrap;
+      if (!isAvail(d[w + 3]! >>> 16, wrap)) break;
+      x ^= this.mem.touch(combineU64(d[w]!, d[w + 1]!));
+      slot = slot + 1 === this.size ? 0 : slot + 1;
+    }
+    return x;
+  }
+
   pop(): DescriptorChain | null {
     const c = new DescriptorChain();
     return this.popInto(c) ? c : null;

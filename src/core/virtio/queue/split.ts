@@ -59,6 +59,19 @@ export class SplitQueue extends SplitRing implements DeviceQueue {
     return this.nextAvail !== this.shadowAvail;
   }
 
+  touchAhead(count: number): number {
+    const n = Math.min(count, (this.shadowAvail - this.nextAvail) & 0xffff);
+    const d = this.desc32;
+    let x = 0;
+    for (let k = 0; k < n; k++) {
+      const head = this.avail16[this.availBase + 2 + ((this.nextAvail + k) & this.mask)]!;
+      if (head >= this.size) continue; // popInto will say what is wrong with it
+      const w = this.descBase + (head << 2);
+      x ^= this.mem.touch(combineU64(d[w]!, d[w + 1]!));
+    }
+    return x;
+  }
+
   pop(): DescriptorChain | null {
     const c = new DescriptorChain();
     return this.popInto(c) ? c : null;

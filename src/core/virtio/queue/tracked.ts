@@ -69,6 +69,9 @@ export class TrackedQueue implements DeviceQueue {
   hasAvailable(): boolean {
     return this.inner.hasAvailable();
   }
+  touchAhead(count: number): number {
+    return this.inner.touchAhead?.(count) ?? 0;
+  }
   getState(): QueueState {
     return this.inner.getState();
   }
