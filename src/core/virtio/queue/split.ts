@@ -60,7 +60,8 @@ export class SplitQueue extends SplitRing implements DeviceQueue {
   }
 
   touchAhead(count: number): number {
-    const n = Math.min(count, (this.shadowAvail - this.nextAvail) & 0xffff);
+    // avail.idx as the driver has it now; a hint checks nothing, so a wild value only bounds the loop.
+    const n = Math.min(count, this.size, (Atomics.load(this.avail16, this.availBase + 1) - this.nextAvail) & 0xffff);
     const d = this.desc32;
     let x = 0;
     for (let k = 0; k < n; k++) {
