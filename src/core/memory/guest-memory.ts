@@ -337,6 +337,12 @@ export class GuestMemory {
     return w === undefined ? 0 : w.u8[gpa - w.gpa]!;
   }
 
+  /** touch() for the first two 64-byte lines of a buffer of `length` bytes at gpa (one if it is shorter). */
+  touchLines(gpa: number, length: number): number {
+    if (length === 0) return 0;
+    return length > 64 ? this.touch(gpa) ^ this.touch(gpa + 64) : this.touch(gpa);
+  }
+
   /** Copies guest memory into `dst`; the range may span adjacent regions. */
   read(gpa: number, dst: Uint8Array): void {
     // Usually one window holds it all, often the one used last (a ring's buffers sit together).

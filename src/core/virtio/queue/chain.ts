@@ -205,9 +205,7 @@ export class DescriptorChain {
    * just wrote overlap (JavaScript has no prefetch instruction).
    */
   touch(mem: GuestMemory): number {
-    if (this.count === 0 || this.lens[0] === 0) return 0;
-    const addr = this.addrs[0]!;
-    return this.lens[0]! > 64 ? mem.touch(addr) ^ mem.touch(addr + 64) : mem.touch(addr);
+    return this.count === 0 ? 0 : mem.touchLines(this.addrs[0]!, this.lens[0]!);
   }
 
   /**

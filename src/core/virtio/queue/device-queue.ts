@@ -47,8 +47,8 @@ export interface DeviceQueue {
   hasAvailable(): boolean;
   /**
    * A hint, never an error: reads the descriptors of up to `count` buffers
-   * the driver made available and not yet popped, and the first byte of
-   * each buffer, so that popping and filling them soon after finds them in
+   * the driver made available and not yet popped, and a byte in each of the
+   * first two 64-byte lines of each buffer, so that popping and filling them soon after finds them in
    * this CPU's cache instead of waiting for the driver's CPU each time.
    * Returns what it read (XORed), for the caller to keep so the reads stay.
    */

@@ -121,7 +121,7 @@ export class PackedQueue implements DeviceQueue {
       // Only what the driver made available (with the wrap counter as it stands at this slot).
       const wrap = slot >= this.nextAvail ? this.availWrap : !this.availWrap;
       if (!isAvail(d[w + 3]! >>> 16, wrap)) break;
-      x ^= this.mem.touch(combineU64(d[w]!, d[w + 1]!));
+      x ^= this.mem.touchLines(combineU64(d[w]!, d[w + 1]!), d[w + 2]!);
       slot = slot + 1 === this.size ? 0 : slot + 1;
     }
     return x;

@@ -68,7 +68,7 @@ export class SplitQueue extends SplitRing implements DeviceQueue {
       const head = this.avail16[this.availBase + 2 + ((this.nextAvail + k) & this.mask)]!;
       if (head >= this.size) continue; // popInto will say what is wrong with it
       const w = this.descBase + (head << 2);
-      x ^= this.mem.touch(combineU64(d[w]!, d[w + 1]!));
+      x ^= this.mem.touchLines(combineU64(d[w]!, d[w + 1]!), d[w + 2]!);
     }
     return x;
   }
