@@ -150,7 +150,9 @@ function runReceive(frameLen: number, seconds: number): void {
     now = performance.now();
   }
   const secs = (now - t0) / 1000;
-  console.log(`receive  ${String(frameLen).padStart(5)} B  ${(received / secs / 1e6).toFixed(2).padStart(6)} Mpps delivered  ${((secs * 1e9) / received).toFixed(0).padStart(5)} ns/frame`);
+  console.log(
+    `receive  ${String(frameLen).padStart(5)} B  ${(received / secs / 1e6).toFixed(2).padStart(6)} Mpps delivered  ${((secs * 1e9) / received).toFixed(0).padStart(5)} ns/frame`,
+  );
 }
 
 function run(kind: "sink" | "forward", frameLen: number, seconds: number): void {

@@ -13,16 +13,21 @@ function pattern(n: number, seed: number): Uint8Array {
 describe("copyBytes", () => {
   test("copies exactly the range for every alignment and length, touching nothing else", () => {
     fc.assert(
-      fc.property(fc.integer({ min: 0, max: 7 }), fc.integer({ min: 0, max: 7 }), fc.integer({ min: 0, max: 2 * VIEW_COPY_MIN }), (from, to, n) => {
-        const src = new WordBuffer(600);
-        src.u8.set(pattern(600, 3));
-        const dst = new WordBuffer(600);
-        dst.u8.fill(0xee);
-        copyBytes(src, from, dst, to, n);
-        const want = new Uint8Array(600).fill(0xee);
-        want.set(src.u8.subarray(from, from + n), to);
-        assert.deepEqual(dst.u8, want);
-      }),
+      fc.property(
+        fc.integer({ min: 0, max: 7 }),
+        fc.integer({ min: 0, max: 7 }),
+        fc.integer({ min: 0, max: 2 * VIEW_COPY_MIN }),
+        (from, to, n) => {
+          const src = new WordBuffer(600);
+          src.u8.set(pattern(600, 3));
+          const dst = new WordBuffer(600);
+          dst.u8.fill(0xee);
+          copyBytes(src, from, dst, to, n);
+          const want = new Uint8Array(600).fill(0xee);
+          want.set(src.u8.subarray(from, from + n), to);
+          assert.deepEqual(dst.u8, want);
+        },
+      ),
       { numRuns: 2000 },
     );
   });

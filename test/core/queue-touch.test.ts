@@ -11,34 +11,37 @@ import { createRingPair } from "../../src/core/loopback/index.js";
 for (const layout of ["split", "packed"] as const) {
   test(`${layout}: touchAhead reads the first byte of exactly the next available buffers, across wraps, and pops are unchanged`, () => {
     fc.assert(
-      fc.property(fc.array(fc.tuple(fc.integer({ min: 0, max: 8 }), fc.integer({ min: 0, max: 10 })), { minLength: 1, maxLength: 20 }), (rounds) => {
-        const r = createRingPair<number>({ layout, size: 8 });
-        const chain = new DescriptorChain();
-        let token = 0;
-        const firstBytes: number[] = []; // of the buffers available and not popped, in order
-        for (const [adds, count] of rounds) {
-          for (let i = 0; i < adds; i++) {
-            const addr = r.dataBase + 0x40 * (token % 64);
-            const byte = (token * 37 + 11) & 0xff;
-            r.mem.writeU8(addr, byte);
-            if (!r.driver.add([{ addr, len: 64, writable: true }], token)) break;
-            firstBytes.push(byte);
-            token++;
+      fc.property(
+        fc.array(fc.tuple(fc.integer({ min: 0, max: 8 }), fc.integer({ min: 0, max: 10 })), { minLength: 1, maxLength: 20 }),
+        (rounds) => {
+          const r = createRingPair<number>({ layout, size: 8 });
+          const chain = new DescriptorChain();
+          let token = 0;
+          const firstBytes: number[] = []; // of the buffers available and not popped, in order
+          for (const [adds, count] of rounds) {
+            for (let i = 0; i < adds; i++) {
+              const addr = r.dataBase + 0x40 * (token % 64);
+              const byte = (token * 37 + 11) & 0xff;
+              r.mem.writeU8(addr, byte);
+              if (!r.driver.add([{ addr, len: 64, writable: true }], token)) break;
+              firstBytes.push(byte);
+              token++;
+            }
+            r.driver.publish();
+            const want = firstBytes.slice(0, count).reduce((x, b) => x ^ b, 0);
+            assert.equal(r.device.touchAhead!(count), want);
+            // Use half of what is there; the rest stays for the next round.
+            const use = Math.ceil(firstBytes.length / 2);
+            for (let i = 0; i < use; i++) {
+              assert.ok(r.device.popInto(chain));
+              assert.equal(r.mem.readU8(chain.addr(0)), firstBytes.shift());
+              r.device.pushUsed(chain.head, 0, chain.descCount);
+            }
+            r.device.publishUsed();
+            r.driver.drainUsed(() => {});
           }
-          r.driver.publish();
-          const want = firstBytes.slice(0, count).reduce((x, b) => x ^ b, 0);
-          assert.equal(r.device.touchAhead!(count), want);
-          // Use half of what is there; the rest stays for the next round.
-          const use = Math.ceil(firstBytes.length / 2);
-          for (let i = 0; i < use; i++) {
-            assert.ok(r.device.popInto(chain));
-            assert.equal(r.mem.readU8(chain.addr(0)), firstBytes.shift());
-            r.device.pushUsed(chain.head, 0, chain.descCount);
-          }
-          r.device.publishUsed();
-          r.driver.drainUsed(() => {});
-        }
-      }),
+        },
+      ),
       { numRuns: 100 },
     );
   });

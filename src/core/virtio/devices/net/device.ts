@@ -952,7 +952,7 @@ export class NetDevice extends VirtioDevice {
     let pushed = false;
     this.rxBatch?.begin();
     try {
-      for (let n = 0; n < budget; ) {
+      for (let n = 0; n < budget;) {
         // A burst: pop, then touch every buffer, then copy and pass on each. The buffers were just
         // written by the driver on another CPU, so each first touch waits for memory; touching them
         // back to back lets those waits overlap instead of coming one per packet.
@@ -1016,9 +1016,9 @@ export class NetDevice extends VirtioDevice {
     // The buffer is copied out of guest memory once, and only the copy is checked and passed on:
     // the guest may rewrite it at any moment (from another vCPU), and a frame read in place could
     // change between checkTxHdr and the receivers, which would then get a GSO header that no longer
-    // matches its packet. One read of header and frame together costs about what reading them in
-    // place did (making a view of guest memory is the expensive part, not the copy). A buffer longer
-    // than any frame may be is read only as far as its header, which is enough to drop it.
+    // matches its packet. The copy moves words between views made once (copy.ts), so it costs less
+    // than the one view of guest memory that reading in place would need. A buffer longer than any
+    // frame may be is read only as far as its header, which is enough to drop it.
     const whole = len <= GSO_MAX_FRAME;
     const n = whole ? NET_HDR_SIZE + len : NET_HDR_SIZE;
     const scratch = this.txScratch;
