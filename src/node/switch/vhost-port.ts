@@ -149,7 +149,8 @@ export class VhostUserNetPort implements SwitchPort {
   }
 
   send(frame: Uint8Array, hdr: Readonly<NetHdr>): DropReason | null {
-    return this.receive === null ? "link-down" : this.receive(frame, hdr);
+    // The device itself, not the function it attached (the same thing, one call less per packet).
+    return this.receive === null ? "link-down" : this.device.receive(frame, hdr);
   }
 
   /** QEMU (and DPDK) options that attach a front end to this port. */

@@ -69,8 +69,8 @@ export class DescriptorChain {
    * which one segment cannot fail. It must still lie in guest memory.
    */
   setOne(mem: GuestMemory, head: number, addr: number, len: number, writable: boolean): void {
-    this.reset();
     if (len !== 0 && !mem.covers(addr, len)) {
+      this.reset();
       throw new QueueError("BUFFER_ADDRESS", `buffer [0x${addr.toString(16)}, +${len}) is outside guest memory`);
     }
     this.head = head;
@@ -78,11 +78,9 @@ export class DescriptorChain {
     this.count = 1;
     this.addrs[0] = addr;
     this.lens[0] = len;
-    if (writable) this.writableBytes = len;
-    else {
-      this.readableCount = 1;
-      this.readableBytes = len;
-    }
+    this.readableCount = writable ? 0 : 1;
+    this.readableBytes = writable ? 0 : len;
+    this.writableBytes = writable ? len : 0;
   }
 
   /**
@@ -153,6 +151,10 @@ export class DescriptorChain {
    * paths, where read()'s subarray would cost more than the copy.
    */
   readTo(mem: GuestMemory, dst: WordViews, at: number, length: number): void {
+    if (this.readableCount !== 0 && this.lens[0]! >= length) {
+      mem.readInto(this.addrs[0]!, dst, at, length); // all in the first segment, the usual case
+      return;
+    }
     let done = 0;
     for (let i = 0; i < this.readableCount && done < length; i++) {
       const n = Math.min(this.lens[i]!, length - done);
