@@ -11,6 +11,7 @@
  *   node dist/bench/net-path.js [--seconds S] [--size BYTES] [--case sink|forward] [--repeat N]
  */
 import { GuestMemory } from "../src/core/memory/guest-memory.js";
+import { mpps, nsEach, timeLoop } from "./loop.js";
 import { PLAIN_HDR, type NetHdr } from "../src/core/net/hdr.js";
 import { NO_OFFLOADS, type DropReason, type Offloads } from "../src/core/net/offloads.js";
 import { Switch, type PortHandle, type SwitchPort } from "../src/core/switch/index.js";
@@ -136,23 +137,13 @@ function runReceive(frameLen: number, seconds: number): void {
   const gb = guest(GuestMemory.create(8 << 20), b, frameLen, 1, 2);
   const frame = new Uint8Array(2048).subarray(NET_HDR_SIZE, NET_HDR_SIZE + frameLen);
   frame.set([2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00]);
-  let received = 0;
-  const t0 = performance.now();
-  const end = t0 + seconds * 1000;
-  let now = t0;
-  while (now < end) {
-    for (let i = 0; i < 256; i++) {
-      batch.begin();
-      for (let k = 0; k < 32; k++) b.send(frame, PLAIN_HDR);
-      batch.end();
-      received += gb.rx.refill();
-    }
-    now = performance.now();
-  }
-  const secs = (now - t0) / 1000;
-  console.log(
-    `receive  ${String(frameLen).padStart(5)} B  ${(received / secs / 1e6).toFixed(2).padStart(6)} Mpps delivered  ${((secs * 1e9) / received).toFixed(0).padStart(5)} ns/frame`,
-  );
+  const { count: received, secs } = timeLoop(seconds, 256, () => {
+    batch.begin();
+    for (let k = 0; k < 32; k++) b.send(frame, PLAIN_HDR);
+    batch.end();
+    return gb.rx.refill();
+  });
+  console.log(`receive  ${String(frameLen).padStart(5)} B  ${mpps(received, secs)} Mpps delivered  ${nsEach(received, secs)} ns/frame`);
 }
 
 function run(kind: "sink" | "forward", frameLen: number, seconds: number): void {
@@ -169,23 +160,16 @@ function run(kind: "sink" | "forward", frameLen: number, seconds: number): void 
     gb.tx.refill();
     b.device.poll(1, 1);
   }
-  let frames = 0;
   let received = 0;
-  const t0 = performance.now();
-  const end = t0 + seconds * 1000;
-  let now = t0;
-  while (now < end) {
-    for (let i = 0; i < 256; i++) {
-      frames += ga.tx.refill();
-      a.device.poll(1, 64);
-      received += gb.rx.refill();
-    }
-    now = performance.now();
-  }
-  const secs = (now - t0) / 1000;
-  const out = kind === "forward" ? `${(received / secs / 1e6).toFixed(2).padStart(6)} Mpps delivered` : "";
+  const { count: frames, secs } = timeLoop(seconds, 256, () => {
+    const sent = ga.tx.refill();
+    a.device.poll(1, 64);
+    received += gb.rx.refill();
+    return sent;
+  });
+  const out = kind === "forward" ? `${mpps(received, secs)} Mpps delivered` : "";
   console.log(
-    `${kind.padEnd(8)} ${String(frameLen).padStart(5)} B  ${(frames / secs / 1e6).toFixed(2).padStart(6)} Mpps sent  ${out}  ${((secs * 1e9) / frames).toFixed(0).padStart(5)} ns/frame`,
+    `${kind.padEnd(8)} ${String(frameLen).padStart(5)} B  ${mpps(frames, secs)} Mpps sent  ${out}  ${nsEach(frames, secs)} ns/frame`,
   );
 }
 

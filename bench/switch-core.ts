@@ -11,6 +11,7 @@
  */
 import { PLAIN_HDR, type NetHdr } from "../src/core/net/hdr.js";
 import { NO_OFFLOADS, type DropReason, type Offloads } from "../src/core/net/offloads.js";
+import { mpps, nsEach, timeLoop } from "./loop.js";
 import { Switch, parseMac, writeMac, type PortHandle, type PortOptions, type SwitchPort } from "../src/core/switch/index.js";
 
 class NullPort implements SwitchPort {
@@ -95,24 +96,14 @@ function run(c: Case, seconds: number): void {
   const sw = new Switch();
   const { inputs, sinks } = c.setup(sw);
   const base = sinks.reduce((n, p) => n + p.frames, 0);
-  const batch = 10_000;
-  let packets = 0;
-  const t0 = performance.now();
-  const end = t0 + seconds * 1000;
-  let now = t0;
-  while (now < end) {
-    for (let i = 0; i < batch; i++) {
-      const [h, f] = inputs[i % inputs.length]!;
-      h.input(f, PLAIN_HDR);
-    }
-    packets += batch;
-    now = performance.now();
-  }
-  const secs = (now - t0) / 1000;
+  let i = 0;
+  const { count: packets, secs } = timeLoop(seconds, 10_000, () => {
+    const [h, f] = inputs[i++ % inputs.length]!;
+    h.input(f, PLAIN_HDR);
+    return 1;
+  });
   const delivered = sinks.reduce((n, p) => n + p.frames, 0) - base;
-  console.log(
-    `${c.name.padEnd(48)} ${(packets / secs / 1e6).toFixed(2).padStart(6)} Mpps in  ${(delivered / secs / 1e6).toFixed(2).padStart(6)} Mpps out  ${((secs * 1e9) / packets).toFixed(0).padStart(5)} ns/packet`,
-  );
+  console.log(`${c.name.padEnd(48)} ${mpps(packets, secs)} Mpps in  ${mpps(delivered, secs)} Mpps out  ${nsEach(packets, secs)} ns/packet`);
 }
 
 const args = process.argv.slice(2);
