@@ -246,6 +246,14 @@ test(
     const tap = new RegExp(`^${TAP}\\s+\\d+\\s+\\d+\\s+\\d+\\s+\\d+\\s+(\\d+)\\s+(\\d+)`, "m").exec(tapStats);
     assert.ok(tap !== null, `tap counters: ${tapStats}`);
     assert.ok(Number(tap[2]) / Number(tap[1]) > 1514, `frames to the tap average ${Number(tap[2]) / Number(tap[1])} bytes: ${tapStats}`);
+    // The tap's own line: the kernel took every one of those frames (the switch counted what send() accepted).
+    const host = new RegExp(
+      `^${TAP} tap: rx (\\d+) packets \\(\\d+ bytes\\), tx (\\d+) packets \\((\\d+) bytes\\), errors (.+)$`,
+      "m",
+    ).exec(tapStats);
+    assert.ok(host !== null, `tap host counters: ${tapStats}`);
+    assert.equal(host[2], tap[1], `tap frames written: ${tapStats}`);
+    assert.equal(host[3], tap[2], `tap bytes written: ${tapStats}`);
     // Pings answered up to the end: the last answered sequence number is one of the last few sent.
     const [last, , total] = (markerValue(c.markers, "ping-last-seq") ?? "").split(" ");
     assert.ok(Number(last) >= Number(total) - 5, `last answered ping ${last} of ${total}: ${why}`);

@@ -55,9 +55,21 @@ export interface DeviceLine {
   guestErrors: Record<string, number>;
 }
 
+/** The host side of a tap or VXLAN port, or a capture. */
+export interface HostLine {
+  rxPackets: number;
+  txPackets: number;
+  txBytes: number;
+  errors: Record<string, number>;
+}
+
 export interface SwitchStats {
   ports: Map<string, PortRow>;
   devices: Map<string, DeviceLine>;
+  /** By port name ("t0 tap: ..."). */
+  hosts: Map<string, HostLine>;
+  /** By capture file ("pcap FILE: ..."). */
+  pcaps: Map<string, HostLine>;
 }
 
 function dropMap(s: string): Record<string, number> {
@@ -75,6 +87,8 @@ function dropMap(s: string): Record<string, number> {
 export function parseStats(text: string): SwitchStats {
   const ports = new Map<string, PortRow>();
   const devices = new Map<string, DeviceLine>();
+  const hosts = new Map<string, HostLine>();
+  const pcaps = new Map<string, HostLine>();
   const lines = text.split("\n");
   const head = lines.findIndex((l) => /^port\s+rx pkts\s+rx bytes\s+fwd\s+flood\s+tx pkts\s+tx bytes\s+drops$/.test(l));
   assert.ok(head >= 0, `no counter table in:\n${text}`);
@@ -93,6 +107,10 @@ export function parseStats(text: string): SwitchStats {
     });
   }
   for (const l of lines) {
+    const h = /^(\S+) (?:tap|vxlan): rx (\d+) packets \(\d+ bytes\), tx (\d+) packets \((\d+) bytes\), errors (.+)$/.exec(l);
+    if (h !== null) hosts.set(h[1]!, { rxPackets: Number(h[2]), txPackets: Number(h[3]), txBytes: Number(h[4]), errors: dropMap(h[5]!) });
+    const c = /^pcap (.+): (\d+) packets \((\d+) bytes\) recorded, errors (.+)$/.exec(l);
+    if (c !== null) pcaps.set(c[1]!, { rxPackets: 0, txPackets: Number(c[2]), txBytes: Number(c[3]), errors: dropMap(c[4]!) });
     const m = /^(\S+) device: tx (\d+) frames, dropped ([^;]+); rx (\d+) frames, dropped ([^;]+)(?:; guest errors (.+))?$/.exec(l);
     if (m === null) continue;
     devices.set(m[1]!, {
@@ -103,7 +121,7 @@ export function parseStats(text: string): SwitchStats {
       guestErrors: dropMap(m[6] ?? "none"),
     });
   }
-  return { ports, devices };
+  return { ports, devices, hosts, pcaps };
 }
 
 /** Counter differences between two snapshots of one device (drop reasons that did not move are left out). */

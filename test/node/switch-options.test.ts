@@ -154,7 +154,13 @@ test("--pcap: the capture of all traffic and the capture of one port hold the fr
   c.send(fromC);
   await a.waitReceived(2, "c's frame at a");
   sent.push(fromC);
+  const mark = sw.stdout.length;
   await stop(sw);
+  // The counters printed at exit count what each capture recorded, the same frames as the files hold.
+  const counted = parseStats(sw.stdout.slice(mark)).pcaps;
+  const bytes = (fs: Uint8Array[]): number => fs.reduce((n, f) => n + f.length, 0);
+  assert.deepEqual(counted.get(all), { rxPackets: 0, txPackets: sent.length, txBytes: bytes(sent), errors: {} });
+  assert.deepEqual(counted.get(onC), { rxPackets: 0, txPackets: 2, txBytes: bcast.length + fromC.length, errors: {} });
 
   const capAll = readPcap(readFileSync(all));
   assert.equal(capAll.linkType, LINKTYPE_ETHERNET);

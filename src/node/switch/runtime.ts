@@ -10,7 +10,7 @@ import { RxBatch } from "../../core/virtio/devices/net/batch.js";
 import type { NetHdr } from "../../core/net/hdr.js";
 import type { Offloads } from "../../core/net/offloads.js";
 import type { SwitchPort } from "../../core/switch/port.js";
-import { PcapWriter, TapPort, VxlanPort } from "../net/index.js";
+import { PcapWriter, TapPort, VxlanPort, type PortStats as HostPortStats } from "../net/index.js";
 import type { PortSpec, SwitchSpec } from "./spec.js";
 import { VhostUserNetPort } from "./vhost-port.js";
 
@@ -21,6 +21,8 @@ export interface OpenedPort {
   /** For vhost-user ports: how to attach a front end. */
   help?: string;
   vhost?: VhostUserNetPort;
+  /** For tap and VXLAN ports: the port's own counters (what the host side did with the frames). */
+  host?: { kind: "tap" | "vxlan"; stats: Readonly<HostPortStats> };
 }
 
 /** A running switch: ports open, packets flowing. */
@@ -33,6 +35,8 @@ export class SwitchRuntime {
   private vhostPorts: VhostUserNetPort[] | null = null;
   /** One batch for every VM port: what one guest sends in a pass reaches the others as one burst. */
   private readonly rxBatch = new RxBatch();
+  /** The --pcap writers, for their counters. */
+  private readonly pcaps: { file: string; stats: Readonly<HostPortStats> }[] = [];
 
   private constructor(
     readonly spec: SwitchSpec,
@@ -55,6 +59,7 @@ export class SwitchRuntime {
         await w.open();
         rt.sw.addMirror((frame) => void w.write(frame), c.port === null ? undefined : { port: c.port });
         rt.closers.push(() => w.close());
+        rt.pcaps.push({ file: c.file, stats: w.stats });
         log(`capturing ${c.port === null ? "all traffic" : `traffic of port ${c.port}`} into ${c.file}`);
       }
     } catch (e) {
@@ -93,7 +98,7 @@ export class SwitchRuntime {
     }
     this.closers.push(() => port.close());
     handle = this.sw.addPort(port, vlan);
-    this.ports.push({ spec: p, port, close: () => port.close() });
+    this.ports.push({ spec: p, port, close: () => port.close(), host: { kind: p.kind, stats: port.stats } });
     this.log(`port ${p.name}: ${what}`);
   }
 
@@ -118,14 +123,21 @@ export class SwitchRuntime {
     for (const p of this.ports) {
       const d = p.vhost?.device.stats;
       if (d === undefined) continue;
-      const drops = (m: Record<string, number>): string =>
-        Object.entries(m)
-          .map(([k, v]) => `${k}=${v}`)
-          .join(" ") || "none";
-      text += `\n${p.spec.name} device: tx ${d.txFrames} frames, dropped ${drops(d.txDrops)}; rx ${d.rxFrames} frames, dropped ${drops(d.rxDrops)}`;
+      text += `\n${p.spec.name} device: tx ${d.txFrames} frames, dropped ${countsText(d.txDrops)}; rx ${d.rxFrames} frames, dropped ${countsText(d.rxDrops)}`;
       // Driver faults the log shows only now and then (a looping chain, a buffer too short for its header).
       const errors = p.vhost?.guestErrors ?? {};
-      if (Object.keys(errors).length > 0) text += `; guest errors ${drops(errors)}`;
+      if (Object.keys(errors).length > 0) text += `; guest errors ${countsText(errors)}`;
+    }
+    // What the host side of tap and VXLAN ports and the captures did: failed writes and reads
+    // (an errno, a full socket buffer, a frame from the wrong VNI) show only here.
+    for (const p of this.ports) {
+      const h = p.host;
+      if (h === undefined) continue;
+      const s = h.stats;
+      text += `\n${p.spec.name} ${h.kind}: rx ${s.rxPackets} packets (${s.rxBytes} bytes), tx ${s.txPackets} packets (${s.txBytes} bytes), errors ${countsText(s.errors)}`;
+    }
+    for (const c of this.pcaps) {
+      text += `\npcap ${c.file}: ${c.stats.txPackets} packets (${c.stats.txBytes} bytes) recorded, errors ${countsText(c.stats.errors)}`;
     }
     return text;
   }
@@ -208,4 +220,13 @@ export async function runSwitch(spec: SwitchSpec, opts: RunOptions = {}): Promis
 function describeOffloads(o: Readonly<Offloads>): string {
   const on = (Object.keys(o) as (keyof Offloads)[]).filter((k) => o[k]);
   return on.length === 0 ? "none" : on.join(" ");
+}
+
+/** "a=1 b=2", or "none". */
+function countsText(m: Readonly<Record<string, number>>): string {
+  return (
+    Object.entries(m)
+      .map(([k, v]) => `${k}=${v}`)
+      .join(" ") || "none"
+  );
 }
