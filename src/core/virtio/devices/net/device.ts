@@ -5,7 +5,7 @@ import { ALL_OFFLOADS, NO_OFFLOADS, type DropReason, type Offloads } from "../..
 import { checkTxHdr } from "../../../net/validate.js";
 import { fitOffloads } from "../../../net/fit.js";
 import { PacketInfo } from "../../../net/parse.js";
-import { WordBuffer, copyBytes } from "../../../memory/copy.js";
+import { VIEW_COPY_MIN, WordBuffer, copyBytes } from "../../../memory/copy.js";
 import { DescriptorChain, type DeviceQueue } from "../../queue/index.js";
 import { VirtioDevice } from "../../lifecycle/device.js";
 import { STATUS_DRIVER_OK } from "../../lifecycle/status.js";
@@ -888,7 +888,9 @@ export class NetDevice extends VirtioDevice {
       const w = first.firstWritable(mem, NET_HDR_SIZE + len);
       if (w !== null) {
         copyBytes(this.fillRxHdr(hdr, 1), 0, w, first.windowOffset, NET_HDR_SIZE);
-        copyBytes(src, at, w, first.windowOffset + NET_HDR_SIZE, len);
+        // A long frame is copied by TypedArray.set, which needs a view of exactly its bytes: the frame is one.
+        if (len >= VIEW_COPY_MIN) w.u8.set(frame, first.windowOffset + NET_HDR_SIZE);
+        else copyBytes(src, at, w, first.windowOffset + NET_HDR_SIZE, len);
       } else {
         first.writeFrom(mem, this.fillRxHdr(hdr, 1), 0, NET_HDR_SIZE);
         first.writeFrom(mem, src, at, len, NET_HDR_SIZE);
