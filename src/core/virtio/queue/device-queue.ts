@@ -48,9 +48,11 @@ export interface DeviceQueue {
   /**
    * A hint, never an error: reads the descriptors of up to `count` buffers
    * the driver made available and not yet popped, and a byte in each of the
-   * first two 64-byte lines of each buffer, so that popping and filling them soon after finds them in
-   * this CPU's cache instead of waiting for the driver's CPU each time.
-   * Returns what it read (XORed), for the caller to keep so the reads stay.
+   * first two 64-byte lines of each buffer, so that popping and filling
+   * them soon after finds them in this CPU's cache instead of waiting for
+   * the driver's CPU each time. Split rings skip the buffers an earlier call
+   * read that are still not popped; packed rings read them again. Returns
+   * what it read (XORed), for the caller to keep so the reads stay.
    */
   touchAhead?(count: number): number;
   /** Plain state for GET_VRING_BASE, snapshots and migration. */

@@ -34,6 +34,8 @@ export class SplitQueue extends SplitRing implements DeviceQueue {
   private signalValid = false;
   private mode: NotificationMode["mode"] = "enable";
   private isBroken = false;
+  /** touchAhead: the avail index up to which buffers were read ahead. */
+  private touchedTo = 0;
 
   constructor(mem: GuestMemory, state: QueueState, features: RingFeatures) {
     super(mem, state, features, "SplitQueue");
@@ -62,14 +64,18 @@ export class SplitQueue extends SplitRing implements DeviceQueue {
   touchAhead(count: number): number {
     // avail.idx as the driver has it now; a hint checks nothing, so a wild value only bounds the loop.
     const n = Math.min(count, this.size, (Atomics.load(this.avail16, this.availBase + 1) - this.nextAvail) & 0xffff);
+    // Buffers read ahead by an earlier call and not popped yet are not read again (an idle receive
+    // ring polled pass after pass would otherwise cost the same reads every pass).
+    const done = (this.touchedTo - this.nextAvail) & 0xffff;
     const d = this.desc32;
     let x = 0;
-    for (let k = 0; k < n; k++) {
+    for (let k = done <= this.size ? done : 0; k < n; k++) {
       const head = this.avail16[this.availBase + 2 + ((this.nextAvail + k) & this.mask)]!;
       if (head >= this.size) continue; // popInto will say what is wrong with it
       const w = this.descBase + (head << 2);
       x ^= this.mem.touchLines(combineU64(d[w]!, d[w + 1]!), d[w + 2]!);
     }
+    if (n > done || done > this.size) this.touchedTo = (this.nextAvail + n) & 0xffff;
     return x;
   }
 
