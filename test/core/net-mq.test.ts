@@ -89,6 +89,31 @@ for (const { name, preferPacked } of LAYOUTS) {
       assert.equal(p.device.queuePairsInUse, 2);
     });
 
+    test("maxPendingBytesTotal bounds the bytes waiting over all receive queues together", T, () => {
+      const p = netPair({
+        device: { queuePairs: 4, maxPendingBytes: 4000, maxPendingBytesTotal: 6000 },
+        driver: { preferPacked, extra: MQ, queueSize: 16 },
+      });
+      // Flows pinned to pairs 1, 2 and 3 by sending on them first; 16 buffers each, none posted again meanwhile.
+      const [to1, to2, to3] = [1, 2, 3].map((pair) => {
+        const spec: FlowSpec = { srcPort: 8100 + pair, dst: new Uint8Array([2, 0, 0, 0, 9, pair]), payload: 958 };
+        assert.ok(p.driver.send(flowFrame(spec), PLAIN_HDR, pair));
+        return flowFrame(reverse(spec));
+      }) as [Uint8Array, Uint8Array, Uint8Array];
+      assert.equal(to2.length, 1000);
+      for (let i = 0; i < 16 + 4; i++) assert.equal(p.port.inject(to2), null);
+      assert.equal(p.port.inject(to2), "no-buffer", "pair 2 holds its own 4000 bytes");
+      for (let i = 0; i < 16 + 2; i++) assert.equal(p.port.inject(to3), null);
+      assert.equal(p.port.inject(to3), "no-buffer", "pair 3 holds 2000 bytes, but 7000 would wait in all");
+      assert.equal(p.device.pendingFrames, 6);
+      // Pair 3 taken out of use: its packets are dropped, and their bytes no longer count.
+      assert.equal(p.driver.setQueuePairs(3), VIRTIO_NET_OK);
+      assert.equal(p.device.pendingFrames, 4);
+      for (let i = 0; i < 16 + 2; i++) assert.equal(p.port.inject(to1), null);
+      assert.equal(p.device.pendingFrames, 6);
+      assert.equal(p.device.stats.rxDrops["no-buffer"], 2 + 2);
+    });
+
     test("fewer pairs: packets waiting on a pair taken out of use are dropped and counted; the flow moves", T, async () => {
       const p = mq();
       const spec: FlowSpec = { srcPort: 8000, dst: new Uint8Array([2, 0, 0, 0, 9, 9]) };

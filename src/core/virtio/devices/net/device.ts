@@ -103,6 +103,12 @@ export interface NetDeviceOptions {
   maxPending?: number;
   /** Bytes kept per receive queue the same way; default 4 MiB. */
   maxPendingBytes?: number;
+  /**
+   * Bytes kept over all receive queues together; default 16 MiB. Without
+   * it a guest with many queue pairs that posts no buffers could make the
+   * device hold maxPendingBytes on each (127 pairs: half a gigabyte).
+   */
+  maxPendingBytesTotal?: number;
   /** Feature bits to withhold from the offer (features that need a withheld one go too). */
   withhold?: bigint;
 }
@@ -203,6 +209,9 @@ export class NetDevice extends VirtioDevice {
   private hostMtu: number | null = null;
   private readonly maxPending: number;
   private readonly maxPendingBytes: number;
+  private readonly maxPendingBytesTotal: number;
+  /** Bytes waiting in every receive queue's PendingPackets together. */
+  private pendingBytes = 0;
 
   // ---- from the negotiated features (applyFeatures); defaults are "none negotiated" ----
   private mrg = false;
@@ -295,6 +304,9 @@ export class NetDevice extends VirtioDevice {
     if (!(Number.isInteger(maxPending) && maxPending >= 0)) throw new RangeError(`maxPending ${maxPending}`);
     const maxPendingBytes = opts.maxPendingBytes ?? 4 << 20;
     if (!(Number.isInteger(maxPendingBytes) && maxPendingBytes >= 0)) throw new RangeError(`maxPendingBytes ${maxPendingBytes}`);
+    const maxPendingBytesTotal = opts.maxPendingBytesTotal ?? 16 << 20;
+    if (!(Number.isInteger(maxPendingBytesTotal) && maxPendingBytesTotal >= 0))
+      throw new RangeError(`maxPendingBytesTotal ${maxPendingBytesTotal}`);
     const pairs = opts.queuePairs ?? 1;
     const controlQueue = opts.controlQueue ?? true;
     // §5.1.4.1 allows 0x8000 pairs; with the control queue that would be one queue more than 16 bits number.
@@ -349,6 +361,7 @@ export class NetDevice extends VirtioDevice {
     this.stationMac = new Uint8Array(mac);
     this.maxPending = maxPending;
     this.maxPendingBytes = maxPendingBytes;
+    this.maxPendingBytesTotal = maxPendingBytesTotal;
     this.txPlainMax = Math.max(DEFAULT_MTU, mtu) + ETH_HLEN + VLAN_HLEN;
     this.hostEnabled = new Uint8Array(this.numQueues).fill(1);
     this.rxDirtyFlag = new Uint8Array(this.numQueues);
@@ -666,7 +679,10 @@ export class NetDevice extends VirtioDevice {
   }
 
   private dropPending(pair: number): void {
-    const n = this.pending[pair]?.clear() ?? 0;
+    const p = this.pending[pair];
+    if (p === null || p === undefined) return;
+    this.pendingBytes -= p.bytes;
+    const n = p.clear();
     if (n > 0) this.rxDrop("no-buffer", n);
   }
 
@@ -720,7 +736,9 @@ export class NetDevice extends VirtioDevice {
     // Buffers may be posted but too few for this packet (MRG_RXBUF): pollers leave the queue alone
     // for a while rather than retrying it on every pass (see queueStalled).
     this.setStall(pair, STALL_POLLS);
-    return p.push(frame, hdr) ? null : this.rxDrop("no-buffer");
+    if (this.pendingBytes + frame.length > this.maxPendingBytesTotal || !p.push(frame, hdr)) return this.rxDrop("no-buffer");
+    this.pendingBytes += frame.length;
+    return null;
   }
 
   /** New receive buffers: hand over packets that were waiting, oldest first; one publication for all. */
@@ -735,6 +753,7 @@ export class NetDevice extends VirtioDevice {
         this.setStall(pair, STALL_POLLS);
         break;
       }
+      this.pendingBytes -= p.frame().length;
       p.shift();
       if (r !== null) this.rxDrop(r);
     }
