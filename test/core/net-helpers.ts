@@ -3,7 +3,7 @@
 // ring damage.
 
 import assert from "node:assert/strict";
-import type { NetHdr } from "../../src/core/net/hdr.js";
+import { writeNetHdr, type NetHdr } from "../../src/core/net/hdr.js";
 import { createNetPair, type NetPair, type NetPairOptions } from "../../src/core/loopback/index.js";
 import { NET_HDR_SIZE, bit, VIRTIO_F_EVENT_IDX, type DeviceQueue } from "../../src/core/index.js";
 
@@ -53,14 +53,7 @@ export function layoutOpts(preferPacked: boolean, eventIdx = true): { preferPack
 /** The 12-byte virtio_net_hdr for `h` (§5.1.6), with num_buffers. */
 export function encodeHdr(h: Readonly<NetHdr>, numBuffers = 0): Uint8Array {
   const b = new Uint8Array(NET_HDR_SIZE);
-  const v = new DataView(b.buffer);
-  v.setUint8(0, h.flags);
-  v.setUint8(1, h.gsoType);
-  v.setUint16(2, h.hdrLen, true);
-  v.setUint16(4, h.gsoSize, true);
-  v.setUint16(6, h.csumStart, true);
-  v.setUint16(8, h.csumOffset, true);
-  v.setUint16(10, numBuffers, true);
+  writeNetHdr(new DataView(b.buffer), 0, h, numBuffers);
   return b;
 }
 

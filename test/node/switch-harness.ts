@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { fileURLToPath } from "node:url";
-import { PLAIN_HDR, type NetHdr } from "../../src/core/net/hdr.js";
+import { PLAIN_HDR, plainHdr, readNetHdr, writeNetHdr, type NetHdr } from "../../src/core/net/hdr.js";
 import { decodeU64Bits, encodeU64, encodeVringAddr, encodeVringState } from "../../src/core/vhost-user/codec.js";
 import { Req, VHOST_USER_F_PROTOCOL_FEATURES } from "../../src/core/vhost-user/protocol.js";
 import { VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, bit, ringFeatures } from "../../src/core/virtio/lifecycle/features.js";
@@ -359,14 +359,7 @@ export class NetGuest {
         const h = new Uint8Array(NET_HDR_SIZE);
         mem.read(b, h);
         const v = new DataView(h.buffer);
-        const hdr: NetHdr = {
-          flags: v.getUint8(0),
-          gsoType: v.getUint8(1),
-          hdrLen: v.getUint16(2, true),
-          gsoSize: v.getUint16(4, true),
-          csumStart: v.getUint16(6, true),
-          csumOffset: v.getUint16(8, true),
-        };
+        const hdr = readNetHdr(v, 0, plainHdr());
         this.partial = { hdr, numBuffers: v.getUint16(10, true), parts: [], buffers: 0 };
         data = new Uint8Array(len - NET_HDR_SIZE);
         mem.read(b + NET_HDR_SIZE, data);
@@ -436,16 +429,8 @@ export class NetGuest {
    * with `split`, header and frame in two. Returns the buffer's guest address.
    */
   send(frame: Uint8Array, hdr: Readonly<NetHdr> = PLAIN_HDR, opts: { split?: boolean } = {}): number {
-    const h = new Uint8Array(NET_HDR_SIZE);
-    const v = new DataView(h.buffer);
-    v.setUint8(0, hdr.flags);
-    v.setUint8(1, hdr.gsoType);
-    v.setUint16(2, hdr.hdrLen, true);
-    v.setUint16(4, hdr.gsoSize, true);
-    v.setUint16(6, hdr.csumStart, true);
-    v.setUint16(8, hdr.csumOffset, true);
     const bytes = new Uint8Array(NET_HDR_SIZE + frame.length);
-    bytes.set(h);
+    writeNetHdr(new DataView(bytes.buffer), 0, hdr, 0);
     bytes.set(frame, NET_HDR_SIZE);
     return this.sendBytes(bytes, opts);
   }

@@ -47,3 +47,32 @@ export function copyHdr(from: Readonly<NetHdr>, to: NetHdr): NetHdr {
   to.csumOffset = from.csumOffset;
   return to;
 }
+
+/*
+ * struct virtio_net_hdr on the wire (virtio 1.2 §5.1.6), little-endian:
+ * flags (u8), gso_type (u8), hdr_len, gso_size, csum_start, csum_offset,
+ * num_buffers (le16 each), 12 bytes. Linux's tap takes the same layout with
+ * IFF_VNET_HDR and TUNSETVNETHDRSZ 12.
+ */
+
+/** Writes `h` and num_buffers as a 12-byte virtio_net_hdr at byte `at` of `v`. */
+export function writeNetHdr(v: DataView, at: number, h: Readonly<NetHdr>, numBuffers: number): void {
+  v.setUint8(at, h.flags);
+  v.setUint8(at + 1, h.gsoType);
+  v.setUint16(at + 2, h.hdrLen, true);
+  v.setUint16(at + 4, h.gsoSize, true);
+  v.setUint16(at + 6, h.csumStart, true);
+  v.setUint16(at + 8, h.csumOffset, true);
+  v.setUint16(at + 10, numBuffers, true);
+}
+
+/** Reads the 12-byte virtio_net_hdr at byte `at` of `v` into `into` (num_buffers aside) and returns it. */
+export function readNetHdr(v: DataView, at: number, into: NetHdr): NetHdr {
+  into.flags = v.getUint8(at);
+  into.gsoType = v.getUint8(at + 1);
+  into.hdrLen = v.getUint16(at + 2, true);
+  into.gsoSize = v.getUint16(at + 4, true);
+  into.csumStart = v.getUint16(at + 6, true);
+  into.csumOffset = v.getUint16(at + 8, true);
+  return into;
+}

@@ -15,7 +15,7 @@
 import { existsSync, readFileSync } from "node:fs";
 
 import type { NetHdr } from "../../core/net/hdr.js";
-import { plainHdr } from "../../core/net/hdr.js";
+import { plainHdr, readNetHdr, writeNetHdr } from "../../core/net/hdr.js";
 import type { DropReason, Offloads } from "../../core/net/offloads.js";
 import { NO_OFFLOADS } from "../../core/net/offloads.js";
 import type { SwitchPort } from "../../core/switch/port.js";
@@ -350,16 +350,8 @@ export class TapPort implements SwitchPort {
     if (fd === null || this.#broken) return this.#drop("link-down");
     const why = this.#check(frame, hdr);
     if (why !== null) return this.#drop(why);
-    const v = this.#txView;
-    // virtio 1.2 §5.1.6: flags, gso_type, then le16 hdr_len, gso_size,
-    // csum_start, csum_offset, num_buffers (unused on transmit: 0).
-    v.setUint8(0, hdr.flags);
-    v.setUint8(1, hdr.gsoType);
-    v.setUint16(2, hdr.hdrLen, true);
-    v.setUint16(4, hdr.gsoSize, true);
-    v.setUint16(6, hdr.csumStart, true);
-    v.setUint16(8, hdr.csumOffset, true);
-    v.setUint16(10, 0, true);
+    // num_buffers means nothing on transmit: 0.
+    writeNetHdr(this.#txView, 0, hdr, 0);
     const iov = this.#iov;
     iov[1] = frame;
     const n = tryWritev(fd, iov);
@@ -457,12 +449,7 @@ export class TapPort implements SwitchPort {
         countError(this.stats, "rx:truncated");
         continue;
       }
-      hdr.flags = v.getUint8(0);
-      hdr.gsoType = v.getUint8(1);
-      hdr.hdrLen = v.getUint16(2, true);
-      hdr.gsoSize = v.getUint16(4, true);
-      hdr.csumStart = v.getUint16(6, true);
-      hdr.csumOffset = v.getUint16(8, true);
+      readNetHdr(v, 0, hdr);
       this.stats.rxPackets++;
       this.stats.rxBytes += n - NET_HDR_SIZE;
       this.#onPacket(buf.subarray(NET_HDR_SIZE, n), hdr);

@@ -1,6 +1,6 @@
 import { IovirtUsageError } from "../../errors.js";
 import type { GuestMemory } from "../../memory/guest-memory.js";
-import { PLAIN_HDR, isPlain, plainHdr, type NetHdr } from "../../net/hdr.js";
+import { PLAIN_HDR, isPlain, plainHdr, writeNetHdr, type NetHdr } from "../../net/hdr.js";
 import { NO_OFFLOADS, type Offloads } from "../../net/offloads.js";
 import {
   VIRTIO_F_EVENT_IDX,
@@ -491,14 +491,8 @@ export class NetDriver {
   }
 
   private encodeHdr(hdr: Readonly<NetHdr>, flags: number, numBuffers: number): Uint8Array {
-    const v = this.hdrView;
-    v.setUint8(NET_HDR.flags, flags);
-    v.setUint8(NET_HDR.gso_type, hdr.gsoType);
-    v.setUint16(NET_HDR.hdr_len, hdr.hdrLen, true);
-    v.setUint16(NET_HDR.gso_size, hdr.gsoSize, true);
-    v.setUint16(NET_HDR.csum_start, hdr.csumStart, true);
-    v.setUint16(NET_HDR.csum_offset, hdr.csumOffset, true);
-    v.setUint16(NET_HDR.num_buffers, numBuffers, true);
+    writeNetHdr(this.hdrView, 0, hdr, numBuffers);
+    this.hdrView.setUint8(NET_HDR.flags, flags);
     return this.hdrBytes;
   }
 

@@ -1,6 +1,6 @@
 import type { RxBatch } from "./batch.js";
 import { GuestError } from "../../../errors.js";
-import { PLAIN_HDR, plainHdr, type NetHdr } from "../../../net/hdr.js";
+import { PLAIN_HDR, plainHdr, readNetHdr, type NetHdr } from "../../../net/hdr.js";
 import { ALL_OFFLOADS, NO_OFFLOADS, type DropReason, type Offloads } from "../../../net/offloads.js";
 import { checkTxHdr } from "../../../net/validate.js";
 import { fitOffloads } from "../../../net/fit.js";
@@ -989,8 +989,9 @@ export class NetDevice extends VirtioDevice {
           if (ringError !== null) throw ringError;
           break;
         }
+        const mem = this.memory;
         let sink = 0;
-        for (let k = 0; k < got; k++) sink ^= chains[k]!.touch(this.memory);
+        for (let k = 0; k < got; k++) sink ^= chains[k]!.touch(mem);
         this.touched ^= sink;
         for (let k = 0; k < got; k++) {
           const chain = chains[k]!;
@@ -1017,14 +1018,9 @@ export class NetDevice extends VirtioDevice {
 
   /** The driver's virtio_net_hdr at the start of `v` (§5.1.6), into txHdr. */
   private parseTxHdr(v: DataView): NetHdr {
-    const hdr = this.txHdr;
+    const hdr = readNetHdr(v, 0, this.txHdr);
     // §5.1.6.2.2: flag bits the device does not know are ignored; DATA_VALID is not the driver's to set.
-    hdr.flags = v.getUint8(NET_HDR.flags) & VIRTIO_NET_HDR_F_NEEDS_CSUM;
-    hdr.gsoType = v.getUint8(NET_HDR.gso_type);
-    hdr.hdrLen = v.getUint16(NET_HDR.hdr_len, true);
-    hdr.gsoSize = v.getUint16(NET_HDR.gso_size, true);
-    hdr.csumStart = v.getUint16(NET_HDR.csum_start, true);
-    hdr.csumOffset = v.getUint16(NET_HDR.csum_offset, true);
+    hdr.flags &= VIRTIO_NET_HDR_F_NEEDS_CSUM;
     return hdr;
   }
 
