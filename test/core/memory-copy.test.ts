@@ -39,6 +39,7 @@ describe("copyBytes", () => {
     assert.equal(b.reserve(1000), true);
     assert.ok(b.length >= 1000);
     assert.equal(b.u32.length, b.length / 4);
+    assert.equal(b.u64.length, b.length / 8);
     assert.equal(b.view.byteLength, b.length);
   });
 });

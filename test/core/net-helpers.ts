@@ -62,12 +62,13 @@ const RAW_TX_BYTES = NET_HDR_SIZE + 0x10000 + 32;
 
 /**
  * Puts a transmit buffer the driver would refuse to build (any header
- * bytes, any frame) on transmit queue `pair` and kicks.
+ * bytes, any frame) on transmit queue `pair` and kicks; the buffer starts
+ * `offset` bytes past a 16-byte boundary.
  */
-export function rawTx(p: NetPair, hdr: Uint8Array, f: Uint8Array, pair = 0): void {
+export function rawTx(p: NetPair, hdr: Uint8Array, f: Uint8Array, pair = 0, offset = 0): void {
   const { virtio } = p.driver;
   const q = virtio.queue<number>(2 * pair + 1);
-  const b = virtio.dma.alloc(RAW_TX_BYTES, 16);
+  const b = virtio.dma.alloc(RAW_TX_BYTES + offset, 16) + offset;
   virtio.mem.write(b, hdr);
   virtio.mem.write(b + hdr.length, f);
   assert.ok(q.addOne(b, hdr.length + f.length, false, b), "room in the transmit ring");

@@ -5,16 +5,27 @@
  * array, and the subarray is a new object: in V8 making it costs about
  * 100 ns, more than moving a 64-byte frame. On a packet path that runs
  * millions of times a second that view is most of the cost of a copy. So
- * short copies move 32-bit words (or, when source and destination are not
- * aligned alike, 32-bit DataView loads and stores) between views made once;
- * only copies long enough for the view to be noise make one.
+ * short copies move words between views made once; only copies long enough
+ * for the view to be noise make one.
+ *
+ * The words are 64-bit (BigUint64Array) where source and destination are
+ * aligned alike modulo 8: optimised V8 moves them as raw 64-bit loads and
+ * stores, half the element accesses of 32-bit words, which made a 76-byte
+ * copy about twice as fast here. BigInt values are exact, so no bit pattern
+ * changes on the way (a Float64Array copy would be as fast, but engines may
+ * canonicalise NaNs read from it, which would corrupt data). Aligned alike
+ * modulo 4 only: 32-bit words; otherwise 32-bit DataView loads and stores.
  */
 
-/** Views over the same bytes: what a copy needs of either side. MemoryWindow and WordBuffer have them. */
+/**
+ * Views over the same bytes: what a copy needs of either side. MemoryWindow
+ * and WordBuffer have them. All start at the same place, and u8.byteOffset
+ * is a multiple of 8; u32 and u64 end at the last whole word.
+ */
 export interface WordViews {
   readonly u8: Uint8Array;
-  /** Over the same bytes as u8, starting at the same place (u8.byteOffset is a multiple of 4). */
   readonly u32: Uint32Array;
+  readonly u64: BigUint64Array;
   readonly view: DataView;
 }
 
@@ -23,24 +34,28 @@ export const VIEW_COPY_MIN = 256;
 
 /** A growable scratch buffer with the views copyBytes needs. */
 export class WordBuffer implements WordViews {
-  u8: Uint8Array;
-  u32: Uint32Array;
-  view: DataView;
+  u8!: Uint8Array;
+  u32!: Uint32Array;
+  u64!: BigUint64Array;
+  view!: DataView;
 
   constructor(size: number) {
-    const buffer = new ArrayBuffer(roundUp4(size));
-    this.u8 = new Uint8Array(buffer);
-    this.u32 = new Uint32Array(buffer);
-    this.view = new DataView(buffer);
+    this.views(new ArrayBuffer(roundUp8(size)));
   }
 
-  /** Views over all of an existing buffer (its last 1-3 bytes, if any, are outside u32). */
+  /** Views over all of an existing buffer (its last bytes, if not a whole word, are outside u32 and u64). */
   static over(buffer: ArrayBufferLike): WordBuffer {
-    const b = Object.create(WordBuffer.prototype) as WordBuffer;
-    b.u8 = new Uint8Array(buffer);
-    b.u32 = new Uint32Array(buffer, 0, buffer.byteLength >>> 2);
-    b.view = new DataView(buffer);
+    // Through the constructor's shape: copyBytes then sees one kind of WordBuffer, not two.
+    const b = new WordBuffer(0);
+    b.views(buffer);
     return b;
+  }
+
+  private views(buffer: ArrayBufferLike): void {
+    this.u8 = new Uint8Array(buffer);
+    this.u32 = new Uint32Array(buffer, 0, buffer.byteLength >>> 2);
+    this.u64 = new BigUint64Array(buffer, 0, buffer.byteLength >>> 3);
+    this.view = new DataView(buffer);
   }
 
   get length(): number {
@@ -50,16 +65,13 @@ export class WordBuffer implements WordViews {
   /** Makes the buffer at least `size` bytes long; true when it was replaced (its old contents are gone). */
   reserve(size: number): boolean {
     if (size <= this.u8.length) return false;
-    const buffer = new ArrayBuffer(roundUp4(Math.max(size, this.u8.length * 2)));
-    this.u8 = new Uint8Array(buffer);
-    this.u32 = new Uint32Array(buffer);
-    this.view = new DataView(buffer);
+    this.views(new ArrayBuffer(roundUp8(Math.max(size, this.u8.length * 2))));
     return true;
   }
 }
 
-function roundUp4(n: number): number {
-  return (n + 3) & ~3;
+function roundUp8(n: number): number {
+  return (n + 7) & ~7;
 }
 
 /**
@@ -75,8 +87,35 @@ export function copyBytes(src: WordViews, from: number, dst: WordViews, to: numb
     d8.set(s8.subarray(from, from + n), to);
     return;
   }
+  if (((from ^ to) & 7) === 0) {
+    // Aligned alike modulo 8: bytes up to a 64-bit boundary, whole 64-bit words, then the tail.
+    // The words end at or before from + n, so inside both u64 views (they start with u8).
+    while ((from & 3) !== 0 && n > 0) {
+      d8[to++] = s8[from++]!;
+      n--;
+    }
+    if ((from & 4) !== 0 && n >= 4) {
+      dst.u32[to >>> 2] = src.u32[from >>> 2]!;
+      from += 4;
+      to += 4;
+      n -= 4;
+    }
+    const s64 = src.u64;
+    const d64 = dst.u64;
+    const words = n >>> 3;
+    const sw = from >>> 3;
+    const dw = to >>> 3;
+    for (let i = 0; i < words; i++) d64[dw + i] = s64[sw + i]!;
+    let done = words << 3;
+    if (n - done >= 4) {
+      dst.u32[(to + done) >>> 2] = src.u32[(from + done) >>> 2]!;
+      done += 4;
+    }
+    for (let i = done; i < n; i++) d8[to + i] = s8[from + i]!;
+    return;
+  }
   if (((from ^ to) & 3) === 0) {
-    // Aligned alike: bytes up to a word boundary, whole words, then the tail.
+    // Aligned alike modulo 4: bytes up to a word boundary, whole words, then the tail.
     while ((from & 3) !== 0 && n > 0) {
       d8[to++] = s8[from++]!;
       n--;

@@ -76,6 +76,7 @@ export class MemoryWindow {
   readonly u8: Uint8Array;
   readonly u16: Uint16Array;
   readonly u32: Uint32Array;
+  readonly u64: BigUint64Array;
   readonly view: DataView;
 
   constructor(gpa: number, size: number, backing: WindowBacking) {
@@ -92,6 +93,7 @@ export class MemoryWindow {
     this.u8 = new Uint8Array(buffer, offset, size);
     this.u16 = new Uint16Array(buffer, offset, size >>> 1);
     this.u32 = new Uint32Array(buffer, offset, size >>> 2);
+    this.u64 = new BigUint64Array(buffer, offset, size >>> 3);
     this.view = new DataView(buffer, offset, size);
   }
 }

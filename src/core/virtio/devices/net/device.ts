@@ -261,13 +261,14 @@ export class NetDevice extends VirtioDevice {
   /** Pairs whose rxStall is not 0. */
   private stalledPairs = 0;
   /** Where a transmit buffer (header, then frame) is copied out of guest memory (grown on demand, reused). */
-  private readonly txScratch = new WordBuffer(NET_HDR_SIZE + FRAME_VIEWS);
+  private readonly txScratch = new WordBuffer(4 + NET_HDR_SIZE + FRAME_VIEWS);
   /**
-   * Views of txScratch's frame part, by frame length, made the first time a
-   * length is seen: a view costs more than copying a small frame, and a
-   * port is handed one per packet. Lengths past FRAME_VIEWS get a new view each time.
+   * Views of txScratch's frame part, by where the header was copied (0 or 4,
+   * see transmitOne) and frame length, made the first time a length is seen:
+   * a view costs more than copying a small frame, and a port is handed one
+   * per packet. Lengths past FRAME_VIEWS get a new view each time.
    */
-  private txFrames: (Uint8Array | undefined)[] = new Array<Uint8Array | undefined>(FRAME_VIEWS + 1).fill(undefined);
+  private txFrames: (Uint8Array | undefined)[] = new Array<Uint8Array | undefined>(2 * (FRAME_VIEWS + 1)).fill(undefined);
   private readonly txHdr: NetHdr = plainHdr();
   /** MRG_RXBUF: the buffers one packet took (id, bytes written, ring slots). */
   private readonly usedIds: Uint32Array;
@@ -1017,8 +1018,8 @@ export class NetDevice extends VirtioDevice {
   }
 
   /** The driver's virtio_net_hdr at the start of `v` (§5.1.6), into txHdr. */
-  private parseTxHdr(v: DataView): NetHdr {
-    const hdr = readNetHdr(v, 0, this.txHdr);
+  private parseTxHdr(v: DataView, at: number): NetHdr {
+    const hdr = readNetHdr(v, at, this.txHdr);
     // §5.1.6.2.2: flag bits the device does not know are ignored; DATA_VALID is not the driver's to set.
     hdr.flags &= VIRTIO_NET_HDR_F_NEEDS_CSUM;
     return hdr;
@@ -1039,12 +1040,16 @@ export class NetDevice extends VirtioDevice {
     const whole = len <= GSO_MAX_FRAME;
     const n = whole ? NET_HDR_SIZE + len : NET_HDR_SIZE;
     const scratch = this.txScratch;
-    if (scratch.reserve(n)) this.txFrames.fill(undefined);
-    chain.readTo(this.memory, scratch, 0, n);
+    // The copy lands at the buffer's own offset modulo 8 when that is 4 (the 12-byte header that
+    // DPDK and Linux put just before an 8-aligned frame), so copyBytes can move 64-bit words, and
+    // the frame stays 8-aligned for the copy into a receiver's buffer.
+    const at = chain.addr(0) & 4;
+    if (scratch.reserve(at + n)) this.txFrames.fill(undefined);
+    chain.readTo(this.memory, scratch, at, n);
     // flags, gso_type and hdr_len all zero (the usual header): the packet asks for nothing, and the
     // other fields mean nothing without a flag or a gso type (§5.1.6.2), so it goes on as PLAIN_HDR.
-    const plain = scratch.u32[0] === 0;
-    const hdr = plain ? PLAIN_HDR : this.parseTxHdr(scratch.view);
+    const plain = scratch.u32[at >>> 2] === 0;
+    const hdr = plain ? PLAIN_HDR : this.parseTxHdr(scratch.view, at);
     // Never above GSO_MAX_FRAME, so a frame that passes was read whole.
     const max = plain || (hdr.gsoType & ~VIRTIO_NET_HDR_GSO_ECN) === 0 ? this.txPlainMax : GSO_MAX_FRAME;
     if (len > max) {
@@ -1055,10 +1060,11 @@ export class NetDevice extends VirtioDevice {
     // QEMU drops transmissions while the link is down too; the port would only discard them.
     // (The carrier is the link while the driver is live, as it is while its queues are served.)
     if (!this.carrier) return "link-down";
+    const start = at + NET_HDR_SIZE;
     const frame =
       len <= FRAME_VIEWS
-        ? (this.txFrames[len] ??= scratch.u8.subarray(NET_HDR_SIZE, NET_HDR_SIZE + len))
-        : scratch.u8.subarray(NET_HDR_SIZE, NET_HDR_SIZE + len);
+        ? (this.txFrames[(at === 0 ? 0 : FRAME_VIEWS + 1) + len] ??= scratch.u8.subarray(start, start + len))
+        : scratch.u8.subarray(start, start + len);
     // §5.1.6.2.1: only the offloads the driver negotiated, in a header consistent with the frame.
     // A header asking for nothing (the common case) passes every one of those checks.
     if (!plain && !asksNothing(hdr)) {
