@@ -12,6 +12,8 @@
  * in the periodic age() sweep) or when their port is removed.
  */
 
+import { macKey } from "./mac.js";
+
 /** What learn() did, for the caller's counters. */
 export const LEARN_REFRESHED = 0;
 export const LEARN_NEW = 1;
@@ -35,7 +37,9 @@ interface Entry<P> {
  */
 export class MacCache<P> {
   vid = -1;
-  mac = -1;
+  /** The address, as macHiAt and macLoAt give it (hi -1: nothing cached). */
+  hi = -1;
+  lo = 0;
   /** null: the address was not in the table when it was looked up, at table generation `generation`. */
   entry: Entry<P> | null = null;
   generation = -1;
@@ -88,18 +92,27 @@ export class MacTable<P> {
     if (!(ageingTime > 0)) throw new RangeError(`ageing time must be positive, not ${ageingTime}`);
   }
 
-  /** Records that `mac` in VLAN `vid` was seen behind `port` at time `now`. */
-  learn(vid: number, mac: number, port: P, now: number, cache?: MacCache<P>): LearnResult {
+  /**
+   * Records that the address (hi, lo) in VLAN `vid` was seen behind `port` at
+   * time `now`. The address comes as macHiAt and macLoAt read it; `cache` is
+   * the port's, and when it holds this address the Map is not touched.
+   */
+  learn(vid: number, hi: number, lo: number, port: P, now: number, cache?: MacCache<P>): LearnResult {
     const c = cache?.entry;
-    if (c !== undefined && c !== null && cache!.mac === mac && cache!.vid === vid && c.port === port && c.live) {
+    if (c !== undefined && c !== null && cache!.lo === lo && cache!.hi === hi && cache!.vid === vid && c.port === port && c.live) {
       c.seen = now;
       return LEARN_REFRESHED;
     }
+    return this.learnSlow(vid, hi, lo, port, now, cache);
+  }
+
+  private learnSlow(vid: number, hi: number, lo: number, port: P, now: number, cache: MacCache<P> | undefined): LearnResult {
+    const mac = macKey(hi, lo);
     let map = this.byVid[vid];
     const e = map?.get(mac);
     if (e !== undefined) {
       e.seen = now;
-      if (cache !== undefined) remember(cache, vid, mac, e);
+      if (cache !== undefined) remember(cache, vid, hi, lo, e);
       if (e.port === port) return LEARN_REFRESHED;
       // A VM that migrated announces itself from its new place (QEMU sends
       // RARP after migration); re-pointing at once is what makes traffic follow it.
@@ -125,23 +138,32 @@ export class MacTable<P> {
     }
     const entry: Entry<P> = { port, seen: now, live: true };
     map.set(mac, entry);
-    if (cache !== undefined) remember(cache, vid, mac, entry);
+    if (cache !== undefined) remember(cache, vid, hi, lo, entry);
     this.size++;
     this.generation++;
     return LEARN_NEW;
   }
 
-  /** The port `mac` in VLAN `vid` was last seen behind, or undefined if unknown or aged out (then it is removed). */
-  lookup(vid: number, mac: number, now: number, cache?: MacCache<P>): P | undefined {
-    if (cache !== undefined && cache.mac === mac && cache.vid === vid) {
+  /**
+   * The port the address (hi, lo) in VLAN `vid` was last seen behind, or
+   * undefined if unknown or aged out (then it is removed). Address and cache
+   * as for learn().
+   */
+  lookup(vid: number, hi: number, lo: number, now: number, cache?: MacCache<P>): P | undefined {
+    if (cache !== undefined && cache.lo === lo && cache.hi === hi && cache.vid === vid) {
       const c = cache.entry;
       if (c === null) {
         // Unknown at the last look and nothing learned since (unknown unicast floods packet after packet).
         if (cache.generation === this.generation) return undefined;
       } else if (c.live && now - c.seen <= this.ageingTime) return c.port;
     }
+    return this.lookupSlow(vid, hi, lo, now, cache);
+  }
+
+  private lookupSlow(vid: number, hi: number, lo: number, now: number, cache: MacCache<P> | undefined): P | undefined {
+    const mac = macKey(hi, lo);
     const e = this.byVid[vid]?.get(mac);
-    if (cache !== undefined) remember(cache, vid, mac, e ?? null, this.generation);
+    if (cache !== undefined) remember(cache, vid, hi, lo, e ?? null, this.generation);
     if (e === undefined) return undefined;
     const map = this.byVid[vid]!;
     if (now - e.seen > this.ageingTime) {
@@ -214,9 +236,10 @@ export class MacTable<P> {
   }
 }
 
-function remember<P>(cache: MacCache<P>, vid: number, mac: number, e: Entry<P> | null, generation = -1): void {
+function remember<P>(cache: MacCache<P>, vid: number, hi: number, lo: number, e: Entry<P> | null, generation = -1): void {
   cache.vid = vid;
-  cache.mac = mac;
+  cache.hi = hi;
+  cache.lo = lo;
   cache.entry = e;
   cache.generation = generation;
 }

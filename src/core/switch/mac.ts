@@ -13,9 +13,27 @@ const HI = 0x1_0000_0000;
  * the six bytes exist.
  */
 export function macAt(frame: Uint8Array, off: number): number {
-  const hi = (frame[off]! << 8) | frame[off + 1]!;
-  const lo = ((frame[off + 2]! << 24) | (frame[off + 3]! << 16) | (frame[off + 4]! << 8) | frame[off + 5]!) >>> 0;
-  return hi * HI + lo;
+  return macKey(macHiAt(frame, off), macLoAt(frame, off));
+}
+
+/**
+ * The top 16 bits of the address at frame[off..]. With macLoAt, the packet
+ * path's form of an address: two small integers, which V8 keeps unboxed,
+ * where a 48-bit number would be a heap allocation each time it leaves a
+ * function that was not inlined.
+ */
+export function macHiAt(frame: Uint8Array, off: number): number {
+  return (frame[off]! << 8) | frame[off + 1]!;
+}
+
+/** The low 32 bits of the address at frame[off..], as a signed 32-bit integer. */
+export function macLoAt(frame: Uint8Array, off: number): number {
+  return (frame[off + 2]! << 24) | (frame[off + 3]! << 16) | (frame[off + 4]! << 8) | frame[off + 5]!;
+}
+
+/** The address as one number, from macHiAt and macLoAt. */
+export function macKey(hi: number, lo: number): number {
+  return hi * HI + (lo >>> 0);
 }
 
 /**

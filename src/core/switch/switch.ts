@@ -36,7 +36,7 @@ import type { DropReason } from "../net/offloads.js";
 import { IovirtUsageError } from "../errors.js";
 import type { SwitchPort } from "./port.js";
 import { fitFor, type Emit } from "./fit.js";
-import { isGroupAt, macAt } from "./mac.js";
+import { isGroupAt, macHiAt, macLoAt } from "./mac.js";
 import { LEARN_FULL, MacCache, MacTable, type MacEntryInfo } from "./mac-table.js";
 import { MirrorHandle, type MirrorFilter, type MirrorSink } from "./mirror.js";
 import { copyPortStats, countDrop, newPortStats, type PortStats, type SwitchStats } from "./stats.js";
@@ -242,8 +242,9 @@ export class Switch {
     if (!h.attached) return rxDrop(st, "link-down");
     if (len < ETH_HLEN) return rxDrop(st, "runt");
     if (isGroupAt(frame, 6)) return rxDrop(st, "bad-source");
-    const src = macAt(frame, 6);
-    if (src === 0) return rxDrop(st, "bad-source");
+    const srcHi = macHiAt(frame, 6);
+    const srcLo = macLoAt(frame, 6);
+    if ((srcHi | srcLo) === 0) return rxDrop(st, "bad-source");
     let tci = -1;
     if (((frame[12]! << 8) | frame[13]!) === TPID_8021Q) {
       if (len < ETH_HLEN + VLAN_TAG_LEN) return rxDrop(st, "runt");
@@ -254,22 +255,23 @@ export class Switch {
     if (this.depth >= MAX_DEPTH) return rxDrop(st, "host-error");
 
     const now = --this.clockLeft > 0 ? this.clock : this.readClock();
-    if (this.table.learn(vid, src, h, now, h.learned) === LEARN_FULL) st.learnRefused++;
+    if (this.table.learn(vid, srcHi, srcLo, h, now, h.learned) === LEARN_FULL) st.learnRefused++;
     let to: Attachment | undefined;
     if (!isGroupAt(frame, 0)) {
-      to = this.table.lookup(vid, macAt(frame, 0), now, h.looked);
+      to = this.table.lookup(vid, macHiAt(frame, 0), macLoAt(frame, 0), now, h.looked);
       if (to === h) return rxDrop(st, "filtered");
     }
 
+    const tapping = this.tapAll.length !== 0 || h.mirrors.length !== 0;
     const level = this.depth++;
     try {
       if (to !== undefined) {
         st.forwarded++;
-        this.tapIngress(h, frame, hdr, to.name);
+        if (tapping) this.tapIngress(h, frame, hdr, to.name);
         this.deliver(to, frame, hdr, vid, tci, h, false, level);
       } else {
         st.flooded++;
-        this.tapIngress(h, frame, hdr, null);
+        if (tapping) this.tapIngress(h, frame, hdr, null);
         for (const out of this.handles) {
           if (out !== h && out.attached && out.policy.member[vid] === 1) this.deliver(out, frame, hdr, vid, tci, h, true, level);
         }
