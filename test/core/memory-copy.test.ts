@@ -105,4 +105,28 @@ describe("DescriptorChain.readTo / writeFrom", () => {
     // More than the writable part holds: copies what fits and says how much.
     assert.equal(c.writeFrom(mem, src, 0, 64), 57);
   });
+
+  test("a chain's remembered window is dropped when the memory's regions change under it", () => {
+    // The chain keeps the window of its first segment so copies and touches skip the lookup.
+    // A region replaced in between (REM_MEM_REG then ADD_MEM_REG) must be read through the new one.
+    const mem = new GuestMemory([{ gpa: 0x1000, size: 0x1000, buffer: new ArrayBuffer(0x1000) }]);
+    mem.write(0x1100, pattern(64, 1));
+    for (const [name, c] of [["setOne", new DescriptorChain()], ["push", new DescriptorChain()]] as const) {
+      if (name === "setOne") c.setOne(mem, 0, 0x1100, 64, false);
+      else c.push(mem, 0x1100, 64, false);
+      const dst = new WordBuffer(64);
+      c.readTo(mem, dst, 0, 64);
+      assert.deepEqual(dst.u8, pattern(64, 1), `${name}: read through the window`);
+      const old = mem.removeRegion(0x1000);
+      const fresh = new ArrayBuffer(0x1000);
+      new Uint8Array(fresh).set(pattern(64, 2), 0x100);
+      mem.addRegion({ gpa: 0x1000, size: 0x1000, buffer: fresh });
+      c.readTo(mem, dst, 0, 64);
+      assert.deepEqual(dst.u8, pattern(64, 2), `${name}: read through the new region, not the removed one`);
+      assert.equal(c.touch(mem), pattern(64, 2)[0]!, `${name}: touch reads the new region too`);
+      mem.removeRegion(0x1000);
+      mem.addRegion(old);
+      mem.write(0x1100, pattern(64, 1));
+    }
+  });
 });

@@ -155,6 +155,11 @@ export class GuestMemory {
   private regions: MemoryRegion[] = [];
   private last: MemoryWindow | undefined;
   /**
+   * Changes whenever a region is added or removed: a window found before is
+   * still this memory's only while it is the same (DescriptorChain keeps one).
+   */
+  generation = 0;
+  /**
    * Set by a host whose memory can vanish under it (a vhost-user front end
    * shrinking a memfd): true means the memory is lost, and data transfers
    * (forEachView) fail with MEMORY_LOST instead of moving zeros where the
@@ -184,6 +189,7 @@ export class GuestMemory {
     }
     this.regions.push(region);
     this.regions.sort((a, b) => a.gpa - b.gpa);
+    this.generation++;
     return region;
   }
 
@@ -192,6 +198,7 @@ export class GuestMemory {
     const region = this.regions[i];
     if (region === undefined) throw new IovirtUsageError("NO_SUCH_REGION", `no region starts at ${hex(gpa)}`);
     this.regions.splice(i, 1);
+    this.generation++;
     if (this.last !== undefined && region.windows.includes(this.last)) this.last = undefined;
     return region;
   }

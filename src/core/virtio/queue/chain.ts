@@ -1,4 +1,4 @@
-import type { WordViews } from "../../memory/copy.js";
+import { copyBytes, type WordViews } from "../../memory/copy.js";
 import type { GuestMemory, MemoryWindow } from "../../memory/guest-memory.js";
 import { QueueError } from "./errors.js";
 
@@ -32,6 +32,16 @@ export class DescriptorChain {
   windowOffset = 0;
   private addrs: Float64Array;
   private lens: Uint32Array;
+  /**
+   * The window holding all of segment 0 (when one does), its offset there,
+   * and the memory and memory generation it was found in: a packet path
+   * touches, copies and writes segment 0 without translating its address
+   * again each time (see first()).
+   */
+  private win0: MemoryWindow | null = null;
+  private off0 = 0;
+  private mem0: GuestMemory | null = null;
+  private gen0 = -1;
 
   constructor(capacity = 8) {
     this.addrs = new Float64Array(capacity);
@@ -56,6 +66,7 @@ export class DescriptorChain {
 
   /** @internal queue implementations start a walk with this. */
   reset(): void {
+    this.win0 = null;
     this.count = 0;
     this.readableCount = 0;
     this.readableBytes = 0;
@@ -69,9 +80,14 @@ export class DescriptorChain {
    * which one segment cannot fail. It must still lie in guest memory.
    */
   setOne(mem: GuestMemory, head: number, addr: number, len: number, writable: boolean): void {
-    if (len !== 0 && !mem.covers(addr, len)) {
-      this.reset();
-      throw new QueueError("BUFFER_ADDRESS", `buffer [0x${addr.toString(16)}, +${len}) is outside guest memory`);
+    const w = len !== 0 ? mem.windowFor(addr, len) : undefined;
+    if (w !== undefined) this.remember(mem, w, addr);
+    else {
+      this.win0 = null;
+      if (len !== 0 && !mem.covers(addr, len)) {
+        this.reset();
+        throw new QueueError("BUFFER_ADDRESS", `buffer [0x${addr.toString(16)}, +${len}) is outside guest memory`);
+      }
     }
     this.head = head;
     this.descCount = 1;
@@ -105,6 +121,11 @@ export class DescriptorChain {
       throw new QueueError("BUFFER_ADDRESS", `buffer [0x${addr.toString(16)}, +${len}) is outside guest memory`);
     }
     if (this.count === this.addrs.length) this.grow();
+    if (this.count === 0) {
+      const w = len !== 0 ? mem.windowFor(addr, len) : undefined;
+      if (w !== undefined) this.remember(mem, w, addr);
+      else this.win0 = null;
+    }
     this.addrs[this.count] = addr;
     this.lens[this.count] = len;
     this.count++;
@@ -152,7 +173,10 @@ export class DescriptorChain {
    */
   readTo(mem: GuestMemory, dst: WordViews, at: number, length: number): void {
     if (this.readableCount !== 0 && this.lens[0]! >= length) {
-      mem.readInto(this.addrs[0]!, dst, at, length); // all in the first segment, the usual case
+      // All in the first segment, the usual case.
+      const w = this.first(mem);
+      if (w !== null) copyBytes(w, this.off0, dst, at, length);
+      else mem.readInto(this.addrs[0]!, dst, at, length);
       return;
     }
     let done = 0;
@@ -193,6 +217,13 @@ export class DescriptorChain {
   firstWritable(mem: GuestMemory, length: number): MemoryWindow | null {
     const i = this.readableCount;
     if (i >= this.count || this.lens[i]! < length) return null;
+    if (i === 0) {
+      const w0 = this.first(mem);
+      if (w0 !== null) {
+        this.windowOffset = this.off0;
+        return w0;
+      }
+    }
     const addr = this.addrs[i]!;
     const w = mem.windowFor(addr, length);
     if (w === undefined) return null;
@@ -207,7 +238,24 @@ export class DescriptorChain {
    * just wrote overlap (JavaScript has no prefetch instruction).
    */
   touch(mem: GuestMemory): number {
-    return this.count === 0 ? 0 : mem.touchLines(this.addrs[0]!, this.lens[0]!);
+    if (this.count === 0) return 0;
+    const w = this.first(mem);
+    if (w === null) return mem.touchLines(this.addrs[0]!, this.lens[0]!);
+    const o = this.off0;
+    // The window holds all of segment 0, so o + 64 is inside it when the segment is longer.
+    return this.lens[0]! > 64 ? w.u8[o]! ^ w.u8[o + 64]! : w.u8[o]!;
+  }
+
+  /** Segment 0's window, if one holds it all and it is still `mem`'s (regions unchanged since). */
+  private first(mem: GuestMemory): MemoryWindow | null {
+    return this.win0 !== null && mem === this.mem0 && mem.generation === this.gen0 ? this.win0 : null;
+  }
+
+  private remember(mem: GuestMemory, w: MemoryWindow, addr: number): void {
+    this.win0 = w;
+    this.off0 = addr - w.gpa;
+    this.mem0 = mem;
+    this.gen0 = mem.generation;
   }
 
   /**
