@@ -18,6 +18,7 @@ import {
   hasFeature,
 } from "../../src/core/index.js";
 import { PLAIN_HDR, plainHdr } from "../../src/core/net/hdr.js";
+import type { GuestMemory } from "../../src/core/memory/guest-memory.js";
 import { LAYOUTS, T, encodeHdr, frame, loopChain, netPair, rawTx, spyUsed, tick, type Pair } from "./net-helpers.js";
 import { csumHdr, flowFrame, tsoHdr, type FlowSpec } from "./net-frames.js";
 
@@ -300,13 +301,14 @@ for (const { name, preferPacked } of LAYOUTS) {
 
     test("the driver does not believe num_buffers: 0, or more buffers than were used, drops and counts", T, async () => {
       const p = netPair({ device: { mtu: 9000 }, driver: { preferPacked, extra: MRG, queueSize: 16 } });
-      const dev = p.device as unknown as { fillRxHdr(h: unknown, n: number): { view: DataView } };
-      const orig = dev.fillRxHdr.bind(p.device);
+      type Chain = { readableCount: number; addr(i: number): number };
+      const dev = p.device as unknown as { writeRxHdr(c: Chain, mem: GuestMemory, h: unknown, n: number): void };
+      const orig = dev.writeRxHdr.bind(p.device);
       let lie: (n: number) => number = (n) => n;
-      dev.fillRxHdr = (h, n) => {
-        const b = orig(h, n);
-        b.view.setUint16(10, lie(n), true);
-        return b;
+      // Every received header is written by writeRxHdr; this one then rewrites its num_buffers (bytes 10-11).
+      dev.writeRxHdr = (c, mem, h, n) => {
+        orig(c, mem, h, n);
+        mem.writeU16(c.addr(c.readableCount) + 10, lie(n));
       };
       lie = () => 0;
       assert.equal(p.port.inject(frame(100, 1)), null);

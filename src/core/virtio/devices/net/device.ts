@@ -6,6 +6,7 @@ import { checkTxHdr } from "../../../net/validate.js";
 import { fitOffloads } from "../../../net/fit.js";
 import { PacketInfo } from "../../../net/parse.js";
 import { VIEW_COPY_MIN, WordBuffer, copyBytes } from "../../../memory/copy.js";
+import type { GuestMemory } from "../../../memory/guest-memory.js";
 import { DescriptorChain, type DeviceQueue } from "../../queue/index.js";
 import { VirtioDevice } from "../../lifecycle/device.js";
 import { STATUS_DRIVER_OK } from "../../lifecycle/status.js";
@@ -795,6 +796,23 @@ export class NetDevice extends VirtioDevice {
    * and fitOffloads never emits it), so it comes from a host port that
    * verified the checksum, such as a tap device.
    */
+  /**
+   * The virtio_net_hdr of a received packet (fillRxHdr) into the first
+   * buffer `first` it took. The usual header, with nothing in it but
+   * num_buffers, is three word stores when the buffer's window holds it at a
+   * word boundary.
+   */
+  private writeRxHdr(first: DescriptorChain, mem: GuestMemory, hdr: Readonly<NetHdr>, numBuffers: number): void {
+    const w = first.firstWritable(mem, NET_HDR_SIZE);
+    const o = first.windowOffset;
+    if (w !== null && (o & 3) === 0 && hdr.flags === 0 && hdr.gsoType === 0) {
+      const k = o >>> 2;
+      w.u32[k] = 0;
+      w.u32[k + 1] = 0;
+      w.u32[k + 2] = numBuffers << 16; // bytes 10-11, little-endian
+    } else first.writeFrom(mem, this.fillRxHdr(hdr, numBuffers), 0, NET_HDR_SIZE);
+  }
+
   private fillRxHdr(hdr: Readonly<NetHdr>, numBuffers: number): WordBuffer {
     const v = this.rxHdr.view;
     if (hdr.flags === 0 && hdr.gsoType === 0) {
@@ -905,16 +923,12 @@ export class NetDevice extends VirtioDevice {
     let n = Math.min(first.writableBytes - NET_HDR_SIZE, len);
     if (n === len) {
       // The usual packet: all in the first buffer, usually in its first segment.
+      this.writeRxHdr(first, mem, hdr, 1);
       const w = first.firstWritable(mem, NET_HDR_SIZE + len);
-      if (w !== null) {
-        copyBytes(this.fillRxHdr(hdr, 1), 0, w, first.windowOffset, NET_HDR_SIZE);
-        // A long frame is copied by TypedArray.set, which needs a view of exactly its bytes: the frame is one.
-        if (len >= VIEW_COPY_MIN) w.u8.set(frame, first.windowOffset + NET_HDR_SIZE);
-        else copyBytes(src, at, w, first.windowOffset + NET_HDR_SIZE, len);
-      } else {
-        first.writeFrom(mem, this.fillRxHdr(hdr, 1), 0, NET_HDR_SIZE);
-        first.writeFrom(mem, src, at, len, NET_HDR_SIZE);
-      }
+      // A long frame is copied by TypedArray.set, which needs a view of exactly its bytes: the frame is one.
+      if (w === null) first.writeFrom(mem, src, at, len, NET_HDR_SIZE);
+      else if (len >= VIEW_COPY_MIN) w.u8.set(frame, first.windowOffset + NET_HDR_SIZE);
+      else copyBytes(src, at, w, first.windowOffset + NET_HDR_SIZE, len);
       this.rxPushed = true;
       q.pushUsed(first.head, NET_HDR_SIZE + len, first.descCount);
       this.stats.rxFrames++;
@@ -952,7 +966,7 @@ export class NetDevice extends VirtioDevice {
       done += n;
       count++;
     }
-    first.writeFrom(mem, this.fillRxHdr(hdr, count), 0, NET_HDR_SIZE);
+    this.writeRxHdr(first, mem, hdr, count);
     this.rxPushed = true;
     for (let k = 0; k < count; k++) q.pushUsed(ids[k]!, lens[k]!, descs[k]);
     this.stats.rxFrames++;
