@@ -277,13 +277,7 @@ test("a hostile driver's bad transmit headers are dropped and counted by reason 
   );
   b.take();
   const reply = frame({ src: MAC.b, dst: MAC.a, seed: 77 });
-  b.send(reply);
-  assert.deepEqual(
-    (await a.waitReceived(1, "b's frame at a")).map((r) => r.frame),
-    [reply],
-    "b keeps working",
-  );
-  a.take();
+  await passes(b, a, reply, "b's frame at a", "b keeps working");
   const after = await sw.stats();
   const d = deviceDelta(before, after, "a");
   assert.equal(d.txFrames, goods.length, "a's device passed on the good frames only");
@@ -314,12 +308,7 @@ test("a guest that sends oversized frames by the hundred gets each one counted, 
     a.send(big);
     if (i % 50 === 49) await a.waitTxDone();
   }
-  a.send(last);
-  assert.deepEqual(
-    (await b.waitReceived(1, "the frame after the oversized ones")).map((r) => r.frame),
-    [last],
-  );
-  b.take();
+  await passes(a, b, last, "the frame after the oversized ones");
   const after = await sw.stats();
   assert.deepEqual(deviceDelta(before, after, "a").txDrops, { "too-long": 500 });
   assert.ok(
@@ -333,27 +322,14 @@ test("a guest that sends oversized frames by the hundred gets each one counted, 
 test("a transmit chain that loops takes a's transmit queue out of service, not the switch: b is served, a is served again after reconnecting", async () => {
   const before = await sw.stats();
   const first = frame({ src: MAC.a, dst: MAC.b, seed: 300 });
-  a.send(first);
-  assert.deepEqual(
-    (await b.waitReceived(1, "a's frame before the loop")).map((r) => r.frame),
-    [first],
-  );
-  b.take();
+  await passes(a, b, first, "a's frame before the loop");
   await a.waitTxDone();
   await expectLog(/a: guest error on queue 1: CHAIN_LOOP/, "the switch to report the looping chain", () => a.sendLoopedChain());
   // a's receive queue still runs; b and c still talk.
   const toA = frame({ src: MAC.b, dst: MAC.a, seed: 301 });
-  b.send(toA);
-  assert.deepEqual(
-    (await a.waitReceived(1, "b's frame at a")).map((r) => r.frame),
-    [toA],
-  );
+  await passes(b, a, toA, "b's frame at a");
   const toC = frame({ src: MAC.b, dst: BROADCAST, seed: 302 });
-  b.send(toC);
-  assert.deepEqual(
-    (await c.waitReceived(1, "b's broadcast at c")).map((r) => r.frame),
-    [toC],
-  );
+  await passes(b, c, toC, "b's broadcast at c");
   for (const g of [a, c, p]) g.take();
   const mid = await sw.stats();
   assert.equal(deviceDelta(before, mid, "a").txFrames, 1, "nothing after the loop left a's ring");
@@ -362,12 +338,7 @@ test("a transmit chain that loops takes a's transmit queue out of service, not t
   await expectLog(/a: front end disconnected/, "the switch to notice a left", () => drop(a));
   a = await guest("a", A_OPTS);
   const again = frame({ src: MAC.a, dst: MAC.b, seed: 303 });
-  a.send(again);
-  assert.deepEqual(
-    (await b.waitReceived(1, "a's frame after reconnecting")).map((r) => r.frame),
-    [again],
-  );
-  b.take();
+  await passes(a, b, again, "a's frame after reconnecting");
   assert.ok(sw.running);
 });
 
@@ -383,29 +354,28 @@ test("a front end that vanishes mid-traffic and comes back is served again; the 
   const atB = await waitMarker(b, marker);
   for (const r of atB) assert.deepEqual(r.frame.subarray(0, 12), new Uint8Array([...MAC.b, ...MAC.a]), "only a's frames before the marker");
   const toC = frame({ src: MAC.b, dst: MAC.c, seed: 451 });
-  b.send(toC);
-  assert.deepEqual(
-    (await c.waitReceived(1, "b's frame at c")).map((r) => r.frame),
-    [toC],
-  );
-  c.take();
+  await passes(b, c, toC, "b's frame at c");
   a = await guest("a", A_OPTS);
   const fresh = frame({ src: MAC.a, dst: MAC.b, seed: 460 });
-  a.send(fresh);
-  assert.deepEqual(
-    (await b.waitReceived(1, "the new a's frame at b")).map((r) => r.frame),
-    [fresh],
-  );
-  b.take();
+  await passes(a, b, fresh, "the new a's frame at b");
   const back = frame({ src: MAC.b, dst: MAC.a, seed: 461 });
-  b.send(back);
-  assert.deepEqual(
-    (await a.waitReceived(1, "b's frame at the new a")).map((r) => r.frame),
-    [back],
-  );
-  a.take();
+  await passes(b, a, back, "b's frame at the new a");
   assert.ok(sw.running);
 });
+
+/**
+ * Sends `f` from `from` and expects exactly it at `to`, then takes it there;
+ * `what` names the wait (and `why` the check, if given).
+ */
+async function passes(from: NetGuest, to: NetGuest, f: Uint8Array, what: string, why = what): Promise<void> {
+  from.send(f);
+  assert.deepEqual(
+    (await to.waitReceived(1, what)).map((r) => r.frame),
+    [f],
+    why,
+  );
+  to.take();
+}
 
 /** Waits for `marker` at g and returns what came before it (taking everything). */
 async function waitMarker(g: NetGuest, marker: Uint8Array): Promise<{ frame: Uint8Array }[]> {
@@ -469,12 +439,7 @@ test("a guest that shrinks its memory under the switch loses its port's service,
   drop(c);
   c = await guest("c", {});
   const again = frame({ src: MAC.a, dst: BROADCAST, seed: 3100 });
-  a.send(again);
-  assert.deepEqual(
-    (await c.waitReceived(1, "a broadcast at the new c")).map((r) => r.frame),
-    [again],
-  );
-  c.take();
+  await passes(a, c, again, "a broadcast at the new c");
   b.take();
   p.take();
 });

@@ -164,6 +164,37 @@ async function udpPeer(address: string, type: "udp4" | "udp6" = "udp4"): Promise
   return { sock, got, port: sock.address().port };
 }
 
+type Peer = Awaited<ReturnType<typeof udpPeer>>;
+
+/**
+ * Runs `fn` with a VxlanPort on 127.0.0.1 (a free port) that sends to a
+ * fresh UDP peer, opened unless `open` is false, and closes both after.
+ */
+async function withPeer(
+  opts: Partial<ConstructorParameters<typeof VxlanPort>[0]>,
+  fn: (port: VxlanPort, peer: Peer) => Promise<void>,
+  open = true,
+): Promise<VxlanPort> {
+  const peer = await udpPeer("127.0.0.1");
+  const port = new VxlanPort({
+    local: "127.0.0.1",
+    localPort: 0,
+    remote: "127.0.0.1",
+    remotePort: peer.port,
+    vni: 1,
+    onPacket: () => {},
+    ...opts,
+  });
+  try {
+    if (open) await port.open();
+    await fn(port, peer);
+  } finally {
+    await port.close();
+    peer.sock.close();
+  }
+  return port;
+}
+
 function sendTo(sock: Socket, msg: Uint8Array, port: number, address: string): Promise<void> {
   return new Promise((resolve, reject) => sock.send(msg, port, address, (err) => (err ? reject(err) : resolve())));
 }
@@ -180,17 +211,7 @@ function vxlanDatagram(flags: number, vni: number, frame: Uint8Array, reserved =
 }
 
 test("send() encapsulates per RFC 7348 §5 and a flow always leaves from one source port in 49152-65535", async () => {
-  const peer = await udpPeer("127.0.0.1");
-  const port = new VxlanPort({
-    local: "127.0.0.1",
-    localPort: 0,
-    remote: "127.0.0.1",
-    remotePort: peer.port,
-    vni: 0x123456,
-    onPacket: () => {},
-  });
-  await port.open();
-  try {
+  await withPeer({ vni: 0x123456 }, async (port, peer) => {
     assert.equal(port.sourcePorts.length, 8);
     for (const p of port.sourcePorts) assert.ok(p >= 49152 && p <= 65535, `source port ${p}`);
     const frames: Uint8Array[] = [];
@@ -215,32 +236,15 @@ test("send() encapsulates per RFC 7348 §5 and a flow always leaves from one sou
     assert.ok(bySport.size > 1, "32 flows spread over more than one source port");
     await until(() => port.stats.txPackets === 64, "send completions");
     assert.equal(port.stats.txBytes, 2 * frames.reduce((n, f) => n + f.length, 0));
-  } finally {
-    await port.close();
-    peer.sock.close();
-  }
+  });
 });
 
 test("with sourcePorts 0 packets leave from the receiving port", async () => {
-  const peer = await udpPeer("127.0.0.1");
-  const port = new VxlanPort({
-    local: "127.0.0.1",
-    localPort: 0,
-    remote: "127.0.0.1",
-    remotePort: peer.port,
-    vni: 7,
-    sourcePorts: 0,
-    onPacket: () => {},
-  });
-  await port.open();
-  try {
+  await withPeer({ vni: 7, sourcePorts: 0 }, async (port, peer) => {
     assert.equal(port.send(tcpFrame(1, 2, new Uint8Array(4)), PLAIN_HDR), null);
     await until(() => peer.got.length === 1, "the datagram");
     assert.equal(peer.got[0]!.from.port, port.localPort);
-  } finally {
-    await port.close();
-    peer.sock.close();
-  }
+  });
 });
 
 test("receive checks the I flag, the VNI and the source, ignores reserved bits, and counts each drop", async () => {
@@ -346,44 +350,35 @@ test("with anySource, datagrams from any address are taken", async () => {
 });
 
 test("send() refuses packets with offloads, runts, frames over maxFrame, and more than sendSlots in flight", async () => {
-  const peer = await udpPeer("127.0.0.1");
-  const port = new VxlanPort({
-    local: "127.0.0.1",
-    localPort: 0,
-    remote: "127.0.0.1",
-    remotePort: peer.port,
-    vni: 1,
-    sendSlots: 2,
-    onPacket: () => {},
-  });
   const frame = tcpFrame(1, 2, new Uint8Array(10));
-  assert.equal(port.send(frame, PLAIN_HDR), "link-down", "not open yet");
-  await port.open();
-  try {
-    assert.equal(port.send(frame, { ...plainHdr(), flags: 1, csumStart: 34, csumOffset: 16 }), "offload-not-negotiated");
-    assert.equal(port.send(frame, { ...plainHdr(), gsoType: 1, gsoSize: 100 }), "offload-not-negotiated");
-    assert.equal(port.send(frame, { ...plainHdr(), flags: 2 }), null, "DATA_VALID asks nothing of the receiver");
-    assert.equal(port.send(frame.subarray(0, 13), PLAIN_HDR), "runt");
-    assert.equal(port.send(new Uint8Array(port.maxFrame() + 1), PLAIN_HDR), "too-long");
-    assert.equal(port.send(new Uint8Array(port.maxFrame()), PLAIN_HDR), null, "exactly maxFrame fits");
-    assert.equal(port.send(frame, PLAIN_HDR), "no-buffer", "both slots in flight");
-    await until(() => port.stats.txPackets === 2, "completions");
-    assert.equal(port.send(frame, PLAIN_HDR), null, "slots come back");
-    await until(() => peer.got.length === 3, "three datagrams");
-    assert.equal(peer.got[1]!.msg.length, 8 + port.maxFrame());
-    assert.deepEqual(port.stats.errors, {
-      "tx:link-down": 1,
-      "tx:offload-not-negotiated": 2,
-      "tx:runt": 1,
-      "tx:too-long": 1,
-      "tx:no-buffer": 1,
-    });
-  } finally {
-    await port.close();
-    peer.sock.close();
-  }
-  assert.equal(port.linkUp(), false);
-  assert.equal(port.send(frame, PLAIN_HDR), "link-down");
+  const closed = await withPeer(
+    { sendSlots: 2 },
+    async (port, peer) => {
+      assert.equal(port.send(frame, PLAIN_HDR), "link-down", "not open yet");
+      await port.open();
+      assert.equal(port.send(frame, { ...plainHdr(), flags: 1, csumStart: 34, csumOffset: 16 }), "offload-not-negotiated");
+      assert.equal(port.send(frame, { ...plainHdr(), gsoType: 1, gsoSize: 100 }), "offload-not-negotiated");
+      assert.equal(port.send(frame, { ...plainHdr(), flags: 2 }), null, "DATA_VALID asks nothing of the receiver");
+      assert.equal(port.send(frame.subarray(0, 13), PLAIN_HDR), "runt");
+      assert.equal(port.send(new Uint8Array(port.maxFrame() + 1), PLAIN_HDR), "too-long");
+      assert.equal(port.send(new Uint8Array(port.maxFrame()), PLAIN_HDR), null, "exactly maxFrame fits");
+      assert.equal(port.send(frame, PLAIN_HDR), "no-buffer", "both slots in flight");
+      await until(() => port.stats.txPackets === 2, "completions");
+      assert.equal(port.send(frame, PLAIN_HDR), null, "slots come back");
+      await until(() => peer.got.length === 3, "three datagrams");
+      assert.equal(peer.got[1]!.msg.length, 8 + port.maxFrame());
+      assert.deepEqual(port.stats.errors, {
+        "tx:link-down": 1,
+        "tx:offload-not-negotiated": 2,
+        "tx:runt": 1,
+        "tx:too-long": 1,
+        "tx:no-buffer": 1,
+      });
+    },
+    false,
+  );
+  assert.equal(closed.linkUp(), false);
+  assert.equal(closed.send(frame, PLAIN_HDR), "link-down");
 });
 
 test("two VxlanPorts over IPv6 loopback carry frames both ways", async () => {
