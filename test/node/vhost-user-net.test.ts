@@ -132,13 +132,15 @@ test("features QEMU passes through are offered (MQ, GUEST_ANNOUNCE) without CTRL
   await end(s);
 });
 
-test("RARP and MTU protocol features are offered for virtio-net and not for blk", async () => {
+test("RARP and MTU protocol features are offered for virtio-net and not for blk, INFLIGHT_SHMFD for blk and not for virtio-net", async () => {
   const s = await session();
   s.c.send(Req.GET_PROTOCOL_FEATURES);
   const r = await s.c.reply();
   assert.notEqual(r, "closed");
   const pf = r === "closed" ? 0n : decodeU64Bits(Req.GET_PROTOCOL_FEATURES, r.payload);
   assert.ok((pf & bit(PF.RARP)) !== 0n && (pf & bit(PF.MTU)) !== 0n);
+  // The net device cannot resubmit buffers that were in flight, so a front end must not be told it can.
+  assert.equal(pf & bit(PF.INFLIGHT_SHMFD), 0n);
   await end(s);
   const blk = blkServer();
   const b = new RawFrontend(blk.path);
@@ -147,6 +149,7 @@ test("RARP and MTU protocol features are offered for virtio-net and not for blk"
   assert.notEqual(rb, "closed");
   const bpf = rb === "closed" ? 0n : decodeU64Bits(Req.GET_PROTOCOL_FEATURES, rb.payload);
   assert.equal(bpf & (bit(PF.RARP) | bit(PF.MTU)), 0n);
+  assert.notEqual(bpf & bit(PF.INFLIGHT_SHMFD), 0n);
   b.close();
 });
 

@@ -76,7 +76,11 @@ export interface BackendOptions {
   onFatal?: (err: VhostUserError) => void;
 }
 
-/** Protocol features every back end offers; RARP and MTU are added for devices with the hooks behind them. */
+/**
+ * Protocol features every back end offers; RARP and MTU are added for
+ * devices with the hooks behind them, INFLIGHT_SHMFD for devices that can
+ * resubmit what was in flight (blk; not net, whose front ends do not ask).
+ */
 const SUPPORTED_PF =
   bit(PF.MQ) |
   bit(PF.REPLY_ACK) |
@@ -84,8 +88,7 @@ const SUPPORTED_PF =
   bit(PF.BACKEND_REQ) |
   bit(PF.RESET_DEVICE) |
   bit(PF.CONFIGURE_MEM_SLOTS) |
-  bit(PF.STATUS) |
-  bit(PF.INFLIGHT_SHMFD);
+  bit(PF.STATUS);
 
 /**
  * The vhost-user back-end handler (protocol layer 2 of docs/architecture.md, principle 6):
@@ -120,7 +123,7 @@ export class VhostUserBackend<F> {
   private lossHandled = false;
   private readonly busyPoll: boolean;
   private readonly onFatal: ((err: VhostUserError) => void) | null;
-  /** SUPPORTED_PF plus what the device can do (SEND_RARP, NET_SET_MTU). */
+  /** SUPPORTED_PF plus what the device can do (SEND_RARP, NET_SET_MTU, INFLIGHT_SHMFD). */
   private readonly supportedPF: bigint;
 
   constructor(device: VirtioDevice, platform: VhostUserPlatform<F>, opts: BackendOptions = {}) {
@@ -132,7 +135,10 @@ export class VhostUserBackend<F> {
     if (!(passBudget >= 1)) throw new RangeError(`passBudget ${passBudget}`);
     this.onFatal = opts.onFatal ?? null;
     this.supportedPF =
-      SUPPORTED_PF | (device.hostSendRarp !== undefined ? bit(PF.RARP) : 0n) | (device.hostSetMtu !== undefined ? bit(PF.MTU) : 0n);
+      SUPPORTED_PF |
+      (device.hostSendRarp !== undefined ? bit(PF.RARP) : 0n) |
+      (device.hostSetMtu !== undefined ? bit(PF.MTU) : 0n) |
+      (device.canResubmit ? bit(PF.INFLIGHT_SHMFD) : 0n);
     this.rings = Array.from({ length: device.numQueues }, () => freshRing<F>());
     // "Ring states": every ring starts disabled; the device must not fill one it was not given.
     this.tellEnabled();

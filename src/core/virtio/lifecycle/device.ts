@@ -482,6 +482,15 @@ export abstract class VirtioDevice {
   }
 
   /**
+   * Whether in-flight buffers can be resubmitted after a restart (the device
+   * overrides processChain): a vhost-user back end offers INFLIGHT_SHMFD only
+   * then, since a front end that shares the area expects them to be.
+   */
+  get canResubmit(): boolean {
+    return this.processChain !== VirtioDevice.prototype.processChain;
+  }
+
+  /**
    * Host side, for back ends whose front end runs the status state machine
    * itself (vhost-user): fix the negotiated features and mark the device live.
    * Returns a reason when the set is not acceptable.
