@@ -111,7 +111,10 @@ describe("DescriptorChain.readTo / writeFrom", () => {
     // A region replaced in between (REM_MEM_REG then ADD_MEM_REG) must be read through the new one.
     const mem = new GuestMemory([{ gpa: 0x1000, size: 0x1000, buffer: new ArrayBuffer(0x1000) }]);
     mem.write(0x1100, pattern(64, 1));
-    for (const [name, c] of [["setOne", new DescriptorChain()], ["push", new DescriptorChain()]] as const) {
+    for (const [name, c] of [
+      ["setOne", new DescriptorChain()],
+      ["push", new DescriptorChain()],
+    ] as const) {
       if (name === "setOne") c.setOne(mem, 0, 0x1100, 64, false);
       else c.push(mem, 0x1100, 64, false);
       const dst = new WordBuffer(64);
