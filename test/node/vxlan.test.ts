@@ -166,6 +166,19 @@ async function udpPeer(address: string, type: "udp4" | "udp6" = "udp4"): Promise
 
 type Peer = Awaited<ReturnType<typeof udpPeer>>;
 
+/** A VxlanPort on 127.0.0.1 (a free port) whose remote is `peer`; VNI 1 and no receiver unless `opts` say otherwise. */
+function toPeer(peer: Peer, opts: Partial<ConstructorParameters<typeof VxlanPort>[0]> = {}): VxlanPort {
+  return new VxlanPort({
+    local: "127.0.0.1",
+    localPort: 0,
+    remote: "127.0.0.1",
+    remotePort: peer.port,
+    vni: 1,
+    onPacket: () => {},
+    ...opts,
+  });
+}
+
 /**
  * Runs `fn` with a VxlanPort on 127.0.0.1 (a free port) that sends to a
  * fresh UDP peer, opened unless `open` is false, and closes both after.
@@ -176,15 +189,7 @@ async function withPeer(
   open = true,
 ): Promise<VxlanPort> {
   const peer = await udpPeer("127.0.0.1");
-  const port = new VxlanPort({
-    local: "127.0.0.1",
-    localPort: 0,
-    remote: "127.0.0.1",
-    remotePort: peer.port,
-    vni: 1,
-    onPacket: () => {},
-    ...opts,
-  });
+  const port = toPeer(peer, opts);
   try {
     if (open) await port.open();
     await fn(port, peer);
@@ -291,23 +296,8 @@ test("frames with an inner VLAN tag are discarded both ways unless innerVlan is 
   const strict = capture();
   const open = capture();
   const peer = await udpPeer("127.0.0.1");
-  const A = new VxlanPort({
-    local: "127.0.0.1",
-    localPort: 0,
-    remote: "127.0.0.1",
-    remotePort: peer.port,
-    vni: 5,
-    onPacket: strict.onPacket,
-  });
-  const B = new VxlanPort({
-    local: "127.0.0.1",
-    localPort: 0,
-    remote: "127.0.0.1",
-    remotePort: peer.port,
-    vni: 5,
-    innerVlan: true,
-    onPacket: open.onPacket,
-  });
+  const A = toPeer(peer, { vni: 5, onPacket: strict.onPacket });
+  const B = toPeer(peer, { vni: 5, innerVlan: true, onPacket: open.onPacket });
   await A.open();
   await B.open();
   try {
