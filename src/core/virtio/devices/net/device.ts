@@ -790,13 +790,6 @@ export class NetDevice extends VirtioDevice {
   }
 
   /**
-   * The virtio_net_hdr the driver gets (§5.1.6.4.1): flags only with
-   * GUEST_CSUM, gso fields only with a gso type. DATA_VALID passes as the
-   * port set it: guests cannot set it (transmitOne keeps NEEDS_CSUM only,
-   * and fitOffloads never emits it), so it comes from a host port that
-   * verified the checksum, such as a tap device.
-   */
-  /**
    * The virtio_net_hdr of a received packet (fillRxHdr) into the first
    * buffer `first` it took. The usual header, with nothing in it but
    * num_buffers, is three word stores when the buffer's window holds it at a
@@ -813,6 +806,13 @@ export class NetDevice extends VirtioDevice {
     } else first.writeFrom(mem, this.fillRxHdr(hdr, numBuffers), 0, NET_HDR_SIZE);
   }
 
+  /**
+   * The virtio_net_hdr the driver gets (§5.1.6.4.1): flags only with
+   * GUEST_CSUM, gso fields only with a gso type. DATA_VALID passes as the
+   * port set it: guests cannot set it (transmitOne keeps NEEDS_CSUM only,
+   * and fitOffloads never emits it), so it comes from a host port that
+   * verified the checksum, such as a tap device.
+   */
   private fillRxHdr(hdr: Readonly<NetHdr>, numBuffers: number): WordBuffer {
     const v = this.rxHdr.view;
     if (hdr.flags === 0 && hdr.gsoType === 0) {
