@@ -13,8 +13,11 @@
  * stores, half the element accesses of 32-bit words, which made a 76-byte
  * copy about twice as fast here. BigInt values are exact, so no bit pattern
  * changes on the way (a Float64Array copy would be as fast, but engines may
- * canonicalise NaNs read from it, which would corrupt data). Aligned alike
- * modulo 4 only: 32-bit words; otherwise 32-bit DataView loads and stores.
+ * canonicalise NaNs read from it, which would corrupt data). The speed needs
+ * optimised code: V8's interpreter, and engines that do not lower BigInt64
+ * element moves, make a BigInt per word there, which is slow but still
+ * exact. Aligned alike modulo 4 only: 32-bit words; otherwise 32-bit
+ * DataView loads and stores.
  */
 
 /**

@@ -1056,7 +1056,8 @@ export class NetDevice extends VirtioDevice {
     const scratch = this.txScratch;
     // The copy lands at the buffer's own offset modulo 8 when that is 4 (the 12-byte header that
     // DPDK and Linux put just before an 8-aligned frame), so copyBytes can move 64-bit words, and
-    // the frame stays 8-aligned for the copy into a receiver's buffer.
+    // the frame stays 8-aligned for the copy into a receiver's buffer. (`&` takes the address modulo
+    // 2^32 first, which keeps bit 2 exact for any guest address.)
     const at = chain.addr(0) & 4;
     if (scratch.reserve(at + n)) this.txFrames.fill(undefined);
     chain.readTo(this.memory, scratch, at, n);
