@@ -90,38 +90,30 @@ export function copyBytes(src: WordViews, from: number, dst: WordViews, to: numb
     d8.set(s8.subarray(from, from + n), to);
     return;
   }
-  if (((from ^ to) & 7) === 0) {
-    // Aligned alike modulo 8: bytes up to a 64-bit boundary, whole 64-bit words, then the tail.
-    // The words end at or before from + n, so inside both u64 views (they start with u8).
-    while ((from & 3) !== 0 && n > 0) {
-      d8[to++] = s8[from++]!;
-      n--;
-    }
-    if ((from & 4) !== 0 && n >= 4) {
-      dst.u32[to >>> 2] = src.u32[from >>> 2]!;
-      from += 4;
-      to += 4;
-      n -= 4;
-    }
-    const s64 = src.u64;
-    const d64 = dst.u64;
-    const words = n >>> 3;
-    const sw = from >>> 3;
-    const dw = to >>> 3;
-    for (let i = 0; i < words; i++) d64[dw + i] = s64[sw + i]!;
-    let done = words << 3;
-    if (n - done >= 4) {
-      dst.u32[(to + done) >>> 2] = src.u32[(from + done) >>> 2]!;
-      done += 4;
-    }
-    for (let i = done; i < n; i++) d8[to + i] = s8[from + i]!;
-    return;
-  }
   if (((from ^ to) & 3) === 0) {
-    // Aligned alike modulo 4: bytes up to a word boundary, whole words, then the tail.
+    // Aligned alike modulo 4: bytes up to a word boundary, then whole words, then the tail. Aligned
+    // alike modulo 8 too: one 32-bit word to reach a 64-bit boundary, then 64-bit words first.
+    // Words end at or before from + n, so inside both sides' word views (they start with u8).
     while ((from & 3) !== 0 && n > 0) {
       d8[to++] = s8[from++]!;
       n--;
+    }
+    if (((from ^ to) & 7) === 0) {
+      if ((from & 4) !== 0 && n >= 4) {
+        dst.u32[to >>> 2] = src.u32[from >>> 2]!;
+        from += 4;
+        to += 4;
+        n -= 4;
+      }
+      const s64 = src.u64;
+      const d64 = dst.u64;
+      const words = n >>> 3;
+      const sw = from >>> 3;
+      const dw = to >>> 3;
+      for (let i = 0; i < words; i++) d64[dw + i] = s64[sw + i]!;
+      from += words << 3;
+      to += words << 3;
+      n -= words << 3;
     }
     const s32 = src.u32;
     const d32 = dst.u32;
@@ -129,8 +121,7 @@ export function copyBytes(src: WordViews, from: number, dst: WordViews, to: numb
     const sw = from >>> 2;
     const dw = to >>> 2;
     for (let i = 0; i < words; i++) d32[dw + i] = s32[sw + i]!;
-    const done = words << 2;
-    for (let i = done; i < n; i++) d8[to + i] = s8[from + i]!;
+    for (let i = words << 2; i < n; i++) d8[to + i] = s8[from + i]!;
     return;
   }
   const sv = src.view;
