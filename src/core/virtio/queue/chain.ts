@@ -80,14 +80,9 @@ export class DescriptorChain {
    * which one segment cannot fail. It must still lie in guest memory.
    */
   setOne(mem: GuestMemory, head: number, addr: number, len: number, writable: boolean): void {
-    const w = len !== 0 ? mem.windowFor(addr, len) : undefined;
-    if (w !== undefined) this.remember(mem, w, addr);
-    else {
-      this.win0 = null;
-      if (len !== 0 && !mem.covers(addr, len)) {
-        this.reset();
-        throw new QueueError("BUFFER_ADDRESS", `buffer [0x${addr.toString(16)}, +${len}) is outside guest memory`);
-      }
+    if (!this.rememberFirst(mem, addr, len) && len !== 0 && !mem.covers(addr, len)) {
+      this.reset();
+      throw new QueueError("BUFFER_ADDRESS", `buffer [0x${addr.toString(16)}, +${len}) is outside guest memory`);
     }
     this.head = head;
     this.descCount = 1;
@@ -117,15 +112,12 @@ export class DescriptorChain {
     if (this.readableBytes + this.writableBytes > MAX_CHAIN_BYTES) {
       throw new QueueError("CHAIN_TOO_LONG", "chain is longer than 2^32 bytes in total");
     }
-    if (len !== 0 && !mem.covers(addr, len)) {
+    // Segment 0's window is looked up once, for the check and to be remembered.
+    const inOne = this.count === 0 && this.rememberFirst(mem, addr, len);
+    if (len !== 0 && !inOne && !mem.covers(addr, len)) {
       throw new QueueError("BUFFER_ADDRESS", `buffer [0x${addr.toString(16)}, +${len}) is outside guest memory`);
     }
     if (this.count === this.addrs.length) this.grow();
-    if (this.count === 0) {
-      const w = len !== 0 ? mem.windowFor(addr, len) : undefined;
-      if (w !== undefined) this.remember(mem, w, addr);
-      else this.win0 = null;
-    }
     this.addrs[this.count] = addr;
     this.lens[this.count] = len;
     this.count++;
@@ -251,11 +243,18 @@ export class DescriptorChain {
     return this.win0 !== null && mem === this.mem0 && mem.generation === this.gen0 ? this.win0 : null;
   }
 
-  private remember(mem: GuestMemory, w: MemoryWindow, addr: number): void {
+  /** Remembers the window holding all of [addr, +len) as segment 0's, if one does (else none); true if one does. */
+  private rememberFirst(mem: GuestMemory, addr: number, len: number): boolean {
+    const w = len !== 0 ? mem.windowFor(addr, len) : undefined;
+    if (w === undefined) {
+      this.win0 = null;
+      return false;
+    }
     this.win0 = w;
     this.off0 = addr - w.gpa;
     this.mem0 = mem;
     this.gen0 = mem.generation;
+    return true;
   }
 
   /**
