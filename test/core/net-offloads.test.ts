@@ -302,12 +302,12 @@ for (const { name, preferPacked } of LAYOUTS) {
     test("the driver does not believe num_buffers: 0, or more buffers than were used, drops and counts", T, async () => {
       const p = netPair({ device: { mtu: 9000 }, driver: { preferPacked, extra: MRG, queueSize: 16 } });
       type Chain = { readableCount: number; addr(i: number): number };
-      const dev = p.device as unknown as { writeRxHdr(c: Chain, mem: GuestMemory, h: unknown, n: number): void };
+      const dev = p.device as unknown as { writeRxHdr(c: Chain, mem: GuestMemory, w: unknown, h: unknown, n: number): void };
       const orig = dev.writeRxHdr.bind(p.device);
       let lie: (n: number) => number = (n) => n;
       // Every received header is written by writeRxHdr; this one then rewrites its num_buffers (bytes 10-11).
-      dev.writeRxHdr = (c, mem, h, n) => {
-        orig(c, mem, h, n);
+      dev.writeRxHdr = (c, mem, w, h, n) => {
+        orig(c, mem, w, h, n);
         mem.writeU16(c.addr(c.readableCount) + 10, lie(n));
       };
       lie = () => 0;

@@ -6,7 +6,7 @@ import { checkTxHdr } from "../../../net/validate.js";
 import { fitOffloads } from "../../../net/fit.js";
 import { PacketInfo } from "../../../net/parse.js";
 import { VIEW_COPY_MIN, WordBuffer, copyBytes } from "../../../memory/copy.js";
-import type { GuestMemory } from "../../../memory/guest-memory.js";
+import type { GuestMemory, MemoryWindow } from "../../../memory/guest-memory.js";
 import { DescriptorChain, type DeviceQueue } from "../../queue/index.js";
 import { VirtioDevice } from "../../lifecycle/device.js";
 import { STATUS_DRIVER_OK } from "../../lifecycle/status.js";
@@ -791,12 +791,12 @@ export class NetDevice extends VirtioDevice {
 
   /**
    * The virtio_net_hdr of a received packet (fillRxHdr) into the first
-   * buffer `first` it took. The usual header, with nothing in it but
-   * num_buffers, is three word stores when the buffer's window holds it at a
-   * word boundary.
+   * buffer `first` it took; `w` is what first.firstWritable returned for at
+   * least the header's bytes (the caller's lookup, not made twice). The
+   * usual header, with nothing in it but num_buffers, is three word stores
+   * when that window holds it at a word boundary.
    */
-  private writeRxHdr(first: DescriptorChain, mem: GuestMemory, hdr: Readonly<NetHdr>, numBuffers: number): void {
-    const w = first.firstWritable(mem, NET_HDR_SIZE);
+  private writeRxHdr(first: DescriptorChain, mem: GuestMemory, w: MemoryWindow | null, hdr: Readonly<NetHdr>, numBuffers: number): void {
     const o = first.windowOffset;
     if (w !== null && (o & 3) === 0 && hdr.flags === 0 && hdr.gsoType === 0) {
       const k = o >>> 2;
@@ -923,8 +923,8 @@ export class NetDevice extends VirtioDevice {
     let n = Math.min(first.writableBytes - NET_HDR_SIZE, len);
     if (n === len) {
       // The usual packet: all in the first buffer, usually in its first segment.
-      this.writeRxHdr(first, mem, hdr, 1);
       const w = first.firstWritable(mem, NET_HDR_SIZE + len);
+      this.writeRxHdr(first, mem, w, hdr, 1);
       // A long frame is copied by TypedArray.set, which needs a view of exactly its bytes: the frame is one.
       if (w === null) first.writeFrom(mem, src, at, len, NET_HDR_SIZE);
       else if (len >= VIEW_COPY_MIN) w.u8.set(frame, first.windowOffset + NET_HDR_SIZE);
@@ -966,7 +966,7 @@ export class NetDevice extends VirtioDevice {
       done += n;
       count++;
     }
-    this.writeRxHdr(first, mem, hdr, count);
+    this.writeRxHdr(first, mem, first.firstWritable(mem, NET_HDR_SIZE), hdr, count);
     this.rxPushed = true;
     for (let k = 0; k < count; k++) q.pushUsed(ids[k]!, lens[k]!, descs[k]);
     this.stats.rxFrames++;
