@@ -604,7 +604,12 @@ export class Testpmd {
     return s;
   }
 
-  /** `clear port stats all`. */
+  /**
+   * `clear port stats all`. Not reliable on a port whose lcore is
+   * forwarding: net_vhost updates its counters on every burst with a plain
+   * read-modify-write, which can overwrite the reset. Compare two readings
+   * there instead.
+   */
   async clearStats(): Promise<void> {
     await this.command("clear port stats all");
   }
