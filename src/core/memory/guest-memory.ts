@@ -1,3 +1,4 @@
+import type { DirtyLog } from "./dirty-log.js";
 import { copyBytes, type WordViews } from "./copy.js";
 import { GuestError, IovirtUsageError, hex } from "../errors.js";
 
@@ -166,6 +167,12 @@ export class GuestMemory {
    * guest's data was. It is asked once per transfer, so it must be cheap.
    */
   lossCheck: (() => boolean) | null = null;
+  /**
+   * Dirty-page logging for migration (dirty-log.ts): while set, queues on
+   * this memory remember where buffers may be written, and while it is also
+   * active they mark in it what devices wrote.
+   */
+  dirtyLog: DirtyLog | null = null;
 
   constructor(regions: Iterable<RegionOptions | MemoryRegion> = []) {
     for (const r of regions) this.addRegion(r);

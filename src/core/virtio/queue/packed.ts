@@ -1,3 +1,4 @@
+import { WriteRecord } from "./written.js";
 import { combineU64, type GuestMemory } from "../../memory/guest-memory.js";
 import { IovirtUsageError } from "../../errors.js";
 import { DescriptorChain } from "./chain.js";
@@ -70,6 +71,8 @@ export class PackedQueue implements DeviceQueue {
   // Used descriptors of a batch are published by the first one's id+flags word, written last.
   private batchFlagsAt = -1;
   private batchFlags = 0;
+  /** Dirty logging: where popped buffers may be written (made when memory first has a DirtyLog). */
+  private rec: WriteRecord | null = null;
 
   constructor(mem: GuestMemory, state: QueueState, features: RingFeatures) {
     validateQueueState(state);
@@ -142,6 +145,7 @@ export class PackedQueue implements DeviceQueue {
       this.isBroken = true;
       throw e;
     }
+    if (this.mem.dirtyLog !== null) (this.rec ??= new WriteRecord(this.size)).remember(chain);
     return true;
   }
 
@@ -190,6 +194,13 @@ export class PackedQueue implements DeviceQueue {
       this.batchFlagsAt = w + 3;
       this.batchFlags = word;
     } else this.desc32[w + 3] = word;
+    const log = this.mem.dirtyLog;
+    if (log !== null && log.active) {
+      // Popped before the log was attached: the ring slots that said where it lies may be reused
+      // by now (this very write reuses them), so the miss can only be counted.
+      if (len > 0 && !(this.rec?.mark(log, id, len) ?? false)) log.unrecorded++;
+      log.mark(this.state0.descTable + 16 * this.nextUsed, 16);
+    }
     this.nextUsed += descCount;
     if (this.nextUsed >= this.size) {
       this.nextUsed -= this.size;
@@ -201,12 +212,17 @@ export class PackedQueue implements DeviceQueue {
   pushUsedBatch(lastId: number, len: number, _buffers: number, descCount = 1): void {
     if (!this.features.inOrder) throw new IovirtUsageError("NOT_IN_ORDER", "batched used descriptors need VIRTIO_F_IN_ORDER");
     this.pushUsed(lastId, len, descCount);
+    // The descriptor gives the last buffer's length only: the others of the batch are marked whole.
+    const log = this.mem.dirtyLog;
+    if (log !== null && log.active) this.rec?.markAll(log);
   }
 
   /** Publishes the batch: the release store of its first used descriptor's flags. */
   publishUsed(): void {
     if (this.batchFlagsAt >= 0) {
       Atomics.store(this.desc32, this.batchFlagsAt, this.batchFlags);
+      // Marked again now that its flags are written: the log may have been read since pushUsed marked it.
+      this.mem.dirtyLog?.mark(this.state0.descTable + 4 * (this.batchFlagsAt - this.descBase), 4);
       this.batchFlagsAt = -1;
     }
   }
@@ -243,6 +259,7 @@ export class PackedQueue implements DeviceQueue {
     } else {
       Atomics.store(this.dev16, this.devBase + 1, m.mode === "enable" ? RING_EVENT_FLAGS_ENABLE : RING_EVENT_FLAGS_DISABLE);
     }
+    this.mem.dirtyLog?.mark(this.state0.deviceArea, 4);
     return m.mode !== "disable" && this.hasAvailable();
   }
 

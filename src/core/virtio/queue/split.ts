@@ -15,6 +15,8 @@ import { indirectTable } from "./indirect.js";
 import { SplitRing } from "./split-ring.js";
 import type { QueueState, RingFeatures } from "./state.js";
 import type { DeviceQueue } from "./device-queue.js";
+import { WriteRecord } from "./written.js";
+import type { DirtyLog } from "../../memory/dirty-log.js";
 
 /**
  * Device side of a split virtqueue (virtio 1.2 §2.7).
@@ -36,6 +38,11 @@ export class SplitQueue extends SplitRing implements DeviceQueue {
   private isBroken = false;
   /** touchAhead: the avail index up to which buffers were read ahead. */
   private touchedTo = 0;
+  /** Dirty logging: where popped buffers may be written (made when memory first has a DirtyLog). */
+  private rec: WriteRecord | null = null;
+  private rewalk: DescriptorChain | null = null;
+  /** Guest physical address of the used ring, where its words are marked. */
+  private readonly usedGpa: number;
 
   constructor(mem: GuestMemory, state: QueueState, features: RingFeatures) {
     super(mem, state, features, "SplitQueue");
@@ -44,6 +51,7 @@ export class SplitQueue extends SplitRing implements DeviceQueue {
     this.nextUsed = state.nextUsed;
     this.shadowAvail = state.nextAvail;
     this.signalledUsed = state.nextUsed;
+    this.usedGpa = state.deviceArea;
   }
 
   get broken(): boolean {
@@ -93,6 +101,7 @@ export class SplitQueue extends SplitRing implements DeviceQueue {
         // §2.7.10: ask to be kicked for the next entry, once per burst rather than per pop;
         // then look again, since the driver may have added one before it saw the store.
         Atomics.store(this.used16, this.usedBase16 + 2 + this.size * 4, this.nextAvail);
+        this.mem.dirtyLog?.mark(this.usedGpa + 4 + 8 * this.size, 2);
         this.shadowAvail = this.loadAvailIdx();
         if (this.nextAvail === this.shadowAvail) return false;
       }
@@ -104,6 +113,7 @@ export class SplitQueue extends SplitRing implements DeviceQueue {
       this.isBroken = true;
       throw e;
     }
+    if (this.mem.dirtyLog !== null) (this.rec ??= new WriteRecord(this.size)).remember(chain);
     this.nextAvail = (this.nextAvail + 1) & 0xffff;
     return true;
   }
@@ -120,7 +130,30 @@ export class SplitQueue extends SplitRing implements DeviceQueue {
     const i = this.usedRing32 + ((this.nextUsed & this.mask) << 1);
     this.used32[i] = id;
     this.used32[i + 1] = len;
+    const log = this.mem.dirtyLog;
+    if (log !== null && log.active) this.logUsed(log, id, len);
     this.nextUsed = (this.nextUsed + 1) & 0xffff;
+  }
+
+  /** Marks what a used entry stands for: the bytes it says were written, then the entry itself. */
+  private logUsed(log: DirtyLog, id: number, len: number): void {
+    if (len > 0 && !(this.rec?.mark(log, id, len) ?? false)) {
+      // Popped before the log was attached. Its descriptors are still the device's until this entry
+      // is published (§2.7.13), so they say where it lies; a driver that changed them has its
+      // own data to lose, and the miss is counted.
+      try {
+        this.walk((this.rewalk ??= new DescriptorChain()), id);
+        const c = this.rewalk;
+        for (let k = c.readableCount, left = len; k < c.count && left > 0; k++) {
+          const n = Math.min(c.len(k), left);
+          log.mark(c.addr(k), n);
+          left -= n;
+        }
+      } catch {
+        log.unrecorded++;
+      }
+    }
+    log.mark(this.usedGpa + 4 + 8 * (this.nextUsed & this.mask), 8);
   }
 
   /**
@@ -132,11 +165,15 @@ export class SplitQueue extends SplitRing implements DeviceQueue {
     if (!(buffers >= 1 && buffers <= this.size)) throw new RangeError(`batch of ${buffers} buffers`);
     this.pushUsed(lastId, len);
     this.nextUsed = (this.nextUsed + buffers - 1) & 0xffff;
+    // The entry gives the last buffer's length only: the others of the batch are marked whole.
+    const log = this.mem.dirtyLog;
+    if (log !== null && log.active) this.rec?.markAll(log);
   }
 
   /** Publishes used entries: the release store of used.idx (§2.7.8, §2.7.13.3 "memory barrier before idx"). */
   publishUsed(): void {
     Atomics.store(this.used16, this.usedBase16 + 1, this.nextUsed);
+    this.mem.dirtyLog?.mark(this.usedGpa + 2, 2);
   }
 
   /** Whether the driver wants a used-buffer notification for what was published since the last call (§2.7.10). */
@@ -168,9 +205,12 @@ export class SplitQueue extends SplitRing implements DeviceQueue {
       if (m.mode === "enable") Atomics.store(this.used16, eventAt, this.nextAvail);
       else if (m.mode === "disable") Atomics.store(this.used16, eventAt, (this.nextAvail - 1) & 0xffff);
       else Atomics.store(this.used16, eventAt, m.index & 0xffff);
+      this.mem.dirtyLog?.mark(this.usedGpa, 2);
+      this.mem.dirtyLog?.mark(this.usedGpa + 4 + 8 * this.size, 2);
     } else {
       if (m.mode === "desc") throw new IovirtUsageError("NEEDS_EVENT_IDX", "notify-at-index needs VIRTIO_F_EVENT_IDX");
       Atomics.store(this.used16, flagsAt, m.mode === "disable" ? VIRTQ_USED_F_NO_NOTIFY : 0);
+      this.mem.dirtyLog?.mark(this.usedGpa, 2);
     }
     return m.mode !== "disable" && this.hasAvailable();
   }
