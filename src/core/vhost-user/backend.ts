@@ -1,4 +1,5 @@
 import type { GuestMemory } from "../memory/guest-memory.js";
+import { DirtyLog } from "../memory/dirty-log.js";
 import { GuestError } from "../errors.js";
 import type { VirtioDevice } from "../virtio/lifecycle/device.js";
 import { VIRTIO_F_RING_PACKED, hasFeature, bit } from "../virtio/lifecycle/features.js";
@@ -7,6 +8,7 @@ import {
   VhostUserError,
   decodeConfig,
   decodeInflight,
+  decodeLogBase,
   decodeMemTable,
   decodeSingleRegion,
   decodeU64Bits,
@@ -22,15 +24,18 @@ import {
   type Header,
 } from "./codec.js";
 import { InflightRings } from "./inflight-rings.js";
-import { MemoryTable, type PreparedTable } from "./memory-table.js";
-import type { VhostUserPlatform } from "./platform.js";
+import { MemoryTable, checkFileCovers, type PreparedTable } from "./memory-table.js";
+import { platformCall, type VhostUserPlatform } from "./platform.js";
 import {
   BackendReq,
   FLAG_NEED_REPLY,
   FLAG_REPLY,
+  MAX_LOG_BYTES,
   MAX_MEM_SLOTS,
   PF,
   Req,
+  VHOST_F_LOG_ALL,
+  VHOST_VRING_F_LOG,
   VHOST_USER_F_PROTOCOL_FEATURES,
   VRING_IDX_MASK,
   VRING_NOFD_MASK,
@@ -74,6 +79,12 @@ export interface BackendOptions {
    * the middle of processing a ring. Without it the failed ring just stops.
    */
   onFatal?: (err: VhostUserError) => void;
+  /**
+   * For negative-control tests only: false keeps dirty logging offered and
+   * its messages accepted but sets no bit, so a migration test can show
+   * that it catches what logging prevents. Default true.
+   */
+  markDirtyPages?: boolean;
 }
 
 /**
@@ -83,6 +94,7 @@ export interface BackendOptions {
  */
 const SUPPORTED_PF =
   bit(PF.MQ) |
+  bit(PF.LOG_SHMFD) |
   bit(PF.REPLY_ACK) |
   bit(PF.CONFIG) |
   bit(PF.BACKEND_REQ) |
@@ -125,6 +137,10 @@ export class VhostUserBackend<F> {
   private readonly onFatal: ((err: VhostUserError) => void) | null;
   /** SUPPORTED_PF plus what the device can do (SEND_RARP, NET_SET_MTU, INFLIGHT_SHMFD). */
   private readonly supportedPF: bigint;
+  /** The front end's dirty bitmap (SET_LOG_BASE), marked while VHOST_F_LOG_ALL is negotiated. */
+  private readonly dirty = new DirtyLog();
+  private logMapping: ArrayBuffer | null = null;
+  private readonly markDirtyPages: boolean;
 
   constructor(device: VirtioDevice, platform: VhostUserPlatform<F>, opts: BackendOptions = {}) {
     this.device = device;
@@ -134,6 +150,7 @@ export class VhostUserBackend<F> {
     const passBudget = opts.passBudget ?? 64;
     if (!(passBudget >= 1)) throw new RangeError(`passBudget ${passBudget}`);
     this.onFatal = opts.onFatal ?? null;
+    this.markDirtyPages = opts.markDirtyPages ?? true;
     this.supportedPF =
       SUPPORTED_PF |
       (device.hostSendRarp !== undefined ? bit(PF.RARP) : 0n) |
@@ -181,9 +198,14 @@ export class VhostUserBackend<F> {
     return this.deferred;
   }
 
-  /** Virtio features offered to the front end: the device's plus PROTOCOL_FEATURES. */
+  /** Virtio features offered to the front end: the device's plus PROTOCOL_FEATURES and LOG_ALL. */
   get offeredFeatures(): bigint {
-    return this.device.offeredFeatures | bit(VHOST_USER_F_PROTOCOL_FEATURES);
+    return this.device.offeredFeatures | bit(VHOST_USER_F_PROTOCOL_FEATURES) | bit(VHOST_F_LOG_ALL);
+  }
+
+  /** The dirty log (for tests and stats): its bitmap is the front end's, once SET_LOG_BASE gave one. */
+  get dirtyLog(): DirtyLog {
+    return this.dirty;
   }
 
   /** Memory currently mapped (for tests and stats). */
@@ -274,6 +296,7 @@ export class VhostUserBackend<F> {
     for (let i = 0; i < this.rings.length; i++) this.stopRing(i);
     for (const ring of this.rings) this.closeRingFds(ring);
     this.table.close();
+    this.replaceLog(null);
     if (this.backendFd !== null) this.platform.close(this.backendFd);
     this.backendFd = null;
     this.inflight.close();
@@ -293,19 +316,22 @@ export class VhostUserBackend<F> {
         if (this.rings.some((r) => r.started)) {
           // QEMU's vhost-user-net keeps one vhost_dev per queue pair on this socket, and each sends
           // SET_FEATURES as it starts, while the earlier pairs' rings run: the same set again is
-          // harmless and changes nothing. Another set would change rings under the driver's feet.
-          if (f !== this.features) {
+          // harmless and changes nothing. Only logging may be switched on running rings (the
+          // kernel's vhost_types.h: LOG_ALL "can be changed while device is active"); another set
+          // would change rings under the driver's feet.
+          if (((f ^ this.features) & ~bit(VHOST_F_LOG_ALL)) !== 0n) {
             throw new VhostUserError(
               "WRONG_STATE",
               `SET_FEATURES 0x${f.toString(16)} while rings run with 0x${this.features.toString(16)}: stop the rings first`,
             );
           }
         } else {
-          const bad = this.device.hostSetFeatures(f & ~bit(VHOST_USER_F_PROTOCOL_FEATURES));
+          const bad = this.device.hostSetFeatures(f & ~bit(VHOST_USER_F_PROTOCOL_FEATURES) & ~bit(VHOST_F_LOG_ALL));
           if (bad !== null) throw new VhostUserError("BAD_FEATURES", bad);
         }
         this.features = f;
         this.featuresSet = true;
+        this.setLogging(hasFeature(f, VHOST_F_LOG_ALL));
         // Without protocol features rings start enabled ("Ring states").
         if (!hasFeature(f, VHOST_USER_F_PROTOCOL_FEATURES)) {
           for (const r of this.rings) r.enabled = true;
@@ -344,6 +370,7 @@ export class VhostUserBackend<F> {
           this.tellEnabled();
           this.features = 0n;
           this.featuresSet = false;
+          this.setLogging(false);
           this.status = 0;
         };
         // A read finishing after the reset would write into buffers the driver may already reuse.
@@ -391,9 +418,37 @@ export class VhostUserBackend<F> {
       }
       case Req.SET_VRING_ADDR: {
         const a = decodeVringAddr(h.request, p);
-        this.stoppedRing(h, a.index).addr = a;
+        const ring = this.ring(h, a.index);
+        if (ring.started) {
+          // QEMU sends the addresses again, with VHOST_VRING_F_LOG, to running rings when a migration
+          // starts (and without it when one is cancelled): the ring goes on where it is.
+          const cur = ring.addr!;
+          if (cur.desc !== a.desc || cur.used !== a.used || cur.avail !== a.avail) {
+            throw new VhostUserError("WRONG_STATE", `SET_VRING_ADDR: ring ${a.index} is running; only its log flag may change`);
+          }
+        }
+        ring.addr = a;
+        this.checkLogAddress(a.index);
         return done;
       }
+      case Req.SET_LOG_BASE: {
+        this.requirePF(h, PF.LOG_SHMFD);
+        const b = decodeLogBase(h.request, p);
+        const fd = fds[0];
+        if (fd === undefined) throw new VhostUserError("BAD_FDS", "SET_LOG_BASE without the log's fd");
+        if (!(b.size >= 1 && b.size <= MAX_LOG_BYTES)) throw new VhostUserError("BAD_VALUE", `dirty log of ${b.size} bytes`);
+        checkFileCovers(this.platform, fd, b.offset, b.size, "dirty log");
+        const mapping = platformCall("MMAP_FAILED", `mmap of the ${b.size}-byte dirty log`, () => this.platform.mmap(fd, b.offset, b.size));
+        this.replaceLog(mapping);
+        // The front end waits for this reply once LOG_SHMFD is negotiated ("Communication"), and reads
+        // the old log as soon as it has it: nothing is marked there after replaceLog. QEMU reads any
+        // payload; a u64 0 is what libvhost-user sends.
+        return { reply: encodeU64(0), keptFds: false };
+      }
+      case Req.SET_LOG_FD:
+        // Optional ("Migration"): an eventfd to say the log changed, which QEMU does not wait for.
+        this.requirePF(h, PF.LOG_SHMFD);
+        return done;
       case Req.SET_VRING_BASE: {
         const s = decodeVringState(h.request, p);
         this.stoppedRing(h, s.index).base = s.num;
@@ -690,9 +745,62 @@ export class VhostUserBackend<F> {
     return this.memoryLost;
   }
 
+  /**
+   * Switches marking on or off (VHOST_F_LOG_ALL). It is read by every
+   * queue at its next used entry, so it takes effect between two buffers.
+   */
+  private setLogging(on: boolean): void {
+    const was = this.dirty.enabled;
+    this.dirty.enabled = on && this.markDirtyPages;
+    if (on && !was) this.log(`vhost-user: dirty logging on${this.markDirtyPages ? "" : " (test switch: no page is marked)"}`);
+    else if (!on && was) this.log("vhost-user: dirty logging off");
+    if (on) for (let i = 0; i < this.rings.length; i++) this.checkLogAddress(i);
+  }
+
+  /**
+   * Puts a new dirty bitmap in place of the old one (null: none) and unmaps
+   * the old one: from here on nothing is marked there. The memory carries
+   * the log from now on, so buffers taken after this are recorded.
+   */
+  private replaceLog(mapping: ArrayBuffer | null): void {
+    this.dirty.setBitmap(mapping === null ? null : new Uint8Array(mapping));
+    const old = this.logMapping;
+    this.logMapping = mapping;
+    if (old !== null) this.platform.munmap(old);
+    if (mapping !== null) {
+      this.table.memory.dirtyLog = this.dirty;
+      this.log(`vhost-user: dirty log of ${mapping.byteLength} bytes (guest memory up to ${mapping.byteLength * 8 * 4} KiB)`);
+    }
+  }
+
+  /**
+   * The queues mark used-ring writes at the ring's guest address as they
+   * found it through the memory table; the front end names that address in
+   * log_guest_addr, and a different one means the two disagree on where the
+   * ring is. Said once, when the front end asks for ring logging.
+   */
+  private checkLogAddress(i: number): void {
+    const a = this.rings[i]!.addr;
+    if (a === null || (a.flags & VHOST_VRING_F_LOG) === 0 || !this.dirty.enabled) return;
+    let gpa: number | null = null;
+    try {
+      gpa = this.table.toGuest(a.used, "used ring");
+    } catch {
+      // not mapped (yet): the ring cannot start either, and says so then
+    }
+    if (gpa !== a.log) {
+      this.log(
+        `vhost-user: ring ${i}: log_guest_addr 0x${a.log.toString(16)} is not the used ring's guest address (${gpa === null ? "unmapped" : "0x" + gpa.toString(16)}); its writes are marked at the latter`,
+      );
+    }
+  }
+
   /** Gives the device new memory whose data transfers stop as soon as pages are lost (see GuestMemory.lossCheck). */
   private attach(mem: GuestMemory): void {
     mem.lossCheck = () => this.lostMemory();
+    // Devices that complete requests later (blk) keep where each buffer may be written from the
+    // start: a request taken before a migration starts may finish after logging is on.
+    mem.dirtyLog = this.device.canResubmit || this.logMapping !== null ? this.dirty : null;
     this.faultEventsSeen = -1;
     this.device.attachMemory(mem);
   }

@@ -107,6 +107,24 @@ export interface VringAddr {
   avail: number;
   log: number;
 }
+/** SET_LOG_BASE's log description ("Log description"): the bitmap's size in bytes, and where it starts in the fd. */
+export interface LogBase {
+  size: number;
+  offset: number;
+}
+export function decodeLogBase(request: number, p: Uint8Array): LogBase {
+  // The message table calls the payload a u64; QEMU sends (and the "Log description" section defines) 16 bytes.
+  const v = expectSize(request, p, 16);
+  return { size: u64(v, 0, "log size"), offset: u64(v, 8, "log offset") };
+}
+export function encodeLogBase(b: LogBase): Uint8Array {
+  const out = new Uint8Array(16);
+  const v = view(out);
+  v.setBigUint64(0, BigInt(b.size), true);
+  v.setBigUint64(8, BigInt(b.offset), true);
+  return out;
+}
+
 export function decodeVringAddr(request: number, p: Uint8Array): VringAddr {
   const v = expectSize(request, p, 40);
   return {

@@ -79,6 +79,16 @@ export const PF = {
   STATUS: 16,
 } as const;
 
+/**
+ * VHOST_F_LOG_ALL, a feature bit of the vhost protocol itself (not virtio):
+ * while negotiated, the back end logs every page it writes (migration).
+ */
+export const VHOST_F_LOG_ALL = 26;
+/** SET_VRING_ADDR flags: bit 0, VHOST_VRING_F_LOG, says log_guest_addr is where the used ring's writes are logged. */
+export const VHOST_VRING_F_LOG = 1;
+/** Largest dirty bitmap SET_LOG_BASE may map: 1 GiB of bits covers 32 TiB of guest memory. */
+export const MAX_LOG_BYTES = 2 ** 30;
+
 /** Virtio feature bit 30 reused to announce protocol-feature negotiation. */
 export const VHOST_USER_F_PROTOCOL_FEATURES = 30;
 

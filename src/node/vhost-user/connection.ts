@@ -10,6 +10,15 @@ const TRACE_PREFIX = "vhost-user: <- ";
 const MAX_HELD = 64;
 
 /** True for the per-message trace lines (worth printing only when asked to be verbose); the rest are events. */
+/**
+ * IOVIRT_TEST_NO_DIRTY_LOG=1 is for negative-control tests only: every
+ * vhost-user back end in this process then offers and accepts dirty logging
+ * but marks no page, which is the damage a migration test has to catch
+ * (docs/migration.md). Never set it anywhere else: a guest migrated with it
+ * may lose data.
+ */
+const MARK_DIRTY_PAGES = process.env["IOVIRT_TEST_NO_DIRTY_LOG"] !== "1";
+
 export function isMessageTrace(line: string): boolean {
   return line.startsWith(TRACE_PREFIX);
 }
@@ -67,6 +76,7 @@ export class VhostUserConnection {
     this.backend = new VhostUserBackend(device, nodePlatform, {
       log: opts.log ?? (() => {}),
       busyPoll: opts.busyPoll ?? false,
+      markDirtyPages: MARK_DIRTY_PAGES,
       // The back end may be in the middle of a ring pass: close once it has returned to the event loop.
       onFatal: (err) => queueMicrotask(() => this.fail(err)),
     });

@@ -6,6 +6,7 @@ import {
   decodeU64Bits,
   decodeVringState,
   encodeConfig,
+  encodeLogBase,
   encodeMemTable,
   encodeMessage,
   encodeU64,
@@ -13,11 +14,22 @@ import {
   encodeVringState,
   reqName,
 } from "../../core/vhost-user/codec.js";
-import { FLAG_NEED_REPLY, FLAG_REPLY, HEADER_SIZE, PF, Req, VHOST_USER_F_PROTOCOL_FEATURES } from "../../core/vhost-user/protocol.js";
+import {
+  FLAG_NEED_REPLY,
+  FLAG_REPLY,
+  HEADER_SIZE,
+  PF,
+  Req,
+  VHOST_F_LOG_ALL,
+  VHOST_USER_F_PROTOCOL_FEATURES,
+  VHOST_VRING_F_LOG,
+} from "../../core/vhost-user/protocol.js";
+import { bitmapBytesFor, readPages } from "../../core/memory/dirty-log.js";
 import { bit, hasFeature, ringFeatures, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1 } from "../../core/virtio/lifecycle/features.js";
 import { createDriverQueue } from "../../core/virtio/driver/create.js";
 import { DmaAllocator } from "../../core/virtio/driver/dma.js";
 import { layoutQueue } from "../../core/virtio/driver/layout.js";
+import type { QueueState } from "../../core/virtio/queue/state.js";
 import type { DriverQueue } from "../../core/virtio/driver/driver-queue.js";
 import {
   addressOf,
@@ -51,7 +63,7 @@ export interface FrontendOptions {
   replyTimeoutMs?: number;
 }
 
-const WANTED_PF = bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG);
+const WANTED_PF = bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.LOG_SHMFD);
 const sleeper = new Int32Array(new SharedArrayBuffer(4));
 
 /**
@@ -66,7 +78,7 @@ export class VhostUserFrontend {
   features = 0n;
   protocolFeatures = 0n;
   readonly queues: DriverQueue<unknown>[] = [];
-  private readonly sock: Fd;
+  private sock: Fd;
   private readonly memFd: Fd;
   private readonly memBuf: ArrayBuffer;
   private readonly kicks: Fd[] = [];
@@ -74,6 +86,13 @@ export class VhostUserFrontend {
   private readonly watchers: Watcher[] = [];
   private readonly timeoutMs: number;
   private closed = false;
+  /** What SET_FEATURES carried (with VHOST_USER_F_PROTOCOL_FEATURES when negotiated). */
+  private accepted = 0n;
+  private offered = 0n;
+  /** Ring i's guest-physical layout (the addresses SET_VRING_ADDR names, less the memory's user address). */
+  private readonly ringStates: QueueState[] = [];
+  /** The dirty bitmap while logging (startLogging). */
+  private logBuf: ArrayBuffer | null = null;
 
   private constructor(sock: Fd, memFd: Fd, memBuf: ArrayBuffer, timeoutMs: number) {
     this.sock = sock;
@@ -163,16 +182,39 @@ export class VhostUserFrontend {
     }
     this.sock.close();
     for (const fd of [...this.kicks, ...this.calls]) fd.close();
+    if (this.logBuf !== null) munmap(this.logBuf);
+    this.logBuf = null;
     munmap(this.memBuf);
     this.memFd.close();
   }
 
   private setup(opts: FrontendOptions): void {
+    const queues = this.negotiate(opts.wanted, opts.packed === true, opts.queues ?? 1);
+    const layout = this.layoutUsed();
+    const size = opts.queueSize ?? 128;
+    for (let i = 0; i < queues; i++) {
+      const probe = layoutQueue(layout, size, 0);
+      const base = this.dma.alloc(probe.end, 4096);
+      const { state } = layoutQueue(layout, size, base);
+      this.mem.fill(base, probe.end, 0);
+      this.ringStates.push(state);
+      this.queues.push(createDriverQueue<unknown>(this.mem, state, ringFeatures(this.features)));
+      this.kicks.push(eventfd(0, { nonblock: true }));
+      this.calls.push(eventfd(0, { nonblock: true }));
+    }
+    // Packed: avail offset 0 with wrap 1, used offset 0 with wrap 1.
+    this.startRings(this.queues.map(() => (layout === "packed" ? 0x80008000 : 0)));
+  }
+
+  /** Features, protocol features, owner; returns how many queues the back end will serve. */
+  private negotiate(wanted: bigint, packed: boolean, queues: number): number {
+    // A new connection starts with nothing negotiated (no REPLY_ACK either).
+    this.protocolFeatures = 0n;
     const offered = decodeU64Bits(Req.GET_FEATURES, this.request(Req.GET_FEATURES, new Uint8Array(0), [], true));
     if (!hasFeature(offered, VIRTIO_F_VERSION_1)) throw new VhostUserError("NO_VERSION_1", "back end does not offer VIRTIO_F_VERSION_1");
-    let accept = offered & (opts.wanted | bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES));
-    if (opts.packed !== true) accept &= ~bit(VIRTIO_F_RING_PACKED);
-    let queues = opts.queues ?? 1;
+    this.offered = offered;
+    let accept = offered & (wanted | bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES));
+    if (!packed) accept &= ~bit(VIRTIO_F_RING_PACKED);
     if (hasFeature(offered, VHOST_USER_F_PROTOCOL_FEATURES)) {
       const pf = decodeU64Bits(Req.GET_PROTOCOL_FEATURES, this.request(Req.GET_PROTOCOL_FEATURES, new Uint8Array(0), [], true));
       // REPLY_ACK applies only after this message, so it goes out without need_reply.
@@ -185,41 +227,125 @@ export class VhostUserFrontend {
     }
     this.request(Req.SET_OWNER);
     this.request(Req.SET_FEATURES, encodeU64(accept));
+    this.accepted = accept;
     this.features = accept & ~bit(VHOST_USER_F_PROTOCOL_FEATURES);
+    return queues;
+  }
+
+  /** Memory table, then every ring from `bases` (what SET_VRING_BASE carries), kick and call, enabled. */
+  private startRings(bases: number[]): void {
     const userAddr = Number(addressOf(this.memBuf));
     this.request(Req.SET_MEM_TABLE, encodeMemTable([{ guestAddr: 0, size: this.memBuf.byteLength, userAddr, mmapOffset: 0 }]), [
       this.memFd,
     ]);
-    const layout = hasFeature(accept, VIRTIO_F_RING_PACKED) ? "packed" : "split";
-    const size = opts.queueSize ?? 128;
-    for (let i = 0; i < queues; i++) {
-      const probe = layoutQueue(layout, size, 0);
-      const base = this.dma.alloc(probe.end, 4096);
-      const { state } = layoutQueue(layout, size, base);
-      this.mem.fill(base, probe.end, 0);
-      this.queues.push(createDriverQueue<unknown>(this.mem, state, ringFeatures(this.features)));
-      const kick = eventfd(0, { nonblock: true });
-      const call = eventfd(0, { nonblock: true });
-      this.kicks.push(kick);
-      this.calls.push(call);
-      this.request(Req.SET_VRING_NUM, encodeVringState({ index: i, num: size }));
-      // Packed: avail offset 0 with wrap 1, used offset 0 with wrap 1.
-      this.request(Req.SET_VRING_BASE, encodeVringState({ index: i, num: layout === "packed" ? 0x80008000 : 0 }));
-      this.request(
-        Req.SET_VRING_ADDR,
-        encodeVringAddr({
-          index: i,
-          flags: 0,
-          desc: userAddr + state.descTable,
-          used: userAddr + state.deviceArea,
-          avail: userAddr + state.driverArea,
-          log: 0,
-        }),
-      );
-      this.request(Req.SET_VRING_CALL, encodeU64(i), [call]);
-      this.request(Req.SET_VRING_KICK, encodeU64(i), [kick]);
-      if (hasFeature(accept, VHOST_USER_F_PROTOCOL_FEATURES)) this.request(Req.SET_VRING_ENABLE, encodeVringState({ index: i, num: 1 }));
+    for (let i = 0; i < this.queues.length; i++) {
+      this.request(Req.SET_VRING_NUM, encodeVringState({ index: i, num: this.ringStates[i]!.size }));
+      this.request(Req.SET_VRING_BASE, encodeVringState({ index: i, num: bases[i]! }));
+      this.setVringAddr(i, false);
+      this.request(Req.SET_VRING_CALL, encodeU64(i), [this.calls[i]!]);
+      this.request(Req.SET_VRING_KICK, encodeU64(i), [this.kicks[i]!]);
+      if (hasFeature(this.accepted, VHOST_USER_F_PROTOCOL_FEATURES))
+        this.request(Req.SET_VRING_ENABLE, encodeVringState({ index: i, num: 1 }));
     }
+  }
+
+  private setVringAddr(i: number, log: boolean): void {
+    const userAddr = Number(addressOf(this.memBuf));
+    const state = this.ringStates[i]!;
+    this.request(
+      Req.SET_VRING_ADDR,
+      encodeVringAddr({
+        index: i,
+        flags: log ? VHOST_VRING_F_LOG : 0,
+        desc: userAddr + state.descTable,
+        used: userAddr + state.deviceArea,
+        avail: userAddr + state.driverArea,
+        // The used ring's guest physical address: where the back end logs its writes there.
+        log: state.deviceArea,
+      }),
+    );
+  }
+
+  /**
+   * Starts dirty-page logging, as QEMU does when a migration starts
+   * (vhost-user.rst, "Migration"): a zeroed bitmap in a fresh memfd with
+   * SET_LOG_BASE, VHOST_F_LOG_ALL with SET_FEATURES, and the LOG flag on
+   * every ring with SET_VRING_ADDR, all while the rings run.
+   */
+  startLogging(): void {
+    if (!hasFeature(this.protocolFeatures, PF.LOG_SHMFD) || !hasFeature(this.offered, VHOST_F_LOG_ALL)) {
+      throw new VhostUserError("NO_DIRTY_LOG", "the back end does not offer dirty logging (LOG_SHMFD and VHOST_F_LOG_ALL)");
+    }
+    if (this.logBuf !== null) throw new VhostUserError("WRONG_STATE", "dirty logging is already on");
+    const bytes = Math.ceil(bitmapBytesFor(this.memBuf.byteLength) / 8) * 8; // QEMU sizes it in 64-bit chunks
+    const fd = memfdCreate("vhost-log");
+    try {
+      ftruncate(fd, bytes);
+      this.logBuf = mmap(fd, bytes, 0, "rw", true);
+      this.request(Req.SET_LOG_BASE, encodeLogBase({ size: bytes, offset: 0 }), [fd], true);
+    } finally {
+      fd.close(); // the back end has its own; the mapping stays
+    }
+    this.request(Req.SET_FEATURES, encodeU64(this.accepted | bit(VHOST_F_LOG_ALL)));
+    for (let i = 0; i < this.queues.length; i++) this.setVringAddr(i, true);
+  }
+
+  /** The pages the back end marked since the last call (gpa / 4096, ascending); each byte is read and cleared atomically. */
+  takeDirtyPages(): number[] {
+    if (this.logBuf === null) throw new VhostUserError("WRONG_STATE", "dirty logging is off");
+    return readPages(new Uint8Array(this.logBuf), true);
+  }
+
+  /** Ends dirty logging (a cancelled migration): LOG_ALL and the rings' LOG flag off; the bitmap is dropped. */
+  stopLogging(): void {
+    if (this.logBuf === null) return;
+    this.request(Req.SET_FEATURES, encodeU64(this.accepted));
+    for (let i = 0; i < this.queues.length; i++) this.setVringAddr(i, false);
+    munmap(this.logBuf);
+    this.logBuf = null;
+  }
+
+  /**
+   * Stops every ring with GET_VRING_BASE (the back end finishes what it
+   * took first) and returns where each stopped: what SET_VRING_BASE takes to
+   * resume it. The back end writes nothing more into the rings after this.
+   */
+  stopRings(): number[] {
+    return this.queues.map(
+      (_, i) =>
+        decodeVringState(Req.GET_VRING_BASE, this.request(Req.GET_VRING_BASE, encodeVringState({ index: i, num: 0 }), [], true)).num,
+    );
+  }
+
+  /**
+   * Moves the device to another back end, as a migration does: the rings
+   * stop here (GET_VRING_BASE), the connection closes, and the back end at
+   * `path` gets the same features, memory and rings, resumed where they
+   * stopped. Buffers not yet used when the rings stopped were completed by
+   * the old back end first. The same eventfds serve on.
+   */
+  handOver(path: string): void {
+    const bases = this.stopRings();
+    if (this.logBuf !== null) munmap(this.logBuf);
+    this.logBuf = null;
+    this.sock.close();
+    const sock = unixSocket();
+    try {
+      unixConnect(sock, path);
+    } catch (e) {
+      sock.close();
+      throw e;
+    }
+    this.sock = sock;
+    const had = this.features;
+    const queues = this.negotiate(had, this.layoutUsed() === "packed", this.queues.length);
+    if (this.features !== had || queues !== this.queues.length) {
+      throw new VhostUserError(
+        "FEATURES_DIFFER",
+        `the new back end accepts features 0x${this.features.toString(16)} and ${queues} queue(s), not 0x${had.toString(16)} and ${this.queues.length}`,
+      );
+    }
+    this.startRings(bases);
   }
 
   /**
