@@ -22,11 +22,17 @@ export interface BlkBackend {
  * exist before that line has come through the pipe). If it fails to start,
  * it is killed and the error carries its log.
  */
-export async function startBlkBackend(sock: string, source: string | { nbd: string }, args: readonly string[] = []): Promise<BlkBackend> {
+export async function startBlkBackend(
+  sock: string,
+  source: string | { nbd: string },
+  args: readonly string[] = [],
+  env: NodeJS.ProcessEnv = process.env,
+): Promise<BlkBackend> {
   let err = "";
   const from = typeof source === "string" ? ["--image", source] : ["--nbd", source.nbd];
   const child = spawn(process.execPath, [cli, "blk", "--socket", sock, ...from, ...args], {
     stdio: ["ignore", "ignore", "pipe"],
+    env,
   });
   child.stderr!.on("data", (d: Buffer) => (err += d.toString()));
   try {

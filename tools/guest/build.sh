@@ -15,9 +15,11 @@
 # Everything else goes to stderr.
 #
 # Guest contract (kernel command line; parsed by /init from /proc/cmdline):
-#   iovirt.script=<name>   run /scripts/<name>.sh (blk-pattern, blk-random, blk-fs, hostroot); none: just report and power off
+#   iovirt.script=<name>   run /scripts/<name>.sh (blk-pattern, blk-random, blk-fs, blk-migrate, hostroot); none: just report and power off
 #   iovirt.mode=guest-writes|guest-reads   (blk-pattern, default guest-writes)
 #   iovirt.mib=<N>         MiB to write/read (blk-pattern, default 4)
+#   iovirt.regions=<N>     blk-migrate: most regions to write and read before the host says it migrated (default 40)
+#   iovirt.flag=<path>     blk-migrate: the disk where the host says it migrated (default /dev/vdb)
 #   iovirt.dev=<path>      block device (blk-pattern, default /dev/vda); blk-random, blk-fs: a comma-separated list
 #   iovirt.fs=ext4|ext2    file system blk-fs makes on every device (default ext4)
 #   iovirt.verify=pattern  guest-reads only: also compare what was read with the pattern
@@ -675,6 +677,64 @@ say "hostroot mounted uptime=$(cut -d' ' -f1 /proc/uptime)"
 chroot /host /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/root TMPDIR=/run /bin/bash "$IOVIRT_RUN"
 HOSTROOT_EOF
 chmod 0755 "$ROOT/scripts/hostroot.sh"
+
+cat >"$ROOT/scripts/blk-migrate.sh" <<'MIGRATE_EOF'
+#!/bin/sh
+# blk-migrate: reads and writes a virtio-blk disk while the host migrates the VM, then checks
+# that every region it read is still, in the page cache, what it read. Region k (iovirt.mib MiB,
+# default 2, at k * that offset) gets fresh random data written with O_DIRECT, then is read
+# back through the page cache, so the device writes it into guest pages by DMA; those pages
+# stay cached. Pages a device writes while a migration runs reach the destination only if the
+# back end marks them in its dirty log: one it did not mark is the page's older content there.
+# The loop ends when the host writes "IOVIRT-MIGRATED" at the start of a second disk
+# (iovirt.flag, default /dev/vdb; opened afresh each time, so never read from a cache), or after
+# iovirt.regions regions (default 40). Exit status 0 = PASS.
+say() { echo "IOVIRT-GUEST: $*"; }
+fail() { say "error: $*"; say "RESULT FAIL"; exit 1; }
+DEV="${IOVIRT_DEV:-/dev/vda}"
+MIB="${IOVIRT_MIB:-2}"
+MAX="${IOVIRT_REGIONS:-40}"
+i=0
+while [ ! -b "$DEV" ]; do
+  [ $i -ge 100 ] && fail "$DEV did not appear within 10 s"
+  sleep 0.1; i=$((i + 1))
+done
+FLAG="${IOVIRT_FLAG:-/dev/vdb}"
+[ -b "$FLAG" ] || fail "no flag disk $FLAG"
+[ $((MAX * MIB * 1048576)) -le "$(blockdev --getsize64 "$DEV")" ] || fail "$DEV is too small for $MAX regions of $MIB MiB"
+migrated() { dd if="$FLAG" bs=512 count=1 2>/dev/null | grep -q IOVIRT-MIGRATED; }
+md5() { md5sum | cut -d' ' -f1; }
+# Held open for the whole script: Linux drops a block device's page cache when its last opener
+# closes it, and every region must stay cached from its read to the final check.
+exec 3<"$DEV"
+say "migrate-loop start"
+k=0
+while [ $k -lt "$MAX" ]; do
+  dd if=/dev/urandom of=/tmp/gen.bin bs=1M count="$MIB" 2>/dev/null || fail "urandom"
+  want="$(md5 </tmp/gen.bin)"
+  dd if=/tmp/gen.bin of="$DEV" bs=1M seek=$((k * MIB)) oflag=direct conv=fsync 2>/dev/null || fail "write of region $k"
+  got="$(dd if="$DEV" bs=1M skip=$((k * MIB)) count="$MIB" 2>/dev/null | md5)"
+  [ "$got" = "$want" ] || fail "region $k read back wrong at once"
+  eval "md5_$k=$want"
+  say "region $k $want"
+  k=$((k + 1))
+  if migrated; then break; fi
+done
+migrated || fail "the host did not say the migration completed within $MAX regions"
+say "migrated after $k regions uptime=$(cut -d' ' -f1 /proc/uptime)"
+bad=0
+i=0
+while [ $i -lt $k ]; do
+  got="$(dd if="$DEV" bs=1M skip=$((i * MIB)) count="$MIB" 2>/dev/null | md5)"
+  eval "want=\$md5_$i"
+  if [ "$got" != "$want" ]; then say "corrupt region $i"; bad=$((bad + 1)); fi
+  i=$((i + 1))
+done
+say "corrupt-regions $bad"
+[ $bad = 0 ] || fail "$bad region(s) changed in guest memory across the migration"
+say "RESULT PASS"
+MIGRATE_EOF
+chmod 0755 "$ROOT/scripts/blk-migrate.sh"
 
 # ---------------------------------------------------------------- pack
 log "packing initramfs"
