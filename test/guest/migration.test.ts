@@ -1,13 +1,12 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
 import { mkdtempSync, openSync, closeSync, rmSync, writeSync, ftruncateSync, writeFileSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { guestPaths, markerValue, parseMarkers, qemuArgv, type GuestPaths } from "../../tools/guest/run.js";
 import { Qmp } from "../../tools/qmp.js";
+import { freePort, migrationResult, startVm, waitForOutput, type Vm } from "./migrate-helpers.js";
 import { readFileRange, stopChild } from "../../tools/child.js";
 import { startBlkBackend, type BlkBackend } from "./blk-backend.js";
 
@@ -37,24 +36,6 @@ after(() => {
 
 const md5 = (b: Uint8Array): string => createHash("md5").update(b).digest("hex");
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-interface Vm {
-  child: ChildProcess;
-  output: () => string;
-  qmpPath: string;
-  exited: Promise<number | null>;
-}
-
 function startQemu(name: string, sock: string, device: string, flag: string, extra: string[]): Vm {
   const qmpPath = join(dir, `${name}.qmp`);
   const argv = qemuArgv({
@@ -81,41 +62,14 @@ function startQemu(name: string, sock: string, device: string, flag: string, ext
       ...extra,
     ],
   });
-  const child = spawn(argv[0]!, argv.slice(1), { stdio: ["ignore", "pipe", "pipe"] });
-  let out = "";
-  child.stdout!.setEncoding("utf8");
-  child.stdout!.on("data", (d: string) => (out += d.replace(/\r/g, "")));
-  child.stderr!.setEncoding("utf8");
-  child.stderr!.on("data", (d: string) => (out += `[qemu stderr] ${d}`));
-  const exited = new Promise<number | null>((resolve) => child.once("close", (code) => resolve(code)));
-  cleanup.push(() => child.kill("SIGKILL"));
-  return { child, output: () => out, qmpPath, exited };
-}
-
-async function waitForOutput(vm: Vm, text: string, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!vm.output().includes(text)) {
-    if (vm.child.exitCode !== null) throw new Error(`QEMU exited (${vm.child.exitCode}) before printing "${text}"`);
-    if (Date.now() > deadline) throw new Error(`no "${text}" within ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
+  const vm = startVm(argv, qmpPath);
+  cleanup.push(() => vm.child.kill("SIGKILL"));
+  return vm;
 }
 
 /** Regions the guest finished while running on `vm`. */
 function regionCount(vm: Vm): number {
   return parseMarkers(vm.output()).filter((m) => m.startsWith("region ")).length;
-}
-
-/** Polls query-migrate until the migration ends; returns its final status and the whole reply. */
-async function migrationResult(qmp: Qmp, timeoutMs: number): Promise<{ status: string; info: Record<string, unknown> }> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const info = (await qmp.execute("query-migrate")) as Record<string, unknown>;
-    const status = String(info["status"]);
-    if (status === "completed" || status === "failed" || status === "cancelled") return { status, info };
-    if (Date.now() > deadline) throw new Error(`migration still ${status} after ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
 }
 
 interface Run {

@@ -521,7 +521,11 @@ export class VhostUserBackend<F> {
         // "Only legal if ... VHOST_USER_PROTOCOL_F_RARP": the first 6 bytes of the u64 are the guest's MAC.
         this.requirePF(h, PF.RARP);
         if (p.length !== 8) throw new VhostUserError("BAD_SIZE", `SEND_RARP with a ${p.length}-byte payload`);
-        this.device.hostSendRarp!(p.slice(0, 6));
+        const mac = p.slice(0, 6);
+        this.log(
+          `vhost-user: SEND_RARP: announcing ${[...mac].map((b) => b.toString(16).padStart(2, "0")).join(":")} (a guest migrated here)`,
+        );
+        this.device.hostSendRarp!(mac);
         return done;
       }
       case Req.NET_SET_MTU: {
