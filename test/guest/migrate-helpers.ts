@@ -3,8 +3,13 @@
  * output is watched while they run (bootGuest waits for the end), and QMP
  * polling of a migration.
  */
+import { before, after } from "node:test";
 import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { guestPaths, type GuestPaths } from "../../tools/guest/run.js";
 import type { Qmp } from "../../tools/qmp.js";
 
 export async function freePort(): Promise<number> {
@@ -56,4 +61,28 @@ async function migrationResult(qmp: Qmp, timeoutMs: number): Promise<{ status: s
     if (Date.now() > deadline) throw new Error(`migration still ${status} after ${timeoutMs} ms`);
     await new Promise((r) => setTimeout(r, 100));
   }
+}
+
+export interface MigrationRig {
+  /** A scratch directory, removed after the file's tests. */
+  dir: string;
+  /** The guest kernel and initramfs (built before the first test). */
+  paths: () => GuestPaths;
+  /** Runs `f` after the file's tests (kills what a failed test left running). */
+  onCleanup: (f: () => void) => void;
+}
+
+/** Registers the before/after hooks a migration test file needs. */
+export function migrationRig(prefix: string): MigrationRig {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  let paths: GuestPaths | null = null;
+  const cleanup: (() => void)[] = [];
+  before(async () => {
+    paths = await guestPaths();
+  });
+  after(() => {
+    for (const f of cleanup.splice(0)) f();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  return { dir, paths: () => paths!, onCleanup: (f) => cleanup.push(f) };
 }

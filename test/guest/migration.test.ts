@@ -1,12 +1,11 @@
-import { test, before, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { mkdtempSync, openSync, closeSync, rmSync, writeSync, ftruncateSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { openSync, closeSync, writeSync, ftruncateSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { guestPaths, markerValue, parseMarkers, qemuArgv, type GuestPaths } from "../../tools/guest/run.js";
+import { markerValue, parseMarkers, qemuArgv } from "../../tools/guest/run.js";
 import { Qmp } from "../../tools/qmp.js";
-import { freePort, migrationResult, startVm, waitForOutput, type Vm } from "./migrate-helpers.js";
+import { freePort, migrationResult, migrationRig, startVm, waitForOutput, type Vm } from "./migrate-helpers.js";
 import { readFileRange, stopChild } from "../../tools/child.js";
 import { startBlkBackend, type BlkBackend } from "./blk-backend.js";
 
@@ -22,24 +21,15 @@ const IMAGE_BYTES = 256 << 20;
 const REGION_MIB = 1;
 const MAX_REGIONS = 100;
 const MIGRATE_BYTES_PER_S = 16 << 20;
-const dir = mkdtempSync(join(tmpdir(), "iovirt-migrate-"));
-let paths: GuestPaths;
-const cleanup: (() => void)[] = [];
-
-before(async () => {
-  paths = await guestPaths();
-});
-after(() => {
-  for (const f of cleanup.splice(0)) f();
-  rmSync(dir, { recursive: true, force: true });
-});
+const rig = migrationRig("iovirt-migrate-");
+const dir = rig.dir;
 
 const md5 = (b: Uint8Array): string => createHash("md5").update(b).digest("hex");
 
 function startQemu(name: string, sock: string, device: string, flag: string, extra: string[]): Vm {
   const qmpPath = join(dir, `${name}.qmp`);
   const argv = qemuArgv({
-    ...paths,
+    ...rig.paths(),
     sharedMemory: true,
     memMiB: 384,
     timeoutMs: 0,
@@ -63,7 +53,7 @@ function startQemu(name: string, sock: string, device: string, flag: string, ext
     ],
   });
   const vm = startVm(argv, qmpPath);
-  cleanup.push(() => vm.child.kill("SIGKILL"));
+  rig.onCleanup(() => vm.child.kill("SIGKILL"));
   return vm;
 }
 

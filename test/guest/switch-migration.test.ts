@@ -1,12 +1,10 @@
-import { test, before, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { bootGuest, guestPaths, markerValue, qemuArgv, type GuestPaths } from "../../tools/guest/run.js";
+import { bootGuest, markerValue, qemuArgv } from "../../tools/guest/run.js";
 import { Qmp } from "../../tools/qmp.js";
 import { stopChild } from "../../tools/child.js";
-import { freePort, migrationResult, startVm, waitForOutput, type Vm } from "./migrate-helpers.js";
+import { freePort, migrationResult, migrationRig, startVm, waitForOutput, type Vm } from "./migrate-helpers.js";
 import { netDeviceArgs, startSwitch, type SwitchProc } from "./switch-helpers.js";
 
 // A Linux guest on `iovirt switch` migrates from one vhost-user port to another (two QEMUs on
@@ -15,26 +13,17 @@ import { netDeviceArgs, startSwitch, type SwitchProc } from "./switch-helpers.js
 // QEMU does it rather than the guest), the switch moves the guest's MAC to the new port, and
 // the pings go on. How many were lost is reported.
 
-const dir = mkdtempSync(join(tmpdir(), "iovirt-netmig-"));
+const rig = migrationRig("iovirt-netmig-");
+const dir = rig.dir;
 const sock = (n: string): string => join(dir, `${n}.sock`);
 const MAC_A = "52:54:00:00:00:a1";
 const MAC_B = "52:54:00:00:00:b2";
 const PING_SECONDS = 40;
-let paths: GuestPaths;
-const cleanup: (() => void)[] = [];
-
-before(async () => {
-  paths = await guestPaths();
-});
-after(() => {
-  for (const f of cleanup.splice(0)) f();
-  rmSync(dir, { recursive: true, force: true });
-});
 
 function guestA(name: string, port: string, extra: string[]): Vm {
   const qmpPath = join(dir, `${name}.qmp`);
   const argv = qemuArgv({
-    ...paths,
+    ...rig.paths(),
     sharedMemory: true,
     timeoutMs: 0,
     append: `iovirt.script=net iovirt.modules=virtio_pci,virtio_net iovirt.ip=10.0.0.1/24 iovirt.role=serve iovirt.seconds=${PING_SECONDS + 60} iovirt.timeout=240`,
@@ -46,7 +35,7 @@ function guestA(name: string, port: string, extra: string[]): Vm {
     ],
   });
   const vm = startVm(argv, qmpPath);
-  cleanup.push(() => vm.child.kill("SIGKILL"));
+  rig.onCleanup(() => vm.child.kill("SIGKILL"));
   return vm;
 }
 
@@ -67,7 +56,7 @@ test(
       dst = guestA("a-dst", "p2", ["-incoming", `tcp:127.0.0.1:${port}`]);
       let pinging = false;
       const pinger = bootGuest({
-        ...paths,
+        ...rig.paths(),
         sharedMemory: true,
         append: `iovirt.script=net iovirt.modules=virtio_pci,virtio_net iovirt.ip=10.0.0.2/24 iovirt.peer=10.0.0.1 iovirt.role=ping iovirt.seconds=${PING_SECONDS} iovirt.wait=90`,
         qemuArgs: netDeviceArgs({ id: "n0", sock: sock("p3"), mac: MAC_B }),

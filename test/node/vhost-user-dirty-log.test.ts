@@ -9,6 +9,7 @@ import { VhostUserBlkClient } from "../../src/node/vhost-user/blk-client.js";
 import { VhostUserFrontend } from "../../src/node/vhost-user/frontend.js";
 import { BLK_DRIVER_FEATURES } from "../../src/core/virtio/driver/blk.js";
 import { readFileRange, stopChild, waitForPath } from "../../tools/child.js";
+import { seededBytes, startQsd } from "./blk-peers.js";
 
 // Dirty logging as a migrating QEMU uses it, checked with iovirt's front end against two real
 // back ends: iovirt blk and qemu-storage-daemon (libvhost-user's logging). With logging on, the
@@ -30,30 +31,8 @@ before(() => {
   execFileSync("qemu-storage-daemon", ["--version"]);
 });
 
-function pattern(seed: number, n: number): Uint8Array {
-  const b = new Uint8Array(n);
-  let x = seed * 2654435761;
-  for (let i = 0; i < n; i++) {
-    x = (x * 1103515245 + 12345) >>> 0;
-    b[i] = x >>> 24;
-  }
-  return b;
-}
-
 function iovirtBlk(sock: string, image: string, extra: string[] = [], env: NodeJS.ProcessEnv = process.env): ChildProcess {
   return spawn(process.execPath, [cli, "blk", "--socket", sock, "--image", image, ...extra], { stdio: ["ignore", "ignore", "pipe"], env });
-}
-function qsd(sock: string, image: string): ChildProcess {
-  return spawn(
-    "qemu-storage-daemon",
-    [
-      "--blockdev",
-      `driver=file,node-name=f0,filename=${image}`,
-      "--export",
-      `type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=${sock},writable=on`,
-    ],
-    { stdio: ["ignore", "ignore", "pipe"] },
-  );
 }
 
 async function started(
@@ -70,7 +49,7 @@ async function started(
 
 test("negative control: with marking switched off (IOVIRT_TEST_NO_DIRTY_LOG=1) the same read leaves its pages unmarked", async () => {
   const image = join(dir, "log-off.img");
-  writeFileSync(image, pattern(6, IMAGE_BYTES));
+  writeFileSync(image, seededBytes(6, IMAGE_BYTES));
   const { child, sock } = await started(
     (s, i) => iovirtBlk(s, i, [], { ...process.env, IOVIRT_TEST_NO_DIRTY_LOG: "1" }),
     "unlogged",
@@ -137,13 +116,13 @@ type Backend = { name: string; packed: boolean; start: (sock: string, image: str
 const backends: Backend[] = [
   { name: "iovirt blk", packed: false, start: (s, i) => iovirtBlk(s, i) },
   { name: "iovirt blk", packed: true, start: (s, i) => iovirtBlk(s, i) },
-  { name: "qemu-storage-daemon", packed: false, start: qsd },
+  { name: "qemu-storage-daemon", packed: false, start: startQsd },
 ];
 
 for (const b of backends) {
   test(`dirty log of ${b.name} (${b.packed ? "packed" : "split"}): exactly the pages it wrote, data and ring`, async () => {
     const image = join(dir, `log-${b.name.replace(/\W/g, "")}-${b.packed}.img`);
-    writeFileSync(image, pattern(5, IMAGE_BYTES));
+    writeFileSync(image, seededBytes(5, IMAGE_BYTES));
     const { child, sock } = await started(b.start, b.name, image);
     const fe = VhostUserFrontend.connect(sock, { wanted: BLK_DRIVER_FEATURES, packed: b.packed, queueSize: 64, memoryBytes: 16 << 20 });
     try {
@@ -156,7 +135,7 @@ for (const b of backends) {
       const readBuf = 0x400000 + 512; // 3 pages + 512 bytes from mid-page: 4 pages
       const readLen = 3 * PAGE + 512;
       assert.equal(await request(fe, T_IN, 16, readBuf, readLen, hdr, status), 0);
-      assert.deepEqual(fe.mem.slice(readBuf, readLen), pattern(5, IMAGE_BYTES).subarray(16 * 512, 16 * 512 + readLen));
+      assert.deepEqual(fe.mem.slice(readBuf, readLen), seededBytes(5, IMAGE_BYTES).subarray(16 * 512, 16 * 512 + readLen));
       const ring = fe.layoutUsed() === "packed" ? ringPagesPacked(fe) : ringPagesSplit(fe);
       const dirty = fe.takeDirtyPages();
       const data = [...pagesIn(readBuf, readLen), ...pagesIn(status, 1)];
@@ -170,7 +149,7 @@ for (const b of backends) {
 
       // A write: the device reads the data and writes only the status byte and the ring.
       const writeBuf = 0x500000;
-      fe.mem.write(writeBuf, pattern(9, 2 * PAGE));
+      fe.mem.write(writeBuf, seededBytes(9, 2 * PAGE));
       assert.equal(await request(fe, T_OUT, 64, writeBuf, 2 * PAGE, hdr, status), 0);
       const after = fe.takeDirtyPages();
       assert.ok(after.includes((status / PAGE) >>> 0), "the status byte's page is marked");
@@ -180,7 +159,7 @@ for (const b of backends) {
       // Logging off (a cancelled migration): nothing is marked any more, and I/O goes on.
       fe.stopLogging();
       assert.equal(await request(fe, T_IN, 0, readBuf, PAGE, hdr, status), 0);
-      assert.deepEqual(readFileRange(image, 64 * 512, 2 * PAGE), pattern(9, 2 * PAGE));
+      assert.deepEqual(readFileRange(image, 64 * 512, 2 * PAGE), seededBytes(9, 2 * PAGE));
     } finally {
       fe.close();
       await stopChild(child);
@@ -206,11 +185,11 @@ for (const packed of [false, true]) {
     const b = await started((s, i) => iovirtBlk(s, i), "destination", image);
     const client = VhostUserBlkClient.connect(a.sock, { packed, queueSize: 64 });
     try {
-      const writes = Array.from({ length: 24 }, (_, i) => ({ sector: 8 + i * 97, data: pattern(100 + i, 4096 * (1 + (i % 3))) }));
+      const writes = Array.from({ length: 24 }, (_, i) => ({ sector: 8 + i * 97, data: seededBytes(100 + i, 4096 * (1 + (i % 3))) }));
       const pending = writes.map((w) => client.blk.write(w.sector, w.data));
       client.frontend.handOver(b.sock); // while those are in flight at the source
       await Promise.all(pending);
-      const more = Array.from({ length: 8 }, (_, i) => ({ sector: 4000 + i * 50, data: pattern(300 + i, 8192) }));
+      const more = Array.from({ length: 8 }, (_, i) => ({ sector: 4000 + i * 50, data: seededBytes(300 + i, 8192) }));
       await Promise.all(more.map((w) => client.blk.write(w.sector, w.data)));
       await client.blk.flush();
       for (const w of [...writes, ...more]) {

@@ -7,6 +7,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { VhostUserBlkClient } from "../../src/node/vhost-user/blk-client.js";
 import { readFileRange, stopChild, waitForPath } from "../../tools/child.js";
+import { seededBytes, startQsd } from "./blk-peers.js";
 
 // iovirt's front end + virtio-blk driver against two real back ends in other
 // processes: iovirt's own (`iovirt blk`) and qemu-storage-daemon.
@@ -20,16 +21,6 @@ after(() => {
   for (const c of children) c.kill("SIGKILL");
   rmSync(dir, { recursive: true, force: true });
 });
-
-function pattern(seed: number, n: number): Uint8Array {
-  const b = new Uint8Array(n);
-  let x = seed * 2654435761;
-  for (let i = 0; i < n; i++) {
-    x = (x * 1103515245 + 12345) >>> 0;
-    b[i] = x >>> 24;
-  }
-  return b;
-}
 
 type Backend = { name: string; start: (sock: string, image: string) => ChildProcess; packed: boolean };
 const backends: Backend[] = [
@@ -54,17 +45,7 @@ const backends: Backend[] = [
   {
     name: "qemu-storage-daemon",
     packed: false,
-    start: (sock, image) =>
-      spawn(
-        "qemu-storage-daemon",
-        [
-          "--blockdev",
-          `driver=file,node-name=f0,filename=${image}`,
-          "--export",
-          `type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=${sock},writable=on`,
-        ],
-        { stdio: ["ignore", "ignore", "pipe"] },
-      ),
+    start: startQsd,
   },
 ];
 
@@ -76,7 +57,7 @@ before(() => {
 for (const [k, b] of backends.entries()) {
   test(`front end writes, flushes and reads back through ${b.name} (${b.packed ? "packed" : "split"} ring); the image holds the data`, async () => {
     const image = join(dir, `disk${k}.img`);
-    const host = pattern(99 + k, 64 * 1024);
+    const host = seededBytes(99 + k, 64 * 1024);
     writeFileSync(image, new Uint8Array(IMAGE_BYTES));
     writeFileSync(image, host, { flag: "r+" }); // host-written data at sector 0 for the guest-reads direction
     const sock = join(dir, `be${k}.sock`);
@@ -90,7 +71,7 @@ for (const [k, b] of backends.entries()) {
       const first = await client.blk.read(0, host.length / 512);
       assert.deepEqual(first, host);
       // Front end -> host: concurrent writes at scattered offsets.
-      const writes = Array.from({ length: 16 }, (_, i) => ({ sector: 1024 + i * 613, data: pattern(i + 7 * k, 4096 * (1 + (i % 4))) }));
+      const writes = Array.from({ length: 16 }, (_, i) => ({ sector: 1024 + i * 613, data: seededBytes(i + 7 * k, 4096 * (1 + (i % 4))) }));
       await Promise.all(writes.map((w) => client.blk.write(w.sector, w.data)));
       await client.blk.flush();
       const back = await Promise.all(writes.map((w) => client.blk.read(w.sector, w.data.length / 512)));
