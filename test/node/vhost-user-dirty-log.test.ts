@@ -10,6 +10,10 @@ import { VhostUserFrontend } from "../../src/node/vhost-user/frontend.js";
 import { BLK_DRIVER_FEATURES } from "../../src/core/virtio/driver/blk.js";
 import { readFileRange, stopChild, waitForPath } from "../../tools/child.js";
 import { seededBytes, startQsd } from "./blk-peers.js";
+import { ftruncate, memfdCreate, mmap, munmap } from "../../src/node/native.js";
+import { encodeLogBase } from "../../src/core/vhost-user/codec.js";
+import { Req } from "../../src/core/vhost-user/protocol.js";
+import { readPages } from "../../src/core/memory/dirty-log.js";
 
 // Dirty logging as a migrating QEMU uses it, checked with iovirt's front end against two real
 // back ends: iovirt blk and qemu-storage-daemon (libvhost-user's logging). With logging on, the
@@ -62,6 +66,42 @@ test("negative control: with marking switched off (IOVIRT_TEST_NO_DIRTY_LOG=1) t
     assert.deepEqual(fe.takeDirtyPages(), [], "the switch works: nothing marked");
   } finally {
     fe.close();
+    await stopChild(child);
+  }
+});
+
+test("a second SET_LOG_BASE replaces the bitmap: marks go to the new one only; a bitmap too small for memory is never written past", async () => {
+  const image = join(dir, "log-replace.img");
+  writeFileSync(image, seededBytes(8, IMAGE_BYTES));
+  const { child, sock } = await started((s, i) => iovirtBlk(s, i), "replace", image);
+  const fe = VhostUserFrontend.connect(sock, { wanted: BLK_DRIVER_FEATURES, queueSize: 64, memoryBytes: 16 << 20 });
+  const maps: ArrayBuffer[] = [];
+  try {
+    fe.startLogging();
+    // What QEMU does when memory changes while logging: a new memfd, then the reply, then the old
+    // log is read once more and dropped. This one covers only the first 4 MiB (128 pages) and is
+    // followed by 8 guard bytes the back end must never touch.
+    const fd = memfdCreate("vhost-log-2");
+    ftruncate(fd, 4096);
+    const buf = mmap(fd, 4096, 0, "rw", true);
+    maps.push(buf);
+    fe.request(Req.SET_LOG_BASE, encodeLogBase({ size: 16, offset: 0 }), [fd], true);
+    fd.close();
+    const old = fe.takeDirtyPages();
+    const fresh = new Uint8Array(buf);
+    // A read into page 0x400 (4 MiB: outside the small bitmap) and one into page 0x20.
+    assert.equal(await request(fe, T_IN, 0, 0x400000, PAGE, 0x200000, 0x300000), 0);
+    assert.equal(await request(fe, T_IN, 8, 0x20000, PAGE, 0x200000, 0x30000), 0);
+    assert.deepEqual(fe.takeDirtyPages(), [], "the replaced bitmap gets nothing more");
+    assert.ok(old.length === 0, "nothing was written before the replacement");
+    assert.deepEqual(
+      readPages(fresh.subarray(0, 16)).filter((p) => p === 0x20 || p === 0x30 || p === 0x400),
+      [0x20, 0x30],
+    );
+    assert.deepEqual([...fresh.subarray(16, 24)], [0, 0, 0, 0, 0, 0, 0, 0], "nothing past the bitmap's size");
+  } finally {
+    fe.close();
+    for (const b of maps) munmap(b);
     await stopChild(child);
   }
 });
