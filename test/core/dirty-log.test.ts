@@ -39,6 +39,20 @@ test("DirtyLog.mark never writes past its bitmap and counts what did not fit", (
   assert.deepEqual([...all.subarray(6)], [0, 0, 0, 0], "guard bytes after the bitmap");
 });
 
+test("DirtyLog.mark finds the byte of a page above 2^32 (guest addresses past 16 TiB) without 32-bit truncation", () => {
+  // A bitmap of 2^29 + 1 bytes covers pages up to 2^32 + 7; untouched, most of it is never committed.
+  const bits = new Uint8Array(2 ** 29 + 1);
+  const log = new DirtyLog(bits);
+  log.enabled = true;
+  const page = 2 ** 32 + 5;
+  log.mark(page * PAGE, 1);
+  log.mark((2 ** 32 - 1) * PAGE + 10, PAGE); // straddles pages 2^32 - 1 and 2^32
+  assert.equal(bits[2 ** 29], (1 << 5) | 1);
+  assert.equal(bits[2 ** 29 - 1], 0x80);
+  assert.equal(bits[0], 0, "not wrapped around to byte 0");
+  assert.ok(log.isDirty(page) && log.isDirty(2 ** 32) && log.isDirty(2 ** 32 - 1) && !log.isDirty(5));
+});
+
 test("DirtyLog marks nothing while disabled or without a bitmap, and setBitmap moves marks to the new one", () => {
   const old = new Uint8Array(2);
   const log = new DirtyLog(old);

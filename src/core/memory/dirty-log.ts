@@ -79,26 +79,27 @@ export class DirtyLog {
       if (first >= this.pageCount) return;
       last = this.pageCount - 1;
     }
-    if (first === last) {
-      Atomics.or(bits, first >>> 3, 1 << (first & 7));
+    // Page numbers reach 2^33 (a 1 GiB bitmap): byte and bit by division, never by 32-bit shifts.
+    const firstByte = Math.floor(first / 8);
+    const lastByte = Math.floor(last / 8);
+    const lo = first - firstByte * 8;
+    const hi = last - lastByte * 8;
+    if (firstByte === lastByte) {
+      Atomics.or(bits, firstByte, (0xff << lo) & (0xff >>> (7 - hi)));
       return;
     }
     // Partial first and last bytes, whole bytes between: a 1 MiB read is 32 ORs, not 256.
-    const firstByte = first >>> 3;
-    const lastByte = last >>> 3;
-    if (firstByte === lastByte) {
-      Atomics.or(bits, firstByte, (0xff << (first & 7)) & (0xff >>> (7 - (last & 7))));
-      return;
-    }
-    Atomics.or(bits, firstByte, (0xff << (first & 7)) & 0xff);
+    Atomics.or(bits, firstByte, (0xff << lo) & 0xff);
     for (let b = firstByte + 1; b < lastByte; b++) Atomics.or(bits, b, 0xff);
-    Atomics.or(bits, lastByte, 0xff >>> (7 - (last & 7)));
+    Atomics.or(bits, lastByte, 0xff >>> (7 - hi));
   }
 
   /** Whether page `page` (gpa / 4096) is marked. */
   isDirty(page: number): boolean {
     const bits = this.bits;
-    return bits !== null && page >= 0 && page < this.pageCount && (bits[page >>> 3]! & (1 << (page & 7))) !== 0;
+    if (bits === null || !(page >= 0 && page < this.pageCount)) return false;
+    const byte = Math.floor(page / 8);
+    return (bits[byte]! & (1 << (page - byte * 8))) !== 0;
   }
 
   /** The marked pages, ascending; with `clear`, each byte is read and cleared in one atomic step (what a migration does). */
