@@ -159,3 +159,21 @@ test("split IN_ORDER batch: the last buffer is marked by the entry's length, the
   r.q.publishUsed();
   assert.deepEqual(log.dirtyPages(), pagesOf([BUF_A, PAGE], [BUF_B, 10], [r.state.deviceArea, 1]));
 });
+
+test("packed IN_ORDER batch: a buffer still in flight is marked again by its own used entry, after its data", () => {
+  const r = rig("packed", 8, { inOrder: true });
+  const log = withLog(r);
+  const w = new PackedWriter(r);
+  w.add([{ addr: BUF_A, len: PAGE, writable: true }], 0);
+  w.add([{ addr: READ_ONLY, len: PAGE, writable: true }], 1);
+  w.add([{ addr: BUF_B, len: PAGE, writable: true }], 2);
+  const c = [new DescriptorChain(), new DescriptorChain(), new DescriptorChain()];
+  for (const x of c) assert.ok(r.q.popInto(x));
+  r.q.pushUsedBatch(1, PAGE, 2, 1); // buffers 0 and 1; 2 is still in flight
+  r.q.publishUsed();
+  log.dirtyPages(true); // the migration reads and clears the bitmap here, before buffer 2's data lands
+  r.q.pushUsed(2, 100, 1);
+  r.q.publishUsed();
+  assert.equal(log.unrecorded, 0);
+  assert.ok(log.dirtyPages().includes(BUF_B / PAGE), "buffer 2's page is marked when it is used");
+});

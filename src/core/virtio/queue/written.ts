@@ -45,12 +45,18 @@ export class WriteRecord {
   }
 
   /**
-   * Marks every recorded buffer whole and forgets them all: for an IN_ORDER
-   * batch, whose used entry gives the length of its last buffer only. Pages
-   * of buffers still in flight are marked early as well, which costs a
-   * migration a resend at most, never a page.
+   * Marks every recorded buffer whole, for an IN_ORDER batch, whose used
+   * entry gives the length of its last buffer only. The records stay: a
+   * buffer of the batch is recorded afresh when its id is popped again, and
+   * one still in flight must still be marked by its own used entry, after
+   * its data is written (marked early only, its page could be read and
+   * cleared before the write and never sent again).
    */
   markAll(log: DirtyLog): void {
-    for (let id = 0; id < this.known.length; id++) if (this.known[id] === 1) this.mark(log, id, Infinity);
+    for (let id = 0; id < this.known.length; id++) {
+      if (this.known[id] !== 1) continue;
+      const s = this.segs[id]!;
+      for (let k = 0; k < s.length; k += 2) log.mark(s[k]!, s[k + 1]!);
+    }
   }
 }
