@@ -1,5 +1,6 @@
 import type { GuestMemory } from "../memory/guest-memory.js";
 import { DirtyLog } from "../memory/dirty-log.js";
+import { formatMac, macAt } from "../switch/mac.js";
 import { GuestError } from "../errors.js";
 import type { VirtioDevice } from "../virtio/lifecycle/device.js";
 import { VIRTIO_F_RING_PACKED, hasFeature, bit } from "../virtio/lifecycle/features.js";
@@ -329,9 +330,10 @@ export class VhostUserBackend<F> {
           const bad = this.device.hostSetFeatures(f & ~bit(VHOST_USER_F_PROTOCOL_FEATURES) & ~bit(VHOST_F_LOG_ALL));
           if (bad !== null) throw new VhostUserError("BAD_FEATURES", bad);
         }
+        const wasLogging = hasFeature(this.features, VHOST_F_LOG_ALL);
         this.features = f;
         this.featuresSet = true;
-        this.setLogging(hasFeature(f, VHOST_F_LOG_ALL));
+        this.setLogging(wasLogging, hasFeature(f, VHOST_F_LOG_ALL));
         // Without protocol features rings start enabled ("Ring states").
         if (!hasFeature(f, VHOST_USER_F_PROTOCOL_FEATURES)) {
           for (const r of this.rings) r.enabled = true;
@@ -368,9 +370,9 @@ export class VhostUserBackend<F> {
           this.rings.forEach((_, i) => (this.rings[i] = freshRing<F>()));
           this.device.hostReset();
           this.tellEnabled();
+          this.setLogging(hasFeature(this.features, VHOST_F_LOG_ALL), false);
           this.features = 0n;
           this.featuresSet = false;
-          this.setLogging(false);
           this.status = 0;
         };
         // A read finishing after the reset would write into buffers the driver may already reuse.
@@ -522,9 +524,7 @@ export class VhostUserBackend<F> {
         this.requirePF(h, PF.RARP);
         if (p.length !== 8) throw new VhostUserError("BAD_SIZE", `SEND_RARP with a ${p.length}-byte payload`);
         const mac = p.slice(0, 6);
-        this.log(
-          `vhost-user: SEND_RARP: announcing ${[...mac].map((b) => b.toString(16).padStart(2, "0")).join(":")} (a guest migrated here)`,
-        );
+        this.log(`vhost-user: SEND_RARP: announcing ${formatMac(macAt(mac, 0))} (a guest migrated here)`);
         this.device.hostSendRarp!(mac);
         return done;
       }
@@ -753,8 +753,7 @@ export class VhostUserBackend<F> {
    * Switches marking on or off (VHOST_F_LOG_ALL). It is read by every
    * queue at its next used entry, so it takes effect between two buffers.
    */
-  private setLogging(on: boolean): void {
-    const was = this.dirty.enabled;
+  private setLogging(was: boolean, on: boolean): void {
     this.dirty.enabled = on && this.markDirtyPages;
     if (on && !was) this.log(`vhost-user: dirty logging on${this.markDirtyPages ? "" : " (test switch: no page is marked)"}`);
     else if (!on && was) this.log("vhost-user: dirty logging off");
