@@ -11,6 +11,8 @@ import { checkTestFrame, testFrame } from "../core/selfcheck/frames.js";
 import { UserspaceVirtioPci, type PciBackend } from "../node/pci/userspace.js";
 import { munmap } from "../node/native.js";
 import { mapMemfd } from "../node/dma-memory.js";
+import { VhostUserBlkClient } from "../node/vhost-user/blk-client.js";
+import type { BlkRequests } from "../core/virtio/driver/blk.js";
 
 const COMMON = `  --vfio BDF         drive the function through VFIO (bound to vfio-pci; IOMMU-protected DMA)
   --uio BDF          drive it through UIO (bound to uio_pci_generic; physical addresses, no IOMMU)
@@ -19,15 +21,18 @@ const COMMON = `  --vfio BDF         drive the function through VFIO (bound to v
   --intx             VFIO: use INTx instead of MSI-X
   --dma-mib N        VFIO: DMA window size in MiB (default 4; UIO uses one 2 MiB huge page)
   --help             this text
+`;
 
+const BDF_NOTE = `
 BDF is a PCI address like 0000:00:03.0 (or 00:03.0). Bind it first with
 'iovirt pci bind vfio|uio BDF'; 'iovirt pci ls' shows what is where.
 `;
 
-const BLK_HELP = `iovirt drv blk — a userspace virtio-blk driver on a real virtio-pci function
+const BLK_HELP = `iovirt drv blk — a userspace virtio-blk driver on a real virtio-pci function,
+or on a vhost-user-blk back end
 
 Usage:
-  iovirt drv blk (--vfio BDF | --uio BDF) [options] COMMAND [ARGS] [COMMAND [ARGS] ...]
+  iovirt drv blk (--vfio BDF | --uio BDF | --vhost-user SOCKET) [options] COMMAND [ARGS] [COMMAND [ARGS] ...]
 
 Commands (run in order, on one initialized device):
   info                         features, capacity, rings, interrupts, DMA window
@@ -42,9 +47,26 @@ Commands (run in order, on one initialized device):
                                untouched, the device reports DEVICE_NEEDS_RESET), then recover with
                                a function reset and re-initialization and read again
                                (split ring unless --packed: QEMU 7.2 hangs on a packed-ring DMA fault)
+  log-cycle SECTOR COUNT       --vhost-user only: what a migration asks of a back end, with I/O
+                               running: 32 reads of 4 KiB in flight at random places of a region that
+                               holds the pattern (write-pattern first), dirty logging switched on
+                               (SET_LOG_BASE, VHOST_F_LOG_ALL) after 2000 reads, the bitmap checked
+                               after 2000 more (every page a completed read wrote is marked, and
+                               nothing else but ring pages and buffers in flight), logging off, then
+                               reads on until the ring index has wrapped past 0 once more (where
+                               iovirt vdpa returns a ring to its direct path); every read is checked
+  dma-fault                    --vhost-user only: submit a read whose 64 KiB data buffer lies outside
+                               the shared memory and wait (10 s at most) for the back end to report
+                               DEVICE_NEEDS_RESET (GET_STATUS); for iovirt vdpa this is the function
+                               faulting on an IOVA that is not mapped
+
+With --vhost-user SOCKET iovirt plays the front end (the part QEMU plays for a VM): it owns
+64 MiB of shared memory, connects to the back end listening on SOCKET (iovirt blk,
+iovirt vdpa, qemu-storage-daemon) and runs the same commands through it.
 
 Options:
-${COMMON}`;
+${COMMON}  --vhost-user SOCKET drive the vhost-user-blk back end listening on SOCKET
+${BDF_NOTE}`;
 
 const NET_HELP = `iovirt drv net — a userspace virtio-net driver on a real virtio-pci function
 
@@ -60,11 +82,13 @@ Commands:
 
 Options:
   --timeout-ms N     how long to wait for a frame (default 10000)
-${COMMON}`;
+${COMMON}${BDF_NOTE}`;
 
 interface DrvArgs {
   bdf: string;
   backend: PciBackend;
+  /** --vhost-user: the back end's socket (then bdf and backend are unused). */
+  vhostUser: string | undefined;
   layout: "auto" | "split" | "packed";
   queueSize: number;
   intx: boolean;
@@ -74,7 +98,7 @@ interface DrvArgs {
 }
 
 const ARITY: Record<string, Record<string, number>> = {
-  blk: { info: 0, "write-pattern": 2, "verify-pattern": 2, read: 3, write: 2, flush: 0, "iommu-fault": 0 },
+  blk: { info: 0, "write-pattern": 2, "verify-pattern": 2, read: 3, write: 2, flush: 0, "iommu-fault": 0, "log-cycle": 2, "dma-fault": 0 },
   net: { info: 0, "ping-peer": 1, send: 1, recv: 1 },
 };
 
@@ -92,8 +116,13 @@ function parse(kind: "blk" | "net", args: string[]): DrvArgs | "help" {
   while (r.next()) {
     const f = r.flag;
     if (f === "--help" || f === "-h") return "help";
-    if (f === "--vfio" || f === "--uio") {
-      if (o.bdf !== undefined) throw new UsageError("give one of --vfio BDF or --uio BDF");
+    if (f === "--vhost-user" && kind === "blk") {
+      if (o.bdf !== undefined || o.vhostUser !== undefined)
+        throw new UsageError("give one of --vfio BDF, --uio BDF or --vhost-user SOCKET");
+      o.vhostUser = r.value();
+    } else if (f === "--vfio" || f === "--uio") {
+      if (o.bdf !== undefined || o.vhostUser !== undefined)
+        throw new UsageError("give one of --vfio BDF, --uio BDF or --vhost-user SOCKET");
       o.backend = f === "--vfio" ? "vfio" : "uio";
       o.bdf = r.value();
     } else if (f === "--split" || f === "--packed") o.layout = f === "--split" ? "split" : "packed";
@@ -110,7 +139,15 @@ function parse(kind: "blk" | "net", args: string[]): DrvArgs | "help" {
       o.commands.push(cmd);
     }
   }
-  if (o.bdf === undefined || o.backend === undefined) throw new UsageError("which device? --vfio BDF or --uio BDF");
+  if (o.vhostUser !== undefined) {
+    if (o.commands.some((c) => c[0] === "iommu-fault")) throw new UsageError("iommu-fault needs --vfio");
+  } else if (o.commands.some((c) => c[0] === "log-cycle" || c[0] === "dma-fault")) {
+    throw new UsageError("log-cycle and dma-fault need --vhost-user");
+  } else if (o.bdf === undefined || o.backend === undefined) {
+    throw new UsageError(
+      kind === "blk" ? "which device? --vfio BDF, --uio BDF or --vhost-user SOCKET" : "which device? --vfio BDF or --uio BDF",
+    );
+  }
   // QEMU 7.2 spins forever in its packed-ring error path after a failed DMA
   // translation (seen in our guest tests); the demonstration uses a split ring
   // unless asked otherwise.
@@ -165,6 +202,7 @@ export async function drvMain(args: string[]): Promise<number> {
   if (kind === "blk" || kind === "net") {
     const o = parseOrExplain(`iovirt drv ${kind}`, kind === "blk" ? BLK_HELP : NET_HELP, () => parse(kind, rest));
     if (typeof o === "number") return o;
+    if (o.vhostUser !== undefined) return runBlkVhostUser(o.vhostUser, o);
     const dev = openDevice(o);
     try {
       return kind === "blk" ? await runBlk(dev, o) : await runNet(dev, o);
@@ -186,6 +224,39 @@ async function runBlk(dev: UserspaceVirtioPci, o: DrvArgs): Promise<number> {
   const init = (): void => blk.init({ queueSize: o.queueSize, ...(o.layout === "auto" ? {} : { preferPacked: o.layout === "packed" }) });
   init();
   dev.attach(blk.virtio);
+  return blkCommands(blk, o, {
+    info: () => {
+      say(`blk: ${describe(dev, blk.negotiated, blk.virtio.layout, BLK_FEATURE_NAMES)}`);
+      for (const l of dev.platformInfo()) say(`blk: ${l}`);
+    },
+    "iommu-fault": () => iommuFault(dev, blk, init),
+  });
+}
+
+/** The blk commands through iovirt's vhost-user front end. */
+async function runBlkVhostUser(path: string, o: DrvArgs): Promise<number> {
+  const c = VhostUserBlkClient.connect(path, { packed: o.layout === "packed", queueSize: o.queueSize });
+  try {
+    const fe = c.frontend;
+    return await blkCommands(c.blk, o, {
+      info: () => {
+        say(`blk: vhost-user back end at ${path}: ${fe.layoutUsed()} rings, ${fe.queues.length} queue(s) of ${fe.queues[0]?.size ?? 0}`);
+        say(`blk: features ${describeFeatures(fe.negotiated, BLK_FEATURE_NAMES).join(" ")}`);
+      },
+      "log-cycle": (a) => logCycle(c, nonNegInt(a[0]!, "SECTOR"), nonNegInt(a[1]!, "COUNT")),
+      "dma-fault": () => dmaFault(c),
+    });
+  } finally {
+    c.close();
+  }
+}
+
+/** Runs o.commands in order; `own` handles the ones that depend on how the device is reached. */
+async function blkCommands(
+  blk: BlkRequests,
+  o: DrvArgs,
+  own: Record<string, (args: string[]) => Promise<boolean> | void>,
+): Promise<number> {
   const t = 30_000;
   let failures = 0;
   for (const [cmd, ...a] of o.commands) {
@@ -193,8 +264,7 @@ async function runBlk(dev: UserspaceVirtioPci, o: DrvArgs): Promise<number> {
     const took = (): string => `${((performance.now() - t0) / 1000).toFixed(2)} s`;
     switch (cmd) {
       case "info":
-        say(`blk: ${describe(dev, blk.negotiated, blk.virtio.layout, BLK_FEATURE_NAMES)}`);
-        for (const l of dev.platformInfo()) say(`blk: ${l}`);
+        await own["info"]?.([]);
         say(
           `blk: capacity ${blk.capacity} sectors (${(blk.capacity / 2048).toFixed(1)} MiB), block size ${blk.blockSize}${blk.readOnly ? ", read-only" : ""}`,
         );
@@ -262,9 +332,11 @@ async function runBlk(dev: UserspaceVirtioPci, o: DrvArgs): Promise<number> {
         await withTimeout(blk.flush(), t, "flush");
         say(`flush: done (${took()})`);
         break;
-      case "iommu-fault":
-        if (!(await iommuFault(dev, blk, init))) failures++;
-        break;
+      default: {
+        const f = own[cmd!];
+        if (f === undefined) throw new UsageError(`${cmd} is not available here`);
+        if ((await f(a)) === false) failures++;
+      }
     }
   }
   return failures === 0 ? 0 : 1;
@@ -429,4 +501,172 @@ async function runNet(dev: UserspaceVirtioPci, o: DrvArgs): Promise<number> {
     }
   }
   return failures === 0 ? 0 : 1;
+}
+
+/**
+ * `log-cycle`: dirty logging switched on and off under running I/O, as a
+ * migration (and a cancelled one) does it, with the bitmap checked page by
+ * page. Reads only: what the device writes into guest memory is exactly
+ * what the log must show.
+ */
+async function logCycle(c: VhostUserBlkClient, sector: number, count: number): Promise<boolean> {
+  const fe = c.frontend;
+  const blk = c.blk;
+  const SECTORS = 8;
+  const DEPTH = 32;
+  const PAGE = 4096;
+  if (count < SECTORS) throw new UsageError(`log-cycle: COUNT must be at least ${SECTORS}`);
+  if (fe.layoutUsed() !== "split") throw new UsageError("log-cycle needs a split ring (--split)");
+  let logging = false;
+  let paused = false;
+  // Which completions the bitmap must show: those whose used entry the back end wrote after logging
+  // started. On one split ring the k-th completion is used entry k; `usedAtStart` is read when
+  // logging starts. A read whose data landed earlier needs no mark (a migration copies every page
+  // once to begin with), even if this process reaps it later.
+  let completions = blk.submitted; // nothing is in flight between commands
+  let usedAtStart = Infinity;
+  let stop = false;
+  let reads = 0;
+  let inFlight = 0;
+  let mismatches = 0;
+  const marked = new Set<number>(); // pages that reads completed while logging was on wrote
+  const pagesOf = (gpa: number, len: number): number[] => {
+    const out: number[] = [];
+    for (let p = Math.floor(gpa / PAGE); p <= Math.floor((gpa + len - 1) / PAGE); p++) out.push(p);
+    return out;
+  };
+  blk.onCompleted = (r) => {
+    const k = completions++;
+    if (!logging || k < usedAtStart) return;
+    for (const p of pagesOf(r.data, r.dataLen)) marked.add(p);
+    marked.add(Math.floor((r.hdr + 16) / PAGE)); // the status byte
+  };
+  const tick = (): Promise<void> => new Promise((r) => setImmediate(r));
+  const worker = async (): Promise<void> => {
+    while (!stop) {
+      if (paused) {
+        await tick();
+        continue;
+      }
+      const s = sector + Math.floor(Math.random() * (count - SECTORS + 1));
+      inFlight++;
+      const got = await blk.read(s, SECTORS);
+      inFlight--;
+      if (!Buffer.from(got).equals(Buffer.from(guestPatternRange(s * 512, SECTORS * 512)))) {
+        mismatches++;
+        if (mismatches <= 3) say(`log-cycle: MISMATCH in the read of ${SECTORS} sectors at ${s}`);
+      }
+      reads++;
+    }
+  };
+  const until = async (cond: () => boolean): Promise<void> => {
+    const t0 = performance.now();
+    while (!cond()) {
+      if (performance.now() - t0 > 300_000) throw new Error("log-cycle: no progress in 300 s");
+      await tick();
+    }
+  };
+  const ring = fe.ringState(0);
+  const ringPages = new Set([
+    ...pagesOf(ring.deviceArea, ring.layout === "split" ? 6 + 8 * ring.size : 4),
+    ...(ring.layout === "packed" ? pagesOf(ring.descTable, 16 * ring.size) : []),
+  ]);
+  /** Waits for the reads in flight, then compares the bitmap with what they wrote: [missing, others, pages marked]. */
+  const check = async (): Promise<[number[], number[], number]> => {
+    paused = true;
+    await until(() => inFlight === 0);
+    const pages = new Set(fe.takeDirtyPages());
+    const missing = [...marked].filter((p) => !pages.has(p));
+    const extra = [...pages].filter((p) => !marked.has(p) && !ringPages.has(p));
+    const total = pages.size;
+    marked.clear();
+    return [missing, extra, total];
+  };
+  const workers = Array.from({ length: DEPTH }, () => worker());
+  await until(() => reads >= 2000);
+  // No new reads from here: the DEPTH in flight are what the switch has to account for (a back end
+  // that shadows the ring first lets the device finish them, and must mark what they wrote).
+  paused = true;
+  const ring0 = fe.ringState(0);
+  const used16 = fe.mem.readU16(ring0.deviceArea + 2);
+  usedAtStart = completions + ((used16 - completions) & 0xffff);
+  const t0 = performance.now();
+  fe.startLogging();
+  const startMs = performance.now() - t0;
+  logging = true;
+  const [missing0, extra0, total0] = await check();
+  paused = false;
+  await until(() => reads >= 4000);
+  const [missing1, extra1, total1] = await check();
+  logging = false;
+  fe.stopLogging();
+  const logOffAt = blk.submitted;
+  paused = false;
+  // Reads on until the ring index passed a multiple of 2^16, with a margin.
+  const wrapAt = Math.ceil((logOffAt + 1) / 65536) * 65536 + 256;
+  await until(() => blk.submitted >= wrapAt);
+  stop = true;
+  await Promise.all(workers);
+  blk.onCompleted = null;
+  const missing = [...missing0, ...missing1];
+  const extra = [...extra0, ...extra1];
+  say(
+    `log-cycle: ${reads} reads of ${SECTORS} sectors, ${mismatches} mismatches; logging on took ${startMs.toFixed(1)} ms with ${DEPTH} reads in flight; ` +
+      `bitmap after those ${DEPTH}: ${total0} pages, after 2000 more: ${total1} pages; ${extra.length} others; ${missing.length} written but not marked; ` +
+      `${blk.submitted} requests in all (logging off at ${logOffAt})`,
+  );
+  if (missing.length > 0) say(`log-cycle: pages written but not marked: ${missing.slice(0, 8).join(", ")}`);
+  if (extra.length > 0) say(`log-cycle: pages marked that nothing wrote: ${extra.slice(0, 8).join(", ")}`);
+  return mismatches === 0 && missing.length === 0 && extra.length === 0;
+}
+
+/**
+ * `dma-fault`: a read whose data buffer is a guest address no memory region
+ * covers. A back end that checks addresses refuses the request; a device
+ * behind an IOMMU (iovirt vdpa's direct path) faults on it. Either way the
+ * device must end in DEVICE_NEEDS_RESET, reported through GET_STATUS, and
+ * the request must not complete as if it had worked.
+ */
+async function dmaFault(c: VhostUserBlkClient): Promise<boolean> {
+  const fe = c.frontend;
+  const mem = fe.mem;
+  const outside = mem.listRegions().reduce((end, r) => Math.max(end, r.end), 0) + (1 << 30);
+  const hdr = fe.dma.alloc(32, 16);
+  mem.writeU32(hdr, 0); // VIRTIO_BLK_T_IN
+  mem.writeU32(hdr + 4, 0);
+  mem.writeU64(hdr + 8, 0);
+  mem.writeU8(hdr + 16, 0xff);
+  let completed = -1;
+  // Shaped like the request engine's own records, so that its used-buffer path can settle it.
+  // 64 KiB: QEMU 7.2 maps a buffer it cannot translate through a one-page bounce buffer and
+  // drops the data without an error; a buffer larger than a page cannot be bounced and fails.
+  const token = { hdr, data: outside, dataLen: 65536, resolve: (r: { status: number }) => void (completed = r.status) };
+  fe.queues[0]!.add(
+    [
+      { addr: hdr, len: 16, writable: false },
+      { addr: outside, len: 65536, writable: true },
+      { addr: hdr + 16, len: 1, writable: true },
+    ],
+    token,
+  );
+  fe.kick(0);
+  say(`dma-fault: read submitted with its data buffer at guest address 0x${outside.toString(16)} (no memory there)`);
+  const t0 = performance.now();
+  let status: number | null = null;
+  while (performance.now() - t0 < 10_000) {
+    status = fe.deviceStatus();
+    if (status === null || (status & STATUS_DEVICE_NEEDS_RESET) !== 0) break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const ms = Math.round(performance.now() - t0);
+  if (status === null) {
+    say("dma-fault: the back end does not offer GET_STATUS (PROTOCOL_F_STATUS)");
+    return false;
+  }
+  const needsReset = (status & STATUS_DEVICE_NEEDS_RESET) !== 0;
+  say(
+    `dma-fault: device status 0x${status.toString(16)} after ${ms} ms: ${needsReset ? "DEVICE_NEEDS_RESET" : "no DEVICE_NEEDS_RESET"}; ` +
+      `the request ${completed < 0 ? "did not complete" : `completed with status ${completed}`}`,
+  );
+  return needsReset && completed !== 0;
 }

@@ -6,6 +6,7 @@ import { benchBlkMain } from "./bench-blk.js";
 import { pciMain } from "./pci.js";
 import { drvMain } from "./drv.js";
 import { switchMain } from "./switch.js";
+import { vdpaMain } from "./vdpa.js";
 
 const HELP = `iovirt — I/O virtualization toolkit
 
@@ -16,6 +17,9 @@ Usage:
   iovirt switch PORT... [opts]
                               A learning Ethernet switch: VMs and DPDK over vhost-user, the host
                               kernel (tap), VXLAN uplinks, pcap capture (see 'iovirt switch --help').
+  iovirt vdpa --socket PATH --vfio BDF
+                              vDPA in userspace: serve a real virtio-pci function over vhost-user with
+                              its data path on the front end's rings (see 'iovirt vdpa --help').
   iovirt bench ring [opts]    Virtqueue round-trip benchmark (see 'iovirt bench ring --help').
   iovirt bench blk [opts]     Load a vhost-user-blk back end (see 'iovirt bench blk --help').
   iovirt pci ls [BDF...]      PCI functions, drivers, IOMMU groups, decoded virtio capabilities.
@@ -36,6 +40,8 @@ async function main(argv: string[]): Promise<number> {
       return blkMain(rest);
     case "switch":
       return switchMain(rest);
+    case "vdpa":
+      return vdpaMain(rest);
     case "pci":
       return pciMain(rest);
     case "drv":

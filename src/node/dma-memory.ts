@@ -49,10 +49,14 @@ export function mapMemfd(name: string, size: number, flags: { hugetlb?: boolean 
   }
 }
 
-/** `size` bytes of memfd memory mapped into the container's IOMMU at a fresh IOVA. */
-export function vfioDmaWindow(container: VfioContainer, size: number): DmaWindow {
+/**
+ * `size` bytes of memfd memory mapped into the container's IOMMU at a fresh
+ * IOVA; with `high`, at the top of the IOVA space (clear of guest-physical
+ * addresses that vDPA maps 1:1).
+ */
+export function vfioDmaWindow(container: VfioContainer, size: number, opts: { high?: boolean } = {}): DmaWindow {
   const buf = mapMemfd("iovirt-dma", size);
-  const m = container.mapDma(buf, { align: Math.min(HUGE_PAGE, 2 ** Math.ceil(Math.log2(size))) });
+  const m = container.mapDma(buf, { align: Math.min(HUGE_PAGE, 2 ** Math.ceil(Math.log2(size))), high: opts.high === true });
   return window(buf, m.iova, "IOVA", () => {
     container.unmapDma(m.iova);
     munmap(buf);

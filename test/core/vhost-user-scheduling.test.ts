@@ -32,7 +32,7 @@ interface Rig {
   clock: { now: number };
 }
 
-function rig(withDefer: boolean, opts: BackendOptions = {}): Rig {
+function rig(withDefer: boolean, opts: BackendOptions<FakeFd> = {}): Rig {
   const buf = new ArrayBuffer(1 << 20);
   const mem = new GuestMemory([{ gpa: 0, size: buf.byteLength, buffer: buf }]);
   const kicks = new Map<FakeFd, () => void>();

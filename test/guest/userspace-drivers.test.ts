@@ -132,6 +132,47 @@ run net-split iov drv net --${b} $NET --split info ping-peer ${FRAMES}
 run net-packed iov drv net --${b} $NET --packed info ping-peer ${FRAMES}`;
 }
 
+/** Disk regions (sectors) of the vDPA steps: clear of the driver steps' and of HOST_REGION. */
+const VDPA_SPLIT = 4096;
+const VDPA_PACKED = 6144;
+const VDPA_LOG = 12288;
+
+/**
+ * iovirt vdpa on the blk function (bound to vfio-pci already), driven by
+ * iovirt's vhost-user front end and blk driver in the same guest. The
+ * bridge's own log comes out as step "vdpa-daemon"; it prints its counters
+ * each time a front end disconnects.
+ */
+function vdpaSteps(): string {
+  const sock = "$TMPDIR/vdpa.sock";
+  const fe = `iov drv blk --vhost-user ${sock}`;
+  // node itself in the background (not the iov shell function), so that $! is the bridge's pid.
+  return `node ${cli} vdpa --socket ${sock} --vfio $BLK >$TMPDIR/vdpa.log 2>&1 &
+VDPA=$!
+for i in $(seq 200); do [ -S ${sock} ] && break; sleep 0.1; done
+run vdpa-split ${fe} --split info write-pattern ${VDPA_SPLIT} ${MIB_SECTORS} verify-pattern ${VDPA_SPLIT} ${MIB_SECTORS} verify-pattern ${HOST_REGION} ${MIB_SECTORS}
+run vdpa-packed ${fe} --packed info write-pattern ${VDPA_PACKED} ${MIB_SECTORS} verify-pattern ${VDPA_PACKED} ${MIB_SECTORS}
+run vdpa-log ${fe} --split write-pattern ${VDPA_LOG} ${MIB_SECTORS} log-cycle ${VDPA_LOG} ${MIB_SECTORS} verify-pattern ${VDPA_LOG} ${MIB_SECTORS}
+run vdpa-fault ${fe} --split dma-fault
+run vdpa-after ${fe} --split verify-pattern ${VDPA_SPLIT} ${MIB_SECTORS}
+kill -TERM $VDPA; wait $VDPA; echo "exit $?" >>$TMPDIR/vdpa.log
+sed "s/^/IOVIRT-GUEST: vdpa-daemon: /" $TMPDIR/vdpa.log`;
+}
+
+/** The bridge's counter lines ("vdpa: stats ..."), one per front-end disconnect, as key=value maps. */
+function vdpaStats(r: BootGuestResult): Record<string, string>[] {
+  return step(r, "vdpa-daemon")
+    .lines.filter((l) => l.includes("vdpa: stats "))
+    .map((l) =>
+      Object.fromEntries(
+        l
+          .slice(l.indexOf("vdpa: stats ") + 12)
+          .split(" ")
+          .map((kv) => kv.split("=") as [string, string]),
+      ),
+    );
+}
+
 /** IOVIRT_GUEST_LOG=DIR keeps each guest's console output in DIR/<name>.log. */
 function keepLog(name: string, r: BootGuestResult): void {
   const dir = process.env["IOVIRT_GUEST_LOG"];
@@ -308,6 +349,114 @@ run unbind-blk iov pci bind kernel $BLK
     assertStep(r, "unbind-blk", /virtio-pci/);
   });
 });
+
+describe(
+  "iovirt vdpa: QEMU's virtio-blk-pci behind a virtual Intel IOMMU as the data path of a vhost-user back end",
+  { timeout: 480_000 },
+  () => {
+    let r: BootGuestResult;
+    let image: string;
+    let peer: Awaited<ReturnType<typeof startPeer>>;
+    before(async () => {
+      ({ image, peer } = await prepare("vdpa"));
+      const script = guestScript(
+        "vdpa",
+        `run bind-blk iov pci bind vfio $BLK
+${vdpaSteps()}
+run unbind-blk iov pci bind kernel $BLK
+`,
+      );
+      r = await boot({ iommu: true, image, peer, script });
+      keepLog("vdpa", r);
+    });
+    after(() => peer.sock.close());
+
+    test("the guest ran to the end", () => {
+      assert.equal(r.timedOut, false, `guest timed out:\n${r.output.slice(-3000)}`);
+      assert.ok(
+        r.markers.some((m) => m.startsWith("script hostroot exit 0 ")),
+        r.output.slice(-3000),
+      );
+    });
+
+    test("vdpa: split rings run direct on the function, no buffer relayed in software; the host sees the data", () => {
+      assertStep(
+        r,
+        "vdpa-split",
+        /split rings, 1 queue/,
+        new RegExp(`write-pattern: ${MIB_SECTORS} sectors at ${VDPA_SPLIT} written`),
+        new RegExp(`verify-pattern: ${MIB_SECTORS} sectors at ${VDPA_SPLIT} match`),
+        new RegExp(`verify-pattern: ${MIB_SECTORS} sectors at ${HOST_REGION} match`),
+      );
+      const daemon = step(r, "vdpa-daemon").lines;
+      assert.ok(
+        daemon.some((l) => /serving virtio-blk from .* via VFIO/.test(l)),
+        daemon.join("\n"),
+      );
+      assert.ok(
+        daemon.some((l) => /ring 0 \(split, 128 entries\) starts direct/.test(l)),
+        daemon.join("\n"),
+      );
+      const first = vdpaStats(r)[0]!;
+      assert.equal(first["shadow-buffers"], "0", JSON.stringify(first));
+      assert.equal(first["forwarded-kicks"], "0", "kicks go to the doorbell through VFIO_DEVICE_IOEVENTFD");
+      assertPatternOnHost(image, VDPA_SPLIT, MIB_SECTORS);
+    });
+
+    test("vdpa: packed rings run direct too", () => {
+      assertStep(r, "vdpa-packed", /packed rings/, new RegExp(`verify-pattern: ${MIB_SECTORS} sectors at ${VDPA_PACKED} match`));
+      const daemon = step(r, "vdpa-daemon").lines;
+      assert.ok(
+        daemon.some((l) => /ring 0 \(packed, 128 entries\) starts direct/.test(l)),
+        daemon.join("\n"),
+      );
+      assert.equal(vdpaStats(r)[1]!["shadow-buffers"], "0");
+      assertPatternOnHost(image, VDPA_PACKED, MIB_SECTORS);
+    });
+
+    test("vdpa: dirty logging shadows the ring under I/O, marks exactly the pages written, and the ring returns to direct", () => {
+      assertStep(
+        r,
+        "vdpa-log",
+        /log-cycle: \d+ reads of 8 sectors, 0 mismatches/,
+        / 0 others; 0 written but not marked;/,
+        new RegExp(`verify-pattern: ${MIB_SECTORS} sectors at ${VDPA_LOG} match`),
+      );
+      const s = vdpaStats(r)[2]!;
+      assert.equal(s["to-shadow"], "1", JSON.stringify(s));
+      assert.equal(s["to-direct"], "1", JSON.stringify(s));
+      assert.ok(Number(s["shadow-buffers"]) > 0, JSON.stringify(s));
+      const daemon = step(r, "vdpa-daemon").lines;
+      assert.ok(
+        daemon.some((l) => /dirty logging on: ring\(s\) 0 now shadowed/.test(l)),
+        daemon.join("\n"),
+      );
+      assert.ok(
+        daemon.some((l) => /ring 0 back on the direct path/.test(l)),
+        daemon.join("\n"),
+      );
+      assertPatternOnHost(image, VDPA_LOG, MIB_SECTORS);
+    });
+
+    test("vdpa: a DMA fault on an unmapped IOVA is reported as DEVICE_NEEDS_RESET, and the bridge serves on", () => {
+      assertStep(r, "vdpa-fault", /dma-fault: device status 0x[0-9a-f]+ after \d+ ms: DEVICE_NEEDS_RESET/);
+      const daemon = step(r, "vdpa-daemon").lines;
+      assert.ok(
+        daemon.some((l) => /DEVICE_NEEDS_RESET/.test(l)),
+        daemon.join("\n"),
+      );
+      assertStep(r, "vdpa-after", new RegExp(`verify-pattern: ${MIB_SECTORS} sectors at ${VDPA_SPLIT} match`));
+      assert.ok(
+        daemon.some((l) => /^exit 0$/.test(l)),
+        daemon.join("\n"),
+      );
+    });
+
+    test("the function goes back to its kernel driver once the bridge has let it go", () => {
+      assertStep(r, "unbind-blk", /virtio-pci/);
+    });
+  },
+);
 
 describe("userspace drivers over UIO (uio_pci_generic, no IOMMU)", { timeout: 480_000 }, () => {
   let r: BootGuestResult;

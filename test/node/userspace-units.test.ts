@@ -107,7 +107,13 @@ test("test frames check every byte and refuse impostors", () => {
 test("iovirt drv explains what it needs", () => {
   const r = spawnSync(process.execPath, [cli, "drv", "blk", "info"], { encoding: "utf8" });
   assert.equal(r.status, 2);
-  assert.match(r.stderr, /which device\? --vfio BDF or --uio BDF/);
+  assert.match(r.stderr, /which device\? --vfio BDF, --uio BDF or --vhost-user SOCKET/);
+  const n = spawnSync(process.execPath, [cli, "drv", "net", "info"], { encoding: "utf8" });
+  assert.equal(n.status, 2);
+  assert.match(n.stderr, /which device\? --vfio BDF or --uio BDF\n/);
+  const v = spawnSync(process.execPath, [cli, "drv", "blk", "--vfio", "00:03.0", "log-cycle", "0", "64"], { encoding: "utf8" });
+  assert.equal(v.status, 2);
+  assert.match(v.stderr, /log-cycle and dma-fault need --vhost-user/);
   const c = spawnSync(process.execPath, [cli, "drv", "net", "--vfio", "00:03.0", "frobnicate"], { encoding: "utf8" });
   assert.equal(c.status, 2);
   assert.match(c.stderr, /unknown command 'frobnicate' \(known: info, ping-peer, send, recv\)/);

@@ -117,7 +117,7 @@ export function createBlkPciPair(opts: BlkPciPairOptions = {}): BlkPciPair {
 }
 
 /** What the platform does for a driver that wants MSI-X: program every entry, unmask it, enable the capability. */
-function enableMsix(pci: VirtioPciDevice): void {
+export function enableMsix(pci: VirtioPciDevice): void {
   const cfg = pci.config;
   const cap = readMsixCapability(cfg);
   if (cap === null) throw new RangeError("the function has no MSI-X capability");

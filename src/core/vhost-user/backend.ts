@@ -24,6 +24,7 @@ import {
   reqName,
   type Header,
 } from "./codec.js";
+import type { ExternalRings } from "./external.js";
 import { InflightRings } from "./inflight-rings.js";
 import { MemoryTable, checkFileCovers, type PreparedTable } from "./memory-table.js";
 import { platformCall, type VhostUserPlatform } from "./platform.js";
@@ -42,6 +43,7 @@ import {
   VRING_NOFD_MASK,
 } from "./protocol.js";
 import { RingScheduler } from "./scheduler.js";
+import { STATUS_DEVICE_NEEDS_RESET } from "../virtio/lifecycle/status.js";
 import { encodeRingBase, freshRing, type Vring } from "./vring.js";
 
 export interface OutMessage<F> {
@@ -49,7 +51,7 @@ export interface OutMessage<F> {
   fds: F[];
 }
 
-export interface BackendOptions {
+export interface BackendOptions<F = unknown> {
   /** Log function for protocol events (default: none). */
   log?: (line: string) => void;
   /**
@@ -86,6 +88,8 @@ export interface BackendOptions {
    * that it catches what logging prevents. Default true.
    */
   markDirtyPages?: boolean;
+  /** vDPA: rings a device serves straight from guest memory (see ExternalRings). */
+  externalRings?: ExternalRings<F>;
 }
 
 /**
@@ -142,8 +146,9 @@ export class VhostUserBackend<F> {
   private readonly dirty = new DirtyLog();
   private logMapping: ArrayBuffer | null = null;
   private readonly markDirtyPages: boolean;
+  private readonly external: ExternalRings<F> | null;
 
-  constructor(device: VirtioDevice, platform: VhostUserPlatform<F>, opts: BackendOptions = {}) {
+  constructor(device: VirtioDevice, platform: VhostUserPlatform<F>, opts: BackendOptions<F> = {}) {
     this.device = device;
     this.platform = platform;
     this.log = opts.log ?? (() => {});
@@ -152,6 +157,7 @@ export class VhostUserBackend<F> {
     if (!(passBudget >= 1)) throw new RangeError(`passBudget ${passBudget}`);
     this.onFatal = opts.onFatal ?? null;
     this.markDirtyPages = opts.markDirtyPages ?? true;
+    this.external = opts.externalRings ?? null;
     this.supportedPF =
       SUPPORTED_PF |
       (device.hostSendRarp !== undefined ? bit(PF.RARP) : 0n) |
@@ -330,10 +336,9 @@ export class VhostUserBackend<F> {
           const bad = this.device.hostSetFeatures(f & ~bit(VHOST_USER_F_PROTOCOL_FEATURES) & ~bit(VHOST_F_LOG_ALL));
           if (bad !== null) throw new VhostUserError("BAD_FEATURES", bad);
         }
-        const wasLogging = hasFeature(this.features, VHOST_F_LOG_ALL);
+        this.setLogging(hasFeature(this.features, VHOST_F_LOG_ALL), hasFeature(f, VHOST_F_LOG_ALL));
         this.features = f;
         this.featuresSet = true;
-        this.setLogging(wasLogging, hasFeature(f, VHOST_F_LOG_ALL));
         // Without protocol features rings start enabled ("Ring states").
         if (!hasFeature(f, VHOST_USER_F_PROTOCOL_FEATURES)) {
           for (const r of this.rings) r.enabled = true;
@@ -497,6 +502,7 @@ export class VhostUserBackend<F> {
             throw e;
           }
         } else if (h.request === Req.SET_VRING_CALL) {
+          if (ring.external) this.external!.callChanged(index, fd);
           if (ring.call !== null) this.platform.close(ring.call);
           ring.call = fd;
         } else {
@@ -576,7 +582,8 @@ export class VhostUserBackend<F> {
         return done;
       case Req.GET_STATUS:
         this.requirePF(h, PF.STATUS);
-        return { reply: encodeU64(this.status), keptFds: false };
+        // A device that failed under the front end says so here too (virtio 1.2 §2.1.2).
+        return { reply: encodeU64(this.status | (this.device.getStatus() & STATUS_DEVICE_NEEDS_RESET)), keptFds: false };
       default:
         throw new VhostUserError("UNSUPPORTED", `${reqName(h.request)} is not supported`);
     }
@@ -684,6 +691,12 @@ export class VhostUserBackend<F> {
     let resubmit: ((q: number) => void)[] = [];
     try {
       const state = this.stateFor(i, ring);
+      if (this.external?.start(i, state, { kick: ring.kick!, call: ring.call, err: ring.err }) === true) {
+        ring.started = true;
+        ring.external = true;
+        ring.failed = false;
+        return;
+      }
       const inflight = this.hasPF(PF.INFLIGHT_SHMFD) ? this.inflight.forRing(i, state, this.table.memory) : null;
       if (inflight !== null) {
         this.device.restoreQueue(i, state, inflight.tracker);
@@ -699,6 +712,12 @@ export class VhostUserBackend<F> {
       this.log(`vhost-user: ring ${i}: resubmitting ${resubmit.length} request(s) in flight before the restart`);
       for (const again of resubmit) again(i);
     }
+    this.serveKicks(i);
+  }
+
+  /** Serves a started ring's kicks in software from now on. */
+  private serveKicks(i: number): void {
+    const ring = this.rings[i]!;
     if (this.busyPoll) {
       // The poll loop sees every buffer; ask the driver not to kick at all.
       this.device.setQueueNotification(i, { mode: "disable" });
@@ -717,6 +736,35 @@ export class VhostUserBackend<F> {
     this.scheduler.started(i);
   }
 
+  /**
+   * vDPA: a ring served outside continues in software from `state` (the
+   * device's processQueue takes its buffers, its kicks are watched here).
+   */
+  serveInSoftware(i: number, state: QueueState): void {
+    const ring = this.rings[i];
+    if (ring === undefined || !ring.started || !ring.external) throw new RangeError(`ring ${i} is not served outside`);
+    ring.external = false;
+    this.device.restoreQueue(i, state);
+    this.serveKicks(i);
+  }
+
+  /**
+   * vDPA: a ring served in software is handed to the data path outside
+   * (the caller has drained it: nothing it took is outstanding). Returns
+   * where it stopped; the kick fd is not watched from here on.
+   */
+  takeFromSoftware(i: number): QueueState {
+    const ring = this.rings[i];
+    if (ring === undefined || !ring.started || ring.external) throw new RangeError(`ring ${i} is not served in software`);
+    ring.watch?.stop();
+    ring.watch = null;
+    this.scheduler.stopped(i);
+    const state = this.device.stopQueue(i);
+    if (state === null) throw new RangeError(`ring ${i} has no live queue`);
+    ring.external = true;
+    return state;
+  }
+
   /** Busy-poll mode: one pass over every started, enabled ring. Returns how many rings had work. */
   pollAll(): number {
     return this.scheduler.pollAll();
@@ -730,6 +778,12 @@ export class VhostUserBackend<F> {
     this.scheduler.stopped(i);
     if (!ring.started) return null;
     ring.started = false;
+    if (ring.external) {
+      ring.external = false;
+      const s = this.external!.stop(i);
+      ring.base = encodeRingBase(s);
+      return s;
+    }
     const state = this.device.stopQueue(i);
     if (state !== null) ring.base = encodeRingBase(state);
     return state;
@@ -754,6 +808,10 @@ export class VhostUserBackend<F> {
    * queue at its next used entry, so it takes effect between two buffers.
    */
   private setLogging(was: boolean, on: boolean): void {
+    if (on !== was) {
+      const refused = this.external?.logging(on && this.markDirtyPages) ?? null;
+      if (refused !== null) throw new VhostUserError("LOGGING_REFUSED", `dirty logging cannot start: ${refused}`);
+    }
     this.dirty.enabled = on && this.markDirtyPages;
     if (on && !was) this.log(`vhost-user: dirty logging on${this.markDirtyPages ? "" : " (test switch: no page is marked)"}`);
     else if (!on && was) this.log("vhost-user: dirty logging off");
@@ -806,11 +864,16 @@ export class VhostUserBackend<F> {
     mem.dirtyLog = this.device.canResubmit || this.logMapping !== null ? this.dirty : null;
     this.faultEventsSeen = -1;
     this.device.attachMemory(mem);
+    this.external?.memoryChanged(mem);
   }
 
-  /** Installs a prepared memory table; running rings restart on the new memory from where they stopped. */
+  /**
+   * Installs a prepared memory table; running rings restart on the new
+   * memory from where they stopped. Rings served outside keep running: the
+   * data path outside is told the new memory (memoryChanged).
+   */
   private installMemory(next: PreparedTable): void {
-    const running = this.rings.map((r, i) => (r.started ? i : -1)).filter((i) => i >= 0);
+    const running = this.rings.map((r, i) => (r.started && !r.external ? i : -1)).filter((i) => i >= 0);
     for (const i of running) this.stopRing(i);
     next.install();
     this.attach(next.memory);
@@ -837,7 +900,18 @@ export class VhostUserBackend<F> {
     if (this.lossHandled) return true;
     this.lossHandled = true;
     const what = [...this.table.lostRegions(), ...(this.inflight.lost() ? ["in-flight area"] : [])];
-    const err = new GuestError("MEMORY_LOST", `memory shrunk under the back end (${what.join(", ")}): the device needs a reset`);
+    this.deviceFailed(new GuestError("MEMORY_LOST", `memory shrunk under the back end (${what.join(", ")}): the device needs a reset`));
+    return true;
+  }
+
+  /**
+   * The device cannot go on (memory lost under it, vDPA hardware failed):
+   * every ring stops, the rings' error fds are signalled and the device goes
+   * to DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2), which sends the front end a
+   * configuration change. The connection stays so the front end can reset
+   * or reconnect.
+   */
+  deviceFailed(err: GuestError): void {
     this.log(`vhost-user: ${err.message}`);
     for (let i = 0; i < this.rings.length; i++) {
       this.stopRing(i);
@@ -850,7 +924,6 @@ export class VhostUserBackend<F> {
       }
     }
     this.device.hostFault(err);
-    return true;
   }
 }
 

@@ -11,6 +11,8 @@ export interface Vring<F> {
   err: F | null;
   watch: { stop(): void } | null;
   started: boolean;
+  /** Started and served outside the back end's JavaScript (BackendOptions.externalRings). */
+  external: boolean;
   enabled: boolean;
   /** One of its fds failed; the ring serves no more (see ringFailed). */
   failed: boolean;
@@ -32,6 +34,7 @@ export function freshRing<F>(): Vring<F> {
     err: null,
     watch: null,
     started: false,
+    external: false,
     enabled: false,
     failed: false,
     scheduled: false,

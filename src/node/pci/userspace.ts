@@ -25,8 +25,15 @@ export interface UserspaceOpenOptions {
   backend: PciBackend;
   /** DMA window size under VFIO (default 4 MiB); UIO always uses one 2 MiB huge page. */
   dmaBytes?: number;
-  /** "auto" (default): MSI-X under VFIO when the device has at least 2 vectors, else INTx. UIO is always INTx. */
-  interrupts?: "auto" | "msix" | "intx";
+  /**
+   * "auto" (default): MSI-X under VFIO when the device has at least 2
+   * vectors, else INTx. UIO is always INTx. "external" (VFIO only): MSI-X,
+   * but no vector is routed here: the owner binds them to eventfds of its
+   * own (VfioDevice.setIrqFds) and programs the transport's vectors.
+   */
+  interrupts?: "auto" | "msix" | "intx" | "external";
+  /** VFIO: put the DMA window at the top of the IOVA space (default false). */
+  dmaHigh?: boolean;
   sysfs?: PciSysfs;
 }
 
@@ -119,12 +126,12 @@ export class UserspaceVirtioPci {
       enableBusMaster(config);
       const msix = readMsixCapability(config);
       const mode = opts.interrupts ?? "auto";
-      const useMsix = mode === "msix" || (mode === "auto" && msix !== null && msix.tableSize >= 2);
-      if (mode === "msix" && (msix === null || msix.tableSize < 2)) {
+      const useMsix = mode === "msix" || mode === "external" || (mode === "auto" && msix !== null && msix.tableSize >= 2);
+      if ((mode === "msix" || mode === "external") && (msix === null || msix.tableSize < 2)) {
         throw new IovirtUsageError("NO_MSIX", `${bdf} has ${msix === null ? "no MSI-X" : `${msix.tableSize} MSI-X vector`}; use --intx`);
       }
-      const irqFds = device.enableIrqs(useMsix ? VFIO_PCI_IRQ.MSIX : VFIO_PCI_IRQ.INTX, useMsix ? 2 : 1);
-      const dma = vfioDmaWindow(container, opts.dmaBytes ?? 4 << 20);
+      const irqFds = mode === "external" ? [] : device.enableIrqs(useMsix ? VFIO_PCI_IRQ.MSIX : VFIO_PCI_IRQ.INTX, useMsix ? 2 : 1);
+      const dma = vfioDmaWindow(container, opts.dmaBytes ?? 4 << 20, { high: opts.dmaHigh === true });
       return new UserspaceVirtioPci(bdf, "vfio", {
         config,
         bar: (i) => device.bar(i),

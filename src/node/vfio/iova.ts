@@ -50,6 +50,43 @@ export class IovaAllocator {
     throw new IovirtUsageError("IOVA_EXHAUSTED", `no free IOVA block of ${len} bytes`);
   }
 
+  /**
+   * The highest free block of `size` bytes (rounded up to pages) aligned to
+   * `align`: for mappings that must stay clear of IOVAs the caller picks
+   * itself, low in the space (vDPA maps guest memory at IOVA = guest
+   * physical address).
+   */
+  allocHigh(size: number, align = this.pageSize): number {
+    if (!(Number.isSafeInteger(size) && size > 0)) throw new RangeError(`bad IOVA size ${size}`);
+    const a = Math.max(align, this.pageSize);
+    const len = Math.ceil(size / this.pageSize) * this.pageSize;
+    for (let i = this.ranges.length - 1; i >= 0; i--) {
+      const r = this.ranges[i]!;
+      let at = Math.floor((r.end + 1 - len) / a) * a;
+      while (at >= r.start) {
+        const clash = this.used.find((u) => at < u.start + u.size && u.start < at + len);
+        if (clash === undefined) {
+          this.used.push({ start: at, size: len });
+          return at;
+        }
+        at = Math.floor((clash.start - len) / a) * a;
+      }
+    }
+    throw new IovirtUsageError("IOVA_EXHAUSTED", `no free IOVA block of ${len} bytes`);
+  }
+
+  /**
+   * Marks a block the caller placed itself as taken, so alloc() does not
+   * hand it out; false when it overlaps a block already taken. Reserved
+   * blocks may lie below the floor or outside the ranges.
+   */
+  reserve(start: number, size: number): boolean {
+    const len = Math.ceil(size / this.pageSize) * this.pageSize;
+    if (this.used.some((u) => start < u.start + u.size && u.start < start + len)) return false;
+    this.used.push({ start, size: len });
+    return true;
+  }
+
   release(start: number): void {
     const i = this.used.findIndex((u) => u.start === start);
     if (i < 0) throw new IovirtUsageError("IOVA_NOT_ALLOCATED", `IOVA 0x${start.toString(16)} was not allocated`);

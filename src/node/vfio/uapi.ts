@@ -25,6 +25,8 @@ export const VFIO_IOCTL = {
   IOMMU_GET_INFO: vfioIo(12),
   IOMMU_MAP_DMA: vfioIo(13),
   IOMMU_UNMAP_DMA: vfioIo(14),
+  /** On a device fd (Linux 4.17+): a write the kernel does to a BAR when an eventfd fires. */
+  DEVICE_IOEVENTFD: vfioIo(16),
 } as const;
 
 export const VFIO_API_VERSION = 0;
@@ -57,6 +59,9 @@ export const VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5;
 export const VFIO_IOMMU_INFO_PGSIZES = 1 << 0;
 export const VFIO_IOMMU_INFO_CAPS = 1 << 1;
 export const VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE = 1;
+
+/** vfio_device_ioeventfd.flags: exactly one access width. */
+export const VFIO_DEVICE_IOEVENTFD_WIDTH = { 1: 1 << 0, 2: 1 << 1, 4: 1 << 2, 8: 1 << 3 } as const;
 
 export const VFIO_DMA_MAP_FLAG_READ = 1 << 0;
 export const VFIO_DMA_MAP_FLAG_WRITE = 1 << 1;
@@ -103,6 +108,8 @@ export const IRQ_INFO = { SIZE: 16, flags: 4, index: 8, count: 12 } as const;
 export const IRQ_SET = { HEADER: 20, flags: 4, index: 8, start: 12, count: 16 } as const;
 export const IOMMU_INFO = { SIZE: 24, flags: 4, iova_pgsizes: 8, cap_offset: 16 } as const;
 export const DMA_MAP = { SIZE: 32, flags: 4, vaddr: 8, iova: 16, size: 24 } as const;
+/** struct vfio_device_ioeventfd: argsz, flags, offset (device fd offset), data, fd, reserved. */
+export const IOEVENTFD = { SIZE: 32, flags: 4, offset: 8, data: 16, fd: 24 } as const;
 export const DMA_UNMAP = { SIZE: 24, flags: 4, iova: 8, size: 16 } as const;
 /** struct vfio_info_cap_header: u16 id, u16 version, u32 next (offset from the start of the info struct). */
 export const CAP_HEADER = { id: 0, version: 2, next: 4, SIZE: 8 } as const;

@@ -16,6 +16,7 @@ import {
   DMA_MAP,
   DMA_UNMAP,
   GROUP_STATUS,
+  IOEVENTFD,
   IOMMU_INFO,
   IRQ_INFO,
   IRQ_SET,
@@ -23,6 +24,7 @@ import {
   Struct,
   VFIO_API_VERSION,
   VFIO_DEVICE_FLAGS_RESET,
+  VFIO_DEVICE_IOEVENTFD_WIDTH,
   VFIO_DMA_MAP_FLAG_READ,
   VFIO_DMA_MAP_FLAG_WRITE,
   VFIO_GROUP_FLAGS_VIABLE,
@@ -82,7 +84,8 @@ export interface VfioIrqInfo {
 export interface DmaMapping {
   iova: number;
   size: number;
-  buffer: ArrayBuffer;
+  /** The mapped buffer, or null for a range mapped by address (mapDmaAt). */
+  buffer: ArrayBuffer | null;
 }
 
 /**
@@ -182,30 +185,70 @@ export class VfioContainer {
 
   /**
    * VFIO_IOMMU_MAP_DMA of all of `buffer` (memory this process mapped, e.g. a
-   * memfd) at a fresh IOVA, readable and writable by the device. The kernel
-   * pins the pages for as long as they are mapped.
+   * memfd) at a fresh IOVA (the highest free one with `high`), readable and
+   * writable by the device. The kernel pins the pages for as long as they
+   * are mapped.
    */
-  mapDma(buffer: ArrayBuffer, opts: { iova?: number; align?: number } = {}): DmaMapping {
+  mapDma(buffer: ArrayBuffer, opts: { iova?: number; align?: number; high?: boolean } = {}): DmaMapping {
     const size = buffer.byteLength;
-    const iova = opts.iova ?? this.iova.alloc(size, opts.align);
-    const s = new Struct(DMA_MAP.SIZE);
-    s.u32(DMA_MAP.flags, VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE);
-    s.u64(DMA_MAP.vaddr, addressOf(buffer));
-    s.u64(DMA_MAP.iova, iova);
-    s.u64(DMA_MAP.size, size);
+    if (opts.iova !== undefined) return { ...this.mapDmaAt(addressOf(buffer), size, opts.iova), buffer };
+    const iova = opts.high === true ? this.iova.allocHigh(size, opts.align) : this.iova.alloc(size, opts.align);
     try {
-      vfioCall(
-        `VFIO_IOMMU_MAP_DMA of ${size} bytes at IOVA 0x${iova.toString(16)}`,
-        () => ioctl(this.fd, VFIO_IOCTL.IOMMU_MAP_DMA, s.bytes),
-        (c) => (c === "ENOMEM" ? "locked-memory limit: raise ulimit -l" : c === "EEXIST" ? "IOVA already mapped" : undefined),
-      );
+      this.mapRaw(addressOf(buffer), size, iova);
     } catch (e) {
-      if (opts.iova === undefined) this.iova.release(iova);
+      this.iova.release(iova);
       throw e;
     }
     const m = { iova, size, buffer };
     this.mappings.set(iova, m);
     return m;
+  }
+
+  /**
+   * Maps `size` bytes of this process at user address `vaddr` to an IOVA the
+   * caller chose (vDPA: guest memory at its guest-physical address). The
+   * block is reserved so that fresh mappings keep clear of it; the caller
+   * keeps the memory mapped until unmapDma.
+   */
+  mapDmaAt(vaddr: bigint, size: number, iova: number): DmaMapping {
+    if (!(Number.isSafeInteger(iova) && iova >= 0 && Number.isSafeInteger(size) && size > 0)) {
+      throw new RangeError(`DMA mapping of ${size} bytes at IOVA ${iova}`);
+    }
+    if (!this.iova.reserve(iova, size)) {
+      throw new VfioError(
+        "VFIO_IOVA_IN_USE",
+        `IOVA [0x${iova.toString(16)}, +0x${size.toString(16)}) overlaps a mapping of this container`,
+      );
+    }
+    try {
+      this.mapRaw(vaddr, size, iova);
+    } catch (e) {
+      this.iova.release(iova);
+      throw e;
+    }
+    const m = { iova, size, buffer: null };
+    this.mappings.set(iova, m);
+    return m;
+  }
+
+  private mapRaw(vaddr: bigint, size: number, iova: number): void {
+    const s = new Struct(DMA_MAP.SIZE);
+    s.u32(DMA_MAP.flags, VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE);
+    s.u64(DMA_MAP.vaddr, vaddr);
+    s.u64(DMA_MAP.iova, iova);
+    s.u64(DMA_MAP.size, size);
+    vfioCall(
+      `VFIO_IOMMU_MAP_DMA of ${size} bytes at IOVA 0x${iova.toString(16)}`,
+      () => ioctl(this.fd, VFIO_IOCTL.IOMMU_MAP_DMA, s.bytes),
+      (c) =>
+        c === "ENOMEM"
+          ? "locked-memory limit: raise ulimit -l"
+          : c === "EEXIST"
+            ? "IOVA already mapped"
+            : c === "EINVAL"
+              ? "the IOVA or size is not aligned to the IOMMU page size, or the range is outside the IOMMU's"
+              : undefined,
+    );
   }
 
   /** VFIO_IOMMU_UNMAP_DMA: from now on the device faults on these IOVAs. */
@@ -220,7 +263,7 @@ export class VfioContainer {
     if (s.u64(DMA_UNMAP.size) !== m.size)
       throw new VfioError("VFIO_UNMAP_SHORT", `unmapped ${s.u64(DMA_UNMAP.size)} of ${m.size} bytes at 0x${iova.toString(16)}`);
     this.mappings.delete(iova);
-    this.allocator?.release(iova);
+    this.iova.release(iova);
   }
 
   close(): void {
@@ -398,6 +441,59 @@ export class VfioDevice {
     }
     this.irqFds.push(...fds);
     return fds;
+  }
+
+  /**
+   * VFIO_DEVICE_SET_IRQS with eventfds the caller owns (vDPA: the front
+   * end's call eventfds, so the device's interrupts reach the guest without
+   * passing through this process). `fds[k]` serves vector start+k; null
+   * leaves that vector without a trigger. The caller keeps the fds open.
+   */
+  setIrqFds(index: number, start: number, fds: readonly (Fd | null)[]): void {
+    const info = this.irq(index);
+    if (!info.eventfd || start + fds.length > info.count) {
+      throw new VfioError("VFIO_IRQ_COUNT", `${this.bdf} has ${info.count} ${info.name} vectors, ${start}+${fds.length} asked`);
+    }
+    const s = new Struct(IRQ_SET.HEADER + 4 * fds.length);
+    s.u32(IRQ_SET.flags, VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER);
+    s.u32(IRQ_SET.index, index);
+    s.u32(IRQ_SET.start, start);
+    s.u32(IRQ_SET.count, fds.length);
+    fds.forEach((f, i) => s.i32(IRQ_SET.HEADER + 4 * i, f === null ? -1 : f.fd));
+    vfioCall(`VFIO_DEVICE_SET_IRQS ${info.name} ${start}+${fds.length}`, () => ioctl(this.fd, VFIO_IOCTL.DEVICE_SET_IRQS, s.bytes));
+  }
+
+  /**
+   * VFIO_DEVICE_IOEVENTFD (Linux 4.17+): whenever `fd` is signalled, the
+   * kernel writes `data` with `width` bytes at `offset` of BAR `bar`,
+   * without waking this process (vDPA: a guest's kick goes straight to the
+   * device's doorbell). `fd` null removes the one registered for the same
+   * (bar, offset, width, data). vfio-pci takes BARs only, outside the MSI-X
+   * table, at most 1000 per device.
+   */
+  ioeventfd(bar: number, offset: number, width: 1 | 2 | 4 | 8, data: number, fd: Fd | null): void {
+    const r = this.region(bar);
+    if (!(bar >= VFIO_PCI_REGION.BAR0 && bar <= VFIO_PCI_REGION.BAR5) || offset < 0 || offset + width > r.size) {
+      throw new VfioError("VFIO_IOEVENTFD_RANGE", `ioeventfd at BAR${bar} +0x${offset.toString(16)} (${width} bytes) is outside the BAR`);
+    }
+    const s = new Struct(IOEVENTFD.SIZE);
+    s.u32(IOEVENTFD.flags, VFIO_DEVICE_IOEVENTFD_WIDTH[width]);
+    // The device fd offset of the BAR comes from the kernel (region info), never from a shift iovirt assumes.
+    s.u64(IOEVENTFD.offset, r.offset + offset);
+    s.u64(IOEVENTFD.data, data);
+    s.i32(IOEVENTFD.fd, fd === null ? -1 : fd.fd);
+    vfioCall(
+      `VFIO_DEVICE_IOEVENTFD ${fd === null ? "remove" : "add"} at BAR${bar} +0x${offset.toString(16)}`,
+      () => ioctl(this.fd, VFIO_IOCTL.DEVICE_IOEVENTFD, s.bytes),
+      (c) =>
+        c === "ENOTTY"
+          ? "the kernel has no VFIO_DEVICE_IOEVENTFD (Linux 4.17+)"
+          : c === "ENOSPC"
+            ? "vfio-pci's limit of ioeventfds per device is reached"
+            : c === "EEXIST"
+              ? "the same ioeventfd is already registered"
+              : undefined,
+    );
   }
 
   /** INTx is masked by the kernel when it fires (AUTOMASKED); unmask after the device was serviced. */

@@ -1,6 +1,7 @@
 import { VhostUserBackend } from "../../core/vhost-user/backend.js";
 import { VhostUserError, decodeHeader, reqName, type Header } from "../../core/vhost-user/codec.js";
 import { HEADER_SIZE, MAX_PAYLOAD } from "../../core/vhost-user/protocol.js";
+import type { ExternalRings } from "../../core/vhost-user/external.js";
 import type { VirtioDevice } from "../../core/virtio/lifecycle/device.js";
 import { Fd, SysError, recvmsg, sendmsg, watch, type Watcher } from "../native.js";
 import { nodePlatform } from "./platform.js";
@@ -38,6 +39,8 @@ export interface ConnectionOptions {
   drainTimeoutMs?: number;
   /** Disconnect when more than this many reply bytes are waiting (default 1 MiB). */
   maxQueuedBytes?: number;
+  /** vDPA: rings the device serves outside JavaScript (BackendOptions.externalRings). */
+  externalRings?: ExternalRings<Fd>;
 }
 
 interface Outgoing {
@@ -77,6 +80,7 @@ export class VhostUserConnection {
       log: opts.log ?? (() => {}),
       busyPoll: opts.busyPoll ?? false,
       markDirtyPages: MARK_DIRTY_PAGES,
+      ...(opts.externalRings !== undefined ? { externalRings: opts.externalRings } : {}),
       // The back end may be in the middle of a ring pass: close once it has returned to the event loop.
       onFatal: (err) => queueMicrotask(() => this.fail(err)),
     });

@@ -63,7 +63,7 @@ export interface FrontendOptions {
   replyTimeoutMs?: number;
 }
 
-const WANTED_PF = bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.LOG_SHMFD);
+const WANTED_PF = bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.LOG_SHMFD) | bit(PF.STATUS);
 const sleeper = new Int32Array(new SharedArrayBuffer(4));
 
 /**
@@ -134,6 +134,13 @@ export class VhostUserFrontend {
     return hasFeature(this.features, VIRTIO_F_RING_PACKED) ? "packed" : "split";
   }
 
+  /** Ring i's layout at guest-physical addresses (where SET_VRING_ADDR points the back end). */
+  ringState(i: number): QueueState {
+    const s = this.ringStates[i];
+    if (s === undefined) throw new RangeError(`ring ${i} does not exist`);
+    return { ...s };
+  }
+
   /** The negotiated virtio features (without VHOST_USER_F_PROTOCOL_FEATURES). */
   get negotiated(): bigint {
     return this.features;
@@ -153,6 +160,16 @@ export class VhostUserFrontend {
     if (!q.needsKick()) return false;
     eventfdWrite(this.kicks[i]!, 1);
     return true;
+  }
+
+  /**
+   * The device status as the back end reports it (GET_STATUS), e.g.
+   * DEVICE_NEEDS_RESET after the device failed; null when the back end does
+   * not offer PROTOCOL_F_STATUS.
+   */
+  deviceStatus(): number | null {
+    if (!hasFeature(this.protocolFeatures, PF.STATUS)) return null;
+    return Number(decodeU64Bits(Req.GET_STATUS, this.request(Req.GET_STATUS, new Uint8Array(0), [], true)) & 0xffn);
   }
 
   /** Calls fn whenever the back end signals queue i (call eventfd on libuv). */

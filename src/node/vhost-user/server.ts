@@ -1,3 +1,4 @@
+import type { ExternalRings } from "../../core/vhost-user/external.js";
 import type { VirtioDevice } from "../../core/virtio/lifecycle/device.js";
 import { Fd, unixConnect, unixSocket, watch, type Watcher } from "../native.js";
 import { acceptAll, listenUnix } from "../native-util.js";
@@ -13,6 +14,8 @@ export interface ServerOptions {
   maxQueuedBytes?: number;
   /** See ConnectionOptions.busyPoll: the owner polls `connection.backend.pollAll()`. */
   busyPoll?: boolean;
+  /** See ConnectionOptions.externalRings. */
+  externalRings?: ExternalRings<Fd>;
 }
 
 /**
@@ -82,6 +85,7 @@ function serve(fd: Fd, device: VirtioDevice, opts: ServerOptions, onClose: (err:
     ...(opts.drainTimeoutMs !== undefined ? { drainTimeoutMs: opts.drainTimeoutMs } : {}),
     ...(opts.maxQueuedBytes !== undefined ? { maxQueuedBytes: opts.maxQueuedBytes } : {}),
     ...(opts.busyPoll !== undefined ? { busyPoll: opts.busyPoll } : {}),
+    ...(opts.externalRings !== undefined ? { externalRings: opts.externalRings } : {}),
     onClose,
   });
   opts.onConnect?.(conn);

@@ -109,6 +109,10 @@ export class BlkRequests {
   private rr = 0;
   private readonly waiting: { q: number; req: Request }[] = [];
   protected useIndirect = true;
+  /** Requests submitted so far: each takes one buffer (one avail entry) on some queue. */
+  submitted = 0;
+  /** Called as each request completes, with where its header and data were (dirty-page checks in tests). */
+  onCompleted: ((r: { hdr: number; data: number; dataLen: number }) => void) | null = null;
 
   constructor(host: QueueHost) {
     this.host = host;
@@ -170,7 +174,10 @@ export class BlkRequests {
   processUsed(): void {
     for (let i = 0; i < this.host.queues.length; i++) {
       const q = this.host.queues[i] as DriverQueue<Request>;
-      q.drainUsed((req, len) => req.resolve({ status: this.host.mem.readU8(req.hdr + BLK_REQ_HEADER), len }));
+      q.drainUsed((req, len) => {
+        this.onCompleted?.(req);
+        req.resolve({ status: this.host.mem.readU8(req.hdr + BLK_REQ_HEADER), len });
+      });
     }
     this.flushWaiting();
   }
@@ -215,6 +222,7 @@ export class BlkRequests {
   private submit(req: Request): Promise<{ status: number; len: number }> {
     return new Promise((resolve) => {
       req.resolve = resolve;
+      this.submitted++;
       const q = this.rr++ % this.host.queues.length;
       this.waiting.push({ q, req });
       this.flushWaiting();

@@ -43,6 +43,12 @@ export interface DriverQueue<T = unknown> {
   /** Calls fn for each used buffer, up to `max`; returns how many. */
   drainUsed(fn: (token: T, len: number) => void, max?: number): number;
   hasUsed(): boolean;
+  /**
+   * The tokens of every buffer made available and not used, in no
+   * particular order: what a device reset took from a driver that will
+   * post them again (vDPA shadow rings).
+   */
+  outstandingTokens(): T[];
   /** Used-buffer notification suppression; returns true when used buffers are already waiting. */
   setNotification(mode: NotificationMode): boolean;
 }

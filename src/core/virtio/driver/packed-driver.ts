@@ -193,6 +193,12 @@ export class PackedDriverQueue<T = unknown> implements DriverQueue<T> {
     return isUsed(Atomics.load(this.desc32, this.descBase + (this.lastUsed << 2) + 3) >>> 16, this.usedWrap);
   }
 
+  outstandingTokens(): T[] {
+    const out: T[] = [];
+    for (let k = 0; k < this.outstanding.length; k++) if (this.outstanding[k] === 1) out.push(this.tokens[k] as T);
+    return out;
+  }
+
   drainUsed(fn: (token: T, len: number) => void, max = Infinity): number {
     if (this.isBroken) throw new QueueError("QUEUE_BROKEN", "queue needs a reset after an earlier error");
     let done = 0;

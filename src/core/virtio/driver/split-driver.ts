@@ -148,6 +148,12 @@ export class SplitDriverQueue<T = unknown> extends SplitRing implements DriverQu
     return Atomics.load(this.used16, this.usedBase16 + 1) !== this.lastUsed;
   }
 
+  outstandingTokens(): T[] {
+    const out: T[] = [];
+    for (let k = 0; k < this.outstanding.length; k++) if (this.outstanding[k] === 1) out.push(this.tokens[k] as T);
+    return out;
+  }
+
   drainUsed(fn: (token: T, len: number) => void, max = Infinity): number {
     let total = 0;
     for (;;) {

@@ -1,0 +1,90 @@
+/**
+ * A stand-in for vDPA hardware: iovirt's own virtio-blk device model behind
+ * its virtio-pci function model, in this process (`iovirt vdpa --loopback`).
+ * It behaves like a function behind an IOMMU: it reaches the guest regions
+ * the bridge mapped (at their guest-physical addresses) and the bridge's own
+ * memory, nothing else; its MSI-X vectors signal eventfds and a kick wired
+ * to a queue writes that queue's doorbell. Its writes to guest memory are
+ * not dirty-logged (they are the "hardware's"), which is what makes shadow
+ * mode necessary. For trying the bridge without VFIO, and for tests.
+ */
+import { GuestMemory, type MemoryRegion } from "../../core/memory/guest-memory.js";
+import { enableMsix } from "../../core/loopback/pci-pair.js";
+import { enableBusMaster } from "../../core/pci/command.js";
+import { readMsixCapability } from "../../core/pci/msix.js";
+import { BlkDevice } from "../../core/virtio/devices/blk/device.js";
+import { RamDisk } from "../../core/virtio/devices/blk/port.js";
+import { DmaAllocator } from "../../core/virtio/driver/dma.js";
+import { VirtioPciDevice } from "../../core/virtio/transport/pci/device.js";
+import { VirtioPciDriverTransport } from "../../core/virtio/transport/pci/driver.js";
+import { eventfdRead, eventfdWrite, isSysError, watch, type Fd, type Watcher } from "../native.js";
+import type { VdpaHardware } from "./hardware.js";
+
+/** Where the bridge's own memory sits in the model's address space: far above any guest RAM. */
+const OWN_BASE = 2 ** 40;
+
+export class LoopbackVdpaHardware implements VdpaHardware {
+  readonly name = "loopback virtio-blk-pci (iovirt's device model, in process)";
+  readonly transport: VirtioPciDriverTransport;
+  readonly own: { mem: GuestMemory; dma: DmaAllocator };
+  readonly vectors: number;
+  readonly disk: RamDisk;
+  readonly device: BlkDevice;
+  private readonly pci: VirtioPciDevice;
+  private readonly ownRegion: MemoryRegion;
+  private vectorFds: readonly (Fd | null)[] = [];
+  private readonly kicks = new Map<number, Watcher>();
+
+  constructor(opts: { diskBytes: number; ownBytes?: number; queues?: number }) {
+    this.disk = new RamDisk(opts.diskBytes);
+    this.device = new BlkDevice({ port: this.disk, numQueues: opts.queues ?? 1, queueSize: 256 });
+    const ownBytes = opts.ownBytes ?? 4 << 20;
+    this.own = { mem: GuestMemory.create(ownBytes, { gpa: OWN_BASE }), dma: new DmaAllocator(OWN_BASE, ownBytes) };
+    this.ownRegion = this.own.mem.listRegions()[0]!;
+    this.device.attachMemory(new GuestMemory([this.ownRegion]));
+    this.pci = new VirtioPciDevice(this.device, { interrupt: (v) => this.raise(v) });
+    enableBusMaster(this.pci.config);
+    enableMsix(this.pci);
+    this.vectors = readMsixCapability(this.pci.config)!.tableSize;
+    this.transport = new VirtioPciDriverTransport(this.pci.config, (i) => this.pci.bar(i)!);
+  }
+
+  mapGuest(mem: GuestMemory): void {
+    this.device.attachMemory(new GuestMemory([...mem.listRegions(), this.ownRegion]));
+  }
+
+  setVectors(fds: readonly (Fd | null)[]): void {
+    this.vectorFds = [...fds];
+  }
+
+  private raise(vector: number | null): void {
+    const fd = vector === null ? null : this.vectorFds[vector];
+    if (fd !== null && fd !== undefined) eventfdWrite(fd, 1);
+  }
+
+  wireKick(queue: number, fd: Fd): boolean {
+    this.unwireKick(queue);
+    this.kicks.set(
+      queue,
+      watch(fd, "r", (err) => {
+        if (err !== null) return;
+        try {
+          eventfdRead(fd);
+        } catch (e) {
+          if (!(isSysError(e) && e.kind === "retry")) throw e;
+        }
+        this.transport.notify(queue, queue);
+      }),
+    );
+    return true;
+  }
+
+  unwireKick(queue: number): void {
+    this.kicks.get(queue)?.stop();
+    this.kicks.delete(queue);
+  }
+
+  close(): void {
+    for (const q of [...this.kicks.keys()]) this.unwireKick(q);
+  }
+}
