@@ -55,6 +55,8 @@ Commands (run in order, on one initialized device):
                                nothing else but ring pages and buffers in flight), logging off, then
                                reads on until the ring index has wrapped past 0 once more (where
                                iovirt vdpa returns a ring to its direct path); every read is checked
+  reconnect                    --vhost-user only: stop the rings (GET_VRING_BASE), connect again to the
+                               same socket and resume them where they stopped (SET_VRING_BASE)
   dma-fault                    --vhost-user only: submit a read whose 64 KiB data buffer lies outside
                                the shared memory and wait (10 s at most) for the back end to report
                                DEVICE_NEEDS_RESET (GET_STATUS); for iovirt vdpa this is the function
@@ -98,7 +100,18 @@ interface DrvArgs {
 }
 
 const ARITY: Record<string, Record<string, number>> = {
-  blk: { info: 0, "write-pattern": 2, "verify-pattern": 2, read: 3, write: 2, flush: 0, "iommu-fault": 0, "log-cycle": 2, "dma-fault": 0 },
+  blk: {
+    info: 0,
+    "write-pattern": 2,
+    "verify-pattern": 2,
+    read: 3,
+    write: 2,
+    flush: 0,
+    "iommu-fault": 0,
+    "log-cycle": 2,
+    "dma-fault": 0,
+    reconnect: 0,
+  },
   net: { info: 0, "ping-peer": 1, send: 1, recv: 1 },
 };
 
@@ -141,8 +154,8 @@ function parse(kind: "blk" | "net", args: string[]): DrvArgs | "help" {
   }
   if (o.vhostUser !== undefined) {
     if (o.commands.some((c) => c[0] === "iommu-fault")) throw new UsageError("iommu-fault needs --vfio");
-  } else if (o.commands.some((c) => c[0] === "log-cycle" || c[0] === "dma-fault")) {
-    throw new UsageError("log-cycle and dma-fault need --vhost-user");
+  } else if (o.commands.some((c) => c[0] === "log-cycle" || c[0] === "dma-fault" || c[0] === "reconnect")) {
+    throw new UsageError("log-cycle, dma-fault and reconnect need --vhost-user");
   } else if (o.bdf === undefined || o.backend === undefined) {
     throw new UsageError(
       kind === "blk" ? "which device? --vfio BDF, --uio BDF or --vhost-user SOCKET" : "which device? --vfio BDF or --uio BDF",
@@ -245,6 +258,11 @@ async function runBlkVhostUser(path: string, o: DrvArgs): Promise<number> {
       },
       "log-cycle": (a) => logCycle(c, nonNegInt(a[0]!, "SECTOR"), nonNegInt(a[1]!, "COUNT")),
       "dma-fault": () => dmaFault(c),
+      reconnect: () => {
+        // What a migration's destination or a restarted back end sees: rings that resume where they stopped.
+        const before = c.frontend.handOver(path);
+        say(`reconnect: rings stopped at ${before.map((b) => `0x${b.toString(16)}`).join(", ")} and resumed there on a new connection`);
+      },
     });
   } finally {
     c.close();

@@ -59,7 +59,7 @@ import {
   VIRTQ_DESC_F_NEXT,
   VIRTQ_DESC_F_WRITE,
 } from "../../core/virtio/queue/constants.js";
-import { eventfd, eventfdRead, isSysError, watch, type Fd, type Watcher } from "../native.js";
+import { eventfd, eventfdRead, eventfdWrite, isSysError, watch, type Fd, type Watcher } from "../native.js";
 import type { VdpaHardware } from "./hardware.js";
 
 /**
@@ -183,14 +183,20 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
       resets: 0,
       lastSwitchMs: 0,
     };
+    this.hasStalls = true;
     this.ownFds = Array.from({ length: 1 + usable }, () => eventfd(0, { nonblock: true }));
     this.ownFds.forEach((fd, vector) => {
       this.ownWatchers.push(
         watch(fd, "r", (err) => {
           if (err !== null) return;
           drain(fd);
-          if (vector === CONFIG_VECTOR) this.onConfigInterrupt();
-          else this.onShadowUsed(vector - 1);
+          try {
+            if (vector === CONFIG_VECTOR) this.onConfigInterrupt();
+            else this.onQueueInterrupt(vector - 1);
+          } catch (e) {
+            // From the event loop nothing may escape: a function that stops answering as it should is failed.
+            this.fail(`handling vector ${vector} failed: ${e instanceof Error ? e.message : String(e)}`);
+          }
         }),
       );
     });
@@ -248,7 +254,13 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
     if (this.failed) return;
     this.failed = true;
     this.log(`vdpa: ${this.hw.name}: ${why}; the front end must reset the device`);
-    for (let i = 0; i < this.rings.length; i++) this.unwire(i);
+    for (let i = 0; i < this.rings.length; i++) {
+      try {
+        this.unwire(i);
+      } catch {
+        // a function that vanished takes its ioeventfds with it
+      }
+    }
     const err = new GuestError("VDPA_DEVICE_FAILED", why);
     if (this.backend !== null) this.backend.deviceFailed(err);
     else this.hostFault(err);
@@ -349,14 +361,23 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
   }
 
   stop(i: number): QueueState {
-    if (this.failed) {
-      // The function is gone or broken: no reset to drain it. The used ring says what completed.
-      const r = this.rings[i]!;
-      const pos = r.guest!.layout === "split" ? this.positionAfterReset(r.guest!, this.guestMem!) : r.guest!;
-      r.mode = "off";
-      return pos;
+    if (!this.failed) {
+      try {
+        return this.restartFunction(i)!;
+      } catch (e) {
+        this.fail(`stopping ring ${i} failed: ${e instanceof Error ? e.message : String(e)}`);
+      }
     }
-    return this.restartFunction(i)!;
+    // The function is gone or broken: no reset to drain it. What the used ring says completed is where the ring stands.
+    const r = this.rings[i]!;
+    const g = r.guest ?? null;
+    r.mode = "off";
+    if (g === null) throw new IovirtUsageError("VDPA_FAILED", `ring ${i}: no position after the function failed`);
+    try {
+      return g.layout === "split" ? this.positionAfterReset(g, this.guestMem!) : g;
+    } catch {
+      return g;
+    }
   }
 
   /** The back end stops a ring it served in software (drained first), or hands it back to us (maybeDirect). */
@@ -425,6 +446,9 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
     this.hw.transport.setupQueue(i, g.size, g.descTable, g.driverArea, g.deviceArea);
     r.mode = "direct";
     r.shadow = null;
+    // The vector before the kick: a kick the guest left pending fires as soon as it is wired, and
+    // the function's answer must reach the guest's call eventfd, not the bridge's.
+    this.routeVectors();
     if (!this.hw.wireKick(i, r.fds!.kick)) this.log(`vdpa: ring ${i}: kicks are forwarded by the bridge (no VFIO_DEVICE_IOEVENTFD)`);
   }
 
@@ -631,6 +655,18 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
     this.flushShadow(index);
   }
 
+  /**
+   * A shadowed ring with buffers it will not take yet: one waits for room on
+   * the shadow ring, or the ring stands where it goes direct. Pollers then
+   * leave it alone; the function's completions move it on (onQueueInterrupt).
+   */
+  protected override queueStalled(i: number): boolean {
+    const r = this.rings[i];
+    const q = this.liveQueue(i);
+    if (r === undefined || q === null) return false;
+    return r.parked !== null || (r.wantDirect && availAtStart(q.getState()));
+  }
+
   /** Puts one guest buffer on the shadow ring; false when the ring has no room. */
   private post(index: number, p: Pending): boolean {
     const r = this.rings[index]!;
@@ -650,9 +686,19 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
     if (sh.needsKick()) this.hw.transport.notify(index, index);
   }
 
-  /** The function used buffers of a shadow ring: complete them into the guest's ring. */
-  private onShadowUsed(index: number): void {
+  /**
+   * A queue vector the bridge serves fired. Shadow ring: the function used
+   * buffers, complete them into the guest's ring. Direct ring: an interrupt
+   * from just before the vector went to the guest's call eventfd, passed on
+   * (a spurious one costs the driver a look at its used ring; a lost one
+   * could stall it for good under EVENT_IDX).
+   */
+  private onQueueInterrupt(index: number): void {
     const r = this.rings[index];
+    if (r?.mode === "direct" && r.fds?.call !== null && r.fds?.call !== undefined) {
+      eventfdWrite(r.fds.call, 1);
+      return;
+    }
     if (r === undefined || r.mode !== "shadow" || r.shadow === null) return;
     this.harvest(index);
     if (r.parked !== null) this.poll(index);
@@ -708,7 +754,6 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
     r.guest = { ...r.guest!, ...state };
     r.wantDirect = false;
     this.setupDirect(index);
-    this.routeVectors();
     this.stats_.toDirect++;
     this.log(`vdpa: ring ${index} back on the direct path`);
     this.hw.transport.notify(index, index);
@@ -725,8 +770,12 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
       Object.assign(r, { mode: "off", guest: null, fds: null, shadow: null, parked: null, wantDirect: false });
     }
     if (this.hw !== undefined && this.hwStatus !== 0) {
-      resetFunction(this.hw);
       this.hwStatus = 0;
+      try {
+        resetFunction(this.hw);
+      } catch (e) {
+        this.log(`vdpa: ${this.hw.name}: reset failed: ${e instanceof Error ? e.message : String(e)}`);
+      }
     }
     this.logOn = false;
   }

@@ -339,9 +339,10 @@ export class VhostUserFrontend {
    * stop here (GET_VRING_BASE), the connection closes, and the back end at
    * `path` gets the same features, memory and rings, resumed where they
    * stopped. Buffers not yet used when the rings stopped were completed by
-   * the old back end first. The same eventfds serve on.
+   * the old back end first. The same eventfds serve on. Returns where the
+   * rings stopped.
    */
-  handOver(path: string): void {
+  handOver(path: string): number[] {
     const bases = this.stopRings();
     if (this.logBuf !== null) munmap(this.logBuf);
     this.logBuf = null;
@@ -363,6 +364,7 @@ export class VhostUserFrontend {
       );
     }
     this.startRings(bases);
+    return bases;
   }
 
   /**
