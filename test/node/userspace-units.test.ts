@@ -113,7 +113,7 @@ test("iovirt drv explains what it needs", () => {
   assert.match(n.stderr, /which device\? --vfio BDF or --uio BDF\n/);
   const v = spawnSync(process.execPath, [cli, "drv", "blk", "--vfio", "00:03.0", "log-cycle", "0", "64"], { encoding: "utf8" });
   assert.equal(v.status, 2);
-  assert.match(v.stderr, /log-cycle and dma-fault need --vhost-user/);
+  assert.match(v.stderr, /log-cycle, dma-fault and reconnect need --vhost-user/);
   const c = spawnSync(process.execPath, [cli, "drv", "net", "--vfio", "00:03.0", "frobnicate"], { encoding: "utf8" });
   assert.equal(c.status, 2);
   assert.match(c.stderr, /unknown command 'frobnicate' \(known: info, ping-peer, send, recv\)/);
