@@ -95,6 +95,14 @@ function assertStep(r: BootGuestResult, label: string, ...want: RegExp[]): strin
   return s.lines;
 }
 
+function assertRanToEnd(r: BootGuestResult): void {
+  assert.equal(r.timedOut, false, `guest timed out:\n${r.output.slice(-3000)}`);
+  assert.ok(
+    r.markers.some((m) => m.startsWith("script hostroot exit 0 ")),
+    r.output.slice(-3000),
+  );
+}
+
 async function fillRegion(image: string, sector: number, count: number): Promise<void> {
   const { open } = await import("node:fs/promises");
   const fh = await open(image, "r+");
@@ -157,7 +165,8 @@ run vdpa-log ${fe} --split write-pattern ${VDPA_LOG} ${MIB_SECTORS} log-cycle ${
 run vdpa-fault ${fe} --split dma-fault
 run vdpa-after ${fe} --split verify-pattern ${VDPA_SPLIT} ${MIB_SECTORS}
 kill -TERM $VDPA; wait $VDPA; echo "exit $?" >>$TMPDIR/vdpa.log
-sed "s/^/IOVIRT-GUEST: vdpa-daemon: /" $TMPDIR/vdpa.log`;
+sed "s/^/IOVIRT-GUEST: vdpa-daemon: /" $TMPDIR/vdpa.log
+run vdpa-bench node ${repo}/dist/bench/vdpa.js --vfio $BLK --runs 3 --reads 1000`;
 }
 
 /** The bridge's counter lines ("vdpa: stats ..."), one per front-end disconnect, as key=value maps. */
@@ -258,13 +267,7 @@ run unbind-blk iov pci bind kernel $BLK
   });
   after(() => peer.sock.close());
 
-  test("the guest ran to the end", () => {
-    assert.equal(r.timedOut, false, `guest timed out:\n${r.output.slice(-3000)}`);
-    assert.ok(
-      r.markers.some((m) => m.startsWith("script hostroot exit 0 ")),
-      r.output.slice(-3000),
-    );
-  });
+  test("the guest ran to the end", () => assertRanToEnd(r));
 
   test("pci ls shows the devices, their IOMMU groups and decoded virtio capabilities", () => {
     const lines = assertStep(r, "ls", /1af4:1042.*virtio-blk/, /1af4:1041.*virtio-net/, /iommu_group=\d+/);
@@ -372,13 +375,7 @@ run unbind-blk iov pci bind kernel $BLK
     });
     after(() => peer.sock.close());
 
-    test("the guest ran to the end", () => {
-      assert.equal(r.timedOut, false, `guest timed out:\n${r.output.slice(-3000)}`);
-      assert.ok(
-        r.markers.some((m) => m.startsWith("script hostroot exit 0 ")),
-        r.output.slice(-3000),
-      );
-    });
+    test("the guest ran to the end", () => assertRanToEnd(r));
 
     test("vdpa: split rings run direct on the function, no buffer relayed in software; the host sees the data", () => {
       assertStep(
@@ -461,6 +458,16 @@ run unbind-blk iov pci bind kernel $BLK
       assert.ok(
         daemon.some((l) => /^exit 0$/.test(l)),
         daemon.join("\n"),
+      );
+    });
+
+    test("bench:vdpa on the real function: no descriptor relayed per request on the direct path", () => {
+      const lines = assertStep(r, "vdpa-bench", /descriptors relayed by JavaScript per request, direct path {2}0\.000/);
+      const shadow = lines.map((l) => /shadow path {2}(\d+\.\d+)/.exec(l)).find((m) => m !== null);
+      assert.ok(shadow !== undefined && Number(shadow[1]) >= 1, lines.join("\n"));
+      assert.ok(
+        lines.some((l) => /switch to shadow with 32 reads in flight: [\d.]+ ms/.test(l)),
+        lines.join("\n"),
       );
     });
 

@@ -583,15 +583,21 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
     const g = this.rings[i]!.guest!;
     const mem = this.guestMem;
     if (mem === null || mem.dirtyLog === null || g.layout !== "split") return;
-    try {
+    const walk = (f: () => void): void => {
+      try {
+        f();
+      } catch (e) {
+        if (!(e instanceof GuestError)) throw e;
+        this.log(`vdpa: ring ${i}: a buffer in flight could not be walked to mark it: ${e.message}`);
+      }
+    };
+    walk(() => {
       const used = mem.readU16(g.deviceArea + 2);
       const avail = mem.readU16(g.driverArea + 2);
       const n = Math.min((avail - used) & 0xffff, g.size);
-      for (let k = 0; k < n; k++) this.markChain(mem, g, mem.readU16(g.driverArea + 4 + 2 * ((used + k) % g.size)));
-    } catch (e) {
-      if (!(e instanceof GuestError)) throw e;
-      this.log(`vdpa: ring ${i}: a buffer in flight could not be walked to mark it: ${e.message}`);
-    }
+      // One bad chain must not keep the others unmarked.
+      for (let k = 0; k < n; k++) walk(() => this.markChain(mem, g, mem.readU16(g.driverArea + 4 + 2 * ((used + k) % g.size))));
+    });
   }
 
   /** Marks the device-writable segments of the split chain at `head`, through an indirect table too (§2.7.5.3). */

@@ -42,6 +42,19 @@ export interface VdpaHardware {
   close(): void;
 }
 
+/** Calls `notify` for every kick on `fd` (a kick forwarder in this process, where the kernel cannot do it). */
+export function forwardKicks(fd: Fd, notify: () => void): Watcher {
+  return watch(fd, "r", (err) => {
+    if (err !== null) return;
+    try {
+      eventfdRead(fd);
+    } catch (e) {
+      if (!(isSysError(e) && e.kind === "retry")) throw e;
+    }
+    notify();
+  });
+}
+
 interface Mapped {
   iova: number;
   size: number;
@@ -145,16 +158,7 @@ export class VfioVdpaHardware implements VdpaHardware {
         this.ioeventfdWorks = false;
       }
     }
-    const watcher = watch(fd, "r", (err) => {
-      if (err !== null) return;
-      try {
-        eventfdRead(fd);
-      } catch (e) {
-        if (!(isSysError(e) && e.kind === "retry")) throw e;
-      }
-      this.transport.notify(queue, queue);
-    });
-    this.kicks.set(queue, { watcher });
+    this.kicks.set(queue, { watcher: forwardKicks(fd, () => this.transport.notify(queue, queue)) });
     return false;
   }
 

@@ -17,8 +17,8 @@ import { RamDisk } from "../../core/virtio/devices/blk/port.js";
 import { DmaAllocator } from "../../core/virtio/driver/dma.js";
 import { VirtioPciDevice } from "../../core/virtio/transport/pci/device.js";
 import { VirtioPciDriverTransport } from "../../core/virtio/transport/pci/driver.js";
-import { eventfdRead, eventfdWrite, isSysError, watch, type Fd, type Watcher } from "../native.js";
-import type { VdpaHardware } from "./hardware.js";
+import { eventfdWrite, type Fd, type Watcher } from "../native.js";
+import { forwardKicks, type VdpaHardware } from "./hardware.js";
 
 /** Where the bridge's own memory sits in the model's address space: far above any guest RAM. */
 const OWN_BASE = 2 ** 40;
@@ -64,17 +64,10 @@ export class LoopbackVdpaHardware implements VdpaHardware {
 
   wireKick(queue: number, fd: Fd): boolean {
     this.unwireKick(queue);
+    // The model's doorbell is a method call: the kick is forwarded, as a kernel ioeventfd would do it.
     this.kicks.set(
       queue,
-      watch(fd, "r", (err) => {
-        if (err !== null) return;
-        try {
-          eventfdRead(fd);
-        } catch (e) {
-          if (!(isSysError(e) && e.kind === "retry")) throw e;
-        }
-        this.transport.notify(queue, queue);
-      }),
+      forwardKicks(fd, () => this.transport.notify(queue, queue)),
     );
     return true;
   }
