@@ -261,6 +261,8 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
         // a function that vanished takes its ioeventfds with it
       }
     }
+    // Whatever comes next (new features, a ring start) sets the function up from a reset.
+    this.hwStatus = 0;
     const err = new GuestError("VDPA_DEVICE_FAILED", why);
     if (this.backend !== null) this.backend.deviceFailed(err);
     else this.hostFault(err);
