@@ -198,6 +198,18 @@ test("packed rings running direct refuse dirty logging (their position cannot be
   await stopChild(b.child);
 });
 
+test("a DMA to an address the function cannot reach fails the device (DEVICE_NEEDS_RESET), not the bridge; the next front end is served", async () => {
+  const b = await startBridge();
+  const r = drv(b.sock, ["--split", "dma-fault"]);
+  assert.equal(r.status, 0, r.out);
+  assert.match(r.out, /DEVICE_NEEDS_RESET; the request did not complete/);
+  await logged(b, /VDPA_DEVICE_FAILED: the function set DEVICE_NEEDS_RESET/);
+  const after = drv(b.sock, ["--split", "write-pattern", "0", "64", "verify-pattern", "0", "64"]);
+  assert.equal(after.status, 0, after.out);
+  await logged(b, /ring 0 \(split, 128 entries\) starts direct[^]*ring 0 \(split, 128 entries\) starts direct/);
+  await stopChild(b.child);
+});
+
 test("iovirt vdpa explains itself", () => {
   const h = spawnSync(process.execPath, [cli, "vdpa", "--help"], { encoding: "utf8" });
   assert.equal(h.status, 0);
