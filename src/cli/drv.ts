@@ -538,9 +538,11 @@ async function logCycle(c: VhostUserBlkClient, sector: number, count: number): P
   let logging = false;
   let paused = false;
   // Which completions the bitmap must show: those whose used entry the back end wrote after logging
-  // started. On one split ring the k-th completion is used entry k; `usedAtStart` is read when
-  // logging starts. A read whose data landed earlier needs no mark (a migration copies every page
-  // once to begin with), even if this process reaps it later.
+  // started. On one split ring the k-th completion is used entry k; `usedAtStart` is the used index
+  // read once the back end has acknowledged LOG_ALL: every entry from there on was written with
+  // logging on. (A read whose data landed before logging started needs no mark: a migration copies
+  // every page once to begin with. Those completed while the back end switched over cannot be told
+  // apart from the earlier ones here, so they are not required.)
   let completions = blk.submitted; // nothing is in flight between commands
   let usedAtStart = Infinity;
   let stop = false;
@@ -605,12 +607,11 @@ async function logCycle(c: VhostUserBlkClient, sector: number, count: number): P
   // No new reads from here: the DEPTH in flight are what the switch has to account for (a back end
   // that shadows the ring first lets the device finish them, and must mark what they wrote).
   paused = true;
-  const ring0 = fe.ringState(0);
-  const used16 = fe.mem.readU16(ring0.deviceArea + 2);
-  usedAtStart = completions + ((used16 - completions) & 0xffff);
   const t0 = performance.now();
   fe.startLogging();
   const startMs = performance.now() - t0;
+  const used16 = fe.mem.readU16(fe.ringState(0).deviceArea + 2);
+  usedAtStart = completions + ((used16 - completions) & 0xffff);
   logging = true;
   const [missing0, extra0, total0] = await check();
   paused = false;

@@ -808,11 +808,17 @@ export class VhostUserBackend<F> {
    * queue at its next used entry, so it takes effect between two buffers.
    */
   private setLogging(was: boolean, on: boolean): void {
+    const before = this.dirty.enabled;
+    // Marking is on before the data path outside switches over: what it marks while switching
+    // (buffers in flight that the device finishes meanwhile) must reach the bitmap.
+    this.dirty.enabled = on && this.markDirtyPages;
     if (on !== was) {
       const refused = this.external?.logging(on && this.markDirtyPages) ?? null;
-      if (refused !== null) throw new VhostUserError("LOGGING_REFUSED", `dirty logging cannot start: ${refused}`);
+      if (refused !== null) {
+        this.dirty.enabled = before;
+        throw new VhostUserError("LOGGING_REFUSED", `dirty logging cannot start: ${refused}`);
+      }
     }
-    this.dirty.enabled = on && this.markDirtyPages;
     if (on && !was) this.log(`vhost-user: dirty logging on${this.markDirtyPages ? "" : " (test switch: no page is marked)"}`);
     else if (!on && was) this.log("vhost-user: dirty logging off");
     if (on) for (let i = 0; i < this.rings.length; i++) this.checkLogAddress(i);

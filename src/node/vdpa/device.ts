@@ -409,7 +409,14 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
       this.logOn = true;
       if (direct.length === 0) return null;
       const t0 = performance.now();
-      this.restartFunction(null);
+      try {
+        this.restartFunction(null);
+      } catch (e) {
+        // Half switched is no state to go on from: the device fails, logging itself is accepted,
+        // and the front end resets the device (a migration then fails rather than copies stale pages).
+        this.fail(`switching ring(s) ${direct.join(", ")} to shadow rings failed: ${e instanceof Error ? e.message : String(e)}`);
+        return null;
+      }
       this.stats_.lastSwitchMs = performance.now() - t0;
       this.log(`vdpa: dirty logging on: ring(s) ${direct.join(", ")} now shadowed (${this.stats_.lastSwitchMs.toFixed(1)} ms)`);
     } else {
