@@ -541,7 +541,9 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
       this.goLive();
       for (const [i, pos] of toSoftware) this.backend!.serveInSoftware(i, pos);
       repost.forEach((list, i) => {
-        for (const p of list) this.post(i, p);
+        // The new ring is as big as the old one, so what it held fits again; only the buffer that was
+        // parked for want of room may find none, and waits parked as before (never dropped).
+        for (const p of list) if (!this.post(i, p)) this.rings[i]!.parked = p;
         if (list.length > 0) this.log(`vdpa: ring ${i}: ${list.length} request(s) the reset dropped posted again`);
         this.flushShadow(i);
       });
