@@ -2,7 +2,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { ArgReader, UsageError, parseOrExplain } from "./args.js";
 import { BlkDriver } from "../core/virtio/driver/blk.js";
 import { NetDriver } from "../core/virtio/driver/net.js";
-import { describeFeatures } from "../core/virtio/lifecycle/features.js";
+import { VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_RESET, bit, describeFeatures } from "../core/virtio/lifecycle/features.js";
 import { BLK_FEATURE_NAMES } from "../core/virtio/devices/blk/constants.js";
 import { NET_FEATURE_NAMES } from "../core/virtio/devices/net/constants.js";
 import { STATUS_DEVICE_NEEDS_RESET } from "../core/virtio/lifecycle/status.js";
@@ -12,6 +12,8 @@ import { UserspaceVirtioPci, type PciBackend } from "../node/pci/userspace.js";
 import { munmap } from "../node/native.js";
 import { mapMemfd } from "../node/dma-memory.js";
 import { VhostUserBlkClient } from "../node/vhost-user/blk-client.js";
+import { VhostUserTransport } from "../node/vhost-user/transport.js";
+import { VIRTIO_ID_NET } from "../core/virtio/devices/net/constants.js";
 import type { BlkRequests } from "../core/virtio/driver/blk.js";
 
 const COMMON = `  --vfio BDF         drive the function through VFIO (bound to vfio-pci; IOMMU-protected DMA)
@@ -70,10 +72,11 @@ Options:
 ${COMMON}  --vhost-user SOCKET drive the vhost-user-blk back end listening on SOCKET
 ${BDF_NOTE}`;
 
-const NET_HELP = `iovirt drv net — a userspace virtio-net driver on a real virtio-pci function
+const NET_HELP = `iovirt drv net — a userspace virtio-net driver on a real virtio-pci function,
+or on a vhost-user net back end
 
 Usage:
-  iovirt drv net (--vfio BDF | --uio BDF) [options] COMMAND [ARGS] [COMMAND [ARGS] ...]
+  iovirt drv net (--vfio BDF | --uio BDF | --vhost-user SOCKET) [options] COMMAND [ARGS] [COMMAND [ARGS] ...]
 
 Commands:
   info                      MAC, link status, MTU, features, rings, interrupts
@@ -81,10 +84,19 @@ Commands:
                             every byte of every reply is checked (see src/core/selfcheck/frames.ts)
   send COUNT                send COUNT test frames g2h 0..COUNT-1
   recv COUNT                receive COUNT test frames h2g 0..COUNT-1 and check them
+  reconnect                 --vhost-user only: stop the rings (GET_VRING_BASE), connect again to the
+                            same socket and resume them where they stopped (SET_VRING_BASE)
+
+With --vhost-user SOCKET iovirt plays the front end (the part QEMU plays for a VM): it owns
+64 MiB of shared memory, connects to the back end listening on SOCKET (iovirt switch's
+vhost-user ports, iovirt vdpa on a virtio-net function, DPDK's vhost PMD) and runs the
+virtio-net driver through it: one queue pair, no control queue (vhost-user leaves that
+to the front end).
 
 Options:
   --timeout-ms N     how long to wait for a frame (default 10000)
-${COMMON}${BDF_NOTE}`;
+${COMMON}  --vhost-user SOCKET drive the vhost-user net back end listening on SOCKET
+${BDF_NOTE}`;
 
 interface DrvArgs {
   bdf: string;
@@ -112,7 +124,7 @@ const ARITY: Record<string, Record<string, number>> = {
     "dma-fault": 0,
     reconnect: 0,
   },
-  net: { info: 0, "ping-peer": 1, send: 1, recv: 1 },
+  net: { info: 0, "ping-peer": 1, send: 1, recv: 1, reconnect: 0 },
 };
 
 function parse(kind: "blk" | "net", args: string[]): DrvArgs | "help" {
@@ -129,7 +141,7 @@ function parse(kind: "blk" | "net", args: string[]): DrvArgs | "help" {
   while (r.next()) {
     const f = r.flag;
     if (f === "--help" || f === "-h") return "help";
-    if (f === "--vhost-user" && kind === "blk") {
+    if (f === "--vhost-user") {
       if (o.bdf !== undefined || o.vhostUser !== undefined)
         throw new UsageError("give one of --vfio BDF, --uio BDF or --vhost-user SOCKET");
       o.vhostUser = r.value();
@@ -157,9 +169,7 @@ function parse(kind: "blk" | "net", args: string[]): DrvArgs | "help" {
   } else if (o.commands.some((c) => c[0] === "log-cycle" || c[0] === "dma-fault" || c[0] === "reconnect")) {
     throw new UsageError("log-cycle, dma-fault and reconnect need --vhost-user");
   } else if (o.bdf === undefined || o.backend === undefined) {
-    throw new UsageError(
-      kind === "blk" ? "which device? --vfio BDF, --uio BDF or --vhost-user SOCKET" : "which device? --vfio BDF or --uio BDF",
-    );
+    throw new UsageError("which device? --vfio BDF, --uio BDF or --vhost-user SOCKET");
   }
   // QEMU 7.2 spins forever in its packed-ring error path after a failed DMA
   // translation (seen in our guest tests); the demonstration uses a split ring
@@ -215,7 +225,7 @@ export async function drvMain(args: string[]): Promise<number> {
   if (kind === "blk" || kind === "net") {
     const o = parseOrExplain(`iovirt drv ${kind}`, kind === "blk" ? BLK_HELP : NET_HELP, () => parse(kind, rest));
     if (typeof o === "number") return o;
-    if (o.vhostUser !== undefined) return runBlkVhostUser(o.vhostUser, o);
+    if (o.vhostUser !== undefined) return kind === "blk" ? runBlkVhostUser(o.vhostUser, o) : runNetVhostUser(o.vhostUser, o);
     const dev = openDevice(o);
     try {
       return kind === "blk" ? await runBlk(dev, o) : await runNet(dev, o);
@@ -446,6 +456,41 @@ async function runNet(dev: UserspaceVirtioPci, o: DrvArgs): Promise<number> {
   const net = new NetDriver(dev.transport, dev.dmaWindow.mem, dev.dmaWindow.dma);
   net.init({ queueSize: o.queueSize, ...(o.layout === "auto" ? {} : { preferPacked: o.layout === "packed" }) });
   dev.attach(net.virtio);
+  return netCommands(net, o, {
+    info: () => [describe(dev, net.negotiated, net.virtio.layout, NET_FEATURE_NAMES), ...dev.platformInfo()],
+  });
+}
+
+/** The net commands through iovirt's vhost-user front end: NetDriver on a VhostUserTransport. */
+async function runNetVhostUser(path: string, o: DrvArgs): Promise<number> {
+  const t = VhostUserTransport.connect(path, VIRTIO_ID_NET);
+  try {
+    const net = new NetDriver(t, t.fe.mem, t.fe.dma);
+    t.onInterrupt = () => net.virtio.handleInterrupt();
+    // vhost-user has no per-ring reset and no notification data to carry.
+    net.init({
+      queueSize: o.queueSize,
+      without: bit(VIRTIO_F_RING_RESET) | bit(VIRTIO_F_NOTIFICATION_DATA),
+      ...(o.layout === "auto" ? {} : { preferPacked: o.layout === "packed" }),
+    });
+    return await netCommands(net, o, {
+      info: () => [
+        `vhost-user back end at ${path}: ${net.virtio.layout} rings, ${net.virtio.queues.length} queue(s) of ${net.virtio.queues[0]?.size ?? 0}`,
+        `features ${describeFeatures(net.negotiated, NET_FEATURE_NAMES).join(" ")}`,
+      ],
+      reconnect: () => {
+        const before = t.fe.handOver(path);
+        say(`reconnect: rings stopped at ${before.map((b) => `0x${b.toString(16)}`).join(", ")} and resumed there on a new connection`);
+      },
+    });
+  } finally {
+    t.close();
+  }
+}
+
+/** Runs the net commands in order; `own` supplies the info lines and what depends on how the device is reached. */
+async function netCommands(net: NetDriver, o: DrvArgs, own: { info: () => string[]; reconnect?: () => void }): Promise<number> {
+  const status = (): number => net.virtio.transport.getStatus();
   const inbox: Uint8Array[] = [];
   let wake: (() => void) | null = null;
   net.onFrame = (f) => {
@@ -460,7 +505,7 @@ async function runNet(dev: UserspaceVirtioPci, o: DrvArgs): Promise<number> {
         const rx = net.virtio.queue(0);
         throw new Error(
           `no frame within ${o.timeoutMs} ms (received ${net.stats.rxFrames}, bad ${net.stats.rxErrors}, sent ${net.stats.txFrames}; ` +
-            `rx ring: ${rx.inFlight} buffers posted, used waiting: ${rx.hasUsed()}; device status 0x${dev.transport.getStatus().toString(16)})`,
+            `rx ring: ${rx.inFlight} buffers posted, used waiting: ${rx.hasUsed()}; device status 0x${status().toString(16)})`,
         );
       }
       await new Promise<void>((r) => {
@@ -489,9 +534,12 @@ async function runNet(dev: UserspaceVirtioPci, o: DrvArgs): Promise<number> {
     const t0 = performance.now();
     switch (cmd) {
       case "info":
-        say(`net: ${describe(dev, net.negotiated, net.virtio.layout, NET_FEATURE_NAMES)}`);
-        for (const l of dev.platformInfo()) say(`net: ${l}`);
+        for (const l of own.info()) say(`net: ${l}`);
         say(`net: mac ${macText}, link ${net.linkUp ? "up" : "down"}, mtu ${net.mtu}`);
+        break;
+      case "reconnect":
+        if (own.reconnect === undefined) throw new UsageError("reconnect needs --vhost-user");
+        own.reconnect();
         break;
       case "ping-peer":
       case "recv":

@@ -65,6 +65,8 @@ export interface FrontendOptions {
 
 const WANTED_PF = bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.LOG_SHMFD) | bit(PF.STATUS);
 const sleeper = new Int32Array(new SharedArrayBuffer(4));
+/** SET_VRING_BASE of a fresh packed ring: avail offset 0 with wrap 1 (bit 15), used offset 0 with wrap 1 (bit 31). */
+const FRESH_PACKED = 0x80008000;
 
 /**
  * A vhost-user front end (the role QEMU plays): it owns memfd-backed guest
@@ -91,6 +93,13 @@ export class VhostUserFrontend {
   private offered = 0n;
   /** Ring i's guest-physical layout (the addresses SET_VRING_ADDR names, less the memory's user address). */
   private readonly ringStates: QueueState[] = [];
+  /**
+   * Rings per unit of GET_QUEUE_NUM: 1, or 2 for virtio-net, whose back ends
+   * count queue pairs (and have one pair without PROTOCOL_F_MQ).
+   */
+  ringsPerQueueNum = 1;
+  /** SET_MEM_TABLE went out on this connection. */
+  private memTableSent = false;
   /** The dirty bitmap while logging (startLogging). */
   private logBuf: ArrayBuffer | null = null;
 
@@ -106,6 +115,22 @@ export class VhostUserFrontend {
 
   /** Connects and runs the whole set-up: features, memory table, rings, enable. */
   static connect(path: string, opts: FrontendOptions): VhostUserFrontend {
+    const fe = VhostUserFrontend.open(path, opts);
+    try {
+      fe.setup(opts);
+    } catch (e) {
+      fe.close();
+      throw e;
+    }
+    return fe;
+  }
+
+  /**
+   * Connects and allocates the shared memory, nothing more: a driver then
+   * runs the set-up step by step (VhostUserTransport: handshake,
+   * setFeatures, addRing), as a virtio driver does on a virtio-pci device.
+   */
+  static open(path: string, opts: Pick<FrontendOptions, "memoryBytes" | "replyTimeoutMs"> = {}): VhostUserFrontend {
     const size = opts.memoryBytes ?? 64 << 20;
     const memFd = memfdCreate("iovirt-frontend");
     ftruncate(memFd, size);
@@ -119,14 +144,7 @@ export class VhostUserFrontend {
       memFd.close();
       throw e;
     }
-    const fe = new VhostUserFrontend(sock, memFd, memBuf, opts.replyTimeoutMs ?? 5000);
-    try {
-      fe.setup(opts);
-    } catch (e) {
-      fe.close();
-      throw e;
-    }
-    return fe;
+    return new VhostUserFrontend(sock, memFd, memBuf, opts.replyTimeoutMs ?? 5000);
   }
 
   /** The ring layout in use. */
@@ -151,6 +169,11 @@ export class VhostUserFrontend {
     const reply = this.request(Req.GET_CONFIG, encodeConfig({ offset, size, flags: 0, data: new Uint8Array(size) }), [], true);
     if (reply.length === 0) throw new VhostUserError("CONFIG_FAILED", "back end refused GET_CONFIG");
     return decodeConfig(Req.GET_CONFIG, reply).data;
+  }
+
+  /** Writes device config bytes at `offset` (SET_CONFIG; the back end acks it with REPLY_ACK). */
+  setConfig(offset: number, data: Uint8Array): void {
+    this.request(Req.SET_CONFIG, encodeConfig({ offset, size: data.length, flags: 0, data }));
   }
 
   /** Publishes queue i's new buffers and signals its kick eventfd if the back end asked for it. */
@@ -193,7 +216,7 @@ export class VhostUserFrontend {
     this.closed = true;
     for (const w of this.watchers) w.stop();
     try {
-      for (let i = 0; i < this.queues.length; i++) this.request(Req.GET_VRING_BASE, encodeVringState({ index: i, num: 0 }), [], true);
+      for (let i = 0; i < this.ringStates.length; i++) this.request(Req.GET_VRING_BASE, encodeVringState({ index: i, num: 0 }), [], true);
     } catch {
       /* the back end may already be gone; we are closing anyway */
     }
@@ -219,51 +242,130 @@ export class VhostUserFrontend {
       this.kicks.push(eventfd(0, { nonblock: true }));
       this.calls.push(eventfd(0, { nonblock: true }));
     }
-    // Packed: avail offset 0 with wrap 1, used offset 0 with wrap 1.
-    this.startRings(this.queues.map(() => (layout === "packed" ? 0x80008000 : 0)));
+    this.startRings(this.queues.map(() => (layout === "packed" ? FRESH_PACKED : 0)));
   }
 
   /** Features, protocol features, owner; returns how many queues the back end will serve. */
   private negotiate(wanted: bigint, packed: boolean, queues: number): number {
+    const { features: offered, queueNum } = this.handshake();
+    let accept = offered & wanted;
+    if (!packed) accept &= ~bit(VIRTIO_F_RING_PACKED);
+    const most = (queueNum ?? 1) * this.ringsPerQueueNum;
+    if (queueNum === null) queues = Math.min(queues, most);
+    else if (queues > most) throw new VhostUserError("TOO_MANY_QUEUES", `back end supports ${most} queues, ${queues} requested`);
+    this.setFeatures(accept);
+    return queues;
+  }
+
+  /**
+   * The first steps on a new connection: GET_FEATURES, the protocol
+   * features (GET/SET_PROTOCOL_FEATURES), GET_QUEUE_NUM with PROTOCOL_F_MQ,
+   * SET_OWNER. Returns the virtio features the back end offers (without
+   * VHOST_USER_F_PROTOCOL_FEATURES and VHOST_F_LOG_ALL, which are
+   * vhost-user's own) and the queue count it reports (null without
+   * PROTOCOL_F_MQ; for virtio-net back ends it counts queue pairs).
+   */
+  handshake(): { features: bigint; queueNum: number | null } {
     // A new connection starts with nothing negotiated (no REPLY_ACK either).
     this.protocolFeatures = 0n;
+    this.memTableSent = false;
     const offered = decodeU64Bits(Req.GET_FEATURES, this.request(Req.GET_FEATURES, new Uint8Array(0), [], true));
     if (!hasFeature(offered, VIRTIO_F_VERSION_1)) throw new VhostUserError("NO_VERSION_1", "back end does not offer VIRTIO_F_VERSION_1");
     this.offered = offered;
-    let accept = offered & (wanted | bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES));
-    if (!packed) accept &= ~bit(VIRTIO_F_RING_PACKED);
+    let queueNum: number | null = null;
     if (hasFeature(offered, VHOST_USER_F_PROTOCOL_FEATURES)) {
       const pf = decodeU64Bits(Req.GET_PROTOCOL_FEATURES, this.request(Req.GET_PROTOCOL_FEATURES, new Uint8Array(0), [], true));
       // REPLY_ACK applies only after this message, so it goes out without need_reply.
       this.request(Req.SET_PROTOCOL_FEATURES, encodeU64(pf & WANTED_PF));
       this.protocolFeatures = pf & WANTED_PF;
-      if (hasFeature(this.protocolFeatures, PF.MQ)) {
-        const max = Number(decodeU64Bits(Req.GET_QUEUE_NUM, this.request(Req.GET_QUEUE_NUM, new Uint8Array(0), [], true)));
-        if (queues > max) throw new VhostUserError("TOO_MANY_QUEUES", `back end supports ${max} queues, ${queues} requested`);
-      } else queues = 1;
+      if (hasFeature(this.protocolFeatures, PF.MQ))
+        queueNum = Number(decodeU64Bits(Req.GET_QUEUE_NUM, this.request(Req.GET_QUEUE_NUM, new Uint8Array(0), [], true)));
     }
     this.request(Req.SET_OWNER);
-    this.request(Req.SET_FEATURES, encodeU64(accept));
-    this.accepted = accept;
-    this.features = accept & ~bit(VHOST_USER_F_PROTOCOL_FEATURES);
-    return queues;
+    return { features: offered & ~(bit(VHOST_USER_F_PROTOCOL_FEATURES) | bit(VHOST_F_LOG_ALL)), queueNum };
+  }
+
+  /** SET_FEATURES with the virtio features `accept` (a subset of what handshake offered; VERSION_1 is added). */
+  setFeatures(accept: bigint): void {
+    const extra = bit(VIRTIO_F_VERSION_1) | (this.offered & bit(VHOST_USER_F_PROTOCOL_FEATURES));
+    const a = (accept | extra) & this.offered;
+    this.request(Req.SET_FEATURES, encodeU64(a));
+    this.accepted = a;
+    this.features = a & ~bit(VHOST_USER_F_PROTOCOL_FEATURES);
+  }
+
+  /**
+   * Adds the next ring (index = rings so far) at the guest-physical layout
+   * `state`, fresh (index 0; packed: both wrap counters set), and starts it:
+   * SET_MEM_TABLE before the first, then NUM, BASE, ADDR, CALL, KICK and
+   * ENABLE. `queue` is the driver's view of it, if the caller keeps one here.
+   */
+  addRing(state: QueueState, queue?: DriverQueue<unknown>): number {
+    const i = this.ringStates.length;
+    this.ringStates.push({ ...state });
+    if (queue !== undefined) this.queues.push(queue);
+    this.kicks.push(eventfd(0, { nonblock: true }));
+    this.calls.push(eventfd(0, { nonblock: true }));
+    this.startRing(i, state.layout === "packed" ? FRESH_PACKED : 0);
+    return i;
+  }
+
+  /** How many rings were added (addRing, or by connect). */
+  get ringCount(): number {
+    return this.ringStates.length;
+  }
+
+  /** Ring i's call eventfd (the back end signals used buffers on it). */
+  callFd(i: number): Fd {
+    const fd = this.calls[i];
+    if (fd === undefined) throw new RangeError(`ring ${i} does not exist`);
+    return fd;
+  }
+
+  /** Signals ring i's kick eventfd (an available-buffer notification). */
+  notify(i: number): void {
+    eventfdWrite(this.kicks[i]!, 1);
+  }
+
+  /** SET_STATUS, when PROTOCOL_F_STATUS was negotiated (QEMU sends FEATURES_OK, DRIVER_OK and 0 this way); false otherwise. */
+  setStatus(status: number): boolean {
+    if (!hasFeature(this.protocolFeatures, PF.STATUS)) return false;
+    this.request(Req.SET_STATUS, encodeU64(BigInt(status & 0xff)));
+    return true;
+  }
+
+  /** Stops every ring (GET_VRING_BASE) and forgets them: the device reset of a driver on this front end. */
+  resetRings(): void {
+    try {
+      this.stopRings();
+    } finally {
+      for (const fd of [...this.kicks, ...this.calls]) fd.close();
+      this.kicks.length = 0;
+      this.calls.length = 0;
+      this.ringStates.length = 0;
+      this.queues.length = 0;
+    }
   }
 
   /** Memory table, then every ring from `bases` (what SET_VRING_BASE carries), kick and call, enabled. */
   private startRings(bases: number[]): void {
-    const userAddr = Number(addressOf(this.memBuf));
-    this.request(Req.SET_MEM_TABLE, encodeMemTable([{ guestAddr: 0, size: this.memBuf.byteLength, userAddr, mmapOffset: 0 }]), [
-      this.memFd,
-    ]);
-    for (let i = 0; i < this.queues.length; i++) {
-      this.request(Req.SET_VRING_NUM, encodeVringState({ index: i, num: this.ringStates[i]!.size }));
-      this.request(Req.SET_VRING_BASE, encodeVringState({ index: i, num: bases[i]! }));
-      this.setVringAddr(i, false);
-      this.request(Req.SET_VRING_CALL, encodeU64(i), [this.calls[i]!]);
-      this.request(Req.SET_VRING_KICK, encodeU64(i), [this.kicks[i]!]);
-      if (hasFeature(this.accepted, VHOST_USER_F_PROTOCOL_FEATURES))
-        this.request(Req.SET_VRING_ENABLE, encodeVringState({ index: i, num: 1 }));
+    for (let i = 0; i < this.ringStates.length; i++) this.startRing(i, bases[i]!);
+  }
+
+  private startRing(i: number, base: number): void {
+    if (!this.memTableSent) {
+      const userAddr = Number(addressOf(this.memBuf));
+      this.request(Req.SET_MEM_TABLE, encodeMemTable([{ guestAddr: 0, size: this.memBuf.byteLength, userAddr, mmapOffset: 0 }]), [
+        this.memFd,
+      ]);
+      this.memTableSent = true;
     }
+    this.request(Req.SET_VRING_NUM, encodeVringState({ index: i, num: this.ringStates[i]!.size }));
+    this.request(Req.SET_VRING_BASE, encodeVringState({ index: i, num: base }));
+    this.setVringAddr(i, this.logBuf !== null);
+    this.request(Req.SET_VRING_CALL, encodeU64(i), [this.calls[i]!]);
+    this.request(Req.SET_VRING_KICK, encodeU64(i), [this.kicks[i]!]);
+    if (hasFeature(this.accepted, VHOST_USER_F_PROTOCOL_FEATURES)) this.request(Req.SET_VRING_ENABLE, encodeVringState({ index: i, num: 1 }));
   }
 
   private setVringAddr(i: number, log: boolean): void {
@@ -304,7 +406,7 @@ export class VhostUserFrontend {
       fd.close(); // the back end has its own; the mapping stays
     }
     this.request(Req.SET_FEATURES, encodeU64(this.accepted | bit(VHOST_F_LOG_ALL)));
-    for (let i = 0; i < this.queues.length; i++) this.setVringAddr(i, true);
+    for (let i = 0; i < this.ringStates.length; i++) this.setVringAddr(i, true);
   }
 
   /** The pages the back end marked since the last call (gpa / 4096, ascending); each byte is read and cleared atomically. */
@@ -317,7 +419,7 @@ export class VhostUserFrontend {
   stopLogging(): void {
     if (this.logBuf === null) return;
     this.request(Req.SET_FEATURES, encodeU64(this.accepted));
-    for (let i = 0; i < this.queues.length; i++) this.setVringAddr(i, false);
+    for (let i = 0; i < this.ringStates.length; i++) this.setVringAddr(i, false);
     munmap(this.logBuf);
     this.logBuf = null;
   }
@@ -328,7 +430,7 @@ export class VhostUserFrontend {
    * resume it. The back end writes nothing more into the rings after this.
    */
   stopRings(): number[] {
-    return this.queues.map(
+    return this.ringStates.map(
       (_, i) =>
         decodeVringState(Req.GET_VRING_BASE, this.request(Req.GET_VRING_BASE, encodeVringState({ index: i, num: 0 }), [], true)).num,
     );
@@ -356,11 +458,12 @@ export class VhostUserFrontend {
     }
     this.sock = sock;
     const had = this.features;
-    const queues = this.negotiate(had, this.layoutUsed() === "packed", this.queues.length);
-    if (this.features !== had || queues !== this.queues.length) {
+    const rings = this.ringStates.length;
+    const queues = this.negotiate(had, this.layoutUsed() === "packed", rings);
+    if (this.features !== had || queues < rings) {
       throw new VhostUserError(
         "FEATURES_DIFFER",
-        `the new back end accepts features 0x${this.features.toString(16)} and ${queues} queue(s), not 0x${had.toString(16)} and ${this.queues.length}`,
+        `the new back end accepts features 0x${this.features.toString(16)} and ${queues} queue(s), not 0x${had.toString(16)} and ${rings}`,
       );
     }
     this.startRings(bases);
