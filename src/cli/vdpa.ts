@@ -76,7 +76,7 @@ export async function vdpaMain(args: string[]): Promise<number> {
   const hw: VdpaHardware =
     o.bdf !== undefined
       ? VfioVdpaHardware.open(o.bdf, { ownBytes: o.ownMiB << 20, log })
-      : new LoopbackVdpaHardware({ diskBytes: o.loopbackMiB! << 20, ownBytes: o.ownMiB << 20 });
+      : LoopbackVdpaHardware.blk({ diskBytes: o.loopbackMiB! << 20, ownBytes: o.ownMiB << 20 });
   let device: VdpaDevice;
   try {
     device = new VdpaDevice(hw, { log });

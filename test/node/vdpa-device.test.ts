@@ -20,7 +20,7 @@ interface Internals {
 }
 
 function rig(): { dev: VdpaDevice; mem: GuestMemory; log: DirtyLog; ring: QueueState; lines: string[] } {
-  const hw = new LoopbackVdpaHardware({ diskBytes: 1 << 20 });
+  const hw = LoopbackVdpaHardware.blk({ diskBytes: 1 << 20 });
   const lines: string[] = [];
   const dev = new VdpaDevice(hw, { log: (l) => lines.push(l) });
   const mem = GuestMemory.create(4 << 20);

@@ -5,7 +5,13 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { NetDriver } from "../../src/core/virtio/driver/net.js";
 import { VIRTIO_ID_NET, VIRTIO_NET_F_CTRL_VQ } from "../../src/core/virtio/devices/net/constants.js";
-import { VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, bit, hasFeature } from "../../src/core/virtio/lifecycle/features.js";
+import {
+  VIRTIO_F_NOTIFICATION_DATA,
+  VIRTIO_F_RING_PACKED,
+  VIRTIO_F_RING_RESET,
+  bit,
+  hasFeature,
+} from "../../src/core/virtio/lifecycle/features.js";
 import { checkTestFrame, parseTestFrame, testFrame } from "../../src/core/selfcheck/frames.js";
 import { VhostUserTransport } from "../../src/node/vhost-user/transport.js";
 import { IovirtUsageError } from "../../src/core/errors.js";
@@ -133,8 +139,14 @@ test("a reset (status 0) stops the rings; init() again sets them up afresh on th
 test("what vhost-user cannot do is refused clearly: per-ring reset, rings out of order", () => {
   const a = connect("a", false);
   try {
-    assert.throws(() => a.t.resetQueue(0), (e) => e instanceof IovirtUsageError && e.code === "NO_RING_RESET");
-    assert.throws(() => a.t.setupQueue(5, 64, 0x1000, 0x2000, 0x3000), (e) => e instanceof IovirtUsageError && e.code === "QUEUE_ORDER");
+    assert.throws(
+      () => a.t.resetQueue(0),
+      (e) => e instanceof IovirtUsageError && e.code === "NO_RING_RESET",
+    );
+    assert.throws(
+      () => a.t.setupQueue(5, 64, 0x1000, 0x2000, 0x3000),
+      (e) => e instanceof IovirtUsageError && e.code === "QUEUE_ORDER",
+    );
   } finally {
     close(a);
   }

@@ -41,9 +41,21 @@ import {
   VIRTIO_F_RING_RESET,
   VIRTIO_F_VERSION_1,
   bit,
+  features,
   hasFeature,
   ringFeatures,
 } from "../../core/virtio/lifecycle/features.js";
+import {
+  VIRTIO_ID_NET,
+  VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
+  VIRTIO_NET_F_CTRL_MAC_ADDR,
+  VIRTIO_NET_F_CTRL_RX,
+  VIRTIO_NET_F_CTRL_RX_EXTRA,
+  VIRTIO_NET_F_CTRL_VLAN,
+  VIRTIO_NET_F_CTRL_VQ,
+  VIRTIO_NET_F_GUEST_ANNOUNCE,
+  VIRTIO_NET_F_MQ,
+} from "../../core/virtio/devices/net/constants.js";
 import {
   STATUS_ACKNOWLEDGE,
   STATUS_DEVICE_NEEDS_RESET,
@@ -57,6 +69,7 @@ import {
   VIRTQ_DESC_F_AVAIL,
   VIRTQ_DESC_F_INDIRECT,
   VIRTQ_DESC_F_NEXT,
+  VIRTQ_DESC_F_USED,
   VIRTQ_DESC_F_WRITE,
 } from "../../core/virtio/queue/constants.js";
 import { eventfd, eventfdRead, eventfdWrite, isSysError, watch, type Fd, type Watcher } from "../native.js";
@@ -71,6 +84,30 @@ import type { VdpaHardware } from "./hardware.js";
  * SR_IOV and ADMIN_VQ (the function's own affairs).
  */
 const PASSED = 0xff_ffffn | bit(VIRTIO_F_INDIRECT_DESC) | bit(VIRTIO_F_EVENT_IDX) | bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_RING_PACKED);
+
+/**
+ * virtio-net over vhost-user has no control queue: QEMU keeps it in the
+ * front end and tells a back end only which rings are enabled. So the
+ * bridge serves one rx/tx pair and passes none of the features that need
+ * the control queue (§5.1.3.1: CTRL_RX, CTRL_VLAN, GUEST_ANNOUNCE, MQ,
+ * CTRL_MAC_ADDR, CTRL_GUEST_OFFLOADS depend on CTRL_VQ).
+ */
+const NET_NEEDS_CTRL_VQ = features(
+  VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
+  VIRTIO_NET_F_CTRL_VQ,
+  VIRTIO_NET_F_CTRL_RX,
+  VIRTIO_NET_F_CTRL_VLAN,
+  VIRTIO_NET_F_CTRL_RX_EXTRA,
+  VIRTIO_NET_F_GUEST_ANNOUNCE,
+  VIRTIO_NET_F_MQ,
+  VIRTIO_NET_F_CTRL_MAC_ADDR,
+);
+
+/** The features and queues the bridge offers for a function of type `deviceId`. */
+function served(deviceId: number, offered: bigint, queues: number): { features: bigint; queues: number } {
+  if (deviceId === VIRTIO_ID_NET) return { features: offered & PASSED & ~NET_NEEDS_CTRL_VQ, queues: Math.min(queues, 2) };
+  return { features: offered & PASSED, queues };
+}
 
 const CONFIG_VECTOR = 0;
 const queueVector = (i: number): number => 1 + i;
@@ -154,11 +191,11 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
     if (!hasFeature(offered, VIRTIO_F_VERSION_1)) {
       throw new IovirtUsageError("NOT_MODERN", `${hw.name}: the function does not offer VERSION_1 (a legacy-only device)`);
     }
-    const queues = t.numQueues();
+    const { features: passed, queues } = served(t.deviceId, offered, t.numQueues());
     if (queues < 1) throw new IovirtUsageError("NO_QUEUES", `${hw.name}: the function has no queues`);
     const usable = Math.min(queues, hw.vectors - 1);
     const configSize = Math.min(t.layout.device?.length ?? 0, MAX_CONFIG);
-    super({ numQueues: usable, maxQueueSize: t.queueMaxSize(0), configSize, features: offered & PASSED });
+    super({ numQueues: usable, maxQueueSize: t.queueMaxSize(0), configSize, features: passed });
     this.deviceId = t.deviceId;
     this.hw = hw;
     this.hwFeatures = offered;
@@ -201,6 +238,11 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
       );
     });
     this.refreshConfig();
+  }
+
+  /** GET_QUEUE_NUM: virtio-net front ends count queue pairs (see VirtioDevice.hostQueueNum). */
+  override get hostQueueNum(): number {
+    return this.deviceId === VIRTIO_ID_NET ? Math.max(1, this.numQueues >> 1) : this.numQueues;
   }
 
   /** The back end this device serves (it hands rings between direct and software service). */
@@ -349,7 +391,11 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
     else this.setupShadow(i);
     this.routeVectors();
     this.goLive();
-    if (direct) this.hw.transport.notify(i, i); // buffers may be waiting already
+    if (direct)
+      this.hw.transport.notify(i, i); // buffers may be waiting already
+    // Shadowed: the back end serves the ring in software once this returns; buffers made available
+    // before then (a receive ring's, which nobody kicks again) are relayed on the first pass.
+    else setImmediate(() => this.poll(i));
     this.log(
       `vdpa: ring ${i} (${state.layout}, ${state.size} entries) starts ${direct ? "direct" : `shadowed (${this.whyShadow(i, state)})`}`,
     );
@@ -376,7 +422,7 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
     r.mode = "off";
     if (g === null) throw new IovirtUsageError("VDPA_FAILED", `ring ${i}: no position after the function failed`);
     try {
-      return g.layout === "split" ? this.positionAfterReset(g, this.guestMem!) : g;
+      return g.layout === "split" ? this.positionAfterReset(g, this.guestMem!, i) : g;
     } catch {
       return g;
     }
@@ -394,6 +440,49 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
       if (this.ringReset && (this.hwStatus & STATUS_DRIVER_OK) !== 0 && !this.failed) this.hw.transport.resetQueue(i);
     }
     return state;
+  }
+
+  /**
+   * GET_VRING_BASE drains a ring served in software before it stops. A
+   * shadowed virtio-net receive ring never drains by itself: its buffers
+   * wait for frames. So the function lets go of them (RING_RESET of that
+   * queue), what it used is completed, and the rest are given back to the
+   * guest ring as never taken (the function fills receive buffers in order,
+   * so they are the last ones taken).
+   */
+  override drainQueue(i: number, done: () => void): void {
+    if (this.isReceive(i) && this.releaseReceive(i)) done();
+    else super.drainQueue(i, done);
+  }
+
+  private isReceive(i: number): boolean {
+    return this.deviceId === VIRTIO_ID_NET && i % 2 === 0;
+  }
+
+  private releaseReceive(i: number): boolean {
+    const r = this.rings[i]!;
+    const q = this.liveQueue(i);
+    if (r.mode !== "shadow" || r.shadow === null || q === null || !this.ringReset || this.failed) return false;
+    if ((this.hwStatus & STATUS_DRIVER_OK) === 0) return false;
+    this.hw.transport.resetQueue(i);
+    this.harvest(i);
+    const left = this.takeOutstanding(i);
+    const s = q.getState();
+    const slots = left.reduce((n, p) => n + p.chain.descCount, 0);
+    const taken = s.layout === "split" ? (s.nextAvail - s.nextUsed) & 0xffff : packedDistance(s, q);
+    if (taken !== (s.layout === "split" ? left.length : slots) || !this.giveBack(i, left.length, slots)) {
+      // Not the last ones taken (a function that used them out of order): they go back on the queue and wait.
+      this.setupShadow(i);
+      this.routeVectors();
+      for (const p of left) if (!this.post(i, p)) r.parked = p;
+      this.flushShadow(i);
+      return false;
+    }
+    for (const p of left) this.chains.push(p.chain);
+    this.hw.own.dma.release(r.shadowBase);
+    r.shadow = null;
+    this.log(`vdpa: ring ${i}: ${left.length} receive buffer(s) the function held given back unused`);
+    return true;
   }
 
   logging(on: boolean): string | null {
@@ -509,7 +598,7 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
     const toSoftware: [number, QueueState][] = [];
     for (const i of direct) {
       const r = this.rings[i]!;
-      const pos = this.positionAfterReset(r.guest!, mem!);
+      const pos = this.positionAfterReset(r.guest!, mem!, i);
       if (this.logOn) this.markRing(r.guest!);
       if (i === stopping) {
         result = pos;
@@ -547,6 +636,9 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
         if (list.length > 0) this.log(`vdpa: ring ${i}: ${list.length} request(s) the reset dropped posted again`);
         this.flushShadow(i);
       });
+      // A ring just moved to software: what the guest made available past the function's position
+      // was kicked to the function, and the guest may not kick again (EVENT_IDX); look now.
+      for (const [i] of toSoftware) this.poll(i);
       this.rings.forEach((r, i) => {
         if (r.mode === "direct") this.hw.transport.notify(i, i);
       });
@@ -561,8 +653,11 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
    * where the driver's AVAIL bits flip is where its next buffer goes; it is
    * the function's position when the function took every buffer made
    * available (the front end stopped adding: GET_VRING_BASE stops a ring).
+   * A virtio-net receive ring is the exception: its buffers wait there
+   * until frames come, so its position lies behind that boundary, past the
+   * last one used (packedReceivePosition).
    */
-  private positionAfterReset(g: QueueState, mem: GuestMemory): QueueState {
+  private positionAfterReset(g: QueueState, mem: GuestMemory, i: number): QueueState {
     if (g.layout === "split") {
       const used = mem.readU16(g.deviceArea + 2);
       return { ...g, nextAvail: used, nextUsed: used, availWrap: true, usedWrap: true };
@@ -581,6 +676,7 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
       throw new GuestError("VDPA_RING_MOVING", "packed ring: the driver's AVAIL bits flip more than once: it is still adding buffers");
     // All equal b: a lap just ended, the next one starts at 0 with wrap !b. Else the first part is this lap's.
     const wrap = flips === 0 ? !bits[0]! : bits[0]!;
+    if (this.deviceId === VIRTIO_ID_NET && i % 2 === 0) return packedReceivePosition(g, mem, at, wrap);
     return { ...g, nextAvail: at, nextUsed: at, availWrap: wrap, usedWrap: wrap };
   }
 
@@ -817,6 +913,44 @@ function resetFunction(hw: VdpaHardware): void {
   for (let i = 0; t.getStatus() !== 0; i++) {
     if (i > 1_000_000) throw new IovirtUsageError("RESET_TIMEOUT", `${hw.name} did not complete its reset`);
   }
+}
+
+/**
+ * A packed virtio-net receive ring after a reset: the driver's next slot is
+ * `next` (lap `wrap`); the buffers between the function's position and it
+ * are still available (AVAIL != USED, §2.8.1), the slot before them holds
+ * the last used element (AVAIL == USED). Walking back from `next` over
+ * available slots finds the function's position. This holds for buffers of
+ * one descriptor each, which is what receive rings hold with mergeable or
+ * small buffers (QEMU uses them in order); a chained buffer in the way makes
+ * the position unknowable, which is an error, not a guess.
+ */
+function packedReceivePosition(g: QueueState, mem: GuestMemory, next: number, wrap: boolean): QueueState {
+  let k = 0;
+  while (k < g.size) {
+    const slot = (next - 1 - k + g.size) % g.size;
+    const flags = mem.readU16(g.descTable + DESC_SIZE * slot + 14);
+    const avail = (flags & VIRTQ_DESC_F_AVAIL) !== 0;
+    const used = (flags & VIRTQ_DESC_F_USED) !== 0;
+    if (avail === used) break;
+    if ((flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT)) !== 0) {
+      throw new GuestError(
+        "VDPA_RING_POSITION",
+        `packed receive ring: a chained buffer at slot ${slot}: the function's position cannot be told`,
+      );
+    }
+    k++;
+  }
+  const at = (next - k + g.size) % g.size;
+  const w = k > next ? !wrap : wrap;
+  return { ...g, nextAvail: at, nextUsed: at, availWrap: w, usedWrap: w };
+}
+
+/** Ring slots between a packed queue's used and avail positions (what it took and has not used). */
+function packedDistance(s: QueueState, q: DeviceQueue): number {
+  const size = q.size;
+  const d = s.nextAvail - s.nextUsed;
+  return s.availWrap === s.usedWrap ? d : d + size;
 }
 
 /** The next buffer the device would take is the first a freshly reset queue takes. */

@@ -1,6 +1,7 @@
 /**
- * A stand-in for vDPA hardware: iovirt's own virtio-blk device model behind
- * its virtio-pci function model, in this process (`iovirt vdpa --loopback`).
+ * A stand-in for vDPA hardware: one of iovirt's own device models (virtio-blk
+ * with a RAM disk for `iovirt vdpa --loopback`, or any other, e.g. virtio-net
+ * in tests) behind its virtio-pci function model, in this process.
  * It behaves like a function behind an IOMMU: it reaches the guest regions
  * the bridge mapped (at their guest-physical addresses) and the bridge's own
  * memory, nothing else; its MSI-X vectors signal eventfds and a kick wired
@@ -14,6 +15,7 @@ import { enableBusMaster } from "../../core/pci/command.js";
 import { readMsixCapability } from "../../core/pci/msix.js";
 import { BlkDevice } from "../../core/virtio/devices/blk/device.js";
 import { RamDisk } from "../../core/virtio/devices/blk/port.js";
+import type { VirtioDevice } from "../../core/virtio/lifecycle/device.js";
 import { DmaAllocator } from "../../core/virtio/driver/dma.js";
 import { VirtioPciDevice } from "../../core/virtio/transport/pci/device.js";
 import { VirtioPciDriverTransport } from "../../core/virtio/transport/pci/driver.js";
@@ -24,20 +26,25 @@ import { forwardKicks, type VdpaHardware } from "./hardware.js";
 const OWN_BASE = 2 ** 40;
 
 export class LoopbackVdpaHardware implements VdpaHardware {
-  readonly name = "loopback virtio-blk-pci (iovirt's device model, in process)";
+  readonly name: string;
   readonly transport: VirtioPciDriverTransport;
   readonly own: { mem: GuestMemory; dma: DmaAllocator };
   readonly vectors: number;
-  readonly disk: RamDisk;
-  readonly device: BlkDevice;
+  readonly device: VirtioDevice;
   private readonly pci: VirtioPciDevice;
   private readonly ownRegion: MemoryRegion;
   private vectorFds: readonly (Fd | null)[] = [];
   private readonly kicks = new Map<number, Watcher>();
 
-  constructor(opts: { diskBytes: number; ownBytes?: number; queues?: number }) {
-    this.disk = new RamDisk(opts.diskBytes);
-    this.device = new BlkDevice({ port: this.disk, numQueues: opts.queues ?? 1, queueSize: 256 });
+  /** virtio-blk on a RAM disk of `diskBytes` (`iovirt vdpa --loopback MIB`). */
+  static blk(opts: { diskBytes: number; ownBytes?: number; queues?: number }): LoopbackVdpaHardware {
+    const device = new BlkDevice({ port: new RamDisk(opts.diskBytes), numQueues: opts.queues ?? 1, queueSize: 256 });
+    return new LoopbackVdpaHardware(device, { name: "loopback virtio-blk-pci (iovirt's device model, in process)", ...opts });
+  }
+
+  constructor(device: VirtioDevice, opts: { name: string; ownBytes?: number }) {
+    this.name = opts.name;
+    this.device = device;
     const ownBytes = opts.ownBytes ?? 4 << 20;
     this.own = { mem: GuestMemory.create(ownBytes, { gpa: OWN_BASE }), dma: new DmaAllocator(OWN_BASE, ownBytes) };
     this.ownRegion = this.own.mem.listRegions()[0]!;

@@ -365,7 +365,8 @@ export class VhostUserFrontend {
     this.setVringAddr(i, this.logBuf !== null);
     this.request(Req.SET_VRING_CALL, encodeU64(i), [this.calls[i]!]);
     this.request(Req.SET_VRING_KICK, encodeU64(i), [this.kicks[i]!]);
-    if (hasFeature(this.accepted, VHOST_USER_F_PROTOCOL_FEATURES)) this.request(Req.SET_VRING_ENABLE, encodeVringState({ index: i, num: 1 }));
+    if (hasFeature(this.accepted, VHOST_USER_F_PROTOCOL_FEATURES))
+      this.request(Req.SET_VRING_ENABLE, encodeVringState({ index: i, num: 1 }));
   }
 
   private setVringAddr(i: number, log: boolean): void {
@@ -467,6 +468,9 @@ export class VhostUserFrontend {
       );
     }
     this.startRings(bases);
+    // Buffers made available before the switch were kicked to the old back end. QEMU kicks every
+    // ring once after starting it (virtio_device_start_ioeventfd) so that they are looked at.
+    for (const k of this.kicks) eventfdWrite(k, 1);
     return bases;
   }
 

@@ -335,6 +335,21 @@ export abstract class VirtioDevice {
   }
 
   /**
+   * Makes the last `buffers` requests taken from queue `index` (not
+   * completed; `descs` ring slots in all) available again, as if never
+   * taken, and no longer outstanding. For buffers a device holds with no
+   * promise to use them, like a receive ring's (DeviceQueue.unpop). False,
+   * changing nothing, where the queue cannot give them back.
+   */
+  protected giveBack(index: number, buffers: number, descs: number): boolean {
+    const q = this.live[index];
+    if (q === null || q === undefined || q.unpop === undefined || buffers > (this.outstanding[index] ?? 0)) return false;
+    q.unpop(buffers, descs);
+    this.outstanding[index]! -= buffers;
+    return true;
+  }
+
+  /**
    * Call after changing config space: bumps the generation (§2.5.1) and,
    * unless `notify` is false, sends a configuration change notification
    * (§2.5). A change the driver asked for itself (virtio-net's
