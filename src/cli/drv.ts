@@ -9,7 +9,9 @@ import { STATUS_DEVICE_NEEDS_RESET } from "../core/virtio/lifecycle/status.js";
 import { guestPatternRange } from "../core/selfcheck/pattern.js";
 import { checkTestFrame, testFrame } from "../core/selfcheck/frames.js";
 import { UserspaceVirtioPci, type PciBackend } from "../node/pci/userspace.js";
-import { munmap } from "../node/native.js";
+import { isSysError, munmap } from "../node/native.js";
+import { VhostUserError } from "../core/vhost-user/codec.js";
+import type { VhostUserFrontend } from "../node/vhost-user/frontend.js";
 import { mapMemfd } from "../node/dma-memory.js";
 import { VhostUserBlkClient } from "../node/vhost-user/blk-client.js";
 import { VhostUserTransport } from "../node/vhost-user/transport.js";
@@ -59,6 +61,9 @@ Commands (run in order, on one initialized device):
                                iovirt vdpa returns a ring to its direct path); every read is checked
   reconnect                    --vhost-user only: stop the rings (GET_VRING_BASE), connect again to the
                                same socket and resume them where they stopped (SET_VRING_BASE)
+  watch-status SECONDS         --vhost-user only: poll the back end's device status (GET_STATUS) until
+                               it shows DEVICE_NEEDS_RESET or the back end closes the connection
+                               (success), or SECONDS pass (failure)
   dma-fault                    --vhost-user only: submit a read whose 64 KiB data buffer lies outside
                                the shared memory and wait (10 s at most) for the back end to report
                                DEVICE_NEEDS_RESET (GET_STATUS); for iovirt vdpa this is the function
@@ -86,6 +91,9 @@ Commands:
   recv COUNT                receive COUNT test frames h2g 0..COUNT-1 and check them
   reconnect                 --vhost-user only: stop the rings (GET_VRING_BASE), connect again to the
                             same socket and resume them where they stopped (SET_VRING_BASE)
+  watch-status SECONDS      --vhost-user only: poll the back end's device status (GET_STATUS) until
+                            it shows DEVICE_NEEDS_RESET or the back end closes the connection
+                            (success), or SECONDS pass (failure)
 
 With --vhost-user SOCKET iovirt plays the front end (the part QEMU plays for a VM): it owns
 64 MiB of shared memory, connects to the back end listening on SOCKET (iovirt switch's
@@ -123,8 +131,9 @@ const ARITY: Record<string, Record<string, number>> = {
     "log-cycle": 2,
     "dma-fault": 0,
     reconnect: 0,
+    "watch-status": 1,
   },
-  net: { info: 0, "ping-peer": 1, send: 1, recv: 1, reconnect: 0 },
+  net: { info: 0, "ping-peer": 1, send: 1, recv: 1, reconnect: 0, "watch-status": 1 },
 };
 
 function parse(kind: "blk" | "net", args: string[]): DrvArgs | "help" {
@@ -166,8 +175,8 @@ function parse(kind: "blk" | "net", args: string[]): DrvArgs | "help" {
   }
   if (o.vhostUser !== undefined) {
     if (o.commands.some((c) => c[0] === "iommu-fault")) throw new UsageError("iommu-fault needs --vfio");
-  } else if (o.commands.some((c) => c[0] === "log-cycle" || c[0] === "dma-fault" || c[0] === "reconnect")) {
-    throw new UsageError("log-cycle, dma-fault and reconnect need --vhost-user");
+  } else if (o.commands.some((c) => ["log-cycle", "dma-fault", "reconnect", "watch-status"].includes(c[0]!))) {
+    throw new UsageError("log-cycle, dma-fault, reconnect and watch-status need --vhost-user");
   } else if (o.bdf === undefined || o.backend === undefined) {
     throw new UsageError("which device? --vfio BDF, --uio BDF or --vhost-user SOCKET");
   }
@@ -268,6 +277,7 @@ async function runBlkVhostUser(path: string, o: DrvArgs): Promise<number> {
       },
       "log-cycle": (a) => logCycle(c, nonNegInt(a[0]!, "SECTOR"), nonNegInt(a[1]!, "COUNT")),
       "dma-fault": () => dmaFault(c),
+      "watch-status": (a) => watchStatus(fe, nonNegInt(a[0]!, "SECONDS")),
       reconnect: () => {
         // What a migration's destination or a restarted back end sees: rings that resume where they stopped.
         const before = c.frontend.handOver(path);
@@ -482,6 +492,7 @@ async function runNetVhostUser(path: string, o: DrvArgs): Promise<number> {
         const before = t.fe.handOver(path);
         say(`reconnect: rings stopped at ${before.map((b) => `0x${b.toString(16)}`).join(", ")} and resumed there on a new connection`);
       },
+      watchStatus: (seconds) => watchStatus(t.fe, seconds),
     });
   } finally {
     t.close();
@@ -489,7 +500,11 @@ async function runNetVhostUser(path: string, o: DrvArgs): Promise<number> {
 }
 
 /** Runs the net commands in order; `own` supplies the info lines and what depends on how the device is reached. */
-async function netCommands(net: NetDriver, o: DrvArgs, own: { info: () => string[]; reconnect?: () => void }): Promise<number> {
+async function netCommands(
+  net: NetDriver,
+  o: DrvArgs,
+  own: { info: () => string[]; reconnect?: () => void; watchStatus?: (seconds: number) => Promise<boolean> },
+): Promise<number> {
   const status = (): number => net.virtio.transport.getStatus();
   const inbox: Uint8Array[] = [];
   let wake: (() => void) | null = null;
@@ -540,6 +555,10 @@ async function netCommands(net: NetDriver, o: DrvArgs, own: { info: () => string
       case "reconnect":
         if (own.reconnect === undefined) throw new UsageError("reconnect needs --vhost-user");
         own.reconnect();
+        break;
+      case "watch-status":
+        if (own.watchStatus === undefined) throw new UsageError("watch-status needs --vhost-user");
+        if (!(await own.watchStatus(nonNegInt(a[0]!, "SECONDS")))) failures++;
         break;
       case "ping-peer":
       case "recv":
@@ -694,6 +713,40 @@ async function logCycle(c: VhostUserBlkClient, sector: number, count: number): P
  * device must end in DEVICE_NEEDS_RESET, reported through GET_STATUS, and
  * the request must not complete as if it had worked.
  */
+/**
+ * `watch-status SECONDS`: what a VMM does for a back end whose device may
+ * fail under it: polls GET_STATUS every 20 ms until DEVICE_NEEDS_RESET
+ * shows or the back end closes the connection (both are the back end
+ * reporting, so success), or SECONDS pass (failure).
+ */
+async function watchStatus(fe: VhostUserFrontend, seconds: number): Promise<boolean> {
+  const t0 = performance.now();
+  const ms = (): number => Math.round(performance.now() - t0);
+  while (performance.now() - t0 < seconds * 1000) {
+    let status: number | null;
+    try {
+      status = fe.deviceStatus();
+    } catch (e) {
+      if ((e instanceof VhostUserError && e.code === "DISCONNECTED") || isSysError(e)) {
+        say(`watch-status: the back end closed the connection after ${ms()} ms`);
+        return true;
+      }
+      throw e;
+    }
+    if (status === null) {
+      say("watch-status: the back end does not offer GET_STATUS (PROTOCOL_F_STATUS)");
+      return false;
+    }
+    if ((status & STATUS_DEVICE_NEEDS_RESET) !== 0) {
+      say(`watch-status: device status 0x${status.toString(16)} after ${ms()} ms: DEVICE_NEEDS_RESET`);
+      return true;
+    }
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  say(`watch-status: device status unchanged for ${seconds} s`);
+  return false;
+}
+
 async function dmaFault(c: VhostUserBlkClient): Promise<boolean> {
   const fe = c.frontend;
   const mem = fe.mem;

@@ -38,7 +38,11 @@ Options:
   --help             this text
 
 SIGUSR1 prints the counters (ring modes, buffers relayed in shadow mode, resets); they
-are printed on exit (SIGINT, SIGTERM) too.
+are printed on exit (SIGINT, SIGTERM) too. When the function reports DEVICE_NEEDS_RESET
+or faults, the front end is told (GET_STATUS shows DEVICE_NEEDS_RESET, a config change
+message goes out) and the next front end is served from a reset. When the function is
+taken away (unbound from vfio-pci, hot-unplugged), the front end is told, the function
+is released and iovirt vdpa exits with status 1.
 `;
 
 interface VdpaArgs {
@@ -78,8 +82,9 @@ export async function vdpaMain(args: string[]): Promise<number> {
       ? VfioVdpaHardware.open(o.bdf, { ownBytes: o.ownMiB << 20, log })
       : LoopbackVdpaHardware.blk({ diskBytes: o.loopbackMiB! << 20, ownBytes: o.ownMiB << 20 });
   let device: VdpaDevice;
+  let removed: ((why: string) => void) | null = null;
   try {
-    device = new VdpaDevice(hw, { log });
+    device = new VdpaDevice(hw, { log, onRemoved: (why) => removed?.(why) });
   } catch (e) {
     hw.close();
     throw e;
@@ -110,16 +115,21 @@ export async function vdpaMain(args: string[]): Promise<number> {
     `serving ${kind} from ${hw.name} on ${o.socket}: ${device.numQueues} queue(s), features ${describeFeatures(device.offeredFeatures, names).join(" ")}`,
   );
   process.on("SIGUSR1", () => log(stats()));
-  await new Promise<void>((resolve) => {
+  const code = await new Promise<number>((resolve) => {
     const stop = (sig: string): void => {
       log(`${sig}: shutting down`);
-      resolve();
+      resolve(0);
     };
     process.once("SIGINT", () => stop("SIGINT"));
     process.once("SIGTERM", () => stop("SIGTERM"));
+    // Without its function the bridge has nothing to serve: it lets go of it (the kernel waits for that) and ends.
+    removed = (why) => {
+      log(`the function is being taken away (${why}): the front end was told, releasing it and exiting`);
+      resolve(1);
+    };
   });
   server.close();
   log(stats());
   device.close();
-  return 0;
+  return code;
 }

@@ -185,7 +185,14 @@ for i in $(seq 200); do [ -S ${sock} ] && break; sleep 0.1; done
 run vdpa-net-split ${fe} --split info ping-peer ${FRAMES}
 run vdpa-net-packed ${fe} --packed info ping-peer ${FRAMES}
 run vdpa-net-recon ${fe} --packed ping-peer ${FRAMES} reconnect ping-peer ${FRAMES}
-kill -TERM $VDPA; wait $VDPA; echo "exit $?" >>$TMPDIR/vdpa-net.log
+# The function taken away under a running front end: vfio-pci asks the bridge for it (device request).
+${fe} --split ping-peer 4 watch-status 60 >$TMPDIR/watch.out 2>&1 &
+FE=$!
+for i in $(seq 600); do grep -q "ping-peer:" $TMPDIR/watch.out && break; sleep 0.1; done
+run vdpa-net-vanish timeout 120 sh -c "echo $NET >/sys/bus/pci/drivers/vfio-pci/unbind && echo unbound"
+wait $FE; RC=$?
+sed "s/^/IOVIRT-GUEST: vdpa-net-watch: /" $TMPDIR/watch.out; say "vdpa-net-watch exit $RC"
+wait $VDPA; echo "exit $?" >>$TMPDIR/vdpa-net.log
 sed "s/^/IOVIRT-GUEST: vdpa-net-daemon: /" $TMPDIR/vdpa-net.log
 run unbind-net iov pci bind kernel $NET`;
 }
@@ -533,8 +540,29 @@ ${vdpaNetSteps()}
           daemon.some((l) => new RegExp(`ring ${i} \\(packed, 128 entries\\) starts shadowed \\(it resumes at offset ${FRAMES}`).test(l)),
           daemon.join("\n"),
         );
-      // Every frame of every run reached the host once: 4 runs of FRAMES (split, packed, twice in the reconnect).
-      for (let i = 0; i < FRAMES; i++) assert.equal(peer.seen.filter((s) => s === `g2h ${i}`).length, 4, `host saw g2h ${i} once per run`);
+      // Every frame of every run reached the host once: 4 runs of FRAMES (split, packed, twice in the reconnect), and the
+      // first 4 once more from the front end that watched the function go.
+      for (let i = 0; i < FRAMES; i++)
+        assert.equal(peer.seen.filter((s) => s === `g2h ${i}`).length, i < 4 ? 5 : 4, `host saw g2h ${i} once per run`);
+    });
+
+    test("vdpa: the function unbound under a running front end: the front end is told, the bridge lets go (the unbind completes) and exits", () => {
+      assertStep(r, "vdpa-net-vanish", /^unbound$/);
+      assertStep(
+        r,
+        "vdpa-net-watch",
+        /ping-peer: 4\/4 frames verified/,
+        /watch-status: (device status 0x[0-9a-f]+ after \d+ ms: DEVICE_NEEDS_RESET|the back end closed the connection)/,
+      );
+      const daemon = step(r, "vdpa-net-daemon").lines;
+      assert.ok(
+        daemon.some((l) => /is going away \(vfio-pci asks for it back/.test(l)),
+        daemon.join("\n"),
+      );
+      assert.ok(
+        daemon.some((l) => /^exit 1$/.test(l)),
+        daemon.join("\n"),
+      );
       assertStep(r, "unbind-net", /virtio-pci/);
     });
   },

@@ -1,6 +1,6 @@
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -26,17 +26,20 @@ const PEER_MAC = new Uint8Array([0x02, 0, 0, 0, 0x0f, 0x01]);
 interface Rig {
   sock: string;
   port: MemoryPacketPort;
+  hw: LoopbackVdpaHardware;
   dev: VdpaDevice;
   log: string[];
+  removed: string[];
   close: () => void;
 }
 
 function bridge(): Rig {
+  const removed: string[] = [];
   const port = new MemoryPacketPort();
   const net = new NetDevice({ port, queuePairs: 1, controlQueue: true, queueSize: 256 });
   const hw = new LoopbackVdpaHardware(net, { name: "loopback virtio-net-pci" });
   const log: string[] = [];
-  const dev = new VdpaDevice(hw, { log: (l) => log.push(l) });
+  const dev = new VdpaDevice(hw, { log: (l) => log.push(l), onRemoved: (why) => removed.push(why) });
   const sock = join(dir, `net-${Date.now()}.sock`);
   const server = new VhostUserServer(sock, dev, { externalRings: dev, onConnect: (c) => dev.bind(c.backend), log: (l) => log.push(l) });
   port.onTransmit = (f) => {
@@ -47,8 +50,10 @@ function bridge(): Rig {
   return {
     sock,
     port,
+    hw,
     dev,
     log,
+    removed,
     close: () => {
       server.close();
       dev.close();
@@ -127,4 +132,38 @@ test("virtio-net rings resumed where a fresh queue cannot start run shadowed: re
   } finally {
     b.close();
   }
+});
+
+test("a function taken away under a running front end: it is told (DEVICE_NEEDS_RESET), the bridge's owner is called to release it", async () => {
+  const b = bridge();
+  try {
+    const run = drv(b.sock, ["--split", "ping-peer", "4", "watch-status", "20"]);
+    for (let i = 0; i < 400 && b.port.transmitted.length < 4; i++) await new Promise((r) => setTimeout(r, 25));
+    assert.equal(b.port.transmitted.length, 4);
+    b.hw.remove("unbound in a test");
+    assert.deepEqual(b.removed, ["unbound in a test"]);
+    const r = await run;
+    assert.equal(r.status, 0, r.out);
+    assert.match(r.out, /watch-status: device status 0x[0-9a-f]+ after \d+ ms: DEVICE_NEEDS_RESET/);
+    assert.ok(
+      b.log.some((l) => /is going away \(unbound in a test\); the front end must reset the device/.test(l)),
+      b.log.join("\n"),
+    );
+  } finally {
+    b.close();
+  }
+});
+
+test("watch-status fails when the device stays well, and needs --vhost-user", async () => {
+  const b = bridge();
+  try {
+    const r = await drv(b.sock, ["watch-status", "1"]);
+    assert.equal(r.status, 1, r.out);
+    assert.match(r.out, /watch-status: device status unchanged for 1 s/);
+  } finally {
+    b.close();
+  }
+  const u = spawnSync(process.execPath, [cli, "drv", "net", "--vfio", "0000:00:04.0", "watch-status", "1"], { encoding: "utf8" });
+  assert.equal(u.status, 2, u.stderr);
+  assert.match(u.stderr, /need --vhost-user/);
 });

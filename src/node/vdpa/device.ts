@@ -151,6 +151,12 @@ interface Ring {
 
 export interface VdpaOptions {
   log?: (line: string) => void;
+  /**
+   * The function is being taken away (VdpaHardware.onRemoval): the front end
+   * was told (DEVICE_NEEDS_RESET); the owner closes the bridge now, which
+   * lets the kernel go on.
+   */
+  onRemoved?: (why: string) => void;
 }
 
 /** Most entries of an indirect table walked when marking (a table of 1 MiB). */
@@ -238,6 +244,10 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
       );
     });
     this.refreshConfig();
+    hw.onRemoval?.((why) => {
+      this.fail(`the function is going away (${why})`);
+      opts.onRemoved?.(why);
+    });
   }
 
   /** GET_QUEUE_NUM: virtio-net front ends count queue pairs (see VirtioDevice.hostQueueNum). */

@@ -39,6 +39,13 @@ export interface VdpaHardware {
   wireKick(queue: number, fd: Fd): boolean;
   /** Undoes wireKick (before a reset: the doorbell address is the queue's only while it is set up). */
   unwireKick(queue: number): void;
+  /**
+   * Calls `fn` when the function is being taken away from the bridge (VFIO's
+   * device request: it is being unbound from vfio-pci or hot-unplugged); the
+   * kernel waits until the bridge closes it. Where absent, a function that
+   * vanishes is noticed when it stops answering (its registers read all ones).
+   */
+  onRemoval?(fn: (why: string) => void): void;
   close(): void;
 }
 
@@ -73,6 +80,7 @@ export class VfioVdpaHardware implements VdpaHardware {
   private readonly kicks = new Map<number, { offset: number; fd: Fd } | { watcher: Watcher }>();
   private ioeventfdWorks = true;
   private readonly log: (line: string) => void;
+  private removal: Watcher | null = null;
 
   private constructor(fn: UserspaceVirtioPci, vectors: number, log: (line: string) => void) {
     this.log = log;
@@ -170,7 +178,29 @@ export class VfioVdpaHardware implements VdpaHardware {
     else this.fn.vfio!.device.ioeventfd(this.transport.layout.notify.bar, k.offset, 2, queue, null);
   }
 
+  onRemoval(fn: (why: string) => void): void {
+    const dev = this.fn.vfio!.device;
+    const info = dev.irq(VFIO_PCI_IRQ.REQ);
+    if (!info.eventfd || info.count < 1) {
+      this.log("vdpa: vfio-pci offers no device request interrupt: a function taken away is noticed when it stops answering");
+      return;
+    }
+    // VFIO_PCI_REQ_IRQ_INDEX: vfio-pci signals it when the device is to be released (unbind, hot-unplug).
+    const [fd] = dev.enableIrqs(VFIO_PCI_IRQ.REQ, 1);
+    this.removal = watch(fd!, "r", (err) => {
+      if (err !== null) return;
+      try {
+        eventfdRead(fd!);
+      } catch (e) {
+        if (!(isSysError(e) && e.kind === "retry")) throw e;
+      }
+      fn("vfio-pci asks for it back: it is being unbound or removed");
+    });
+  }
+
   close(): void {
+    this.removal?.stop();
+    this.removal = null;
     for (const q of [...this.kicks.keys()]) {
       try {
         this.unwireKick(q);

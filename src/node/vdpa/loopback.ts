@@ -35,6 +35,7 @@ export class LoopbackVdpaHardware implements VdpaHardware {
   private readonly ownRegion: MemoryRegion;
   private vectorFds: readonly (Fd | null)[] = [];
   private readonly kicks = new Map<number, Watcher>();
+  private removal: ((why: string) => void) | null = null;
 
   /** virtio-blk on a RAM disk of `diskBytes` (`iovirt vdpa --loopback MIB`). */
   static blk(opts: { diskBytes: number; ownBytes?: number; queues?: number }): LoopbackVdpaHardware {
@@ -82,6 +83,15 @@ export class LoopbackVdpaHardware implements VdpaHardware {
   unwireKick(queue: number): void {
     this.kicks.get(queue)?.stop();
     this.kicks.delete(queue);
+  }
+
+  onRemoval(fn: (why: string) => void): void {
+    this.removal = fn;
+  }
+
+  /** What vfio-pci's device request does to the real one: the function is to be released (for tests). */
+  remove(why = "removed"): void {
+    this.removal?.(why);
   }
 
   close(): void {
