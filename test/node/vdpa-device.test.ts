@@ -5,6 +5,9 @@ import { DirtyLog } from "../../src/core/memory/dirty-log.js";
 import { initialQueueState, type QueueState } from "../../src/core/virtio/queue/index.js";
 import { VdpaDevice } from "../../src/node/vdpa/device.js";
 import { LoopbackVdpaHardware } from "../../src/node/vdpa/loopback.js";
+import { NetDevice } from "../../src/core/virtio/devices/net/device.js";
+import { MemoryPacketPort } from "../../src/core/virtio/devices/net/port.js";
+import { GuestError } from "../../src/core/errors.js";
 
 // The part of a switch to shadow mode that no end-to-end test can time: the
 // pages of buffers a direct ring has in flight are marked before the reset
@@ -84,6 +87,71 @@ test("hostile descriptors while marking: loops, a head out of range, a table out
   assert.ok(
     lines.some((l) => /ring 0: a buffer in flight could not be walked/.test(l)),
     lines.join("\n"),
+  );
+  dev.close();
+});
+
+// Where a packed virtio-net receive ring stands after the function's reset: its buffers wait for
+// frames, so the function's position lies behind the driver's, past the last slot it used.
+
+const AVAIL = 1 << 7;
+const USED = 1 << 15;
+
+function netRig(): { dev: VdpaDevice; mem: GuestMemory; ring: QueueState } {
+  const hw = new LoopbackVdpaHardware(new NetDevice({ port: new MemoryPacketPort(), queuePairs: 1, controlQueue: true }), {
+    name: "loopback virtio-net-pci",
+  });
+  const dev = new VdpaDevice(hw);
+  const mem = GuestMemory.create(1 << 20);
+  dev.memoryChanged(mem);
+  return { dev, mem, ring: initialQueueState("packed", 8, 0x1000, 0x2000, 0x3000) };
+}
+
+/** Packed descriptor flags of slot `i`: "a" made available in lap `wrap` (§2.8.1), "u" used in lap `wrap`. */
+function slot(mem: GuestMemory, ring: QueueState, i: number, state: "a" | "u", wrap: boolean, extra = 0): void {
+  const avail = wrap;
+  const used = state === "u" ? wrap : !wrap;
+  mem.writeU16(ring.descTable + 16 * i + 14, (avail ? AVAIL : 0) | (used ? USED : 0) | extra);
+}
+
+function positionOf(dev: VdpaDevice, mem: GuestMemory, ring: QueueState, queue: number): QueueState {
+  return (dev as unknown as { positionAfterReset(g: QueueState, m: GuestMemory, i: number): QueueState }).positionAfterReset(
+    ring,
+    mem,
+    queue,
+  );
+}
+
+test("packed receive ring: the function's position is behind the driver's, past the last used slot, across a lap", () => {
+  const { dev, mem, ring } = netRig();
+  // Lap 1 (wrap 1) filled all 8; the function used 0..2; the driver re-posted 0..2 in lap 2 (wrap 0).
+  for (let i = 0; i < 3; i++) slot(mem, ring, i, "a", false);
+  for (let i = 3; i < 8; i++) slot(mem, ring, i, "a", true);
+  const rx = positionOf(dev, mem, ring, 0);
+  assert.deepEqual([rx.nextAvail, rx.availWrap, rx.nextUsed, rx.usedWrap], [3, true, 3, true]);
+  // The same ring as a transmit ring (queue 1): everything available was taken, the driver's boundary.
+  const tx = positionOf(dev, mem, ring, 1);
+  assert.deepEqual([tx.nextAvail, tx.availWrap], [3, false]);
+  // Lap 1: 0..4 used by the function, 5..7 still waiting; nothing re-posted yet.
+  for (let i = 0; i < 5; i++) slot(mem, ring, i, "u", true);
+  const rx2 = positionOf(dev, mem, ring, 0);
+  assert.deepEqual([rx2.nextAvail, rx2.availWrap], [5, true]);
+  // Nothing waiting: all 8 used in lap 1, none re-posted; the function is where the driver is (0, lap 2).
+  for (let i = 0; i < 8; i++) slot(mem, ring, i, "u", true);
+  const rx3 = positionOf(dev, mem, ring, 0);
+  assert.deepEqual([rx3.nextAvail, rx3.availWrap], [0, false]);
+  dev.close();
+});
+
+test("packed receive ring: a chained buffer in the waiting part makes the position unknowable: an error, not a guess", () => {
+  const { dev, mem, ring } = netRig();
+  for (let i = 0; i < 8; i++) slot(mem, ring, i, "u", true);
+  slot(mem, ring, 4, "a", false, NEXT);
+  slot(mem, ring, 5, "a", false);
+  for (let i = 0; i < 4; i++) slot(mem, ring, i, "a", false);
+  assert.throws(
+    () => positionOf(dev, mem, ring, 0),
+    (e) => e instanceof GuestError && e.code === "VDPA_RING_POSITION",
   );
   dev.close();
 });
