@@ -61,6 +61,18 @@ function close(d: Driver): void {
   open.splice(open.indexOf(d), 1);
 }
 
+/** Drivers on ports a and b for the length of `body`. */
+async function withPair(aPacked: boolean, bPacked: boolean, body: (a: Driver, b: Driver) => Promise<void>): Promise<void> {
+  const a = connect("a", aPacked);
+  const b = connect("b", bPacked);
+  try {
+    await body(a, b);
+  } finally {
+    close(a);
+    close(b);
+  }
+}
+
 /** `from` sends frames seq first..first+n-1 in direction `dir`; `to` must receive each once, intact, in order. */
 async function exchange(from: Driver, to: Driver, dir: "g2h" | "h2g", first: number, n: number): Promise<void> {
   const start = to.inbox.length;
@@ -83,9 +95,7 @@ async function exchange(from: Driver, to: Driver, dir: "g2h" | "h2g", first: num
 }
 
 test("NetDriver on two switch ports over vhost-user: frames both ways, split to packed, every byte checked", async () => {
-  const a = connect("a", false);
-  const b = connect("b", true);
-  try {
+  await withPair(false, true, async (a, b) => {
     assert.equal(a.net.virtio.layout, "split");
     assert.equal(b.net.virtio.layout, "packed");
     assert.ok(hasFeature(b.net.negotiated, VIRTIO_F_RING_PACKED));
@@ -97,16 +107,11 @@ test("NetDriver on two switch ports over vhost-user: frames both ways, split to 
     await exchange(a, b, "g2h", 0, 150);
     await exchange(b, a, "h2g", 0, 150);
     assert.equal(a.net.stats.rxErrors + b.net.stats.rxErrors, 0);
-  } finally {
-    close(a);
-    close(b);
-  }
+  });
 });
 
 test("a driver's rings survive a reconnect (GET_VRING_BASE, then SET_VRING_BASE on a new connection) and frames flow on", async () => {
-  const a = connect("a", true);
-  const b = connect("b", false);
-  try {
+  await withPair(true, false, async (a, b) => {
     await exchange(a, b, "g2h", 0, 40);
     const bases = a.t.fe.handOver(sock("a"));
     assert.equal(bases.length, 2);
@@ -114,26 +119,18 @@ test("a driver's rings survive a reconnect (GET_VRING_BASE, then SET_VRING_BASE 
     assert.equal(bases[1]! & 0x7fff, 40);
     await exchange(a, b, "g2h", 40, 40);
     await exchange(b, a, "h2g", 0, 90);
-  } finally {
-    close(a);
-    close(b);
-  }
+  });
 });
 
 test("a reset (status 0) stops the rings; init() again sets them up afresh on the same connection", async () => {
-  const a = connect("a", false);
-  const b = connect("b", false);
-  try {
+  await withPair(false, false, async (a, b) => {
     await exchange(a, b, "g2h", 0, 5);
     a.net.init({ preferPacked: true, queueSize: 32, without: bit(VIRTIO_F_RING_RESET) | bit(VIRTIO_F_NOTIFICATION_DATA) });
     assert.equal(a.net.virtio.layout, "packed");
     assert.equal(a.t.fe.ringCount, 2);
     await exchange(a, b, "g2h", 5, 50);
     await exchange(b, a, "h2g", 0, 50);
-  } finally {
-    close(a);
-    close(b);
-  }
+  });
 });
 
 test("what vhost-user cannot do is refused clearly: per-ring reset, rings out of order", () => {

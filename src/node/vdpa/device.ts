@@ -41,21 +41,11 @@ import {
   VIRTIO_F_RING_RESET,
   VIRTIO_F_VERSION_1,
   bit,
-  features,
   hasFeature,
   ringFeatures,
 } from "../../core/virtio/lifecycle/features.js";
-import {
-  VIRTIO_ID_NET,
-  VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
-  VIRTIO_NET_F_CTRL_MAC_ADDR,
-  VIRTIO_NET_F_CTRL_RX,
-  VIRTIO_NET_F_CTRL_RX_EXTRA,
-  VIRTIO_NET_F_CTRL_VLAN,
-  VIRTIO_NET_F_CTRL_VQ,
-  VIRTIO_NET_F_GUEST_ANNOUNCE,
-  VIRTIO_NET_F_MQ,
-} from "../../core/virtio/devices/net/constants.js";
+import { VIRTIO_ID_NET, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_VQ } from "../../core/virtio/devices/net/constants.js";
+import { pruneNetFeatures } from "../../core/virtio/devices/net/features.js";
 import {
   STATUS_ACKNOWLEDGE,
   STATUS_DEVICE_NEEDS_RESET,
@@ -88,24 +78,16 @@ const PASSED = 0xff_ffffn | bit(VIRTIO_F_INDIRECT_DESC) | bit(VIRTIO_F_EVENT_IDX
 /**
  * virtio-net over vhost-user has no control queue: QEMU keeps it in the
  * front end and tells a back end only which rings are enabled. So the
- * bridge serves one rx/tx pair and passes none of the features that need
- * the control queue (§5.1.3.1: CTRL_RX, CTRL_VLAN, GUEST_ANNOUNCE, MQ,
- * CTRL_MAC_ADDR, CTRL_GUEST_OFFLOADS depend on CTRL_VQ).
+ * bridge serves one rx/tx pair and offers neither CTRL_VQ nor what needs it
+ * (§5.1.3.1: CTRL_RX, CTRL_VLAN, GUEST_ANNOUNCE, MQ, CTRL_MAC_ADDR,
+ * CTRL_RX_EXTRA, pruned by their dependency; CTRL_GUEST_OFFLOADS, whose
+ * commands travel on it too).
  */
-const NET_NEEDS_CTRL_VQ = features(
-  VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
-  VIRTIO_NET_F_CTRL_VQ,
-  VIRTIO_NET_F_CTRL_RX,
-  VIRTIO_NET_F_CTRL_VLAN,
-  VIRTIO_NET_F_CTRL_RX_EXTRA,
-  VIRTIO_NET_F_GUEST_ANNOUNCE,
-  VIRTIO_NET_F_MQ,
-  VIRTIO_NET_F_CTRL_MAC_ADDR,
-);
+const NET_NO_CTRL_VQ = bit(VIRTIO_NET_F_CTRL_VQ) | bit(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS);
 
 /** The features and queues the bridge offers for a function of type `deviceId`. */
 function served(deviceId: number, offered: bigint, queues: number): { features: bigint; queues: number } {
-  if (deviceId === VIRTIO_ID_NET) return { features: offered & PASSED & ~NET_NEEDS_CTRL_VQ, queues: Math.min(queues, 2) };
+  if (deviceId === VIRTIO_ID_NET) return { features: pruneNetFeatures(offered & PASSED & ~NET_NO_CTRL_VQ), queues: Math.min(queues, 2) };
   return { features: offered & PASSED, queues };
 }
 
