@@ -110,13 +110,13 @@ test("iovirt drv explains what it needs", () => {
   assert.match(r.stderr, /which device\? --vfio BDF, --uio BDF or --vhost-user SOCKET/);
   const n = spawnSync(process.execPath, [cli, "drv", "net", "info"], { encoding: "utf8" });
   assert.equal(n.status, 2);
-  assert.match(n.stderr, /which device\? --vfio BDF or --uio BDF\n/);
+  assert.match(n.stderr, /which device\? --vfio BDF, --uio BDF or --vhost-user SOCKET\n/);
   const v = spawnSync(process.execPath, [cli, "drv", "blk", "--vfio", "00:03.0", "log-cycle", "0", "64"], { encoding: "utf8" });
   assert.equal(v.status, 2);
-  assert.match(v.stderr, /log-cycle, dma-fault and reconnect need --vhost-user/);
+  assert.match(v.stderr, /log-cycle, dma-fault, reconnect and watch-status need --vhost-user/);
   const c = spawnSync(process.execPath, [cli, "drv", "net", "--vfio", "00:03.0", "frobnicate"], { encoding: "utf8" });
   assert.equal(c.status, 2);
-  assert.match(c.stderr, /unknown command 'frobnicate' \(known: info, ping-peer, send, recv\)/);
+  assert.match(c.stderr, /unknown command 'frobnicate' \(known: info, ping-peer, send, recv, reconnect, watch-status\)/);
   const h = spawnSync(process.execPath, [cli, "drv", "blk", "--help"], { encoding: "utf8" });
   assert.equal(h.status, 0);
   assert.match(h.stdout, /iommu-fault/);
