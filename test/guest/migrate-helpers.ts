@@ -38,7 +38,13 @@ export function startVm(argv: string[], qmpPath: string): Vm {
   child.stdout!.on("data", (d: string) => (out += d.replace(/\r/g, "")));
   child.stderr!.setEncoding("utf8");
   child.stderr!.on("data", (d: string) => (out += `[qemu stderr] ${d}`));
-  const exited = new Promise<number | null>((resolve) => child.once("close", (code) => resolve(code)));
+  const exited = new Promise<number | null>((resolve) =>
+    child.once("close", (code, signal) => {
+      // A QEMU that dies of a signal prints nothing itself: say so, for the failure report.
+      if (signal !== null) out += `[qemu killed by ${signal}]\n`;
+      resolve(code);
+    }),
+  );
   return { child, output: () => out, qmpPath, exited };
 }
 
