@@ -1,5 +1,5 @@
 import { ArgReader, UsageError, parseOrExplain } from "./args.js";
-import { PciSysfs, type PciFunctionInfo, type PciResource } from "../node/pci/sysfs.js";
+import { PciError, PciSysfs, type PciFunctionInfo, type PciResource } from "../node/pci/sysfs.js";
 import {
   PCI_CAP_ID_EXP,
   PCI_CAP_ID_MSI,
@@ -10,6 +10,8 @@ import {
   type ConfigSpace,
 } from "../core/pci/config.js";
 import { readMsixCapability } from "../core/pci/msix.js";
+import { PCI_EXT_CAP_ID, PCI_EXT_CAP_NAMES, readSriovCapability, walkExtendedCapabilities } from "../core/pci/extended.js";
+import type { SriovInfo } from "../node/pci/sysfs.js";
 import { VIRTIO_PCI_CAP, VIRTIO_PCI_MODERN_DEVICE_BASE, VIRTIO_PCI_VENDOR, readVirtioCaps } from "../core/virtio/transport/pci/caps.js";
 
 const LS_HELP = `iovirt pci ls — PCI functions, their drivers and IOMMU groups, and decoded virtio capabilities
@@ -39,10 +41,26 @@ It writes the driver name to driver_override, unbinds the current driver and
 asks the kernel to probe again, loading the module if needed. Needs root.
 `;
 
+const SRIOV_HELP = `iovirt pci sriov — enable or disable the virtual functions of an SR-IOV physical function
+
+Usage:
+  iovirt pci sriov PF_BDF                  show its SR-IOV state
+  iovirt pci sriov PF_BDF --vfs N          enable N VFs (0 disables them; a different non-zero
+                                           count goes through 0, as the kernel requires)
+  --autoprobe on|off                       whether drivers probe new VFs at once
+                                           (sriov_drivers_autoprobe; off: bind them yourself)
+  --sysfs-root DIR                         use DIR instead of /sys (for tests)
+
+The kernel asks the PF's driver to create the VFs. vfio-pci does it only with its
+enable_sriov parameter set, and VFs it creates get driver_override=vfio-pci; open
+them with the PF's VF token ('iovirt drv nvme --vf-token UUID'). Needs root.
+`;
+
 const HELP = `iovirt pci — PCI functions for userspace drivers
 
   iovirt pci ls [BDF ...] [--virtio] [--json]    see 'iovirt pci ls --help'
   iovirt pci bind vfio|uio|kernel BDF            see 'iovirt pci bind --help'
+  iovirt pci sriov PF_BDF [--vfs N]              see 'iovirt pci sriov --help'
 `;
 
 const VIRTIO_NAMES: Record<number, string> = {
@@ -130,6 +148,11 @@ interface LsEntry extends PciFunctionInfo {
   name: string;
   groupPeers: string[];
   capabilities: { id: number; name: string; offset: number; detail?: string }[] | null;
+  extendedCapabilities: { id: number; name: string; offset: number; version: number; detail?: string }[] | null;
+  /** A physical function: its SR-IOV state (sysfs). */
+  sriov: SriovInfo | null;
+  /** A virtual function: its PF and its number there (1-based). */
+  physfn: { bdf: string; vf: number } | null;
   virtio: { type: string; bar: number; offset: number; length: number; notifyOffMultiplier?: number }[] | null;
   configNote?: string;
 }
@@ -140,8 +163,13 @@ function inspect(sys: PciSysfs, f: PciFunctionInfo): LsEntry {
     name: describeFunction(f),
     groupPeers: f.iommuGroup === null ? [] : sys.iommuGroupDevices(f.iommuGroup).filter((b) => b !== f.bdf),
     capabilities: null,
+    extendedCapabilities: null,
     virtio: null,
+    sriov: sys.sriov(f.bdf),
+    physfn: null,
   };
+  const pf = sys.physfn(f.bdf);
+  if (pf !== null) e.physfn = { bdf: pf, vf: (sys.sriov(pf)?.vfs.indexOf(f.bdf) ?? -1) + 1 };
   let bytes: Uint8Array;
   try {
     bytes = sys.readConfigBytes(f.bdf);
@@ -160,6 +188,19 @@ function inspect(sys: PciSysfs, f: PciFunctionInfo): LsEntry {
     const mc = e.capabilities.find((c) => c.id === PCI_CAP_ID_MSIX);
     if (m !== null && mc !== undefined) {
       mc.detail = `${m.tableSize} vectors, table BAR${m.tableBar} +0x${m.tableOffset.toString(16)}, PBA BAR${m.pbaBar} +0x${m.pbaOffset.toString(16)}${m.enabled ? ", enabled" : ""}`;
+    }
+    e.extendedCapabilities = walkExtendedCapabilities(cs).map((c) => ({
+      id: c.id,
+      name: PCI_EXT_CAP_NAMES[c.id] ?? `ext cap 0x${hex(c.id)}`,
+      offset: c.offset,
+      version: c.version,
+    }));
+    const sr = readSriovCapability(cs);
+    const sc = e.extendedCapabilities.find((c) => c.id === PCI_EXT_CAP_ID.SRIOV);
+    if (sr !== null && sc !== undefined) {
+      sc.detail =
+        `TotalVFs ${sr.totalVfs}, NumVFs ${sr.numVfs}${sr.vfEnabled ? " (enabled)" : ""}, VF offset ${sr.vfOffset} stride ${sr.vfStride}, ` +
+        `VF device 0x${hex(sr.vfDeviceId)}${sr.vfBars.map((b) => `, VF BAR${b.index} 0x${b.address.toString(16)}${b.is64 ? " 64-bit" : ""}`).join("")}`;
     }
     if (f.vendor === VIRTIO_PCI_VENDOR) {
       e.virtio = readVirtioCaps(cs).map((c) => ({
@@ -183,11 +224,21 @@ function render(e: LsEntry): string {
       : `iommu_group=${e.iommuGroup} ${e.groupPeers.length === 0 ? "(alone)" : `(with ${e.groupPeers.join(", ")})`}`;
   const lines = [`${e.bdf}  ${hex(e.vendor)}:${hex(e.device)}  ${e.name}  driver=${e.driver ?? "none"}  ${group}`];
   if (e.uio.length > 0) lines.push(`    uio: ${e.uio.map((u) => `/dev/${u}`).join(" ")}`);
+  if (e.sriov !== null) {
+    const s = e.sriov;
+    lines.push(
+      `    SR-IOV PF: ${s.numVfs} of ${s.totalVfs} VFs enabled${s.vfs.length > 0 ? `: ${s.vfs.join(", ")}` : ""} (VF device ${hex(s.vfDevice)}, drivers autoprobe ${s.autoprobe ? "on" : "off"})`,
+    );
+  }
+  if (e.physfn !== null) lines.push(`    SR-IOV VF ${e.physfn.vf} of PF ${e.physfn.bdf}`);
   for (const r of e.resources.filter((r) => r.index <= 6)) lines.push(`    ${describeBar(r)}`);
   if (e.configNote !== undefined) lines.push(`    ${e.configNote}`);
   for (const c of e.capabilities ?? []) {
     if (c.id === PCI_CAP_ID_VNDR && e.virtio !== null) continue;
     lines.push(`    cap 0x${hex(c.offset, 2)}  ${c.name}${c.detail !== undefined ? `: ${c.detail}` : ""}`);
+  }
+  for (const c of e.extendedCapabilities ?? []) {
+    lines.push(`    ext 0x${hex(c.offset, 3)} ${c.name} v${c.version}${c.detail !== undefined ? `: ${c.detail}` : ""}`);
   }
   for (const v of e.virtio ?? []) {
     const where =
@@ -260,10 +311,55 @@ async function bind(args: string[]): Promise<number> {
   return 0;
 }
 
+async function sriov(args: string[]): Promise<number> {
+  const o = parseOrExplain("iovirt pci sriov", SRIOV_HELP, () => {
+    const p: { bdf: string; vfs: number | null; autoprobe: boolean | undefined; root: string } = {
+      bdf: "",
+      vfs: null,
+      autoprobe: undefined,
+      root: "/sys",
+    };
+    const r = new ArgReader(args);
+    const pos: string[] = [];
+    while (r.next()) {
+      if (r.flag === "--help" || r.flag === "-h") return "help";
+      else if (r.flag === "--vfs") p.vfs = r.int(0, 65535);
+      else if (r.flag === "--autoprobe") {
+        const v = r.value();
+        if (v !== "on" && v !== "off") throw new UsageError(`--autoprobe takes on or off, not '${v}'`);
+        p.autoprobe = v === "on";
+      } else if (r.flag === "--sysfs-root") p.root = r.value();
+      else if (r.flag.startsWith("-")) r.unknown();
+      else pos.push(r.flag);
+    }
+    if (pos.length !== 1) throw new UsageError("give one physical function (BDF)");
+    p.bdf = pos[0]!;
+    return p;
+  });
+  if (typeof o === "number") return o;
+  const sys = new PciSysfs(o.root);
+  const bdf = sys.parseBdf(o.bdf);
+  let s = sys.sriov(bdf);
+  if (s === null) {
+    const pf = sys.physfn(bdf);
+    throw new PciError("NOT_PF", `${bdf} is not an SR-IOV physical function${pf !== null ? ` (it is a VF of ${pf})` : ""}`);
+  }
+  if (o.vfs !== null) s = await sys.setNumVfs(bdf, o.vfs, o.autoprobe === undefined ? {} : { autoprobe: o.autoprobe });
+  process.stdout.write(
+    `${bdf}: ${s.numVfs} of ${s.totalVfs} VFs enabled (offset ${s.offset}, stride ${s.stride}, VF device ${hex(s.vfDevice)})\n`,
+  );
+  for (const [i, vf] of s.vfs.entries()) {
+    const f = sys.get(vf);
+    process.stdout.write(`  VF ${i + 1}: ${vf}  driver=${f.driver ?? "none"}  iommu_group=${f.iommuGroup ?? "none"}\n`);
+  }
+  return 0;
+}
+
 export async function pciMain(args: string[]): Promise<number> {
   const [sub, ...rest] = args;
   if (sub === "ls") return ls(rest);
   if (sub === "bind") return bind(rest);
+  if (sub === "sriov") return sriov(rest);
   if (sub === undefined || sub === "--help" || sub === "-h") {
     process.stdout.write(HELP);
     return sub === undefined ? 2 : 0;

@@ -36,6 +36,20 @@ export interface PciFunctionInfo {
 
 export type UserspaceDriver = "vfio-pci" | "uio_pci_generic";
 
+/** A physical function's SR-IOV state as sysfs shows it (Documentation/ABI/testing/sysfs-bus-pci). */
+export interface SriovInfo {
+  totalVfs: number;
+  numVfs: number;
+  /** Routing ID offset of the first VF and stride between VFs. */
+  offset: number;
+  stride: number;
+  vfDevice: number;
+  /** Whether new VFs are probed by drivers right away (sriov_drivers_autoprobe). */
+  autoprobe: boolean;
+  /** The VFs, in order (virtfn0, virtfn1, ...). */
+  vfs: string[];
+}
+
 export interface BindResult {
   bdf: string;
   from: string | null;
@@ -114,6 +128,83 @@ export class PciSysfs {
       resources: parseResources(readText(join(d, "resource")) ?? ""),
       uio: existsSync(uioDir) ? readdirSync(uioDir).filter((n) => /^uio\d+$/.test(n)) : [],
     };
+  }
+
+  /** SR-IOV state of a physical function; null when it has no SR-IOV capability (no sriov_totalvfs). */
+  sriov(bdf: string): SriovInfo | null {
+    bdf = this.known(bdf);
+    const d = this.dev(bdf);
+    const total = readText(join(d, "sriov_totalvfs"));
+    if (total === null) return null;
+    const num = (f: string, radix = 10): number => Number.parseInt(readText(join(d, f)) ?? "0", radix);
+    const vfs = readdirSync(d)
+      .filter((n) => /^virtfn\d+$/.test(n))
+      .sort((a, b) => Number(a.slice(6)) - Number(b.slice(6)))
+      .map((n) => basename(readlinkSync(join(d, n))));
+    return {
+      totalVfs: Number(total),
+      numVfs: num("sriov_numvfs"),
+      offset: num("sriov_offset"),
+      stride: num("sriov_stride"),
+      vfDevice: num("sriov_vf_device", 16),
+      autoprobe: readText(join(d, "sriov_drivers_autoprobe")) !== "0",
+      vfs,
+    };
+  }
+
+  /** The physical function of a virtual function, or null for any other function. */
+  physfn(bdf: string): string | null {
+    bdf = this.known(bdf);
+    try {
+      return basename(readlinkSync(join(this.dev(bdf), "physfn")));
+    } catch {
+      return null;
+    }
+  }
+
+  /**
+   * Enables `n` VFs on a physical function (0 disables them) through
+   * sriov_numvfs; the kernel asks the PF's driver to do it. Changing a
+   * non-zero count goes through 0, as the kernel requires. With `autoprobe`
+   * given, sriov_drivers_autoprobe is set first. The kernel's refusals come
+   * back as PciErrors that say why: no driver, a driver without SR-IOV
+   * support (vfio-pci needs enable_sriov=1), VFs still assigned, too many.
+   */
+  async setNumVfs(bdf: string, n: number, opts: { autoprobe?: boolean } = {}): Promise<SriovInfo> {
+    bdf = this.known(bdf);
+    const info = this.sriov(bdf);
+    if (info === null) throw new PciError("NO_SRIOV", `${bdf} has no SR-IOV capability (no sriov_totalvfs)`);
+    if (!(Number.isInteger(n) && n >= 0 && n <= info.totalVfs)) {
+      throw new PciError("SRIOV_RANGE", `${bdf} supports 0..${info.totalVfs} VFs, ${n} asked`);
+    }
+    const d = this.dev(bdf);
+    if (opts.autoprobe !== undefined) this.write(join(d, "sriov_drivers_autoprobe"), opts.autoprobe ? "1" : "0");
+    if (info.numVfs === n) return info;
+    const drv = this.get(bdf).driver;
+    const set = (k: number): void => {
+      try {
+        writeFileSync(join(d, "sriov_numvfs"), String(k));
+      } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code;
+        const why =
+          drv === null
+            ? "no driver is bound to it"
+            : code === "ENOENT" || code === "ENOSYS"
+              ? drv === "vfio-pci"
+                ? "vfio-pci enables VFs only with its enable_sriov parameter (echo 1 > /sys/module/vfio_pci/parameters/enable_sriov)"
+                : `its driver ${drv} does not support SR-IOV through sysfs`
+              : code === "EBUSY"
+                ? "its VFs are in use (assigned, or open through VFIO)"
+                : code === "ERANGE"
+                  ? `more than ${info.totalVfs} VFs`
+                  : (e as Error).message;
+        throw new PciError("SRIOV_REFUSED", `${bdf}: the kernel refused ${k} VFs: ${why}`);
+      }
+    };
+    if (info.numVfs !== 0 && n !== 0) set(0);
+    set(n);
+    await this.waitFor(() => (this.sriov(bdf)?.vfs.length ?? -1) === n, 5000);
+    return this.sriov(bdf)!;
   }
 
   iommuGroupDevices(group: number): string[] {
