@@ -15,6 +15,7 @@ import type { VhostUserFrontend } from "../node/vhost-user/frontend.js";
 import { mapMemfd } from "../node/dma-memory.js";
 import { VhostUserBlkClient } from "../node/vhost-user/blk-client.js";
 import { VhostUserTransport } from "../node/vhost-user/transport.js";
+import { nvmeDrvMain } from "./nvme.js";
 import { VIRTIO_ID_NET } from "../core/virtio/devices/net/constants.js";
 import type { BlkRequests } from "../core/virtio/driver/blk.js";
 
@@ -231,6 +232,7 @@ async function chunked(sector: number, count: number, f: (s: number, n: number) 
 
 export async function drvMain(args: string[]): Promise<number> {
   const [kind, ...rest] = args;
+  if (kind === "nvme") return nvmeDrvMain(rest);
   if (kind === "blk" || kind === "net") {
     const o = parseOrExplain(`iovirt drv ${kind}`, kind === "blk" ? BLK_HELP : NET_HELP, () => parse(kind, rest));
     if (typeof o === "number") return o;
@@ -242,12 +244,12 @@ export async function drvMain(args: string[]): Promise<number> {
       dev.close();
     }
   }
-  const help = "iovirt drv blk|net --help: userspace virtio drivers over VFIO or UIO\n";
+  const help = "iovirt drv blk|net|nvme --help: userspace virtio drivers over VFIO or UIO, and an NVMe driver over VFIO\n";
   if (kind === undefined || kind === "--help" || kind === "-h") {
     process.stdout.write(help);
     return kind === undefined ? 2 : 0;
   }
-  process.stderr.write(`iovirt drv: unknown driver '${kind}' (known: blk, net)\n`);
+  process.stderr.write(`iovirt drv: unknown driver '${kind}' (known: blk, net, nvme)\n`);
   return 2;
 }
 

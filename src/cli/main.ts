@@ -25,9 +25,13 @@ Usage:
   iovirt pci ls [BDF...]      PCI functions, drivers, IOMMU groups, decoded virtio capabilities.
   iovirt pci bind vfio|uio|kernel BDF
                               Hand a function to vfio-pci or uio_pci_generic, or back to the kernel.
-  iovirt drv blk|net (--vfio BDF | --uio BDF) COMMAND...
+  iovirt drv blk|net (--vfio BDF | --uio BDF | --vhost-user SOCKET) COMMAND...
                               Userspace virtio-blk / virtio-net drivers on a real virtio-pci device
-                              (see 'iovirt drv blk --help', 'iovirt drv net --help').
+                              or a vhost-user back end (see 'iovirt drv blk --help', 'iovirt drv net --help').
+  iovirt drv nvme --vfio BDF COMMAND...
+                              A userspace NVMe driver on a controller or SR-IOV VF (see 'iovirt drv nvme --help').
+  iovirt pci sriov PF [--vfs N]
+                              Enable or disable SR-IOV virtual functions (see 'iovirt pci sriov --help').
   iovirt help | --help        This text.
 `;
 

@@ -140,6 +140,32 @@ run net-split iov drv net --${b} $NET --split info ping-peer ${FRAMES}
 run net-packed iov drv net --${b} $NET --packed info ping-peer ${FRAMES}`;
 }
 
+/** QEMU's NVMe controller with SR-IOV (2 VFs) in an NVM subsystem, one shared namespace, behind a root port. */
+function nvmeDevice(image: string): string[] {
+  return [
+    "-device",
+    "pcie-root-port,id=rp2,slot=2,chassis=2",
+    "-device",
+    "nvme-subsys,id=nvmesubsys0",
+    "-device",
+    "nvme,bus=rp2,serial=iovirt-nvme,subsys=nvmesubsys0,max_ioqpairs=8,sriov_max_vfs=2,sriov_vq_flexible=4,sriov_vi_flexible=2",
+    "-drive",
+    `file=${image},if=none,id=nvme0,format=raw,cache=none`,
+    "-device",
+    "nvme-ns,drive=nvme0,nsid=1,shared=on",
+  ];
+}
+
+/** iovirt's NVMe driver on the PF over VFIO (with MSI-X, then polled). */
+function nvmeSteps(): string {
+  return `NVME=$(bdf 0x1b36:0x0010)
+say "nvme=$NVME"
+run nvme-ls iov pci ls $NVME
+run nvme-bind iov pci bind vfio $NVME
+run nvme-pf iov drv nvme --vfio $NVME --queues 2 info write-pattern 0 ${MIB_SECTORS} verify-pattern 0 ${MIB_SECTORS} verify-pattern ${HOST_REGION} ${MIB_SECTORS} flush
+run nvme-polled iov drv nvme --vfio $NVME --polled info verify-pattern ${HOST_REGION} ${MIB_SECTORS} write-zeroes 4096 64`;
+}
+
 /** Disk regions (sectors) of the vDPA steps: clear of the driver steps' and of HOST_REGION. */
 const VDPA_SPLIT = 4096;
 const VDPA_PACKED = 6144;
@@ -263,9 +289,13 @@ function boot(opts: {
 describe("userspace drivers over VFIO behind a virtual Intel IOMMU", { timeout: 480_000 }, () => {
   let r: BootGuestResult;
   let image: string;
+  let nvmeImage: string;
   let peer: Awaited<ReturnType<typeof startPeer>>;
   before(async () => {
     ({ image, peer } = await prepare("vfio"));
+    nvmeImage = join(tmp, "nvme.img");
+    writeFileSync(nvmeImage, new Uint8Array(64 << 20));
+    await fillRegion(nvmeImage, HOST_REGION, MIB_SECTORS);
     const script = guestScript(
       "vfio",
       `run ls iov pci ls
@@ -275,6 +305,7 @@ run fault iov drv blk --vfio $BLK --split iommu-fault
 run rng-bind iov pci bind vfio 0000:00:05.0
 run nonviable iov drv blk --vfio 0000:00:05.0 info
 run unbind-blk iov pci bind kernel $BLK
+${nvmeSteps()}
 `,
     );
     r = await boot({
@@ -289,6 +320,7 @@ run unbind-blk iov pci bind kernel $BLK
         "virtio-rng-pci,addr=05.0,multifunction=on,disable-legacy=on",
         "-device",
         "virtio-rng-pci,addr=05.1,disable-legacy=on",
+        ...nvmeDevice(nvmeImage),
       ],
     });
     keepLog("vfio", r);
@@ -379,6 +411,46 @@ run unbind-blk iov pci bind kernel $BLK
 
   test("the device goes back to its kernel driver", () => {
     assertStep(r, "unbind-blk", /virtio-pci/);
+  });
+
+  test("pci ls decodes the NVMe controller's SR-IOV capability", () => {
+    assertStep(
+      r,
+      "nvme-ls",
+      /1b36:0010 {2}NVMe controller/,
+      /ext 0x[0-9a-f]+ SR-IOV v1: TotalVFs 2, NumVFs 0, VF offset \d+ stride \d+, VF device 0x0010/,
+    );
+  });
+
+  test("iovirt's NVMe driver on QEMU's controller over VFIO: identify, patterns written and read back, host data read, flush; the host sees the data", () => {
+    assertStep(
+      r,
+      "nvme-pf",
+      /nvme: .* via VFIO: QEMU NVMe Ctrl \(serial iovirt-nvme/,
+      /MSI-X \(\d+ vectors\), 2 I\/O queue pair\(s\)/,
+      /supports namespace management, dataset management, write zeroes/,
+      /namespace 1: 131072 blocks of 512 bytes \(64\.0 MiB\), shared/,
+      new RegExp(`write-pattern: ${MIB_SECTORS} sectors at 0 written and flushed`),
+      new RegExp(`verify-pattern: ${MIB_SECTORS} sectors at 0 match`),
+      new RegExp(`verify-pattern: ${MIB_SECTORS} sectors at ${HOST_REGION} match`),
+      /flush: done/,
+    );
+    assertPatternOnHost(nvmeImage, 0, MIB_SECTORS);
+  });
+
+  test("the same polled, and write zeroes and deallocate reach the image", () => {
+    assertStep(
+      r,
+      "nvme-polled",
+      /polled, 1 I\/O queue pair/,
+      new RegExp(`verify-pattern: ${MIB_SECTORS} sectors at ${HOST_REGION} match`),
+      /write-zeroes: 64 sectors at 4096/,
+    );
+    const z = readFileRange(nvmeImage, 4096 * SECTOR, 64 * SECTOR);
+    assert.ok(
+      z.every((b) => b === 0),
+      "write zeroes left data behind",
+    );
   });
 });
 

@@ -65,6 +65,8 @@ export interface NvmeHost {
   delay(ms: number): Promise<void>;
   /** Milliseconds, monotonic. */
   now(): number;
+  /** Called after a submission doorbell: a polling owner starts looking for completions. */
+  submitted?(): void;
 }
 
 /** CAP, decoded (§3.1.1). */
@@ -396,6 +398,7 @@ export class NvmeController {
       q.pending.set(cid, { resolve, reject, deadline: this.host.now() + this.opts.commandTimeoutMs, what, settled: false });
       q.sqTail = (q.sqTail + 1) % q.entries;
       this.doorbell(qid, false, q.sqTail);
+      this.host.submitted?.();
     });
   }
 

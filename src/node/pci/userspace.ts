@@ -11,11 +11,12 @@ import { enableBusMaster } from "../../core/pci/command.js";
 import { readMsixCapability } from "../../core/pci/msix.js";
 import type { VirtioDriver } from "../../core/virtio/driver/driver.js";
 import { VirtioPciDriverTransport } from "../../core/virtio/transport/pci/driver.js";
-import { physicalDmaWindow, vfioDmaWindow, type DmaWindow } from "../dma-memory.js";
+import { physicalDmaWindow, type DmaWindow } from "../dma-memory.js";
 import { eventfdRead, isSysError, watch, type Fd, type Watcher } from "../native.js";
 import { UioDevice } from "../uio/uio.js";
 import { VFIO_PCI_IRQ } from "../vfio/uapi.js";
-import { VfioContainer, VfioGroup, type VfioDevice } from "../vfio/vfio.js";
+import type { VfioContainer, VfioGroup, VfioDevice } from "../vfio/vfio.js";
+import { openVfioFunction } from "./vfio-function.js";
 import { PciSysfs } from "./sysfs.js";
 
 export type PciBackend = "vfio" | "uio";
@@ -101,29 +102,17 @@ export class UserspaceVirtioPci {
         `${bdf} is bound to ${info.driver ?? "no driver"}, not ${want}: run 'iovirt pci bind ${opts.backend} ${bdf}' first`,
       );
     }
-    return opts.backend === "vfio"
-      ? UserspaceVirtioPci.openVfio(bdf, info.iommuGroup, sysfs, opts)
-      : UserspaceVirtioPci.openUio(bdf, sysfs, opts);
+    return opts.backend === "vfio" ? UserspaceVirtioPci.openVfio(bdf, sysfs, opts) : UserspaceVirtioPci.openUio(bdf, sysfs, opts);
   }
 
-  private static openVfio(bdf: string, group: number | null, sysfs: PciSysfs, opts: UserspaceOpenOptions): UserspaceVirtioPci {
-    if (group === null)
-      throw new IovirtUsageError("NO_IOMMU_GROUP", `${bdf} has no IOMMU group: boot with the IOMMU on (intel_iommu=on) or use --uio`);
-    const container = VfioContainer.open();
-    const cleanup: (() => void)[] = [() => container.close()];
+  private static openVfio(bdf: string, sysfs: PciSysfs, opts: UserspaceOpenOptions): UserspaceVirtioPci {
+    const fn = openVfioFunction(bdf, {
+      sysfs,
+      dmaHigh: opts.dmaHigh === true,
+      ...(opts.dmaBytes !== undefined ? { dmaBytes: opts.dmaBytes } : {}),
+    });
     try {
-      const g = VfioGroup.open(group, {
-        explainNotViable: (id) =>
-          sysfs
-            .groupViability(id)
-            .blockers.map((b) => `${b.bdf} is bound to ${b.driver}`)
-            .join(", "),
-      });
-      container.attach(g);
-      const device = g.openDevice(bdf);
-      cleanup.push(() => device.close());
-      const config = device.config();
-      enableBusMaster(config);
+      const { device, config } = fn;
       const msix = readMsixCapability(config);
       const mode = opts.interrupts ?? "auto";
       const useMsix = mode === "msix" || mode === "external" || (mode === "auto" && msix !== null && msix.tableSize >= 2);
@@ -131,17 +120,16 @@ export class UserspaceVirtioPci {
         throw new IovirtUsageError("NO_MSIX", `${bdf} has ${msix === null ? "no MSI-X" : `${msix.tableSize} MSI-X vector`}; use --intx`);
       }
       const irqFds = mode === "external" ? [] : device.enableIrqs(useMsix ? VFIO_PCI_IRQ.MSIX : VFIO_PCI_IRQ.INTX, useMsix ? 2 : 1);
-      const dma = vfioDmaWindow(container, opts.dmaBytes ?? 4 << 20, { high: opts.dmaHigh === true });
       return new UserspaceVirtioPci(bdf, "vfio", {
         config,
         bar: (i) => device.bar(i),
-        dma,
+        dma: fn.dma,
         irqMode: useMsix ? "msix" : "intx",
         irqFds,
-        vfio: { container, group: g, device },
+        vfio: { container: fn.container, group: fn.group, device },
       });
     } catch (e) {
-      for (const c of cleanup.reverse()) c();
+      fn.close();
       throw e;
     }
   }

@@ -27,7 +27,16 @@ export const VFIO_IOCTL = {
   IOMMU_UNMAP_DMA: vfioIo(14),
   /** On a device fd (Linux 4.17+): a write the kernel does to a BAR when an eventfd fires. */
   DEVICE_IOEVENTFD: vfioIo(16),
+  /** On a device fd (Linux 5.7+): get, set or probe a device feature (struct vfio_device_feature). */
+  DEVICE_FEATURE: vfioIo(17),
 } as const;
+
+/** vfio_device_feature.flags: the feature index in bits 15:0, and what to do with it. */
+export const VFIO_DEVICE_FEATURE_GET = 1 << 16;
+export const VFIO_DEVICE_FEATURE_SET = 1 << 17;
+export const VFIO_DEVICE_FEATURE_PROBE = 1 << 18;
+/** Feature 0: the VF token of an SR-IOV PF bound to vfio-pci (a 16-byte UUID, set only). */
+export const VFIO_DEVICE_FEATURE_PCI_VF_TOKEN = 0;
 
 export const VFIO_API_VERSION = 0;
 export const VFIO_TYPE1_IOMMU = 1;

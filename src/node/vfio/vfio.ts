@@ -37,6 +37,8 @@ import {
   VFIO_IRQ_SET_ACTION_UNMASK,
   VFIO_IRQ_SET_DATA_EVENTFD,
   VFIO_IRQ_SET_DATA_NONE,
+  VFIO_DEVICE_FEATURE_PCI_VF_TOKEN,
+  VFIO_DEVICE_FEATURE_SET,
   VFIO_PCI_IRQ,
   VFIO_PCI_IRQ_NAMES,
   VFIO_PCI_REGION,
@@ -288,6 +290,14 @@ export interface GroupOpenOptions {
 }
 
 /** An IOMMU group: /dev/vfio/<id>. */
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+/** A UUID's 16 bytes, in the order it is written (RFC 4122: big-endian fields). */
+export function uuidBytes(uuid: string): Uint8Array {
+  const hex = uuid.replace(/-/g, "");
+  return Uint8Array.from({ length: 16 }, (_, i) => Number.parseInt(hex.slice(2 * i, 2 * i + 2), 16));
+}
+
 export class VfioGroup {
   readonly fd: Fd;
   private constructor(
@@ -329,13 +339,23 @@ export class VfioGroup {
     return s.u32(GROUP_STATUS.flags);
   }
 
-  /** VFIO_GROUP_GET_DEVICE_FD (the group must be in a container with an IOMMU set). */
-  openDevice(bdf: string): VfioDevice {
-    const name = new TextEncoder().encode(`${bdf}\0`);
+  /**
+   * VFIO_GROUP_GET_DEVICE_FD (the group must be in a container with an IOMMU
+   * set). `vfToken`: the UUID that a VF of a PF bound to vfio-pci (or that
+   * PF, while its VFs are open) must be opened with ("BDF vf_token=UUID").
+   */
+  openDevice(bdf: string, vfToken?: string): VfioDevice {
+    if (vfToken !== undefined && !UUID.test(vfToken)) throw new VfioError("VFIO_BAD_TOKEN", `'${vfToken}' is not a UUID`);
+    const name = new TextEncoder().encode(`${bdf}${vfToken === undefined ? "" : ` vf_token=${vfToken}`}\0`);
     const raw = vfioCall(
       `VFIO_GROUP_GET_DEVICE_FD ${bdf}`,
       () => ioctl(this.fd, VFIO_IOCTL.GROUP_GET_DEVICE_FD, name),
-      (c) => (c === "EINVAL" ? `${bdf} is not in IOMMU group ${this.id}, or the group has no container` : undefined),
+      (c) =>
+        c === "EINVAL"
+          ? `${bdf} is not in IOMMU group ${this.id}, or the group has no container`
+          : c === "EACCES"
+            ? `${bdf}: the VF token is ${vfToken === undefined ? "missing (a VF of a PF on vfio-pci needs --vf-token UUID, the one set on the PF)" : "not the one set on the PF"}`
+            : undefined,
     );
     return new VfioDevice(bdf, Fd.adopt(raw));
   }
@@ -461,6 +481,23 @@ export class VfioDevice {
     s.u32(IRQ_SET.count, fds.length);
     fds.forEach((f, i) => s.i32(IRQ_SET.HEADER + 4 * i, f === null ? -1 : f.fd));
     vfioCall(`VFIO_DEVICE_SET_IRQS ${info.name} ${start}+${fds.length}`, () => ioctl(this.fd, VFIO_IOCTL.DEVICE_SET_IRQS, s.bytes));
+  }
+
+  /**
+   * Sets the VF token of an SR-IOV PF bound to vfio-pci (VFIO_DEVICE_FEATURE,
+   * PCI_VF_TOKEN, Linux 5.7+): VFs (and the PF, while VFs are open) are then
+   * opened with it, which ties their users to the PF's user.
+   */
+  setVfToken(uuid: string): void {
+    if (!UUID.test(uuid)) throw new VfioError("VFIO_BAD_TOKEN", `'${uuid}' is not a UUID`);
+    const s = new Struct(8 + 16);
+    s.u32(4, VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_PCI_VF_TOKEN);
+    s.bytes.set(uuidBytes(uuid), 8);
+    vfioCall(
+      `VFIO_DEVICE_FEATURE PCI_VF_TOKEN on ${this.bdf}`,
+      () => ioctl(this.fd, VFIO_IOCTL.DEVICE_FEATURE, s.bytes),
+      (c) => (c === "ENOTTY" ? `${this.bdf} is not an SR-IOV PF on vfio-pci, or the kernel lacks VFIO_DEVICE_FEATURE (5.7+)` : undefined),
+    );
   }
 
   /**
