@@ -7,6 +7,7 @@ import { pciMain } from "./pci.js";
 import { drvMain } from "./drv.js";
 import { switchMain } from "./switch.js";
 import { vdpaMain } from "./vdpa.js";
+import { nvmeMain } from "./nvme.js";
 
 const HELP = `iovirt — I/O virtualization toolkit
 
@@ -30,6 +31,8 @@ Usage:
                               or a vhost-user back end (see 'iovirt drv blk --help', 'iovirt drv net --help').
   iovirt drv nvme --vfio BDF COMMAND...
                               A userspace NVMe driver on a controller or SR-IOV VF (see 'iovirt drv nvme --help').
+  iovirt nvme sriov-setup PF --vfs N
+                              The PF side of NVMe SR-IOV (see 'iovirt nvme sriov-setup --help').
   iovirt pci sriov PF [--vfs N]
                               Enable or disable SR-IOV virtual functions (see 'iovirt pci sriov --help').
   iovirt help | --help        This text.
@@ -50,6 +53,8 @@ async function main(argv: string[]): Promise<number> {
       return pciMain(rest);
     case "drv":
       return drvMain(rest);
+    case "nvme":
+      return nvmeMain(rest);
     case "bench":
       if (rest[0] === "ring") return benchRingMain(rest.slice(1));
       if (rest[0] === "blk") return benchBlkMain(rest.slice(1));

@@ -1,9 +1,12 @@
 import { readFileSync, writeFileSync } from "node:fs";
 import { ArgReader, UsageError, parseOrExplain } from "./args.js";
 import { guestPatternRange } from "../core/selfcheck/pattern.js";
-import { OACS_NS_MGMT, OACS_VIRT_MGMT, ONCS_DSM, ONCS_WRITE_ZEROES } from "../core/nvme/constants.js";
-import type { NamespaceIdentity } from "../core/nvme/identify.js";
+import { randomUUID } from "node:crypto";
+import { OACS_NS_MGMT, OACS_VIRT_MGMT, ONCS_DSM, ONCS_WRITE_ZEROES, VIRT_ACT, VIRT_RT } from "../core/nvme/constants.js";
+import { parsePrimaryCapabilities, parseSecondaryControllers, type NamespaceIdentity } from "../core/nvme/identify.js";
+import { enableBusMaster } from "../core/pci/command.js";
 import { NvmeVfio } from "../node/nvme/vfio.js";
+import { PciError, PciSysfs } from "../node/pci/sysfs.js";
 
 const DRV_HELP = `iovirt drv nvme — a userspace NVMe driver on a real controller (PF or VF) through VFIO
 
@@ -244,4 +247,177 @@ async function run(d: NvmeVfio, ns: NamespaceIdentity, queues: number, active: n
     }
   }
   return failures === 0 ? 0 : 1;
+}
+
+const SRIOV_HELP = `iovirt nvme sriov-setup — the PF side of NVMe SR-IOV: virtual functions with queues and
+interrupts of their own, online and ready for a driver
+
+Usage:
+  iovirt nvme sriov-setup PF_BDF --vfs N [options]
+
+What it does, in order (NVMe 1.4 §8.5, Virtualization Enhancements):
+  1. opens the PF (bound to vfio-pci) through VFIO and sets its VF token;
+  2. if the primary controller holds flexible resources, gives them up (Virtualization
+     Management: primary flexible allocation 0) and resets the PF so that this takes effect;
+  3. enables N VFs through sysfs (vfio-pci's enable_sriov is switched on when needed);
+  4. for each VF's secondary controller: offline, assign queue and interrupt resources,
+     online; shared namespaces are attached to it where they are not yet;
+  5. prints the secondary controllers and the VFs, and stays: the PF must stay open while
+     its VFs are used (releasing it resets it, which takes the VFs' resources away).
+     SIGINT or SIGTERM disables the VFs and releases the PF.
+
+Options:
+  --vfs N            VFs to enable (1..TotalVFs)
+  --vf-token UUID    the VF token to set (default: a random one, printed); VFs are opened
+                     with it ('iovirt drv nvme --vfio VF --vf-token UUID')
+  --vq N             queue resources per VF (default 2: the admin queue and one I/O queue)
+  --vi N             interrupt resources per VF (default 1)
+  --help             this text
+`;
+
+const NVME_HELP = `iovirt nvme — NVMe controllers
+
+  iovirt nvme sriov-setup PF_BDF --vfs N [--vf-token UUID]   see 'iovirt nvme sriov-setup --help'
+  iovirt drv nvme --vfio BDF COMMAND...                      see 'iovirt drv nvme --help'
+`;
+
+export async function nvmeMain(args: string[]): Promise<number> {
+  const [sub, ...rest] = args;
+  if (sub === "sriov-setup") return sriovSetup(rest);
+  if (sub === undefined || sub === "--help" || sub === "-h") {
+    process.stdout.write(NVME_HELP);
+    return sub === undefined ? 2 : 0;
+  }
+  process.stderr.write(`iovirt nvme: unknown subcommand '${sub}'\n\n${NVME_HELP}`);
+  return 2;
+}
+
+interface SetupArgs {
+  bdf: string;
+  vfs: number;
+  token: string;
+  vq: number;
+  vi: number;
+}
+
+async function sriovSetup(args: string[]): Promise<number> {
+  const o = parseOrExplain("iovirt nvme sriov-setup", SRIOV_HELP, (): SetupArgs | "help" => {
+    const p: Partial<SetupArgs> = { vq: 2, vi: 1, token: randomUUID() };
+    const pos: string[] = [];
+    const r = new ArgReader(args);
+    while (r.next()) {
+      const f = r.flag;
+      if (f === "--help" || f === "-h") return "help";
+      if (f === "--vfs") p.vfs = r.int(1, 65535);
+      else if (f === "--vf-token") p.token = r.value().toLowerCase();
+      else if (f === "--vq") p.vq = r.int(2, 65535);
+      else if (f === "--vi") p.vi = r.int(1, 65535);
+      else if (f.startsWith("-")) r.unknown();
+      else pos.push(f);
+    }
+    if (pos.length !== 1) throw new UsageError("give the physical function (BDF)");
+    if (p.vfs === undefined) throw new UsageError("how many VFs? --vfs N");
+    p.bdf = pos[0]!;
+    return p as SetupArgs;
+  });
+  if (typeof o === "number") return o;
+  const sys = new PciSysfs();
+  const bdf = sys.parseBdf(o.bdf);
+  const before = sys.sriov(bdf);
+  if (before === null) throw new PciError("NO_SRIOV", `${bdf} has no SR-IOV capability`);
+  if (o.vfs > before.totalVfs) throw new PciError("SRIOV_RANGE", `${bdf} supports ${before.totalVfs} VFs, ${o.vfs} asked`);
+  if (before.numVfs > 0) await sys.setNumVfs(bdf, 0);
+  enableVfioSriov();
+  const d = await NvmeVfio.open({ bdf });
+  try {
+    const ctl = d.ctl;
+    d.fn.device.setVfToken(o.token);
+    say(`nvme: ${bdf}: VF token ${o.token}`);
+    let caps = parsePrimaryCapabilities(await ctl.primaryCapabilities());
+    say(
+      `nvme: primary controller ${caps.cntlid}: queue resources ${caps.vqFlexibleTotal} flexible (${caps.vqFlexibleOnPrimary} on the primary, ${caps.vqFlexibleOnSecondaries} on secondaries) + ${caps.vqPrivate} private, ` +
+        `interrupt resources ${caps.viFlexibleTotal} flexible (${caps.viFlexibleOnPrimary} on the primary, ${caps.viFlexibleOnSecondaries} on secondaries) + ${caps.viPrivate} private; ` +
+        `at most ${caps.vqMaxPerSecondary} VQ / ${caps.viMaxPerSecondary} VI per secondary`,
+    );
+    if ((caps.crt & 3) !== 3)
+      throw new PciError(
+        "NVME_NO_FLEXIBLE",
+        `${bdf} does not offer flexible queue and interrupt resources (CRT 0x${caps.crt.toString(16)})`,
+      );
+    if (caps.vqFlexibleOnPrimary > 0 || caps.viFlexibleOnPrimary > 0) {
+      // §8.5.2: the primary's flexible allocation changes at its next reset (a function level reset).
+      await ctl.virtualizationManagement(VIRT_ACT.PRIMARY_FLEXIBLE, VIRT_RT.VQ, caps.cntlid, 0);
+      await ctl.virtualizationManagement(VIRT_ACT.PRIMARY_FLEXIBLE, VIRT_RT.VI, caps.cntlid, 0);
+      await ctl.disable();
+      d.fn.device.reset();
+      enableBusMaster(d.fn.config);
+      await ctl.enable();
+      caps = parsePrimaryCapabilities(await ctl.primaryCapabilities());
+      say(
+        `nvme: primary flexible resources released (function reset): ${caps.vqFlexibleOnPrimary} VQ, ${caps.viFlexibleOnPrimary} VI left on it`,
+      );
+    }
+    if (o.vq > caps.vqMaxPerSecondary || o.vi > caps.viMaxPerSecondary) {
+      throw new UsageError(
+        `at most ${caps.vqMaxPerSecondary} VQ and ${caps.viMaxPerSecondary} VI per secondary controller (--vq ${o.vq} --vi ${o.vi})`,
+      );
+    }
+    const info = await sys.setNumVfs(bdf, o.vfs);
+    say(`nvme: ${o.vfs} VF(s) enabled: ${info.vfs.join(", ")}`);
+    const secondaries = parseSecondaryControllers(await ctl.secondaryControllers()).filter((s) => s.vfNumber >= 1 && s.vfNumber <= o.vfs);
+    if (secondaries.length !== o.vfs)
+      throw new PciError("NVME_SECONDARIES", `${secondaries.length} secondary controllers for ${o.vfs} VFs`);
+    for (const s of secondaries) {
+      await ctl.virtualizationManagement(VIRT_ACT.SECONDARY_OFFLINE, VIRT_RT.VQ, s.scid, 0);
+      await ctl.virtualizationManagement(VIRT_ACT.SECONDARY_ASSIGN, VIRT_RT.VQ, s.scid, o.vq);
+      await ctl.virtualizationManagement(VIRT_ACT.SECONDARY_ASSIGN, VIRT_RT.VI, s.scid, o.vi);
+      await ctl.virtualizationManagement(VIRT_ACT.SECONDARY_ONLINE, VIRT_RT.VQ, s.scid, 0);
+    }
+    for (const nsid of await ctl.activeNamespaces()) {
+      const ns = await ctl.namespace(nsid);
+      if (!ns.shared) continue;
+      const attached = await ctl.namespaceControllers(nsid);
+      const missing = secondaries.map((s) => s.scid).filter((id) => !attached.includes(id));
+      if (missing.length > 0) await ctl.attachNamespace(nsid, missing);
+      say(`nvme: namespace ${nsid} (shared) attached to controllers ${[...attached, ...missing].sort((a, b) => a - b).join(", ")}`);
+    }
+    for (const s of parseSecondaryControllers(await ctl.secondaryControllers()).filter((x) => x.vfNumber >= 1 && x.vfNumber <= o.vfs)) {
+      const vf = info.vfs[s.vfNumber - 1] ?? "?";
+      const f = vf === "?" ? null : sys.get(vf);
+      say(
+        `nvme: secondary controller ${s.scid}: VF ${s.vfNumber} = ${vf}, ${s.online ? "online" : "OFFLINE"}, ${s.vq} VQ, ${s.vi} VI, driver=${f?.driver ?? "none"} iommu_group=${f?.iommuGroup ?? "none"}`,
+      );
+    }
+    say(`nvme: ready; the PF stays open while its VFs are used (SIGINT/SIGTERM ends)`);
+    await new Promise<void>((resolve) => {
+      process.once("SIGINT", () => resolve());
+      process.once("SIGTERM", () => resolve());
+    });
+    try {
+      await sys.setNumVfs(bdf, 0);
+      say(`nvme: VFs disabled`);
+    } catch (e) {
+      say(`nvme: VFs left enabled: ${(e as Error).message}`);
+    }
+    return 0;
+  } finally {
+    await d.close();
+  }
+}
+
+/** vfio-pci creates VFs only with enable_sriov set (a runtime-writable module parameter). */
+function enableVfioSriov(): void {
+  const p = "/sys/module/vfio_pci/parameters/enable_sriov";
+  let v: string;
+  try {
+    v = readFileSync(p, "utf8").trim();
+  } catch {
+    return; // no vfio_pci module parameters: setNumVfs reports what the kernel says
+  }
+  if (v === "Y" || v === "1") return;
+  try {
+    writeFileSync(p, "1");
+  } catch (e) {
+    throw new PciError("SRIOV_VFIO", `cannot switch on vfio-pci's enable_sriov (${p}): ${(e as Error).message}`);
+  }
 }

@@ -6,6 +6,13 @@ import { NvmeController } from "../../src/core/nvme/controller.js";
 import { NvmeControllerError, NvmeDeviceError, NvmeStatusError, NvmeTimeoutError } from "../../src/core/nvme/errors.js";
 import { NVM } from "../../src/core/nvme/constants.js";
 import { NvmeModel } from "./nvme-model.js";
+import {
+  encodeControllerList,
+  parseControllerList,
+  parseNamespaceList,
+  parsePrimaryCapabilities,
+  parseSecondaryControllers,
+} from "../../src/core/nvme/identify.js";
 
 // iovirt's NVMe driver against a controller model (test/core/nvme-model.ts):
 // the init sequence, queues, PRP lists, the NVM commands, and a controller
@@ -207,4 +214,55 @@ test("controller fatal status: commands in flight fail, the controller is reset 
   } finally {
     r.stop();
   }
+});
+
+test("identify data for SR-IOV and namespaces is decoded and checked: primary capabilities, secondary controllers, namespace and controller lists", () => {
+  const page = (): { b: Uint8Array; v: DataView } => {
+    const b = new Uint8Array(4096);
+    return { b, v: new DataView(b.buffer) };
+  };
+  const p = page();
+  p.v.setUint16(0, 0, true);
+  p.b[4] = 3;
+  p.v.setUint32(32, 4, true);
+  p.v.setUint32(36, 2, true);
+  p.v.setUint16(40, 1, true);
+  p.v.setUint16(42, 5, true);
+  p.v.setUint16(44, 2, true);
+  p.v.setUint32(64, 2, true);
+  p.v.setUint16(74, 63, true);
+  p.v.setUint16(76, 1, true);
+  const caps = parsePrimaryCapabilities(p.b);
+  assert.deepEqual(
+    [caps.crt, caps.vqFlexibleTotal, caps.vqFlexibleOnSecondaries, caps.vqFlexibleOnPrimary, caps.vqPrivate, caps.vqMaxPerSecondary],
+    [3, 4, 2, 1, 5, 2],
+  );
+  assert.deepEqual([caps.viFlexibleTotal, caps.viPrivate, caps.viMaxPerSecondary], [2, 63, 1]);
+  const s = page();
+  s.b[0] = 2;
+  for (const [i, [scid, online, vf, vq, vi]] of [
+    [1, 1, 1, 2, 1],
+    [2, 0, 2, 0, 0],
+  ].entries()) {
+    const at = 32 + 32 * i;
+    s.v.setUint16(at, scid!, true);
+    s.b[at + 4] = online!;
+    s.v.setUint16(at + 8, vf!, true);
+    s.v.setUint16(at + 10, vq!, true);
+    s.v.setUint16(at + 12, vi!, true);
+  }
+  assert.deepEqual(parseSecondaryControllers(s.b), [
+    { scid: 1, pcid: 0, online: true, vfNumber: 1, vq: 2, vi: 1 },
+    { scid: 2, pcid: 0, online: false, vfNumber: 2, vq: 0, vi: 0 },
+  ]);
+  s.b[0] = 200;
+  assert.throws(() => parseSecondaryControllers(s.b), NvmeDeviceError);
+  const l = page();
+  l.v.setUint32(0, 1, true);
+  l.v.setUint32(4, 3, true);
+  assert.deepEqual(parseNamespaceList(l.b, 8), [1, 3]);
+  l.v.setUint32(8, 2, true); // out of order
+  assert.throws(() => parseNamespaceList(l.b, 8), NvmeDeviceError);
+  assert.throws(() => parseNamespaceList(l.b, 2), NvmeDeviceError); // NSID 3 beyond NN 2
+  assert.deepEqual(parseControllerList(encodeControllerList([2, 0, 1])), [0, 1, 2]);
 });

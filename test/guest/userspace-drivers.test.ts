@@ -163,8 +163,28 @@ say "nvme=$NVME"
 run nvme-ls iov pci ls $NVME
 run nvme-bind iov pci bind vfio $NVME
 run nvme-pf iov drv nvme --vfio $NVME --queues 2 info write-pattern 0 ${MIB_SECTORS} verify-pattern 0 ${MIB_SECTORS} verify-pattern ${HOST_REGION} ${MIB_SECTORS} flush
-run nvme-polled iov drv nvme --vfio $NVME --polled info verify-pattern ${HOST_REGION} ${MIB_SECTORS} write-zeroes 4096 64`;
+run nvme-polled iov drv nvme --vfio $NVME --polled info verify-pattern ${HOST_REGION} ${MIB_SECTORS} write-zeroes 4096 64
+# SR-IOV: the PF side in the background (it holds the PF while the VFs are used), then each VF.
+TOKEN=${VF_TOKEN}
+node ${cli} nvme sriov-setup $NVME --vfs 2 --vf-token $TOKEN >$TMPDIR/pf.log 2>&1 &
+PFD=$!
+for i in $(seq 600); do grep -q "ready" $TMPDIR/pf.log && break; kill -0 $PFD 2>/dev/null || break; sleep 0.1; done
+VF1=$(basename "$(readlink /sys/bus/pci/devices/$NVME/virtfn0)"); VF2=$(basename "$(readlink /sys/bus/pci/devices/$NVME/virtfn1)")
+say "vf1=$VF1 vf2=$VF2"
+run nvme-sriov iov pci sriov $NVME
+run nvme-vf-ls iov pci ls $VF1
+run nvme-vf1 iov drv nvme --vfio $VF1 --vf-token $TOKEN info write-pattern ${NVME_VF} ${MIB_SECTORS} verify-pattern ${NVME_VF} ${MIB_SECTORS}
+run nvme-vf2 iov drv nvme --vfio $VF2 --vf-token $TOKEN info verify-pattern ${NVME_VF} ${MIB_SECTORS} verify-pattern 0 ${MIB_SECTORS}
+run nvme-vf-notoken iov drv nvme --vfio $VF2 info
+kill -TERM $PFD; wait $PFD; echo "exit $?" >>$TMPDIR/pf.log
+sed "s/^/IOVIRT-GUEST: nvme-pf-daemon: /" $TMPDIR/pf.log
+run nvme-pf-after iov drv nvme --vfio $NVME verify-pattern ${NVME_VF} ${MIB_SECTORS}`;
 }
+
+/** The VF token the guest's PF side sets and its VF drivers use. */
+const VF_TOKEN = "2c9a6b1e-5f0d-4e7a-9b3c-1d2e3f405162";
+/** Sectors VF 1 writes, VF 2 and the PF read. */
+const NVME_VF = 12288;
 
 /** Disk regions (sectors) of the vDPA steps: clear of the driver steps' and of HOST_REGION. */
 const VDPA_SPLIT = 4096;
@@ -436,6 +456,63 @@ ${nvmeSteps()}
       /flush: done/,
     );
     assertPatternOnHost(nvmeImage, 0, MIB_SECTORS);
+  });
+
+  test("SR-IOV on the NVMe PF: iovirt gives up the primary's flexible resources, enables 2 VFs, assigns them queues and an interrupt, brings them online", () => {
+    const daemon = step(r, "nvme-pf-daemon").lines;
+    const ctx = daemon.join("\n");
+    assert.ok(
+      daemon.some((l) => /primary controller 0: queue resources 4 flexible \(\d+ on the primary, 0 on secondaries\)/.test(l)),
+      ctx,
+    );
+    assert.ok(
+      daemon.some((l) => /2 VF\(s\) enabled: 0000:\S+, 0000:\S+/.test(l)),
+      ctx,
+    );
+    for (const n of [1, 2])
+      assert.ok(
+        daemon.some((l) =>
+          new RegExp(`secondary controller \\d+: VF ${n} = 0000:\\S+, online, 2 VQ, 1 VI, driver=vfio-pci iommu_group=\\d+`).test(l),
+        ),
+        ctx,
+      );
+    assert.ok(
+      daemon.some((l) => /^exit 0$/.test(l)),
+      ctx,
+    );
+    assertStep(r, "nvme-sriov", /2 of 2 VFs enabled/, /VF 1: 0000:\S+ {2}driver=vfio-pci {2}iommu_group=\d+/, /VF 2: /);
+    assertStep(r, "nvme-vf-ls", /SR-IOV VF 1 of PF 0000:/);
+  });
+
+  test("each VF through VFIO with the VF token, driven by iovirt's NVMe driver: VF 1 writes, VF 2 and the PF read it back; the host sees it", () => {
+    const groups = ["nvme-vf1", "nvme-vf2"].map((label) => {
+      const lines = assertStep(r, label, /nvme: 0000:\S+ via VFIO: QEMU NVMe Ctrl/, /1 I\/O queue pair/);
+      return lines.find((l) => /controller id (\d+)/.test(l));
+    });
+    assert.notEqual(groups[0], groups[1], "two different secondary controllers");
+    assertStep(
+      r,
+      "nvme-vf1",
+      new RegExp(`write-pattern: ${MIB_SECTORS} sectors at ${NVME_VF} written`),
+      new RegExp(`verify-pattern: ${MIB_SECTORS} sectors at ${NVME_VF} match`),
+    );
+    assertStep(
+      r,
+      "nvme-vf2",
+      new RegExp(`verify-pattern: ${MIB_SECTORS} sectors at ${NVME_VF} match`),
+      new RegExp(`verify-pattern: ${MIB_SECTORS} sectors at 0 match`),
+    );
+    assertStep(r, "nvme-pf-after", new RegExp(`verify-pattern: ${MIB_SECTORS} sectors at ${NVME_VF} match`));
+    assertPatternOnHost(nvmeImage, NVME_VF, MIB_SECTORS);
+  });
+
+  test("a VF opened without the PF's VF token is refused, saying why", () => {
+    const s = step(r, "nvme-vf-notoken");
+    assert.notEqual(s.exit, 0);
+    assert.ok(
+      s.lines.some((l) => /VF token is missing/.test(l)),
+      s.lines.join("\n"),
+    );
   });
 
   test("the same polled, and write zeroes and deallocate reach the image", () => {

@@ -187,3 +187,78 @@ export function encodeControllerList(ids: readonly number[]): Uint8Array {
   [...ids].sort((a, c) => a - c).forEach((id, i) => v.setUint16(2 + 2 * i, id, true));
   return b;
 }
+
+/** Primary Controller Capabilities (CNS 14h, §5.15.2.19): flexible resources a PF hands to its secondary controllers. */
+export interface PrimaryCapabilities {
+  cntlid: number;
+  /** Controller resource types supported: bit 0 queues (VQ), bit 1 interrupts (VI). */
+  crt: number;
+  /**
+   * Queue (VQ) and interrupt (VI) resources: the flexible total (xxFRT), how
+   * many are assigned to secondary controllers (xxRFA) and allocated to the
+   * primary (xxRFAP), the primary's private ones (xxPRT), and the most one
+   * secondary may have (xxFRSM).
+   */
+  vqFlexibleTotal: number;
+  vqFlexibleOnSecondaries: number;
+  vqFlexibleOnPrimary: number;
+  vqPrivate: number;
+  vqMaxPerSecondary: number;
+  viFlexibleTotal: number;
+  viFlexibleOnSecondaries: number;
+  viFlexibleOnPrimary: number;
+  viPrivate: number;
+  viMaxPerSecondary: number;
+}
+
+export function parsePrimaryCapabilities(b: Uint8Array): PrimaryCapabilities {
+  const v = view(b);
+  return {
+    cntlid: v.getUint16(0, true),
+    crt: b[4]!,
+    vqFlexibleTotal: v.getUint32(32, true),
+    vqFlexibleOnSecondaries: v.getUint32(36, true),
+    vqFlexibleOnPrimary: v.getUint16(40, true),
+    vqPrivate: v.getUint16(42, true),
+    vqMaxPerSecondary: v.getUint16(44, true),
+    viFlexibleTotal: v.getUint32(64, true),
+    viFlexibleOnSecondaries: v.getUint32(68, true),
+    viFlexibleOnPrimary: v.getUint16(72, true),
+    viPrivate: v.getUint16(74, true),
+    viMaxPerSecondary: v.getUint16(76, true),
+  };
+}
+
+/** One entry of the Secondary Controller List (CNS 15h, §5.15.2.20). */
+export interface SecondaryController {
+  scid: number;
+  pcid: number;
+  online: boolean;
+  /** The VF it is (1-based), 0 for none. */
+  vfNumber: number;
+  /** Flexible queue and interrupt resources assigned. */
+  vq: number;
+  vi: number;
+}
+
+/** At most 127 entries fit the 4 KiB page after its 32-byte header. */
+const MAX_SECONDARIES = 127;
+
+export function parseSecondaryControllers(b: Uint8Array): SecondaryController[] {
+  const v = view(b);
+  const n = b[0]!;
+  if (n > MAX_SECONDARIES) throw new NvmeDeviceError("NVME_IDENTIFY", `secondary controller list of ${n} entries`);
+  const out: SecondaryController[] = [];
+  for (let i = 0; i < n; i++) {
+    const at = 32 + 32 * i;
+    out.push({
+      scid: v.getUint16(at, true),
+      pcid: v.getUint16(at + 2, true),
+      online: (b[at + 4]! & 1) !== 0,
+      vfNumber: v.getUint16(at + 8, true),
+      vq: v.getUint16(at + 10, true),
+      vi: v.getUint16(at + 12, true),
+    });
+  }
+  return out;
+}
