@@ -3,6 +3,7 @@ import { ArgReader, UsageError, parseOrExplain } from "./args.js";
 import { BlkDevice } from "../core/virtio/devices/blk/device.js";
 import { CACHE_MODES } from "../node/file-port.js";
 import { openStorage, type StorageSpec } from "../node/storage.js";
+import type { NvmeStorageSpec } from "../node/nvme/block-port.js";
 import { parseNbdUrl } from "../node/nbd/index.js";
 import { VhostUserServer, connectBackend } from "../node/vhost-user/server.js";
 import { isMessageTrace } from "../node/vhost-user/connection.js";
@@ -11,8 +12,8 @@ import { BlkPollServer, type BlkSpec } from "../node/blk-poll.js";
 const HELP = `iovirt blk — serve a virtio-blk device over vhost-user
 
 Usage:
-  iovirt blk --socket PATH (--image FILE | --nbd URL | --size SIZE) [options]
-  iovirt blk --connect PATH (--image FILE | --nbd URL | --size SIZE) [options]
+  iovirt blk --socket PATH (--image FILE | --nbd URL | --nvme BDF[,...] | --size SIZE) [options]
+  iovirt blk --connect PATH (--image FILE | --nbd URL | --nvme BDF[,...] | --size SIZE) [options]
 
   --socket PATH      listen on a Unix socket (created with mode 0600); QEMU connects to it
   --connect PATH     connect to a front end that listens (QEMU -chardev socket,server=on)
@@ -20,6 +21,12 @@ Usage:
   --nbd URL          an NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.
                      Serves qcow2 and other formats through qemu-nbd (qemu-nbd -f qcow2 -k PATH
                      img.qcow2), or any NBD server's storage (nbdkit, nbd-server)
+  --nvme BDF[,nsid=N][,vf-token=UUID][,queues=N]
+                     a namespace of an NVMe controller (a PF, or an SR-IOV VF set up with
+                     'iovirt nvme sriov-setup') bound to vfio-pci, driven by iovirt's NVMe
+                     driver: virtio-blk requests become NVMe Read/Write/Flush/Dataset
+                     Management/Write Zeroes on up to N I/O queues (default 4; a VF may
+                     grant fewer). nsid defaults to the first active namespace
   --size SIZE        sparse in-memory disk instead of a file: bytes, or with K/M/G/T suffix
   --readonly         refuse writes (VIRTIO_BLK_F_RO)
   --cache MODE       host caching of --image, as QEMU's cache= (default writeback):
@@ -47,6 +54,26 @@ and removes nothing but its own socket. On start it prints the QEMU options
 that attach a guest to it; the guest's memory must be shared (memfd, share=on).
 `;
 
+/** "BDF[,nsid=N][,vf-token=UUID][,queues=N]" */
+export function parseNvmeArg(s: string): NvmeStorageSpec {
+  const [bdf, ...opts] = s.split(",");
+  if (bdf === undefined || bdf === "") throw new UsageError("--nvme needs a BDF");
+  const spec: NvmeStorageSpec = { bdf };
+  for (const kv of opts) {
+    const [k, v] = kv.split("=", 2) as [string, string | undefined];
+    const num = (lo: number, hi: number): number => {
+      const n = Number(v);
+      if (!Number.isInteger(n) || n < lo || n > hi) throw new UsageError(`--nvme ${k}=${v ?? ""}: ${lo}..${hi}`);
+      return n;
+    };
+    if (k === "nsid") spec.nsid = num(1, 0xfffffffe);
+    else if (k === "queues") spec.queues = num(1, 64);
+    else if (k === "vf-token" && v !== undefined) spec.vfToken = v;
+    else throw new UsageError(`--nvme: unknown option '${kv}' (nsid=N, vf-token=UUID, queues=N)`);
+  }
+  return spec;
+}
+
 /** A size argument (bytes, or with a K/M/G/T suffix). */
 export function sizeArg(r: ArgReader): number {
   try {
@@ -71,6 +98,7 @@ interface BlkArgs {
   connect?: string;
   image?: string;
   nbd?: string;
+  nvme?: string;
   size?: number;
   readonly: boolean;
   queues: number;
@@ -121,6 +149,9 @@ function parse(args: string[]): BlkArgs | "help" {
       case "--nbd":
         o.nbd = r.value();
         break;
+      case "--nvme":
+        o.nvme = r.value();
+        break;
       case "--size":
         o.size = sizeArg(r);
         break;
@@ -165,8 +196,13 @@ function parse(args: string[]): BlkArgs | "help" {
     }
   }
   if ((o.socket === undefined) === (o.connect === undefined)) throw new UsageError("give exactly one of --socket and --connect");
-  if ([o.image, o.nbd, o.size].filter((x) => x !== undefined).length !== 1)
-    throw new UsageError("give exactly one of --image, --nbd and --size");
+  if ([o.image, o.nbd, o.nvme, o.size].filter((x) => x !== undefined).length !== 1)
+    throw new UsageError("give exactly one of --image, --nbd, --nvme and --size");
+  if (o.nvme !== undefined) {
+    o.storage.nvme = parseNvmeArg(o.nvme);
+    if (o.poll)
+      throw new UsageError("--poll does not suit --nvme (completions come through interrupts on the event loop); leave --poll out");
+  }
   if (o.nbd !== undefined) {
     try {
       parseNbdUrl(o.nbd);

@@ -8,6 +8,7 @@ import { RamDisk, type BlockPort } from "../core/virtio/devices/blk/port.js";
 import { AsyncIo, type AioEngine } from "./aio.js";
 import { FileBlockPort, type CacheMode } from "./file-port.js";
 import { NbdBlockPort } from "./nbd/index.js";
+import { NvmeBlockPort, type NvmeStorageSpec } from "./nvme/block-port.js";
 
 export type AioChoice = "auto" | AioEngine | "sync";
 
@@ -16,6 +17,8 @@ export interface StorageSpec {
   size?: number;
   /** nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH */
   nbd?: string;
+  /** An NVMe controller (PF or VF) through VFIO, and which namespace. */
+  nvme?: NvmeStorageSpec;
   readOnly: boolean;
   cache: CacheMode;
   /** `sync` blocks the thread on every request (pread/pwrite); the others are AsyncIo engines. */
@@ -42,6 +45,10 @@ export async function openStorage(
   notify: "eventfd" | "poll" = "eventfd",
   log: (line: string) => void = () => {},
 ): Promise<Storage> {
+  if (spec.nvme !== undefined) {
+    const port = await NvmeBlockPort.open({ ...spec.nvme, readOnly: spec.readOnly }, log);
+    return { port, description: port.describe(), blockSize: port.ns.blockSize, poll: () => 0, close: () => port.close() };
+  }
   if (spec.nbd !== undefined) {
     const port = await NbdBlockPort.connect(spec.nbd, { readOnly: spec.readOnly, log });
     void port.closed.then((err) => {

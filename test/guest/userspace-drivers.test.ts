@@ -176,6 +176,13 @@ run nvme-vf-ls iov pci ls $VF1
 run nvme-vf1 iov drv nvme --vfio $VF1 --vf-token $TOKEN info write-pattern ${NVME_VF} ${MIB_SECTORS} verify-pattern ${NVME_VF} ${MIB_SECTORS}
 run nvme-vf2 iov drv nvme --vfio $VF2 --vf-token $TOKEN info verify-pattern ${NVME_VF} ${MIB_SECTORS} verify-pattern 0 ${MIB_SECTORS}
 run nvme-vf-notoken iov drv nvme --vfio $VF2 info
+# iovirt blk on VF 1: a vhost-user-blk back end whose storage is the NVMe VF, driven by iovirt's front end.
+node ${cli} blk --socket $TMPDIR/nvme-blk.sock --nvme $VF1,vf-token=$TOKEN >$TMPDIR/nvme-blk.log 2>&1 &
+NB=$!
+for i in $(seq 300); do [ -S $TMPDIR/nvme-blk.sock ] && break; sleep 0.1; done
+run nvme-blk iov drv blk --vhost-user $TMPDIR/nvme-blk.sock --split info write-pattern ${NVME_BLK} ${MIB_SECTORS} verify-pattern ${NVME_BLK} ${MIB_SECTORS} verify-pattern ${NVME_VF} ${MIB_SECTORS}
+kill -TERM $NB; wait $NB; echo "exit $?" >>$TMPDIR/nvme-blk.log
+sed "s/^/IOVIRT-GUEST: nvme-blk-daemon: /" $TMPDIR/nvme-blk.log
 kill -TERM $PFD; wait $PFD; echo "exit $?" >>$TMPDIR/pf.log
 sed "s/^/IOVIRT-GUEST: nvme-pf-daemon: /" $TMPDIR/pf.log
 run nvme-pf-after iov drv nvme --vfio $NVME verify-pattern ${NVME_VF} ${MIB_SECTORS}`;
@@ -185,6 +192,8 @@ run nvme-pf-after iov drv nvme --vfio $NVME verify-pattern ${NVME_VF} ${MIB_SECT
 const VF_TOKEN = "2c9a6b1e-5f0d-4e7a-9b3c-1d2e3f405162";
 /** Sectors VF 1 writes, VF 2 and the PF read. */
 const NVME_VF = 12288;
+/** Sectors written through iovirt blk --nvme on VF 1. */
+const NVME_BLK = 14336;
 
 /** Disk regions (sectors) of the vDPA steps: clear of the driver steps' and of HOST_REGION. */
 const VDPA_SPLIT = 4096;
@@ -504,6 +513,30 @@ ${nvmeSteps()}
     );
     assertStep(r, "nvme-pf-after", new RegExp(`verify-pattern: ${MIB_SECTORS} sectors at ${NVME_VF} match`));
     assertPatternOnHost(nvmeImage, NVME_VF, MIB_SECTORS);
+  });
+
+  test("iovirt blk --nvme VF: a vhost-user-blk back end on the VF, driven by iovirt's front end and blk driver; the host sees the data", () => {
+    const daemon = step(r, "nvme-blk-daemon").lines;
+    assert.ok(
+      daemon.some((l) =>
+        /serving virtio-blk \(0000:\S+ \(NVMe via VFIO: QEMU NVMe Ctrl, controller 1, namespace 1: 131072 blocks of 512, 1 I\/O queue pair\(s\)/.test(
+          l,
+        ),
+      ),
+      daemon.join("\n"),
+    );
+    assertStep(
+      r,
+      "nvme-blk",
+      new RegExp(`write-pattern: ${MIB_SECTORS} sectors at ${NVME_BLK} written`),
+      new RegExp(`verify-pattern: ${MIB_SECTORS} sectors at ${NVME_BLK} match`),
+      new RegExp(`verify-pattern: ${MIB_SECTORS} sectors at ${NVME_VF} match`),
+    );
+    assert.ok(
+      daemon.some((l) => /^exit 0$/.test(l)),
+      daemon.join("\n"),
+    );
+    assertPatternOnHost(nvmeImage, NVME_BLK, MIB_SECTORS);
   });
 
   test("a VF opened without the PF's VF token is refused, saying why", () => {
