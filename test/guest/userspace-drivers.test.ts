@@ -166,6 +166,7 @@ run nvme-pf iov drv nvme --vfio $NVME --queues 2 info write-pattern 0 ${MIB_SECT
 run nvme-polled iov drv nvme --vfio $NVME --polled info verify-pattern ${HOST_REGION} ${MIB_SECTORS} write-zeroes 4096 64
 # SR-IOV: the PF side in the background (it holds the PF while the VFs are used), then each VF.
 TOKEN=${VF_TOKEN}
+run nvme-sriov-refused iov pci sriov $NVME --vfs 1
 node ${cli} nvme sriov-setup $NVME --vfs 2 --vf-token $TOKEN >$TMPDIR/pf.log 2>&1 &
 PFD=$!
 for i in $(seq 600); do grep -q "ready" $TMPDIR/pf.log && break; kill -0 $PFD 2>/dev/null || break; sleep 0.1; done
@@ -489,7 +490,12 @@ ${nvmeSteps()}
       daemon.some((l) => /^exit 0$/.test(l)),
       ctx,
     );
-    assertStep(r, "nvme-sriov", /2 of 2 VFs enabled/, /VF 1: 0000:\S+ {2}driver=vfio-pci {2}iommu_group=\d+/, /VF 2: /);
+    const vfs = assertStep(r, "nvme-sriov", /2 of 2 VFs enabled/, /VF 1: 0000:\S+ {2}driver=vfio-pci {2}iommu_group=\d+/, /VF 2: /);
+    // Each VF in an IOMMU group of its own, apart from the PF's.
+    const pfGroup = /iommu_group=(\d+)/.exec(step(r, "nvme-ls").lines[0] ?? "")?.[1];
+    const vfGroups = vfs.map((l) => /VF \d: \S+ {2}driver=\S+ {2}iommu_group=(\d+)/.exec(l)?.[1]).filter((g) => g !== undefined);
+    assert.equal(vfGroups.length, 2, vfs.join("\n"));
+    assert.equal(new Set([pfGroup, ...vfGroups]).size, 3, `PF group ${pfGroup}, VF groups ${vfGroups.join(", ")}`);
     assertStep(r, "nvme-vf-ls", /SR-IOV VF 1 of PF 0000:/);
   });
 
@@ -537,6 +543,15 @@ ${nvmeSteps()}
       daemon.join("\n"),
     );
     assertPatternOnHost(nvmeImage, NVME_BLK, MIB_SECTORS);
+  });
+
+  test("VFs of a PF on vfio-pci are refused while its enable_sriov is off, saying so", () => {
+    const s = step(r, "nvme-sriov-refused");
+    assert.notEqual(s.exit, 0);
+    assert.ok(
+      s.lines.some((l) => /the kernel refused 1 VFs: vfio-pci enables VFs only with its enable_sriov parameter/.test(l)),
+      s.lines.join("\n"),
+    );
   });
 
   test("a VF opened without the PF's VF token is refused, saying why", () => {
