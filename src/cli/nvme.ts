@@ -31,6 +31,7 @@ Options:
   --queues N          I/O queue pairs to ask for (default 1)
   --queue-size N      entries per I/O queue (default 64)
   --polled            poll for completions instead of MSI-X interrupts
+  --prp               describe data buffers with PRPs even where the controller takes SGLs
   --timeout-ms N      command timeout (default 30000)
   --help              this text
 `;
@@ -42,6 +43,7 @@ interface NvmeArgs {
   queues: number;
   queueSize: number;
   polled: boolean;
+  prp: boolean;
   timeoutMs: number;
   commands: string[][];
 }
@@ -58,7 +60,14 @@ const ARITY: Record<string, number> = {
 };
 
 function parse(args: string[]): NvmeArgs | "help" {
-  const o: Partial<NvmeArgs> & { commands: string[][] } = { queues: 1, queueSize: 64, polled: false, timeoutMs: 30_000, commands: [] };
+  const o: Partial<NvmeArgs> & { commands: string[][] } = {
+    queues: 1,
+    queueSize: 64,
+    polled: false,
+    prp: false,
+    timeoutMs: 30_000,
+    commands: [],
+  };
   const r = new ArgReader(args);
   while (r.next()) {
     const f = r.flag;
@@ -69,6 +78,7 @@ function parse(args: string[]): NvmeArgs | "help" {
     else if (f === "--queues") o.queues = r.int(1, 64);
     else if (f === "--queue-size") o.queueSize = r.int(2, 4096);
     else if (f === "--polled") o.polled = true;
+    else if (f === "--prp") o.prp = true;
     else if (f === "--timeout-ms") o.timeoutMs = r.int(1, 3_600_000);
     else if (f.startsWith("-")) r.unknown();
     else {
@@ -101,6 +111,7 @@ export async function nvmeDrvMain(args: string[]): Promise<number> {
     bdf: o.bdf,
     polled: o.polled,
     commandTimeoutMs: o.timeoutMs,
+    dataPointer: o.prp ? "prp" : "auto",
     ...(o.vfToken !== undefined ? { vfToken: o.vfToken } : {}),
   });
   try {
@@ -162,7 +173,7 @@ async function run(d: NvmeVfio, ns: NamespaceIdentity, queues: number, active: n
           `nvme: ${d.fn.bdf} via VFIO: ${id.model} (serial ${id.serial}, firmware ${id.firmware}), vendor 0x${id.vid.toString(16)}, NVMe ${v >>> 16}.${(v >> 8) & 0xff}, controller id ${id.cntlid}`,
         );
         say(
-          `nvme: max transfer ${ctl.maxTransfer >> 10} KiB, queues of up to ${ctl.cap.maxQueueEntries} entries, doorbell stride ${ctl.cap.doorbellStride}, ${d.vectors > 0 ? `MSI-X (${d.vectors} vectors)` : "polled"}, ${queues} I/O queue pair(s)`,
+          `nvme: max transfer ${ctl.maxTransfer >> 10} KiB, queues of up to ${ctl.cap.maxQueueEntries} entries, doorbell stride ${ctl.cap.doorbellStride}, ${d.vectors > 0 ? `MSI-X (${d.vectors} vectors)` : "polled"}, ${queues} I/O queue pair(s), data by ${ctl.usesSgl ? "SGL" : "PRP"}`,
         );
         say(`nvme: supports ${flags.join(", ") || "no optional commands"}; ${id.nn} namespace id(s), active: ${active.join(", ")}`);
         say(

@@ -29,6 +29,8 @@ export interface ModelKnobs {
   foreignCid?: number;
   /** Report this LBADS in Identify Namespace. */
   lbads?: number;
+  /** Report SGL support in Identify Controller (SGLS bits 1:0 = 01b). */
+  sgl?: boolean;
   /** Do not complete commands of these opcodes on I/O queues (a stuck command). */
   silentIo?: Set<number>;
   /** CSTS.CFS after the next I/O command. */
@@ -42,6 +44,8 @@ export class NvmeModel implements MmioRegion {
   readonly disk = new Uint8Array(2 << 20);
   readonly blockSize = 512;
   readonly log: string[] = [];
+  /** Transfers described by an SGL. */
+  sglUsed = 0;
   cc = 0;
   csts = 0;
   private aqa = 0;
@@ -169,6 +173,13 @@ export class NvmeModel implements MmioRegion {
 
   private prpBytes(v: DataView, bytes: number): { addr: number; len: number }[] {
     const P = 4096;
+    if (v.getUint8(1) >> 6 === 1) {
+      // One SGL Data Block descriptor in the data pointer.
+      if (v.getUint8(39) !== 0 || v.getUint32(32, true) < bytes)
+        throw new Error("model: SGL descriptor not a data block covering the transfer");
+      this.sglUsed++;
+      return [{ addr: Number(v.getBigUint64(24, true)), len: bytes }];
+    }
     const prp1 = Number(v.getBigUint64(24, true));
     const prp2 = Number(v.getBigUint64(32, true));
     const out = [{ addr: prp1, len: Math.min(bytes, P - (prp1 % P)) }];
@@ -201,6 +212,7 @@ export class NvmeModel implements MmioRegion {
           page[ID_CTRL.CQES] = 0x44;
           d.setUint32(ID_CTRL.NN, 1, true);
           d.setUint16(ID_CTRL.ONCS, 0x0c, true);
+          if (this.knobs.sgl) d.setUint32(ID_CTRL.SGLS, 1, true);
         } else if (cns === CNS.ACTIVE_NS_LIST) d.setUint32(0, 1, true);
         else if (cns === CNS.NAMESPACE) {
           const n = this.disk.length / this.blockSize;

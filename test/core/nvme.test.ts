@@ -28,10 +28,11 @@ interface Rig {
   stop: () => void;
 }
 
-async function rig(timeoutMs = 30_000): Promise<Rig> {
+async function rig(timeoutMs = 30_000, opts: { sgl?: boolean } = {}): Promise<Rig> {
   const mem = GuestMemory.create(8 << 20);
   const dma = new DmaAllocator(0x10000, (8 << 20) - 0x10000);
   const model = new NvmeModel(mem);
+  if (opts.sgl === true) model.knobs.sgl = true;
   const ctl = new NvmeController(
     { regs: model, mem, dma, delay: (ms) => new Promise((r) => setTimeout(r, ms)), now: () => performance.now() },
     { commandTimeoutMs: timeoutMs },
@@ -111,6 +112,20 @@ test("I/O queues: writes and reads through one page, two pages and a PRP list; m
     assert.ok(r.model.disk.subarray(72 * 512, 80 * 512).every((b) => b === 0));
     assert.deepEqual(r.errors, []);
     assert.equal(r.ctl.outstanding, 0);
+  } finally {
+    r.stop();
+  }
+});
+
+test("a controller that supports SGLs gets one SGL data block per read and write instead of PRPs", async () => {
+  const r = await rig(30_000, { sgl: true });
+  try {
+    assert.equal(r.ctl.usesSgl, true);
+    await r.ctl.createIoQueues(1, 16);
+    const data = pattern(128 * 1024, 11);
+    assert.deepEqual(await writeRead(r, 1, 32, data), data);
+    assert.equal(r.model.sglUsed, 2);
+    assert.deepEqual(r.model.disk.subarray(32 * 512, 32 * 512 + data.length), data);
   } finally {
     r.stop();
   }

@@ -163,7 +163,7 @@ say "nvme=$NVME"
 run nvme-ls iov pci ls $NVME
 run nvme-bind iov pci bind vfio $NVME
 run nvme-pf iov drv nvme --vfio $NVME --queues 2 info write-pattern 0 ${MIB_SECTORS} verify-pattern 0 ${MIB_SECTORS} verify-pattern ${HOST_REGION} ${MIB_SECTORS} flush
-run nvme-polled iov drv nvme --vfio $NVME --polled info verify-pattern ${HOST_REGION} ${MIB_SECTORS} write-zeroes 4096 64
+run nvme-polled iov drv nvme --vfio $NVME --polled --prp info verify-pattern ${HOST_REGION} ${MIB_SECTORS} write-zeroes 4096 64
 # SR-IOV: the PF side in the background (it holds the PF while the VFs are used), then each VF.
 TOKEN=${VF_TOKEN}
 run nvme-sriov-refused iov pci sriov $NVME --vfs 1
@@ -457,7 +457,7 @@ ${nvmeSteps()}
       r,
       "nvme-pf",
       /nvme: .* via VFIO: QEMU NVMe Ctrl \(serial iovirt-nvme/,
-      /MSI-X \(\d+ vectors\), 2 I\/O queue pair\(s\)/,
+      /MSI-X \(\d+ vectors\), 2 I\/O queue pair\(s\), data by SGL/,
       /supports namespace management, dataset management, write zeroes/,
       /namespace 1: 131072 blocks of 512 bytes \(64\.0 MiB\), shared/,
       new RegExp(`write-pattern: ${MIB_SECTORS} sectors at 0 written and flushed`),
@@ -563,11 +563,11 @@ ${nvmeSteps()}
     );
   });
 
-  test("the same polled, and write zeroes and deallocate reach the image", () => {
+  test("the same polled with PRPs (PRP lists for 128 KiB reads), and write zeroes reach the image", () => {
     assertStep(
       r,
       "nvme-polled",
-      /polled, 1 I\/O queue pair/,
+      /polled, 1 I\/O queue pair\(s\), data by PRP/,
       new RegExp(`verify-pattern: ${MIB_SECTORS} sectors at ${HOST_REGION} match`),
       /write-zeroes: 64 sectors at 4096/,
     );

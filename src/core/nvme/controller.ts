@@ -104,6 +104,8 @@ export function decodeCap(lo: number, hi: number): NvmeCapabilities {
 /** One submission queue entry's fields (§4.2); the command id is the driver's. */
 export interface NvmeCommand {
   opcode: number;
+  /** PSDT (§4.2, CDW0 bits 15:14): 0 PRPs, 1 an SGL in the data pointer. */
+  psdt?: number;
   nsid?: number;
   prp1?: number;
   prp2?: number;
@@ -164,6 +166,8 @@ class QueuePair {
 }
 
 export interface NvmeOptions {
+  /** Data pointers for reads and writes: "auto" (default) uses an SGL where the controller supports them, "prp" always PRPs. */
+  dataPointer?: "auto" | "prp";
   /** Admin queue entries (default 32, capped by CAP.MQES). */
   adminEntries?: number;
   /** Command timeout in ms (default 30000; admin commands the same). */
@@ -196,12 +200,19 @@ export class NvmeController {
   identity: ControllerIdentity | null = null;
   /** Largest transfer of one read or write in bytes (MDTS, and one PRP list). */
   maxTransfer = 0;
+  /** Reads and writes describe their buffer with an SGL data block (the controller supports SGLs and they were not refused). */
+  usesSgl = false;
   /** Called for each completion entry the driver refused, and for a controller that failed. */
   onDeviceError: ((e: Error) => void) | null = null;
   /** Called after each reset recovery (reason given). */
   onReset: ((why: string) => void) | null = null;
   readonly stats: NvmeStats = { commands: 0, completions: 0, badCompletions: 0, timeouts: 0, late: 0, resets: 0 };
-  private readonly opts: { adminEntries: number; commandTimeoutMs: number; vectorOf: ((qid: number) => number | null) | undefined };
+  private readonly opts: {
+    adminEntries: number;
+    commandTimeoutMs: number;
+    vectorOf: ((qid: number) => number | null) | undefined;
+    dataPointer: "auto" | "prp";
+  };
   private readonly pageSize = 4096;
   private queues: (QueuePair | null)[] = [];
   /** I/O queue pairs asked for (re-created after a reset) and their entries. */
@@ -213,7 +224,12 @@ export class NvmeController {
 
   constructor(host: NvmeHost, opts: NvmeOptions = {}) {
     this.host = host;
-    this.opts = { adminEntries: opts.adminEntries ?? 32, commandTimeoutMs: opts.commandTimeoutMs ?? 30_000, vectorOf: opts.vectorOf };
+    this.opts = {
+      adminEntries: opts.adminEntries ?? 32,
+      commandTimeoutMs: opts.commandTimeoutMs ?? 30_000,
+      vectorOf: opts.vectorOf,
+      dataPointer: opts.dataPointer ?? "auto",
+    };
     this.cap = this.readCap();
   }
 
@@ -286,6 +302,9 @@ export class NvmeController {
     this.identity = id;
     const mdtsBytes = id.mdts === 0 ? Infinity : 2 ** id.mdts * this.cap.minPageSize;
     this.maxTransfer = Math.min(mdtsBytes, PRP_ENTRIES * this.pageSize);
+    // SGLS bits 1:0 (§5.15.2.2): 01b SGLs without alignment rules, 10b with dword-aligned data blocks.
+    // The driver's buffers are dword aligned, so either will do; NVMe over PCIe keeps admin commands on PRPs.
+    this.usesSgl = this.opts.dataPointer === "auto" && (id.sgls & 3) !== 0;
     return id;
   }
 
@@ -414,6 +433,7 @@ export class NvmeController {
     const v = this.sqeView;
     this.sqe.fill(0);
     v.setUint8(0, c.opcode);
+    v.setUint8(1, (c.psdt ?? 0) << 6);
     v.setUint16(2, cid, true);
     v.setUint32(4, c.nsid ?? 0, true);
     setU64(v, 24, c.prp1 ?? 0);
@@ -683,7 +703,8 @@ export class NvmeController {
     return this.submit(qid, { opcode }, what, (cid) => ({
       opcode,
       nsid,
-      ...this.prps(qid, cid, buf, bytes),
+      // An SGL Data Block descriptor in the data pointer (§4.4): address, length, type 0 subtype 0 in byte 15.
+      ...(this.usesSgl ? { psdt: 1, prp1: buf, prp2: bytes } : this.prps(qid, cid, buf, bytes)),
       ...lbaFields(lba),
       cdw12: blocks - 1,
     }));

@@ -2,13 +2,17 @@
  * An NVMe namespace as iovirt blk's storage (`iovirt blk --nvme BDF`): the
  * BlockPort that virtio-blk requests turn into NVMe Read, Write, Flush,
  * Dataset Management and Write Zeroes on the controller's I/O queues
- * (round robin), through VFIO. Data goes through bounce buffers in the
- * driver's DMA memory: the front end's memory is not mapped in the IOMMU.
+ * (round robin), through VFIO. Data goes through a bounce buffer per
+ * request in the driver's DMA memory (the front end's memory is not mapped
+ * in the IOMMU), so a request's guest buffers may be split anywhere.
  */
 import { IovirtUsageError } from "../../core/errors.js";
 import { ONCS_DSM, ONCS_WRITE_ZEROES } from "../../core/nvme/constants.js";
 import type { NamespaceIdentity } from "../../core/nvme/identify.js";
 import type { BlockPort } from "../../core/virtio/devices/blk/port.js";
+import type { GuestMemory } from "../../core/memory/guest-memory.js";
+import type { DmaAllocator } from "../../core/virtio/driver/dma.js";
+import type { NvmeController } from "../../core/nvme/controller.js";
 import { NvmeVfio } from "./vfio.js";
 
 export interface NvmeStorageSpec {
@@ -24,26 +28,46 @@ export interface NvmeStorageSpec {
 /** Largest piece one command moves (and one bounce buffer holds). */
 const CHUNK = 128 * 1024;
 
+/** What the port drives: a controller with I/O queues, its DMA memory, and how to let it go. */
+export interface NvmeBacking {
+  ctl: NvmeController;
+  window: { mem: GuestMemory; dma: DmaAllocator; size: number };
+  /** "0000:02:00.1 (NVMe via VFIO ...)", for the start-up log. */
+  label: string;
+  close(): Promise<void>;
+}
+
 export class NvmeBlockPort implements BlockPort {
   readonly sizeBytes: number;
   readonly readOnly: boolean;
   readonly ns: NamespaceIdentity;
   readonly queues: number;
-  readonly dev: NvmeVfio;
+  private readonly ctl: NvmeController;
+  private readonly window: NvmeBacking["window"];
+  private readonly backing: NvmeBacking;
   private next = 0;
   private readonly chunk: number;
+  /** Requests waiting for bounce buffer memory. */
+  private readonly waiting: (() => void)[] = [];
 
-  private constructor(dev: NvmeVfio, ns: NamespaceIdentity, queues: number, readOnly: boolean) {
-    this.dev = dev;
+  /** Serves namespace `ns` of a controller whose I/O queues 1..queues exist. */
+  constructor(backing: NvmeBacking, ns: NamespaceIdentity, queues: number, readOnly = false) {
+    this.backing = backing;
+    this.ctl = backing.ctl;
+    this.window = backing.window;
     this.ns = ns;
     this.queues = queues;
     this.readOnly = readOnly;
     this.sizeBytes = ns.size * ns.blockSize;
-    this.chunk = Math.max(ns.blockSize, Math.floor(Math.min(dev.ctl.maxTransfer, CHUNK) / ns.blockSize) * ns.blockSize);
+    this.chunk = Math.max(ns.blockSize, Math.floor(Math.min(this.ctl.maxTransfer, CHUNK) / ns.blockSize) * ns.blockSize);
   }
 
   static async open(spec: NvmeStorageSpec, log: (line: string) => void = () => {}): Promise<NvmeBlockPort> {
-    const dev = await NvmeVfio.open({ bdf: spec.bdf, ...(spec.vfToken !== undefined ? { vfToken: spec.vfToken } : {}) });
+    const dev = await NvmeVfio.open({
+      bdf: spec.bdf,
+      dmaBytes: 32 << 20,
+      ...(spec.vfToken !== undefined ? { vfToken: spec.vfToken } : {}),
+    });
     try {
       dev.ctl.onDeviceError = (e) => log(`nvme: ${e.message}`);
       dev.ctl.onReset = (why) => log(`nvme: controller reset (${why}); requests in flight failed with I/O errors`);
@@ -59,7 +83,11 @@ export class NvmeBlockPort implements BlockPort {
       if (ns.metadataSize !== 0)
         throw new IovirtUsageError("NVME_METADATA", `namespace ${nsid} has ${ns.metadataSize} metadata bytes per block: not served`);
       const queues = await dev.ctl.createIoQueues(spec.queues ?? 4, spec.queueSize ?? 128);
-      return new NvmeBlockPort(dev, ns, queues, spec.readOnly === true);
+      const id = dev.identity;
+      const label =
+        `${dev.fn.bdf} (NVMe via VFIO: ${id.model}, controller ${id.cntlid}, namespace ${ns.nsid}: ${ns.size} blocks of ${ns.blockSize}, ` +
+        `${queues} I/O queue pair(s), ${dev.vectors > 0 ? `${dev.vectors} MSI-X vector(s)` : "polled"})`;
+      return new NvmeBlockPort({ ctl: dev.ctl, window: dev.fn.dma, label, close: () => dev.close() }, ns, queues, spec.readOnly === true);
     } catch (e) {
       await dev.close();
       throw e;
@@ -67,11 +95,7 @@ export class NvmeBlockPort implements BlockPort {
   }
 
   describe(): string {
-    const id = this.dev.identity;
-    return (
-      `${this.dev.fn.bdf} (NVMe via VFIO: ${id.model}, controller ${id.cntlid}, namespace ${this.ns.nsid}: ${this.ns.size} blocks of ${this.ns.blockSize}, ` +
-      `${this.queues} I/O queue pair(s), ${this.dev.vectors > 0 ? `${this.dev.vectors} MSI-X vector(s)` : "polled"})`
-    );
+    return this.backing.label;
   }
 
   private qid(): number {
@@ -85,68 +109,113 @@ export class NvmeBlockPort implements BlockPort {
     return { lba: offset / bs, nlb: length / bs };
   }
 
-  /** Moves [offset, offset + data.length) in chunks through bounce buffers. */
-  private async transfer(offset: number, data: Uint8Array, write: boolean): Promise<void> {
-    this.blocks(offset, data.length);
-    const { mem, dma } = this.dev.fn.dma;
+  /**
+   * Moves one request's bytes at `offset`, held in `views` (the guest's
+   * buffers, in order, of any lengths), through one bounce buffer: gathered
+   * into it for a write, scattered from it after a read; commands of at most
+   * `chunk` bytes each, all in flight at once.
+   */
+  private async transfer(offset: number, views: Uint8Array[], write: boolean): Promise<void> {
+    const total = views.reduce((n, v) => n + v.length, 0);
+    this.blocks(offset, total);
+    if (total === 0) return;
+    const { mem, dma } = this.window;
     const bs = this.ns.blockSize;
-    const parts: Promise<void>[] = [];
-    for (let done = 0; done < data.length; done += this.chunk) {
-      const n = Math.min(this.chunk, data.length - done);
-      const piece = data.subarray(done, done + n);
-      parts.push(
-        (async () => {
-          const buf = dma.alloc(n, 4096);
-          try {
-            const lba = (offset + done) / bs;
-            if (write) {
-              mem.write(buf, piece);
-              await this.dev.ctl.write(this.qid(), this.ns.nsid, lba, n / bs, buf, n);
-            } else {
-              await this.dev.ctl.read(this.qid(), this.ns.nsid, lba, n / bs, buf, n);
-              mem.read(buf, piece);
-            }
-          } finally {
-            dma.release(buf);
-          }
-        })(),
-      );
+    const buf = await this.bounce(total);
+    try {
+      if (write) {
+        let at = buf;
+        for (const v of views) {
+          mem.write(at, v);
+          at += v.length;
+        }
+      }
+      const parts: Promise<unknown>[] = [];
+      for (let done = 0; done < total; done += this.chunk) {
+        const n = Math.min(this.chunk, total - done);
+        const lba = (offset + done) / bs;
+        parts.push(
+          write
+            ? this.ctl.write(this.qid(), this.ns.nsid, lba, n / bs, buf + done, n)
+            : this.ctl.read(this.qid(), this.ns.nsid, lba, n / bs, buf + done, n),
+        );
+      }
+      await Promise.all(parts);
+      if (!write) {
+        let at = buf;
+        for (const v of views) {
+          mem.read(at, v);
+          at += v.length;
+        }
+      }
+    } finally {
+      dma.release(buf);
+      this.wake();
     }
-    await Promise.all(parts);
+  }
+
+  /**
+   * A bounce buffer of `n` bytes; while the DMA memory is taken by requests
+   * in flight, the request waits for one to finish instead of failing.
+   */
+  private async bounce(n: number): Promise<number> {
+    const { dma, size } = this.window;
+    if (n > size) throw new RangeError(`a request of ${n} bytes exceeds the ${size}-byte DMA window`);
+    for (;;) {
+      try {
+        return dma.alloc(n, 4096);
+      } catch (e) {
+        if (!(e instanceof IovirtUsageError && e.code === "DMA_EXHAUSTED")) throw e;
+        await new Promise<void>((r) => this.waiting.push(r));
+      }
+    }
+  }
+
+  private wake(): void {
+    const w = this.waiting.splice(0);
+    for (const r of w) r();
   }
 
   read(offset: number, dst: Uint8Array): Promise<void> {
-    return this.transfer(offset, dst, false);
+    return this.transfer(offset, [dst], false);
   }
 
   write(offset: number, src: Uint8Array): Promise<void> {
     if (this.readOnly) throw new IovirtUsageError("READ_ONLY", "the namespace is served read-only");
-    return this.transfer(offset, src, true);
+    return this.transfer(offset, [src], true);
+  }
+
+  readv(offset: number, dsts: Uint8Array[]): Promise<void> {
+    return this.transfer(offset, dsts, false);
+  }
+
+  writev(offset: number, srcs: Uint8Array[]): Promise<void> {
+    if (this.readOnly) throw new IovirtUsageError("READ_ONLY", "the namespace is served read-only");
+    return this.transfer(offset, srcs, true);
   }
 
   async flush(): Promise<void> {
-    await this.dev.ctl.flush(this.qid(), this.ns.nsid);
+    await this.ctl.flush(this.qid(), this.ns.nsid);
   }
 
   async discard(offset: number, length: number): Promise<void> {
-    if ((this.dev.identity.oncs & ONCS_DSM) === 0) return; // §5.2.6.2: a discard may do nothing
+    if ((this.ctl.identity!.oncs & ONCS_DSM) === 0) return; // §5.2.6.2: a discard may do nothing
     const { lba, nlb } = this.blocks(offset, length);
-    for (let l = lba; l < lba + nlb; l += 0x10000)
-      await this.dev.ctl.deallocate(this.qid(), this.ns.nsid, l, Math.min(0x10000, lba + nlb - l));
+    for (let l = lba; l < lba + nlb; l += 0x10000) await this.ctl.deallocate(this.qid(), this.ns.nsid, l, Math.min(0x10000, lba + nlb - l));
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
     const { lba, nlb } = this.blocks(offset, length);
-    if ((this.dev.identity.oncs & ONCS_WRITE_ZEROES) === 0) {
+    if ((this.ctl.identity!.oncs & ONCS_WRITE_ZEROES) === 0) {
       for (let done = 0; done < length; done += this.chunk)
         await this.write(offset + done, new Uint8Array(Math.min(this.chunk, length - done)));
       return;
     }
     for (let l = lba; l < lba + nlb; l += 0x10000)
-      await this.dev.ctl.writeZeroes(this.qid(), this.ns.nsid, l, Math.min(0x10000, lba + nlb - l));
+      await this.ctl.writeZeroes(this.qid(), this.ns.nsid, l, Math.min(0x10000, lba + nlb - l));
   }
 
   close(): Promise<void> {
-    return this.dev.close();
+    return this.backing.close();
   }
 }

@@ -22,6 +22,8 @@ export interface NvmeVfioOptions {
   /** DMA memory for queues and buffers (default 16 MiB). */
   dmaBytes?: number;
   commandTimeoutMs?: number;
+  /** "prp": describe data with PRPs even where the controller takes SGLs (default: SGLs where supported). */
+  dataPointer?: "auto" | "prp";
   sysfs?: PciSysfs;
 }
 
@@ -48,6 +50,7 @@ export class NvmeVfio {
     const nvmeOpts: NvmeOptions = {
       vectorOf: (qid) => (this.vectors === 0 ? null : qid < this.vectors ? qid : 0),
       ...(opts.commandTimeoutMs !== undefined ? { commandTimeoutMs: opts.commandTimeoutMs } : {}),
+      ...(opts.dataPointer !== undefined ? { dataPointer: opts.dataPointer } : {}),
     };
     this.ctl = new NvmeController(
       {
