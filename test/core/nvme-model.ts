@@ -44,6 +44,8 @@ export class NvmeModel implements MmioRegion {
   readonly disk = new Uint8Array(2 << 20);
   readonly blockSize = 512;
   readonly log: string[] = [];
+  /** I/O commands taken, per submission queue. */
+  readonly ioBySq = new Map<number, number>();
   /** Transfers described by an SGL. */
   sglUsed = 0;
   cc = 0;
@@ -150,6 +152,7 @@ export class NvmeModel implements MmioRegion {
         this.log.push(`silent ${op} cid ${cid}`);
         continue;
       }
+      if (qid !== 0) this.ioBySq.set(qid, (this.ioBySq.get(qid) ?? 0) + 1);
       const [sc, dw0] = qid === 0 ? this.admin(v) : this.io(v);
       this.post(sq, qid, cid, sc, dw0);
       if (this.knobs.duplicate) this.post(sq, qid, cid, sc, dw0);

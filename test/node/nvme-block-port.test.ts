@@ -63,3 +63,21 @@ test("more requests in flight than the DMA memory holds wait for bounce buffers;
     stop();
   }
 });
+
+test("virtio queues map one to one onto the controller's I/O queues while it has enough, round robin beyond", async () => {
+  const { p, model, stop } = await port(1 << 20);
+  try {
+    assert.equal(p.queues, 2);
+    const d = new Uint8Array(512);
+    await p.write(0, d, 0);
+    await p.write(0, d, 0);
+    await p.write(0, d, 1);
+    assert.deepEqual([model.ioBySq.get(1), model.ioBySq.get(2)], [2, 1]);
+    // Queue 5 has no NVMe queue of its own: round robin over both.
+    await p.write(0, d, 5);
+    await p.write(0, d, 5);
+    assert.deepEqual([model.ioBySq.get(1), model.ioBySq.get(2)], [3, 2]);
+  } finally {
+    stop();
+  }
+});

@@ -1,8 +1,8 @@
 /**
  * An NVMe namespace as iovirt blk's storage (`iovirt blk --nvme BDF`): the
  * BlockPort that virtio-blk requests turn into NVMe Read, Write, Flush,
- * Dataset Management and Write Zeroes on the controller's I/O queues
- * (round robin), through VFIO. Data goes through a bounce buffer per
+ * Dataset Management and Write Zeroes through VFIO: virtio queue i on NVMe
+ * I/O queue i + 1 while the controller has enough, round robin beyond. Data goes through a bounce buffer per
  * request in the driver's DMA memory (the front end's memory is not mapped
  * in the IOMMU), so a request's guest buffers may be split anywhere.
  */
@@ -98,7 +98,9 @@ export class NvmeBlockPort implements BlockPort {
     return this.backing.label;
   }
 
-  private qid(): number {
+  /** Virtio queue i goes to NVMe I/O queue i + 1 while there are enough; beyond, or without a queue, round robin. */
+  private qid(queue?: number): number {
+    if (queue !== undefined && queue < this.queues) return queue + 1;
     this.next = (this.next % this.queues) + 1;
     return this.next;
   }
@@ -115,7 +117,7 @@ export class NvmeBlockPort implements BlockPort {
    * into it for a write, scattered from it after a read; commands of at most
    * `chunk` bytes each, all in flight at once.
    */
-  private async transfer(offset: number, views: Uint8Array[], write: boolean): Promise<void> {
+  private async transfer(offset: number, views: Uint8Array[], write: boolean, queue?: number): Promise<void> {
     const total = views.reduce((n, v) => n + v.length, 0);
     this.blocks(offset, total);
     if (total === 0) return;
@@ -136,8 +138,8 @@ export class NvmeBlockPort implements BlockPort {
         const lba = (offset + done) / bs;
         parts.push(
           write
-            ? this.ctl.write(this.qid(), this.ns.nsid, lba, n / bs, buf + done, n)
-            : this.ctl.read(this.qid(), this.ns.nsid, lba, n / bs, buf + done, n),
+            ? this.ctl.write(this.qid(queue), this.ns.nsid, lba, n / bs, buf + done, n)
+            : this.ctl.read(this.qid(queue), this.ns.nsid, lba, n / bs, buf + done, n),
         );
       }
       await Promise.all(parts);
@@ -176,26 +178,26 @@ export class NvmeBlockPort implements BlockPort {
     for (const r of w) r();
   }
 
-  read(offset: number, dst: Uint8Array): Promise<void> {
-    return this.transfer(offset, [dst], false);
+  read(offset: number, dst: Uint8Array, queue?: number): Promise<void> {
+    return this.transfer(offset, [dst], false, queue);
   }
 
-  write(offset: number, src: Uint8Array): Promise<void> {
+  write(offset: number, src: Uint8Array, queue?: number): Promise<void> {
     if (this.readOnly) throw new IovirtUsageError("READ_ONLY", "the namespace is served read-only");
-    return this.transfer(offset, [src], true);
+    return this.transfer(offset, [src], true, queue);
   }
 
-  readv(offset: number, dsts: Uint8Array[]): Promise<void> {
-    return this.transfer(offset, dsts, false);
+  readv(offset: number, dsts: Uint8Array[], queue?: number): Promise<void> {
+    return this.transfer(offset, dsts, false, queue);
   }
 
-  writev(offset: number, srcs: Uint8Array[]): Promise<void> {
+  writev(offset: number, srcs: Uint8Array[], queue?: number): Promise<void> {
     if (this.readOnly) throw new IovirtUsageError("READ_ONLY", "the namespace is served read-only");
-    return this.transfer(offset, srcs, true);
+    return this.transfer(offset, srcs, true, queue);
   }
 
-  async flush(): Promise<void> {
-    await this.ctl.flush(this.qid(), this.ns.nsid);
+  async flush(queue?: number): Promise<void> {
+    await this.ctl.flush(this.qid(queue), this.ns.nsid);
   }
 
   async discard(offset: number, length: number): Promise<void> {

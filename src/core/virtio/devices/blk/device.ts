@@ -181,7 +181,7 @@ export class BlkDevice extends VirtioDevice {
     let work: void | Promise<void>;
     let written = 0;
     try {
-      const r = this.start(chain);
+      const r = this.start(chain, index);
       if (typeof r === "number") return finish(r, 0);
       work = r.work;
       written = r.written;
@@ -207,9 +207,9 @@ export class BlkDevice extends VirtioDevice {
    * (their completion may already be on its way to the guest), so a flush
    * never overtakes a write the driver issued before it.
    */
-  private flushAfterWrites(): void | Promise<void> {
-    if (this.writesInFlight.size === 0) return this.port.flush();
-    return Promise.allSettled([...this.writesInFlight]).then(() => this.port.flush());
+  private flushAfterWrites(queue: number): void | Promise<void> {
+    if (this.writesInFlight.size === 0) return this.port.flush(queue);
+    return Promise.allSettled([...this.writesInFlight]).then(() => this.port.flush(queue));
   }
 
   private trackWrite(work: Promise<void>): void {
@@ -221,7 +221,7 @@ export class BlkDevice extends VirtioDevice {
   }
 
   /** Validates a request and starts its I/O. A number is an immediate status. */
-  private start(chain: DescriptorChain): number | { work: void | Promise<void>; written: number } {
+  private start(chain: DescriptorChain, queue: number): number | { work: void | Promise<void>; written: number } {
     const mem = this.memory;
     if (chain.readableBytes < BLK_REQ_HEADER) return VIRTIO_BLK_S_IOERR;
     // The header is read synchronously, so one scratch buffer serves every request.
@@ -235,7 +235,7 @@ export class BlkDevice extends VirtioDevice {
         const len = chain.writableBytes - 1;
         if (len % SECTOR_SIZE !== 0 || !inRange(sector, len, capacity)) return VIRTIO_BLK_S_IOERR;
         this.stats.bytesRead += len;
-        return { work: this.transfer(chain, true, sector * SECTOR_SIZE, len), written: len };
+        return { work: this.transfer(chain, true, sector * SECTOR_SIZE, len, queue), written: len };
       }
       case VIRTIO_BLK_T_OUT: {
         // §5.2.6.2: a read-only device fails writes with IOERR and writes nothing.
@@ -243,10 +243,10 @@ export class BlkDevice extends VirtioDevice {
         const len = chain.readableBytes - BLK_REQ_HEADER;
         if (len % SECTOR_SIZE !== 0 || !inRange(sector, len, capacity)) return VIRTIO_BLK_S_IOERR;
         this.stats.bytesWritten += len;
-        return { work: this.transfer(chain, false, sector * SECTOR_SIZE, len), written: 0 };
+        return { work: this.transfer(chain, false, sector * SECTOR_SIZE, len, queue), written: 0 };
       }
       case VIRTIO_BLK_T_FLUSH:
-        return { work: this.flushAfterWrites(), written: 0 };
+        return { work: this.flushAfterWrites(queue), written: 0 };
       case VIRTIO_BLK_T_GET_ID: {
         const room = Math.min(chain.writableBytes - 1, BLK_ID_BYTES);
         const id = new Uint8Array(BLK_ID_BYTES);
@@ -291,20 +291,20 @@ export class BlkDevice extends VirtioDevice {
   }
 
   /** Moves `len` bytes between the port and the chain's data segments, without copies. */
-  private transfer(chain: DescriptorChain, toGuest: boolean, offset: number, len: number): void | Promise<void> {
+  private transfer(chain: DescriptorChain, toGuest: boolean, offset: number, len: number, queue: number): void | Promise<void> {
     const mem = this.memory;
     const port = this.port;
     const vectored = toGuest ? port.readv : port.writev;
     if (vectored !== undefined) {
       const views: Uint8Array[] = [];
       chain.forEachPiece(toGuest, toGuest ? 0 : BLK_REQ_HEADER, len, (gpa, n) => mem.forEachView(gpa, n, (view) => views.push(view)));
-      return vectored.call(port, offset, views);
+      return vectored.call(port, offset, views, queue);
     }
     let pending: Promise<void>[] | null = null;
     let pos = offset;
     chain.forEachPiece(toGuest, toGuest ? 0 : BLK_REQ_HEADER, len, (gpa, n) => {
       mem.forEachView(gpa, n, (view) => {
-        const r = toGuest ? port.read(pos, view) : port.write(pos, view);
+        const r = toGuest ? port.read(pos, view, queue) : port.write(pos, view, queue);
         if (r !== undefined) (pending ??= []).push(r);
         pos += view.length;
       });

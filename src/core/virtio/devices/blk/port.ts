@@ -3,22 +3,24 @@ import { IovirtUsageError } from "../../../errors.js";
 /**
  * What virtio-blk needs from storage (docs/architecture.md, principle 5). Offsets and
  * lengths are bytes and always inside [0, sizeBytes); the device checks that.
- * Methods may complete synchronously or return a promise.
+ * Methods may complete synchronously or return a promise. `queue` is the
+ * virtio queue the request came from: storage with queues of its own (an
+ * NVMe controller) maps them one to one; the others ignore it.
  */
 export interface BlockPort {
   readonly sizeBytes: number;
   readonly readOnly?: boolean;
   /** Fill dst (a view of guest memory: no copy needed) from offset. */
-  read(offset: number, dst: Uint8Array): void | Promise<void>;
-  write(offset: number, src: Uint8Array): void | Promise<void>;
+  read(offset: number, dst: Uint8Array, queue?: number): void | Promise<void>;
+  write(offset: number, src: Uint8Array, queue?: number): void | Promise<void>;
   /**
    * Optional vectored forms: one request's guest buffers, in order, as one
    * transfer (one preadv/pwritev instead of one call per buffer).
    */
-  readv?(offset: number, dsts: Uint8Array[]): void | Promise<void>;
-  writev?(offset: number, srcs: Uint8Array[]): void | Promise<void>;
+  readv?(offset: number, dsts: Uint8Array[], queue?: number): void | Promise<void>;
+  writev?(offset: number, srcs: Uint8Array[], queue?: number): void | Promise<void>;
   /** Make completed writes stable (fdatasync for a file). */
-  flush(): void | Promise<void>;
+  flush(queue?: number): void | Promise<void>;
   /** Deallocate; later reads may return anything (§5.2.6.2). Optional. */
   discard?(offset: number, length: number): void | Promise<void>;
   /** Later reads return zeroes; `unmap` allows deallocation. Optional. */
