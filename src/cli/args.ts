@@ -74,3 +74,16 @@ export function parseOrExplain<T extends object>(command: string, help: string, 
     return 2;
   }
 }
+
+/**
+ * A command word and the arguments its arity says it takes, read from `r`
+ * and appended to `commands` (`drv blk|net|nvme COMMAND [ARGS] ...`); an
+ * unknown word is a UsageError that names the known ones.
+ */
+export function takeCommand(r: ArgReader, word: string, arity: Readonly<Record<string, number>>, commands: string[][]): void {
+  const n = arity[word];
+  if (n === undefined) throw new UsageError(`unknown command '${word}' (known: ${Object.keys(arity).join(", ")})`);
+  const cmd = [word];
+  for (let i = 0; i < n; i++) cmd.push(r.value());
+  commands.push(cmd);
+}

@@ -1,12 +1,12 @@
 import { readFileSync, writeFileSync } from "node:fs";
-import { ArgReader, UsageError, parseOrExplain } from "./args.js";
+import { ArgReader, UsageError, parseOrExplain, takeCommand } from "./args.js";
 import { BlkDriver } from "../core/virtio/driver/blk.js";
 import { NetDriver } from "../core/virtio/driver/net.js";
 import { VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_RESET, bit, describeFeatures } from "../core/virtio/lifecycle/features.js";
 import { BLK_FEATURE_NAMES } from "../core/virtio/devices/blk/constants.js";
 import { NET_FEATURE_NAMES } from "../core/virtio/devices/net/constants.js";
 import { STATUS_DEVICE_NEEDS_RESET } from "../core/virtio/lifecycle/status.js";
-import { guestPatternRange } from "../core/selfcheck/pattern.js";
+import { firstPatternMismatch, guestPatternRange, verifyVerdict } from "../core/selfcheck/pattern.js";
 import { checkTestFrame, testFrame } from "../core/selfcheck/frames.js";
 import { UserspaceVirtioPci, type PciBackend } from "../node/pci/userspace.js";
 import { isSysError, munmap } from "../node/native.js";
@@ -166,13 +166,7 @@ function parse(kind: "blk" | "net", args: string[]): DrvArgs | "help" {
     else if (f === "--dma-mib") o.dmaMiB = r.int(1, 1024);
     else if (f === "--timeout-ms" && kind === "net") o.timeoutMs = r.int(1, 3_600_000);
     else if (f.startsWith("-")) r.unknown();
-    else {
-      const n = arity[f];
-      if (n === undefined) throw new UsageError(`unknown command '${f}' (known: ${Object.keys(arity).join(", ")})`);
-      const cmd = [f];
-      for (let i = 0; i < n; i++) cmd.push(r.value());
-      o.commands.push(cmd);
-    }
+    else takeCommand(r, f, arity, o.commands);
   }
   if (o.vhostUser !== undefined) {
     if (o.commands.some((c) => c[0] === "iommu-fault")) throw new UsageError("iommu-fault needs --vfio");
@@ -325,23 +319,14 @@ async function blkCommands(
         let bad = -1;
         await withTimeout(
           chunked(s, n, async (cs, cn) => {
-            const got = await blk.read(cs, cn);
-            const want = guestPatternRange(cs * 512, cn * 512);
-            for (let i = 0; i < got.length; i++) {
-              if (got[i] !== want[i]) {
-                const at = cs * 512 + i;
-                if (bad < 0 || at < bad) bad = at;
-                break;
-              }
-            }
+            const at = firstPatternMismatch(await blk.read(cs, cn), cs * 512);
+            if (at >= 0 && (bad < 0 || at < bad)) bad = at;
           }),
           t,
           "verify-pattern",
         );
-        if (bad >= 0) {
-          failures++;
-          say(`verify-pattern: MISMATCH at byte ${bad} (sector ${Math.floor(bad / 512)})`);
-        } else say(`verify-pattern: ${n} sectors at ${s} match the pattern (${took()})`);
+        if (bad >= 0) failures++;
+        say(verifyVerdict(bad, n, s, took()));
         break;
       }
       case "read": {

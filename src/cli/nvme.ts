@@ -1,6 +1,6 @@
 import { readFileSync, writeFileSync } from "node:fs";
-import { ArgReader, UsageError, parseOrExplain } from "./args.js";
-import { guestPatternRange } from "../core/selfcheck/pattern.js";
+import { ArgReader, UsageError, parseOrExplain, takeCommand } from "./args.js";
+import { firstPatternMismatch, guestPatternRange, verifyVerdict } from "../core/selfcheck/pattern.js";
 import { randomUUID } from "node:crypto";
 import { OACS_NS_MGMT, OACS_VIRT_MGMT, ONCS_DSM, ONCS_WRITE_ZEROES, VIRT_ACT, VIRT_RT } from "../core/nvme/constants.js";
 import { parsePrimaryCapabilities, parseSecondaryControllers, type NamespaceIdentity } from "../core/nvme/identify.js";
@@ -81,13 +81,7 @@ function parse(args: string[]): NvmeArgs | "help" {
     else if (f === "--prp") o.prp = true;
     else if (f === "--timeout-ms") o.timeoutMs = r.int(1, 3_600_000);
     else if (f.startsWith("-")) r.unknown();
-    else {
-      const n = ARITY[f];
-      if (n === undefined) throw new UsageError(`unknown command '${f}' (known: ${Object.keys(ARITY).join(", ")})`);
-      const cmd = [f];
-      for (let i = 0; i < n; i++) cmd.push(r.value());
-      o.commands.push(cmd);
-    }
+    else takeCommand(r, f, ARITY, o.commands);
   }
   if (o.bdf === undefined) throw new UsageError("which controller? --vfio BDF");
   if (o.commands.length === 0) throw new UsageError("no command given");
@@ -200,18 +194,11 @@ async function run(d: NvmeVfio, ns: NamespaceIdentity, queues: number, active: n
           await ctl.read(qid, ns.nsid, l, k, buf, k * bs);
           const got = new Uint8Array(k * bs);
           dma.mem.read(buf, got);
-          const want = guestPatternRange(l * bs, k * bs);
-          for (let i = 0; i < got.length; i++) {
-            if (got[i] !== want[i]) {
-              if (bad < 0 || l * bs + i < bad) bad = l * bs + i;
-              break;
-            }
-          }
+          const at = firstPatternMismatch(got, l * bs);
+          if (at >= 0 && (bad < 0 || at < bad)) bad = at;
         });
-        if (bad >= 0) {
-          failures++;
-          say(`verify-pattern: MISMATCH at byte ${bad} (sector ${Math.floor(bad / 512)})`);
-        } else say(`verify-pattern: ${n} sectors at ${s} match the pattern (${took()})`);
+        if (bad >= 0) failures++;
+        say(verifyVerdict(bad, n, s, took()));
         break;
       }
       case "read": {

@@ -1,4 +1,20 @@
-import { Fd, SysError, unixAccept, unixBind, unixListen, unixSocket } from "./native.js";
+import { Fd, SysError, eventfdRead, unixAccept, unixBind, unixListen, unixSocket, watch, type Watcher } from "./native.js";
+
+/**
+ * Calls `fn` each time eventfd `fd` is signalled (on libuv), after reading
+ * it back to zero; a read that finds it already drained is fine.
+ */
+export function watchEventfd(fd: Fd, fn: () => void): Watcher {
+  return watch(fd, "r", (err) => {
+    if (err !== null) return;
+    try {
+      eventfdRead(fd);
+    } catch (e) {
+      if (!(e instanceof SysError && e.kind === "retry")) throw e;
+    }
+    fn();
+  });
+}
 
 /** A non-blocking listening Unix socket at `path` with the given mode; the fd is closed on failure. */
 export function listenUnix(path: string, mode = 0o600, backlog = 4): Fd {

@@ -56,3 +56,20 @@ export function guestPattern(mib: number): Uint8Array {
   if (!Number.isSafeInteger(mib) || mib < 0) throw new RangeError(`bad mib ${mib}`);
   return guestPatternRange(0, mib * 1024 * 1024);
 }
+
+/**
+ * The first byte of `got` (data read from byte offset `startByte`) that is
+ * not the pattern, as a byte offset of the disk; -1 when all of it is.
+ */
+export function firstPatternMismatch(got: Uint8Array, startByte: number): number {
+  const want = guestPatternRange(startByte, got.length);
+  for (let i = 0; i < got.length; i++) if (got[i] !== want[i]) return startByte + i;
+  return -1;
+}
+
+/** The line `verify-pattern` prints: a match, or where the first mismatch is (`bad` < 0: none). */
+export function verifyVerdict(bad: number, sectors: number, atSector: number, took: string): string {
+  return bad >= 0
+    ? `verify-pattern: MISMATCH at byte ${bad} (sector ${Math.floor(bad / 512)})`
+    : `verify-pattern: ${sectors} sectors at ${atSector} match the pattern (${took})`;
+}

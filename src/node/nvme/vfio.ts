@@ -8,7 +8,8 @@ import { IovirtUsageError } from "../../core/errors.js";
 import { readMsixCapability } from "../../core/pci/msix.js";
 import { NvmeController, type NvmeOptions } from "../../core/nvme/controller.js";
 import type { ControllerIdentity } from "../../core/nvme/identify.js";
-import { eventfdRead, isSysError, watch, type Fd, type Watcher } from "../native.js";
+import type { Fd, Watcher } from "../native.js";
+import { watchEventfd } from "../native-util.js";
 import { openVfioFunction, type VfioFunction } from "../pci/vfio-function.js";
 import type { PciSysfs } from "../pci/sysfs.js";
 import { VFIO_PCI_IRQ } from "../vfio/uapi.js";
@@ -64,19 +65,7 @@ export class NvmeVfio {
       nvmeOpts,
     );
     this.irqFds = this.vectors > 0 ? fn.device.enableIrqs(VFIO_PCI_IRQ.MSIX, this.vectors) : [];
-    for (const fd of this.irqFds) {
-      this.watchers.push(
-        watch(fd, "r", (err) => {
-          if (err !== null) return;
-          try {
-            eventfdRead(fd);
-          } catch (e) {
-            if (!(isSysError(e) && e.kind === "retry")) throw e;
-          }
-          this.ctl.processCompletions();
-        }),
-      );
-    }
+    for (const fd of this.irqFds) this.watchers.push(watchEventfd(fd, () => this.ctl.processCompletions()));
     // Also a safety net for an interrupt that never comes: completions are looked for here too.
     this.timer = setInterval(() => {
       this.ctl.processCompletions();

@@ -10,8 +10,9 @@ import { IovirtUsageError } from "../../core/errors.js";
 import type { DmaAllocator } from "../../core/virtio/driver/dma.js";
 import type { VirtioPciDriverTransport } from "../../core/virtio/transport/pci/driver.js";
 import { readMsixCapability } from "../../core/pci/msix.js";
-import { addressOf, isSysError, watch, eventfdRead, type Fd, type Watcher } from "../native.js";
+import { addressOf, type Fd, type Watcher } from "../native.js";
 import { UserspaceVirtioPci } from "../pci/userspace.js";
+import { watchEventfd } from "../native-util.js";
 import type { PciSysfs } from "../pci/sysfs.js";
 import { VFIO_PCI_IRQ } from "../vfio/uapi.js";
 import { VfioError } from "../vfio/vfio.js";
@@ -51,15 +52,7 @@ export interface VdpaHardware {
 
 /** Calls `notify` for every kick on `fd` (a kick forwarder in this process, where the kernel cannot do it). */
 export function forwardKicks(fd: Fd, notify: () => void): Watcher {
-  return watch(fd, "r", (err) => {
-    if (err !== null) return;
-    try {
-      eventfdRead(fd);
-    } catch (e) {
-      if (!(isSysError(e) && e.kind === "retry")) throw e;
-    }
-    notify();
-  });
+  return watchEventfd(fd, notify);
 }
 
 interface Mapped {
@@ -187,15 +180,7 @@ export class VfioVdpaHardware implements VdpaHardware {
     }
     // VFIO_PCI_REQ_IRQ_INDEX: vfio-pci signals it when the device is to be released (unbind, hot-unplug).
     const [fd] = dev.enableIrqs(VFIO_PCI_IRQ.REQ, 1);
-    this.removal = watch(fd!, "r", (err) => {
-      if (err !== null) return;
-      try {
-        eventfdRead(fd!);
-      } catch (e) {
-        if (!(isSysError(e) && e.kind === "retry")) throw e;
-      }
-      fn("vfio-pci asks for it back: it is being unbound or removed");
-    });
+    this.removal = watchEventfd(fd!, () => fn("vfio-pci asks for it back: it is being unbound or removed"));
   }
 
   close(): void {

@@ -34,7 +34,6 @@ import type { DriverQueue } from "../../core/virtio/driver/driver-queue.js";
 import {
   addressOf,
   eventfd,
-  eventfdRead,
   eventfdWrite,
   Fd,
   ftruncate,
@@ -46,9 +45,9 @@ import {
   SysError,
   unixConnect,
   unixSocket,
-  watch,
   type Watcher,
 } from "../native.js";
+import { watchEventfd } from "../native-util.js";
 
 export interface FrontendOptions {
   /** Bytes of shared "guest" memory (memfd). Default 64 MiB. */
@@ -197,17 +196,7 @@ export class VhostUserFrontend {
 
   /** Calls fn whenever the back end signals queue i (call eventfd on libuv). */
   onCall(i: number, fn: () => void): void {
-    const fd = this.calls[i]!;
-    this.watchers.push(
-      watch(fd, "r", () => {
-        try {
-          eventfdRead(fd);
-        } catch (e) {
-          if (!(e instanceof SysError && e.kind === "retry")) throw e;
-        }
-        fn();
-      }),
-    );
+    this.watchers.push(watchEventfd(this.calls[i]!, fn));
   }
 
   /** Stops the rings (GET_VRING_BASE) and closes everything. */

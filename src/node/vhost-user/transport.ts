@@ -4,7 +4,8 @@ import type { DriverTransport } from "../../core/virtio/driver/transport.js";
 import { VIRTIO_F_RING_PACKED, hasFeature } from "../../core/virtio/lifecycle/features.js";
 import { STATUS_DEVICE_NEEDS_RESET, STATUS_FEATURES_OK } from "../../core/virtio/lifecycle/status.js";
 import { initialQueueState } from "../../core/virtio/queue/state.js";
-import { eventfdRead, isSysError, watch, type Watcher } from "../native.js";
+import type { Watcher } from "../native.js";
+import { watchEventfd } from "../native-util.js";
 import { VhostUserFrontend } from "./frontend.js";
 
 /**
@@ -111,15 +112,8 @@ export class VhostUserTransport implements DriverTransport {
     }
     const layout = hasFeature(this.driverFeatures, VIRTIO_F_RING_PACKED) ? "packed" : "split";
     this.fe.addRing(initialQueueState(layout, size, desc, driver, device));
-    const fd = this.fe.callFd(index);
     this.watchers.push(
-      watch(fd, "r", (err) => {
-        if (err !== null) return;
-        try {
-          eventfdRead(fd);
-        } catch (e) {
-          if (!(isSysError(e) && e.kind === "retry")) throw e;
-        }
+      watchEventfd(this.fe.callFd(index), () => {
         this.pending |= 1;
         this.onInterrupt?.();
       }),
