@@ -253,6 +253,14 @@ export class NvmeModel implements MmioRegion {
         });
         return [0, 0];
       }
+      case ADMIN.DELETE_SQ:
+        if (!this.sqs.delete(cdw10 & 0xffff)) return [(1 << 8) | 0x01, 0];
+        this.log.push(`delete sq ${cdw10 & 0xffff}`);
+        return [0, 0];
+      case ADMIN.DELETE_CQ:
+        if (!this.cqs.delete(cdw10 & 0xffff)) return [(1 << 8) | 0x01, 0];
+        this.log.push(`delete cq ${cdw10 & 0xffff}`);
+        return [0, 0];
       case ADMIN.ABORT:
         this.log.push(`abort cid ${cdw10 >>> 16} sq ${cdw10 & 0xffff}`);
         return [0, 1]; // DW0 bit 0: not aborted

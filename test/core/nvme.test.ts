@@ -85,7 +85,7 @@ test("enable: identify controller and namespace, checked; the transfer limit fol
   }
 });
 
-test("I/O queues: writes and reads through one page, two pages and a PRP list; many commands wrap the queues; flush, write zeroes, deallocate", async () => {
+test("I/O queues: writes and reads through one page, two pages and a PRP list; many commands wrap the queues; flush, write zeroes, deallocate; queues deleted and created again", async () => {
   const r = await rig();
   try {
     assert.equal(await r.ctl.createIoQueues(2, 16), 2);
@@ -112,6 +112,16 @@ test("I/O queues: writes and reads through one page, two pages and a PRP list; m
     assert.ok(r.model.disk.subarray(72 * 512, 80 * 512).every((b) => b === 0));
     assert.deepEqual(r.errors, []);
     assert.equal(r.ctl.outstanding, 0);
+    // Delete I/O SQ before its CQ, highest queue first; then the queues are gone.
+    await r.ctl.deleteIoQueues();
+    assert.deepEqual(
+      r.model.log.filter((l) => l.startsWith("delete")),
+      ["delete sq 2", "delete cq 2", "delete sq 1", "delete cq 1"],
+    );
+    assert.equal(r.ctl.ioQueues, 0);
+    await assert.rejects(r.ctl.flush(1, 1), (e) => e instanceof NvmeControllerError && e.code === "NVME_NO_QUEUE");
+    assert.equal(await r.ctl.createIoQueues(1, 16), 1);
+    await r.ctl.flush(1, 1);
   } finally {
     r.stop();
   }

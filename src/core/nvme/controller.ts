@@ -319,10 +319,17 @@ export class NvmeController {
     }
   }
 
-  /** Normal shutdown (§7.6.2): CC.SHN, wait for CSTS.SHST complete, then disable. */
+  /** Normal shutdown (§7.6.2): I/O queues deleted, CC.SHN, wait for CSTS.SHST complete, then disable. */
   async shutdown(): Promise<void> {
     const cc = this.host.regs.read32(NVME_REG.CC);
     if (cc === 0xffffffff || (cc & CC_EN) === 0) return this.disable();
+    if (this.failed === null && this.resetting === null) {
+      try {
+        await this.deleteIoQueues();
+      } catch {
+        // a controller that will not delete its queues is shut down with them
+      }
+    }
     this.host.regs.write32(NVME_REG.CC, cc | CC_SHN_NORMAL);
     try {
       await this.waitCsts(CSTS_SHST_MASK, CSTS_SHST_COMPLETE, "shutdown");
@@ -645,6 +652,27 @@ export class NvmeController {
       this.queues[qid] = q;
     }
     return granted;
+  }
+
+  /**
+   * Deletes every I/O queue pair, SQ before its CQ (Delete I/O SQ/CQ, §5.6,
+   * §5.7); commands still on a deleted SQ complete as aborted. The memory
+   * goes back to the DMA allocator.
+   */
+  async deleteIoQueues(): Promise<void> {
+    for (let qid = this.queues.length - 1; qid >= 1; qid--) {
+      const q = this.queues[qid];
+      if (q === null || q === undefined) continue;
+      await this.submit(0, { opcode: ADMIN.DELETE_SQ, cdw10: qid }, `delete I/O SQ ${qid}`);
+      this.processCompletions(qid); // what the deletion aborted
+      await this.submit(0, { opcode: ADMIN.DELETE_CQ, cdw10: qid }, `delete I/O CQ ${qid}`);
+      for (const p of q.pending.values()) if (!p.settled) p.reject(new NvmeControllerError("NVME_RESET", `I/O queue ${qid} was deleted`));
+      q.pending.clear();
+      this.releasePair(q);
+      this.queues[qid] = null;
+    }
+    this.queues.length = Math.min(this.queues.length, 1);
+    this.ioPlan = { count: 0, entries: 0 };
   }
 
   /** I/O queue pairs in use. */
