@@ -136,6 +136,10 @@ test("packed receive ring: the function's position is behind the driver's, past 
   for (let i = 0; i < 5; i++) slot(mem, ring, i, "u", true);
   const rx2 = positionOf(dev, mem, ring, 0);
   assert.deepEqual([rx2.nextAvail, rx2.availWrap], [5, true]);
+  // A waiting buffer that is an indirect table takes one slot too: the walk goes past it.
+  slot(mem, ring, 6, "a", true, INDIRECT);
+  const rx2i = positionOf(dev, mem, ring, 0);
+  assert.deepEqual([rx2i.nextAvail, rx2i.availWrap], [5, true]);
   // Nothing waiting: all 8 used in lap 1, none re-posted; the function is where the driver is (0, lap 2).
   for (let i = 0; i < 8; i++) slot(mem, ring, i, "u", true);
   const rx3 = positionOf(dev, mem, ring, 0);

@@ -461,7 +461,7 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
     const left = this.takeOutstanding(i);
     const s = q.getState();
     const slots = left.reduce((n, p) => n + p.chain.descCount, 0);
-    const taken = s.layout === "split" ? (s.nextAvail - s.nextUsed) & 0xffff : packedDistance(s, q);
+    const taken = s.layout === "split" ? (s.nextAvail - s.nextUsed) & 0xffff : packedDistance(s);
     if (taken !== (s.layout === "split" ? left.length : slots) || !this.giveBack(i, left.length, slots)) {
       // Not the last ones taken (a function that used them out of order): they go back on the queue and wait.
       this.setupShadow(i);
@@ -668,7 +668,7 @@ export class VdpaDevice extends VirtioDevice implements ExternalRings<Fd> {
       throw new GuestError("VDPA_RING_MOVING", "packed ring: the driver's AVAIL bits flip more than once: it is still adding buffers");
     // All equal b: a lap just ended, the next one starts at 0 with wrap !b. Else the first part is this lap's.
     const wrap = flips === 0 ? !bits[0]! : bits[0]!;
-    if (this.deviceId === VIRTIO_ID_NET && i % 2 === 0) return packedReceivePosition(g, mem, at, wrap);
+    if (this.isReceive(i)) return packedReceivePosition(g, mem, at, wrap);
     return { ...g, nextAvail: at, nextUsed: at, availWrap: wrap, usedWrap: wrap };
   }
 
@@ -913,9 +913,10 @@ function resetFunction(hw: VdpaHardware): void {
  * are still available (AVAIL != USED, §2.8.1), the slot before them holds
  * the last used element (AVAIL == USED). Walking back from `next` over
  * available slots finds the function's position. This holds for buffers of
- * one descriptor each, which is what receive rings hold with mergeable or
- * small buffers (QEMU uses them in order); a chained buffer in the way makes
- * the position unknowable, which is an error, not a guess.
+ * one ring slot each (one descriptor, or one indirect table), which is what
+ * receive rings hold with mergeable or small buffers (QEMU uses them in
+ * order); a buffer chained over several slots in the way makes the position
+ * unknowable, which is an error, not a guess.
  */
 function packedReceivePosition(g: QueueState, mem: GuestMemory, next: number, wrap: boolean): QueueState {
   let k = 0;
@@ -925,7 +926,7 @@ function packedReceivePosition(g: QueueState, mem: GuestMemory, next: number, wr
     const avail = (flags & VIRTQ_DESC_F_AVAIL) !== 0;
     const used = (flags & VIRTQ_DESC_F_USED) !== 0;
     if (avail === used) break;
-    if ((flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT)) !== 0) {
+    if ((flags & VIRTQ_DESC_F_NEXT) !== 0) {
       throw new GuestError(
         "VDPA_RING_POSITION",
         `packed receive ring: a chained buffer at slot ${slot}: the function's position cannot be told`,
@@ -939,10 +940,9 @@ function packedReceivePosition(g: QueueState, mem: GuestMemory, next: number, wr
 }
 
 /** Ring slots between a packed queue's used and avail positions (what it took and has not used). */
-function packedDistance(s: QueueState, q: DeviceQueue): number {
-  const size = q.size;
+function packedDistance(s: QueueState): number {
   const d = s.nextAvail - s.nextUsed;
-  return s.availWrap === s.usedWrap ? d : d + size;
+  return s.availWrap === s.usedWrap ? d : d + s.size;
 }
 
 /** The next buffer the device would take is the first a freshly reset queue takes. */
